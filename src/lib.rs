@@ -1,0 +1,7 @@
+//! segsync keeps contact lists on the Qlara / LORA partner gateway in sync with segment rules
+//! written in Rhai. The modules, in reading order:
+
+pub mod cli; // clap subcommands and their exit codes
+pub mod logging; // JSON or text logs, RUST_LOG filtering
+pub mod plan; // the gateway's published rate plans
+pub mod sandbox; // the bundled emulator of the gateway
