@@ -5,3 +5,5 @@ pub mod cli; // clap subcommands and their exit codes
 pub mod logging; // JSON or text logs, RUST_LOG filtering
 pub mod plan; // the gateway's published rate plans
 pub mod sandbox; // the bundled emulator of the gateway
+pub mod gateway; // the partner-gateway client: pagination, rate budget, retries
+pub mod ids; // ContactId, ListId, RuleName

@@ -1,0 +1,155 @@
+//! What can go wrong talking to the gateway, and the one place that decides what is worth a retry.
+
+use std::fmt;
+
+/// The client's operations, as they appear in errors, logs and request counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Operation {
+    ScanContacts,
+    ReadMembers,
+    FindList,
+    CreateList,
+    AddMembers,
+    RemoveMembers,
+    GetContact,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 7] = [
+        Self::ScanContacts,
+        Self::ReadMembers,
+        Self::FindList,
+        Self::CreateList,
+        Self::AddMembers,
+        Self::RemoveMembers,
+        Self::GetContact,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ScanContacts => "scan_contacts",
+            Self::ReadMembers => "read_members",
+            Self::FindList => "find_list",
+            Self::CreateList => "create_list",
+            Self::AddMembers => "add_members",
+            Self::RemoveMembers => "remove_members",
+            Self::GetContact => "get_contact",
+        }
+    }
+
+    /// Whether the operation changes data on the gateway.
+    pub fn is_write(self) -> bool {
+        matches!(self, Self::CreateList | Self::AddMembers | Self::RemoveMembers)
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The gateway answered with an error status; `message` is its own (`data` of the JSend body).
+    #[error("{op}: HTTP {status} from the gateway: {message}{}", attempts_note(*attempts))]
+    Api { op: Operation, status: u16, message: String, attempts: u32 },
+    /// No answer: connection refused or dropped, timeout.
+    #[error("{op}: {message}{}", attempts_note(*attempts))]
+    Transport { op: Operation, message: String, attempts: u32 },
+    /// An answer that does not follow the contract.
+    #[error("{op}: unexpected response from the gateway: {message}")]
+    Decode { op: Operation, message: String },
+    /// The same contacts came back for a later offset: the server ignores `offset`.
+    #[error(
+        "{op}: the gateway returned the same contacts for offset {offset} as for an earlier page, so it ignores \
+         `offset`; set `pagination = \"page\"` under [api] in config.toml"
+    )]
+    OffsetIgnored { op: Operation, offset: u64 },
+}
+
+fn attempts_note(attempts: u32) -> String {
+    if attempts > 1 { format!(" (after {attempts} attempts)") } else { String::new() }
+}
+
+impl GatewayError {
+    /// Worth retrying: no answer, a timeout, a 408, a 429 or a server fault.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport { .. } => true,
+            Self::Api { status, .. } => *status == 408 || *status == 429 || *status >= 500,
+            Self::Decode { .. } | Self::OffsetIgnored { .. } => false,
+        }
+    }
+
+    /// The HTTP status, when the gateway answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn with_attempts(mut self, n: u32) -> Self {
+        match &mut self {
+            Self::Api { attempts, .. } | Self::Transport { attempts, .. } => *attempts = n,
+            _ => {}
+        }
+        self
+    }
+
+    /// Whether this is the gateway saying a list does not exist (404 naming `listId`).
+    pub fn is_unknown_list(&self) -> bool {
+        matches!(self, Self::Api { status: 404, message, .. } if message.starts_with("listId:"))
+    }
+}
+
+/// The API's own words from an error body: JSend `data` ("field: reason; …"), else `message`,
+/// else the start of the body.
+pub fn api_message(body: &[u8]) -> String {
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body) {
+        if let Some(serde_json::Value::Object(data)) = map.get("data") {
+            let parts: Vec<String> = data
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                .collect();
+            if !parts.is_empty() {
+                return parts.join("; ");
+            }
+        }
+        if let Some(m) = map.get("message").and_then(|m| m.as_str()) {
+            return m.to_owned();
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        "(empty body)".into()
+    } else {
+        text.chars().take(200).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The API's own reason is lifted out of the seed's JSend body, field first.
+    #[test]
+    fn message_comes_from_jsend_data() {
+        let body = br#"{"status":"fail","data":{"filter":"Unknown filter field: invalidField"}}"#;
+        assert_eq!(api_message(body), "filter: Unknown filter field: invalidField");
+        assert_eq!(api_message(br#"{"status":"error","message":"boom"}"#), "boom");
+        assert_eq!(api_message(b"<html>bad gateway</html>"), "<html>bad gateway</html>");
+    }
+
+    // Only answers that can change on a retry are transient.
+    #[test]
+    fn transient_classification() {
+        let api = |status| GatewayError::Api { op: Operation::AddMembers, status, message: String::new(), attempts: 1 };
+        assert!(api(500).is_transient());
+        assert!(api(429).is_transient());
+        assert!(!api(401).is_transient());
+        assert!(!api(404).is_transient());
+    }
+}

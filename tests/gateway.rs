@@ -1,0 +1,200 @@
+//! The gateway client against the real sandbox over HTTP: complete scans, faults, pacing,
+//! servers that ignore `offset` or lack bulk removal, bad keys, and secrecy of the key.
+
+mod support;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use segsync::gateway::{Gateway, GatewayError, Meter, Operation, ScanQuery};
+use segsync::ids::ContactId;
+use segsync::plan::Plan;
+use segsync::sandbox::{Faults, SandboxConfig};
+use serde_json::Value;
+use support::{gateway, start};
+
+async fn scan_all(gw: &Gateway, query: &ScanQuery) -> Result<(Vec<String>, u64), GatewayError> {
+    let mut scan = gw.scan::<Value>(query);
+    let mut ids = Vec::new();
+    let mut pages = 0;
+    while let Some(page) = scan.next().await {
+        let page = page?;
+        pages += 1;
+        ids.extend(page.records.iter().map(|c| c["id"].as_str().expect("id").to_owned()));
+    }
+    Ok((ids, pages))
+}
+
+// A full scan of 20,000 contacts returns each exactly once, in ceil(20000/100) requests.
+#[tokio::test]
+async fn full_scan_returns_each_contact_once() {
+    let sandbox = start(support::sandbox_config(20_000)).await;
+    let gw = gateway(&sandbox, Plan::Unlimited);
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("scan");
+    let unique: HashSet<_> = ids.iter().collect();
+    assert_eq!(ids.len(), 20_000);
+    assert_eq!(unique.len(), 20_000);
+    assert_eq!(gw.usage().requests_of(Operation::ScanContacts), 200);
+    assert_eq!(sandbox.stats().count("GET /contacts"), 200);
+
+    // Filters and notListIds narrow the read server-side.
+    let (lombardia, _) = scan_all(&gw, &ScanQuery { filters: vec![("region".into(), "Lombardia".into())], ..Default::default() })
+        .await
+        .expect("filtered scan");
+    let expected = sandbox.with_store(|s| s.contact_ids().filter(|id| s.get(id).and_then(|c| c.region.as_deref()) == Some("Lombardia")).count());
+    assert_eq!(lombardia.len(), expected);
+    sandbox.shutdown().await;
+}
+
+// Lists: find by exact name, create without duplicates, add in batches, remove in bulk, read members.
+#[tokio::test]
+async fn list_operations_round_trip() {
+    let sandbox = start(support::sandbox_config(3_000)).await;
+    let gw = gateway(&sandbox, Plan::Unlimited);
+    assert!(gw.find_lists("VIP").await.expect("find").is_empty());
+    let list = gw.create_list("VIP", "big spenders").await.expect("create");
+    gw.create_list("VIP extra", "a longer name containing the first").await.expect("create");
+    let found = gw.find_lists("VIP").await.expect("find");
+    assert_eq!(found.len(), 1, "exact name only");
+    assert_eq!(found[0].id, list.id);
+
+    let ids: Vec<ContactId> = (1..=2_500).map(|i| ContactId::from(format!("cnt-{i:06}"))).collect();
+    let out = gw.add_members(&list.id, &ids).await.expect("add");
+    assert_eq!(out.added, 2_500);
+    assert_eq!(gw.usage().requests_of(Operation::AddMembers), 3, "2,500 ids go in 3 batches");
+    let removed = gw.remove_members(&list.id, &ids[..1_200]).await.expect("remove");
+    assert_eq!(removed, 1_200);
+    assert_eq!(gw.usage().requests_of(Operation::RemoveMembers), 2, "bulk form, 1,000 per call");
+    let mut members = gw.read_members::<Value>(&list.id);
+    let mut count = 0;
+    while let Some(page) = members.next().await {
+        count += page.expect("page").records.len();
+    }
+    assert_eq!(count, 1_300);
+    let one: Value = gw.get_contact(&ContactId::from("cnt-000042")).await.expect("get");
+    assert_eq!(one["id"], "cnt-000042");
+    let missing = gw.get_contact::<Value>(&ContactId::from("cnt-999")).await.expect_err("404");
+    assert_eq!(missing.to_string(), "get_contact: HTTP 404 from the gateway: contactId: Contact not found: cnt-999");
+    sandbox.shutdown().await;
+}
+
+// With 500s, 429s, dropped connections and latency, a scan and a 5,000-id add still complete,
+// and the sandbox saw exactly the requests the client's attempts (first tries plus retries) explain.
+#[tokio::test]
+async fn survives_a_bad_day() {
+    let faults = Faults { latency: Duration::from_millis(2), error_rate: 0.06, throttle_rate: 0.03, drop_rate: 0.06 };
+    let sandbox = start(SandboxConfig { faults, ..support::sandbox_config(6_000) }).await;
+    let base = gateway(&sandbox, Plan::Unlimited);
+
+    let scan_meter = Arc::new(Meter::default());
+    let gw = base.metered(scan_meter.clone());
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("scan completes despite faults");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 6_000);
+    assert_eq!(ids.len(), 6_000);
+    let scan = scan_meter.usage();
+    assert!(scan.retries > 0, "the faults must have hit something: {scan:?}");
+    assert_eq!(scan.requests_of(Operation::ScanContacts), 60 + scan.retries, "{scan:?}");
+    assert_eq!(sandbox.stats().count("GET /contacts"), scan.requests_of(Operation::ScanContacts));
+
+    let add_meter = Arc::new(Meter::default());
+    let gw = base.metered(add_meter.clone());
+    let list = gw.create_list("Bad day", "").await.expect("create");
+    let members: Vec<ContactId> = ids.iter().take(5_000).map(|s| ContactId::from(s.as_str())).collect();
+    gw.add_members(&list.id, &members).await.expect("add completes despite faults");
+    let total = sandbox.with_store(|s| s.list(list.id.as_str()).map(|l| l.contact_count()).unwrap_or(0));
+    assert_eq!(total, 5_000);
+    let lists = sandbox.with_store(|s| s.lists().iter().filter(|l| l.name == "Bad day").count());
+    assert_eq!(lists, 1, "a retried create never duplicates the list");
+    let add = add_meter.usage();
+    let stats = sandbox.stats();
+    assert_eq!(stats.count("POST /contacts/list/contacts"), add.requests_of(Operation::AddMembers));
+    assert!(add.requests_of(Operation::AddMembers) <= 5 + add.retries, "{add:?}");
+    sandbox.shutdown().await;
+}
+
+// Under the trial plan the client paces itself: no 429 in steady state.
+#[tokio::test]
+async fn trial_plan_is_never_exceeded() {
+    let sandbox = start(SandboxConfig { plan: Plan::Trial, ..support::sandbox_config(1_500) }).await;
+    let gw = gateway(&sandbox, Plan::Trial);
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("scan");
+    assert_eq!(ids.len(), 1_500);
+    let stats = sandbox.stats();
+    assert_eq!(stats.count_outcome("GET /contacts", "200"), 15);
+    assert_eq!(stats.outcome_total("429"), 0, "{stats:?}");
+    assert_eq!(gw.usage().throttled, 0);
+    sandbox.shutdown().await;
+}
+
+// A server that ignores `offset` produces the clear error within a bounded number of requests.
+#[tokio::test]
+async fn server_ignoring_offset_is_detected() {
+    let sandbox = start(SandboxConfig { ignore_offset: true, ..support::sandbox_config(5_000) }).await;
+    let gw = gateway(&sandbox, Plan::Unlimited);
+    let err = scan_all(&gw, &ScanQuery::default()).await.expect_err("must not loop or truncate");
+    assert!(matches!(err, GatewayError::OffsetIgnored { offset: 100, .. }), "{err}");
+    assert!(err.to_string().contains("pagination = \"page\""), "names the setting: {err}");
+    assert!(sandbox.stats().count("GET /contacts") <= 6, "bounded: {:?}", sandbox.stats());
+    sandbox.shutdown().await;
+}
+
+// A server without the bulk removal form gets one-at-a-time removals after the first refusal.
+#[tokio::test]
+async fn falls_back_to_single_removal() {
+    let sandbox = start(SandboxConfig { bulk_remove: false, ..support::sandbox_config(100) }).await;
+    let gw = gateway(&sandbox, Plan::Unlimited);
+    let list = gw.create_list("L", "").await.expect("create");
+    let ids: Vec<ContactId> = (1..=30).map(|i| ContactId::from(format!("cnt-{i:06}"))).collect();
+    gw.add_members(&list.id, &ids).await.expect("add");
+    assert_eq!(gw.remove_members(&list.id, &ids[..10]).await.expect("remove"), 10);
+    assert_eq!(gw.remove_members(&list.id, &ids[10..20]).await.expect("remove"), 10);
+    let stats = sandbox.stats();
+    assert_eq!(stats.count_outcome("DELETE /contacts/list/contacts", "400"), 1, "only the first bulk call is tried");
+    assert_eq!(stats.count_outcome("DELETE /contacts/list/contacts", "200"), 20);
+    sandbox.shutdown().await;
+}
+
+/// A log sink shared with the test.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// A wrong key gives one clear error and one request; the key appears in no log line or error text.
+#[tokio::test]
+async fn wrong_key_fails_once_and_keys_stay_secret() {
+    let captured = Captured::default();
+    let sink = captured.clone();
+    let _guard = tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(move || sink.clone()).finish();
+    let _guard = tracing::subscriber::set_default(_guard);
+
+    let sandbox = start(support::sandbox_config(500)).await;
+    let mut config = support::gateway_config(&sandbox, Plan::Unlimited);
+    let wrong = "wrong-key-77c1e0";
+    config.credentials = segsync::gateway::Credentials::ApiKey(segsync::gateway::Secret::new(wrong));
+    let gw = Gateway::new(config.clone()).expect("client");
+    let err = scan_all(&gw, &ScanQuery::default()).await.expect_err("401");
+    assert_eq!(err.to_string(), "scan_contacts: HTTP 401 from the gateway: authentication: Invalid or missing API key");
+    assert_eq!(sandbox.stats().total, 1, "no retry storm");
+
+    // A good key through a faulty server, with every log level on.
+    let right = gateway(&sandbox, Plan::Unlimited);
+    let _ = scan_all(&right, &ScanQuery::default()).await.expect("scan");
+    let text = format!("{err} {err:?} {gw:?} {config:?}");
+    let logs = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf8");
+    for secret in [wrong, support::KEY] {
+        assert!(!text.contains(secret), "secret in error/debug text: {text}");
+        assert!(!logs.contains(secret), "secret in logs");
+    }
+    sandbox.shutdown().await;
+}

@@ -1,0 +1,45 @@
+//! Shared test fixtures: the real sandbox started in-process on 127.0.0.1:0, and clients for it.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use segsync::gateway::{Credentials, Gateway, GatewayConfig, Pagination, Secret};
+use segsync::plan::Plan;
+use segsync::sandbox::{Sandbox, SandboxConfig};
+
+pub const KEY: &str = "test-key-5f2a9c";
+
+/// The day demo data is generated relative to, so tests are reproducible.
+pub fn today() -> chrono::NaiveDate {
+    chrono::NaiveDate::from_ymd_opt(2026, 11, 28).expect("valid date")
+}
+
+pub fn sandbox_config(contacts: u64) -> SandboxConfig {
+    SandboxConfig { contacts, api_key: KEY.into(), today: Some(today()), ..SandboxConfig::default() }
+}
+
+pub async fn start(config: SandboxConfig) -> Sandbox {
+    Sandbox::start(config, "127.0.0.1:0".parse().expect("addr")).await.expect("sandbox starts")
+}
+
+pub fn gateway_config(sandbox: &Sandbox, plan: Plan) -> GatewayConfig {
+    GatewayConfig {
+        base_url: sandbox.base_url().parse().expect("url"),
+        credentials: Credentials::ApiKey(Secret::new(sandbox.api_key())),
+        limits: plan.limits(),
+        page_size: 100,
+        timeout: Duration::from_secs(10),
+        max_retries: 8,
+        concurrency: 4,
+        pagination: Pagination::Offset,
+    }
+}
+
+pub fn gateway(sandbox: &Sandbox, plan: Plan) -> Gateway {
+    Gateway::new(gateway_config(sandbox, plan)).expect("client builds")
+}
+
+/// A raw HTTP client for sending requests exactly as the seed writes them.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
