@@ -7,3 +7,6 @@ pub mod plan; // the gateway's published rate plans
 pub mod sandbox; // the bundled emulator of the gateway
 pub mod gateway; // the partner-gateway client: pagination, rate budget, retries
 pub mod ids; // ContactId, ListId, RuleName
+pub mod contact; // the contact record both the gateway and the rules speak
+pub mod rules; // Rhai rule files: load, validate, evaluate, test
+pub mod schedule; // cron schedules and rule-file watching

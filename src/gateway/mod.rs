@@ -30,6 +30,7 @@ pub use error::{GatewayError, Operation};
 pub use meter::{Meter, Usage};
 pub use pacer::Pacer;
 
+use crate::contact::Record;
 use crate::ids::{ContactId, ListId};
 use crate::plan::RateLimits;
 
@@ -63,21 +64,6 @@ pub struct GatewayConfig {
     /// Pages of one scan in flight at once.
     pub concurrency: usize,
     pub pagination: Pagination,
-}
-
-/// A record the client can de-duplicate: anything deserializable that knows its contact id.
-pub trait Record: DeserializeOwned + Send + 'static {
-    fn contact_id(&self) -> Option<ContactId>;
-}
-
-impl Record for Value {
-    fn contact_id(&self) -> Option<ContactId> {
-        match self.get("id")? {
-            Value::String(s) => Some(ContactId::from(s.as_str())),
-            Value::Number(n) => Some(ContactId::from(n.to_string())),
-            _ => None,
-        }
-    }
 }
 
 /// A contact list as the gateway describes it.

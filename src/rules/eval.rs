@@ -1,0 +1,59 @@
+//! Evaluating a rule on one contact: the `FILTER` as the server applies it, then `matches`.
+//! A rule that cannot judge a contact returns an error with its position, never a panic.
+
+use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope};
+
+use super::{Date, Rule};
+use crate::contact::ContactRecord;
+
+/// Why a rule could not judge a contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalError {
+    pub message: String,
+    pub line: usize,
+    pub col: usize,
+}
+
+impl std::fmt::Display for EvalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line > 0 {
+            write!(f, "{} (line {}, column {})", self.message, self.line, self.col)
+        } else {
+            f.write_str(&self.message)
+        }
+    }
+}
+
+impl From<Box<EvalAltResult>> for EvalError {
+    fn from(e: Box<EvalAltResult>) -> Self {
+        let inner = e.unwrap_inner();
+        let pos = if inner.position().is_none() { e.position() } else { inner.position() };
+        let mut message = inner.to_string();
+        if let Some(i) = message.rfind(" (line ") {
+            if message.ends_with(')') {
+                message.truncate(i);
+            }
+        }
+        Self { message, line: pos.line().unwrap_or(0), col: pos.position().unwrap_or(0) }
+    }
+}
+
+impl Rule {
+    /// Whether `contact` belongs to the segment: it passes `FILTER` (as the server would judge
+    /// it) and `matches` returns `true`. `today` is the run's frozen date.
+    pub fn evaluate(&self, engine: &Engine, contact: &ContactRecord, today: Date) -> Result<bool, EvalError> {
+        if !self.filter.is_empty() {
+            let passes = contact.map().is_some_and(|m| self.filter.iter().all(|f| f.passes(&m)));
+            if !passes {
+                return Ok(false);
+            }
+        }
+        let options = CallFnOptions::new().eval_ast(false).rewind_scope(true).with_tag(today);
+        let verdict = engine.call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.ast, "matches", (contact.fields.clone(),))?;
+        verdict.as_bool().map_err(|type_name| EvalError {
+            message: format!("matches must return true or false, got {type_name} {verdict}"),
+            line: 0,
+            col: 0,
+        })
+    }
+}

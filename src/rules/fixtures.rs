@@ -1,0 +1,123 @@
+//! Rule unit tests: `rules/<name>.test.toml` beside `rules/<name>.rhai` holds fixture contacts,
+//! the expected answer for each, and a frozen "today".
+//!
+//! ```toml
+//! today = "2026-11-28"
+//! [[case]]
+//! name = "spent 6,800 EUR"
+//! expect = true            # or false, or "error"
+//! contact = { id = "t1", customFields = { totalSpent = 6800.0 } }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use chrono::NaiveDate;
+use rhai::Engine;
+use serde::Deserialize;
+
+use super::{Date, Rule, RuleError};
+use crate::contact::ContactRecord;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FixtureFile {
+    today: String,
+    #[serde(rename = "case", default)]
+    cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Case {
+    name: String,
+    expect: Expect,
+    contact: toml::Table,
+}
+
+#[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy)]
+#[serde(untagged)]
+enum Expect {
+    Answer(bool),
+    Error(ErrorWord),
+}
+
+#[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum ErrorWord {
+    Error,
+}
+
+/// The outcome of one rule's tests.
+#[derive(Debug, Default)]
+pub struct TestReport {
+    pub file: Option<PathBuf>,
+    pub passed: usize,
+    /// One message per failed case: the case, the contact, the expected and the actual answer.
+    pub failures: Vec<String>,
+}
+
+/// The fixture file of a rule, if it has one.
+pub fn fixture_path(rule_path: &Path) -> PathBuf {
+    rule_path.with_extension("test.toml")
+}
+
+/// Runs the rule's tests; a missing fixture file is an empty report, a broken one an error.
+pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, RuleError> {
+    let path = fixture_path(&rule.path);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(TestReport::default());
+    };
+    let fixture: FixtureFile = toml::from_str(&text).map_err(|e| {
+        let (line, col) = e.span().map_or((0, 0), |s| line_col(&text, s.start));
+        RuleError { file: path.clone(), line, col, message: e.message().to_owned() }
+    })?;
+    let today = NaiveDate::parse_from_str(&fixture.today, "%Y-%m-%d").map_err(|_| RuleError {
+        file: path.clone(),
+        line: 1,
+        col: 1,
+        message: format!("today must be a date YYYY-MM-DD, got {:?}", fixture.today),
+    })?;
+    let mut report = TestReport { file: Some(path.clone()), ..TestReport::default() };
+    for case in fixture.cases {
+        let json = serde_json::to_value(&case.contact).unwrap_or_default();
+        let contact: ContactRecord = match serde_json::from_value(json.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                report.failures.push(format!("{}: case {:?}: the contact is not valid: {e}", path.display(), case.name));
+                continue;
+            }
+        };
+        let actual = rule.evaluate(engine, &contact, Date(today));
+        let ok = match (&case.expect, &actual) {
+            (Expect::Answer(want), Ok(got)) => want == got,
+            (Expect::Error(_), Err(_)) => true,
+            _ => false,
+        };
+        if ok {
+            report.passed += 1;
+        } else {
+            let expected = match case.expect {
+                Expect::Answer(b) => b.to_string(),
+                Expect::Error(_) => "an evaluation error".into(),
+            };
+            let got = match actual {
+                Ok(b) => b.to_string(),
+                Err(e) => format!("error: {e}"),
+            };
+            report.failures.push(format!(
+                "{}: case {:?}: expected {expected}, got {got}\n    contact: {json}",
+                path.display(),
+                case.name
+            ));
+        }
+    }
+    Ok(report)
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    (line, col)
+}

@@ -1,0 +1,347 @@
+//! Reading rule files: compile, run the top level once for the settings, validate everything, and
+//! report every problem of a file at once with file, line and column. A broken file never stops
+//! the others from loading.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rhai::{Dynamic, Engine, Map, Position, Scope};
+use sha2::{Digest, Sha256};
+
+use super::{FilterTerm, Mode, Rule, RuleError, RuleSet};
+use crate::ids::RuleName;
+use crate::schedule::Schedule;
+
+/// Loads every `*.rhai` file of `dir`: the good rules, and the errors of the others.
+pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<RuleError>) {
+    let mut errors = Vec::new();
+    let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "rhai") && !is_hidden(p))
+            .collect(),
+        Err(e) => {
+            errors.push(RuleError { file: dir.into(), line: 0, col: 0, message: format!("cannot read the rules folder: {e}") });
+            return (RuleSet::default(), errors);
+        }
+    };
+    paths.sort();
+    let mut loaded: Vec<Rule> = Vec::new();
+    for path in &paths {
+        match load_file(engine, path) {
+            Ok(rule) => loaded.push(rule),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    // Two rules fighting over one list would undo each other's work: refuse both.
+    let mut by_list: BTreeMap<&str, Vec<&Rule>> = BTreeMap::new();
+    for rule in &loaded {
+        by_list.entry(rule.list.as_str()).or_default().push(rule);
+    }
+    let mut clashing = Vec::new();
+    for (list, rules) in by_list.iter().filter(|(_, r)| r.len() > 1) {
+        for rule in rules {
+            let others: Vec<String> = rules.iter().filter(|o| o.name != rule.name).map(|o| o.path.display().to_string()).collect();
+            let (line, col) = const_position(&std::fs::read_to_string(&rule.path).unwrap_or_default(), "LIST");
+            errors.push(RuleError {
+                file: rule.path.clone(),
+                line,
+                col,
+                message: format!("LIST {list:?} is also the target of {}; each list belongs to one rule", others.join(", ")),
+            });
+            clashing.push(rule.name.clone());
+        }
+    }
+    let rules = loaded.into_iter().filter(|r| !clashing.contains(&r.name)).map(|r| (r.name.clone(), Arc::new(r))).collect();
+    (RuleSet { rules }, errors)
+}
+
+fn is_hidden(p: &Path) -> bool {
+    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+}
+
+/// Loads one rule file, or every problem found in it.
+pub fn load_file(engine: &Engine, path: &Path) -> Result<Rule, Vec<RuleError>> {
+    let at = |line: usize, col: usize, message: String| RuleError { file: path.into(), line, col, message };
+    let source = std::fs::read_to_string(path).map_err(|e| vec![at(0, 0, format!("cannot read the rule file: {e}"))])?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    if stem.is_empty() || !stem.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(vec![at(0, 0, format!("rule file names may use letters, digits, '-' and '_' only, got {stem:?}"))]);
+    }
+    let mut ast = engine.compile(&source).map_err(|e| vec![at_pos(path, e.position(), e.err_type().to_string())])?;
+    ast.set_source(path.display().to_string());
+
+    let mut scope = Scope::new();
+    engine.run_ast_with_scope(&mut scope, &ast).map_err(|e| vec![at_pos(path, e.position(), format!("at load: {}", e.unwrap_inner()))])?;
+
+    let mut errors = Vec::new();
+    let setting = |errors: &mut Vec<RuleError>, name: &str, message: String| {
+        let (line, col) = const_position(&source, name);
+        errors.push(at(line, col, message));
+    };
+    let text = |scope: &Scope, name: &str| -> Result<Option<String>, String> {
+        match scope.get(name) {
+            None => Ok(None),
+            Some(v) if v.is_string() => Ok(Some(v.clone().into_string().unwrap_or_default())),
+            Some(v) => Err(format!("{name} must be a string, got {} {v}", v.type_name())),
+        }
+    };
+
+    let list = match text(&scope, "LIST") {
+        Ok(Some(l)) if !l.trim().is_empty() => l.trim().to_owned(),
+        Ok(Some(_)) => {
+            setting(&mut errors, "LIST", "LIST is empty; name the list this rule fills".into());
+            String::new()
+        }
+        Ok(None) => {
+            errors.push(at(1, 1, "LIST is missing: add `const LIST = \"List name\";`".into()));
+            String::new()
+        }
+        Err(e) => {
+            setting(&mut errors, "LIST", e);
+            String::new()
+        }
+    };
+    let description = text(&scope, "DESCRIPTION").unwrap_or_else(|e| {
+        setting(&mut errors, "DESCRIPTION", e);
+        None
+    });
+    let schedule = match text(&scope, "SCHEDULE") {
+        Ok(Some(s)) => Schedule::parse(s.trim()).map_err(|e| setting(&mut errors, "SCHEDULE", format!("SCHEDULE: {e}"))).ok(),
+        Ok(None) => None,
+        Err(e) => {
+            setting(&mut errors, "SCHEDULE", e);
+            None
+        }
+    };
+    let mode = match text(&scope, "MODE") {
+        Ok(None) => Mode::Mirror,
+        Ok(Some(m)) if m == "mirror" => Mode::Mirror,
+        Ok(Some(m)) if m == "add_only" => Mode::AddOnly,
+        Ok(Some(m)) => {
+            setting(&mut errors, "MODE", format!("MODE must be \"mirror\" or \"add_only\", got {m:?}"));
+            Mode::Mirror
+        }
+        Err(e) => {
+            setting(&mut errors, "MODE", e);
+            Mode::Mirror
+        }
+    };
+    let filter = match scope.get("FILTER") {
+        None => Vec::new(),
+        Some(v) => match read_filter(v) {
+            Ok(terms) => terms,
+            Err(problems) => {
+                for p in problems {
+                    setting(&mut errors, "FILTER", p);
+                }
+                Vec::new()
+            }
+        },
+    };
+    let matches: Vec<_> = ast.iter_functions().filter(|f| f.name == "matches").collect();
+    match matches.as_slice() {
+        [] => errors.push(at(1, 1, "fn matches(contact) is missing: the rule needs it to decide".into())),
+        [one] if one.params.len() == 1 => {}
+        _ => {
+            let (line, col) = fn_position(&source);
+            let arities: Vec<String> = matches.iter().map(|f| f.params.len().to_string()).collect();
+            errors.push(at(line, col, format!("matches must take exactly one parameter (the contact), found arity {}", arities.join(", "))));
+        }
+    }
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| (e.line, e.col));
+        return Err(errors);
+    }
+    Ok(Rule {
+        name: RuleName::from(stem),
+        path: path.into(),
+        list,
+        description: description.unwrap_or_default(),
+        schedule,
+        filter,
+        mode,
+        hash: hex(&Sha256::digest(source.as_bytes())),
+        mentions: mentions(&source),
+        ast,
+    })
+}
+
+fn at_pos(path: &Path, pos: Position, message: String) -> RuleError {
+    // Rhai appends " (line L, position C)" to some messages; the position already says it.
+    let message = match message.rfind(" (line ") {
+        Some(i) if message.ends_with(')') => message[..i].to_owned(),
+        _ => message,
+    };
+    RuleError { file: path.into(), line: pos.line().unwrap_or(0), col: pos.position().unwrap_or(0), message }
+}
+
+/// `FILTER = #{ region: "Lombardia", "customFields.x.before": "2026-01-09" }`; a nested
+/// `customFields: #{ x: "y" }` is accepted too.
+fn read_filter(value: &Dynamic) -> Result<Vec<FilterTerm>, Vec<String>> {
+    let Some(map) = value.read_lock::<Map>() else {
+        return Err(vec![format!("FILTER must be a map such as #{{ region: \"Lombardia\" }}, got {}", value.type_name())]);
+    };
+    let mut flat = Vec::new();
+    for (key, v) in map.iter() {
+        match v.read_lock::<Map>() {
+            Some(nested) if key.as_str() == "customFields" => {
+                flat.extend(nested.iter().map(|(k, v)| (format!("customFields.{k}"), v.clone())));
+            }
+            _ => flat.push((key.to_string(), v.clone())),
+        }
+    }
+    let mut terms = Vec::new();
+    let mut problems = Vec::new();
+    for (key, v) in flat {
+        let text = if v.is_string() || v.is_int() || v.is_float() || v.is_bool() {
+            v.to_string()
+        } else if let Some(d) = v.read_lock::<super::Date>() {
+            d.0.to_string()
+        } else {
+            problems.push(format!("FILTER {key:?} must be a string, number or boolean, got {}", v.type_name()));
+            continue;
+        };
+        match FilterTerm::parse(&key, &text) {
+            Ok(t) => terms.push(t),
+            Err(e) => problems.push(e),
+        }
+    }
+    if problems.is_empty() { Ok(terms) } else { Err(problems) }
+}
+
+/// Where `const NAME` is declared (1-based), or the top of the file.
+fn const_position(source: &str, name: &str) -> (usize, usize) {
+    for (i, line) in source.lines().enumerate() {
+        if let Some(col) = line.find("const ") {
+            let rest = line[col + 6..].trim_start();
+            if rest.strip_prefix(name).is_some_and(|r| !r.starts_with(|c: char| c.is_alphanumeric() || c == '_')) {
+                return (i + 1, col + 1);
+            }
+        }
+    }
+    (1, 1)
+}
+
+fn fn_position(source: &str) -> (usize, usize) {
+    source
+        .lines()
+        .enumerate()
+        .find_map(|(i, l)| l.find("fn matches").map(|c| (i + 1, c + 1)))
+        .unwrap_or((1, 1))
+}
+
+/// Property names the file reads (`contact.customFields.totalSpent` → customFields, totalSpent).
+fn mentions(source: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let bytes = source.as_bytes();
+    for (i, _) in source.match_indices('.') {
+        let start = i + 1;
+        let end = bytes[start..].iter().position(|b| !(b.is_ascii_alphanumeric() || *b == b'_')).map_or(bytes.len(), |n| start + n);
+        if end > start && bytes[start].is_ascii_alphabetic() {
+            let word = &source[start..end];
+            // A method call (`.len()`) is not a field.
+            if bytes.get(end) != Some(&b'(') && !words.iter().any(|w| w == word) {
+                words.push(word.to_owned());
+            }
+        }
+    }
+    words
+}
+
+pub(super) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(src: &str) -> Result<Rule, Vec<RuleError>> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("r.rhai");
+        std::fs::write(&path, src).expect("write");
+        load_file(&super::super::engine::build(chrono_tz::Europe::Rome), &path)
+    }
+
+    fn messages(src: &str) -> Vec<(usize, usize, String)> {
+        load(src).expect_err("must fail").into_iter().map(|e| (e.line, e.col, e.message)).collect()
+    }
+
+    // A valid rule loads with its settings, filter, mode and hash.
+    #[test]
+    fn loads_a_valid_rule() {
+        let rule = load(
+            "const LIST = \"Geo - Lombardia\";\nconst FILTER = #{ region: \"Lombardia\", customFields: #{ preferredChannel: \"SMS\" } };\nconst MODE = \"add_only\";\nconst SCHEDULE = \"0 */15 * * * *\";\nfn matches(contact) { true }\n",
+        )
+        .expect("valid");
+        assert_eq!(rule.list, "Geo - Lombardia");
+        assert_eq!(rule.mode, Mode::AddOnly);
+        assert_eq!(rule.hash.len(), 64);
+        let mut q = rule.filter_query();
+        q.sort();
+        assert_eq!(q, [("customFields.preferredChannel".into(), "SMS".into()), ("region".into(), "Lombardia".into())]);
+    }
+
+    // Every problem of a file is reported at once, each at its line and column.
+    #[test]
+    fn reports_every_problem_with_position() {
+        let got = messages(
+            "const LIST = \"\";\nconst SCHEDULE = \"every day\";\n  const FILTER = #{ shoeSize: \"42\" };\nconst MODE = \"sometimes\";\nfn matches(a, b) { true }\n",
+        );
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert_eq!((got[0].0, got[0].1), (1, 1));
+        assert!(got[0].2.contains("LIST is empty"));
+        assert_eq!((got[1].0, got[1].1), (2, 1));
+        assert!(got[1].2.contains("every day"));
+        assert_eq!((got[2].0, got[2].1), (3, 3));
+        assert!(got[2].2.contains("shoeSize"));
+        assert_eq!(got[3].0, 4);
+        assert!(got[3].2.contains("sometimes"));
+        assert_eq!((got[4].0, got[4].1), (5, 1));
+        assert!(got[4].2.contains("exactly one parameter"));
+    }
+
+    // Syntax errors and misspelled variables are reported at their position.
+    #[test]
+    fn syntax_and_strict_variables() {
+        let got = messages("const LIST = \"x\";\nfn matches(contact) {\n  contact.region == \n}\n");
+        assert_eq!(got[0].0, 4, "{got:?}");
+        let got = messages("const LIST = \"x\";\nfn matches(contact) {\n  contcat.region == \"L\"\n}\n");
+        assert_eq!((got[0].0, got[0].1), (3, 3), "{got:?}");
+        assert!(got[0].2.contains("contcat"), "{got:?}");
+    }
+
+    // Missing LIST and missing matches are both named.
+    #[test]
+    fn missing_list_and_matches() {
+        let got = messages("const DESCRIPTION = \"no list\";\n");
+        assert!(got.iter().any(|e| e.2.contains("LIST is missing")), "{got:?}");
+        assert!(got.iter().any(|e| e.2.contains("fn matches(contact) is missing")), "{got:?}");
+    }
+
+    // Two rules naming one list are both refused; a broken file does not stop the others.
+    #[test]
+    fn directory_load_isolates_problems() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.rhai"), "const LIST = \"Same\";\nfn matches(c) { true }").expect("write");
+        std::fs::write(dir.path().join("b.rhai"), "const LIST = \"Same\";\nfn matches(c) { false }").expect("write");
+        std::fs::write(dir.path().join("c.rhai"), "const LIST = \"Other\";\nfn matches(c) { true }").expect("write");
+        std::fs::write(dir.path().join("d.rhai"), "const LIST = ;").expect("write");
+        std::fs::write(dir.path().join("notes.txt"), "not a rule").expect("write");
+        let (set, errors) = load_dir(&super::super::engine::build(chrono_tz::Europe::Rome), dir.path());
+        assert_eq!(set.rules.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors.iter().filter(|e| e.message.contains("also the target of")).count() == 2);
+        assert!(errors.iter().any(|e| e.file.ends_with("d.rhai") && e.line == 1));
+    }
+
+    // An endless loop at the top level fails the load, not the process.
+    #[test]
+    fn endless_top_level_is_stopped() {
+        let got = messages("const LIST = \"x\";\nloop { }\nfn matches(c) { true }");
+        assert!(got[0].2.contains("Too many operations"), "{got:?}");
+    }
+}

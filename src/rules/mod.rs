@@ -1,0 +1,118 @@
+//! Segment rules: loading and validating rule files, evaluating them on contacts, and rule tests.
+//!
+//! Owns the only Rhai `Engine` (`engine::build`). Knows nothing about HTTP: contacts arrive as
+//! JSON-shaped records and verdicts leave as booleans or errors.
+
+pub mod engine;
+mod eval;
+mod filter;
+pub mod fixtures;
+mod load;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::collections::BTreeMap;
+
+pub use engine::Date;
+pub use eval::EvalError;
+pub use filter::FilterTerm;
+pub use load::{load_dir, load_file};
+
+use crate::ids::RuleName;
+use crate::schedule::Schedule;
+
+/// What a rule may do to its list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Add matches and remove members that stop matching (the default).
+    Mirror,
+    /// Add matches; never remove.
+    AddOnly,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Mirror => "mirror",
+            Self::AddOnly => "add_only",
+        })
+    }
+}
+
+/// A compiled, validated rule file.
+pub struct Rule {
+    pub name: RuleName,
+    pub path: PathBuf,
+    /// The target list's name.
+    pub list: String,
+    pub description: String,
+    pub schedule: Option<Schedule>,
+    pub filter: Vec<FilterTerm>,
+    pub mode: Mode,
+    /// SHA-256 of the file's bytes, hex: tells "changed" from "touched".
+    pub hash: String,
+    /// Words the `matches` function reads as properties (for `explain`).
+    pub mentions: Vec<String>,
+    ast: rhai::AST,
+}
+
+impl fmt::Debug for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rule").field("name", &self.name).field("list", &self.list).field("hash", &self.short_hash()).finish()
+    }
+}
+
+impl Rule {
+    /// The first 12 hex digits of the content hash, as logs show it.
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..12.min(self.hash.len())]
+    }
+
+    /// The server-side filters, as query pairs.
+    pub fn filter_query(&self) -> Vec<(String, String)> {
+        self.filter.iter().map(FilterTerm::query_pair).collect()
+    }
+}
+
+/// A problem in a rule file (or its test file), with its position when one is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+    }
+}
+
+impl std::error::Error for RuleError {}
+
+/// The loaded rules, by name.
+#[derive(Debug, Clone, Default)]
+pub struct RuleSet {
+    pub rules: BTreeMap<RuleName, Arc<Rule>>,
+}
+
+impl RuleSet {
+    pub fn get(&self, name: &RuleName) -> Option<&Arc<Rule>> {
+        self.rules.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Rule>> {
+        self.rules.values()
+    }
+}

@@ -1,0 +1,95 @@
+//! Cron expressions (5 or 6 fields, `@daily`-style aliases) and their next firing time in the
+//! configured time zone, correct across daylight-saving changes (croner computes in local time).
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+
+#[derive(Clone)]
+pub struct Schedule {
+    text: String,
+    cron: croner::Cron,
+}
+
+impl fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Schedule({:?})", self.text)
+    }
+}
+
+impl PartialEq for Schedule {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Schedule {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let cron = croner::Cron::from_str(text).map_err(|e| format!("invalid cron expression {text:?}: {e}"))?;
+        Ok(Self { text: text.to_owned(), cron })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The first firing strictly after `after`, computed on the wall clock of `tz`.
+    pub fn next_after(&self, after: DateTime<Utc>, tz: Tz) -> Option<DateTime<Utc>> {
+        let local = after.with_timezone(&tz);
+        self.cron.find_next_occurrence(&local, false).ok().map(|t| t.with_timezone(&Utc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn rome(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
+        chrono_tz::Europe::Rome.with_ymd_and_hms(y, mo, d, h, mi, 0).single().expect("unambiguous").with_timezone(&Utc)
+    }
+
+    // A daily 06:00 Europe/Rome run fires at 06:00 local on both sides of both DST switches, once a day.
+    #[test]
+    fn daily_run_keeps_local_time_across_dst() {
+        let s = Schedule::parse("0 6 * * *").expect("5-field cron");
+        let tz = chrono_tz::Europe::Rome;
+        for (before, expected) in [
+            // Spring forward: 2026-03-29 02:00 → 03:00.
+            (rome(2026, 3, 28, 7, 0), rome(2026, 3, 29, 6, 0)),
+            (rome(2026, 3, 29, 7, 0), rome(2026, 3, 30, 6, 0)),
+            // Fall back: 2026-10-25 03:00 → 02:00.
+            (rome(2026, 10, 24, 7, 0), rome(2026, 10, 25, 6, 0)),
+            (rome(2026, 10, 25, 7, 0), rome(2026, 10, 26, 6, 0)),
+        ] {
+            let next = s.next_after(before, tz).expect("next");
+            assert_eq!(next, expected);
+            assert_eq!(next.with_timezone(&tz).format("%H:%M").to_string(), "06:00");
+        }
+        // The UTC instants differ by an hour across the switch, as they must.
+        assert_eq!(rome(2026, 3, 28, 6, 0).format("%H").to_string(), "05");
+        assert_eq!(rome(2026, 3, 30, 6, 0).format("%H").to_string(), "04");
+    }
+
+    // A run in the repeated hour of the fall-back night fires once, not twice.
+    #[test]
+    fn repeated_hour_fires_once() {
+        let s = Schedule::parse("0 30 2 * * *").expect("6-field cron");
+        let tz = chrono_tz::Europe::Rome;
+        let first = s.next_after(rome(2026, 10, 24, 12, 0), tz).expect("next");
+        let second = s.next_after(first, tz).expect("next");
+        assert_eq!(second - first, chrono::Duration::hours(25), "{first} then {second}");
+    }
+
+    // Five- and six-field forms and aliases parse; nonsense does not.
+    #[test]
+    fn parses_both_forms() {
+        assert!(Schedule::parse("*/5 * * * *").is_ok());
+        assert!(Schedule::parse("0 */15 * * * *").is_ok());
+        assert!(Schedule::parse("@hourly").is_ok());
+        let err = Schedule::parse("every tuesday").expect_err("invalid");
+        assert!(err.contains("every tuesday"), "{err}");
+    }
+}
