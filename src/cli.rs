@@ -1,7 +1,9 @@
 //! The command line: one subcommand per user task, each a thin call into the library, and the
 //! documented exit codes. Printing results for people happens here and nowhere else.
+#![allow(clippy::print_stdout)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,22 +11,39 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{Config, ConfigErrors};
+use crate::contact::ContactRecord;
+use crate::endpoint::Connection;
+use crate::ids::{ContactId, RuleName};
 use crate::logging::LogFormat;
 use crate::plan::Plan;
+use crate::rules::{self, RuleError, RuleSet};
 use crate::sandbox::{Faults, Sandbox, SandboxConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "segsync", version, about = "Keeps partner-gateway contact lists in sync with Rhai segment rules")]
 pub struct Cli {
-    /// Log format: auto (JSON unless stdout is a terminal), json or text.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
-    pub log_format: LogFormat,
+    /// Log format: auto (JSON unless stdout is a terminal), json or text. Overrides [log] format.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// The configuration file.
+    #[arg(long, global = true, default_value = "config.toml")]
+    pub config: PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Validate config.toml and every rule, and run the rule tests (no network); non-zero on any problem.
+    Check,
+    /// Run rule unit tests (rules/NAME.test.toml beside rules/NAME.rhai).
+    Test {
+        /// Rules to test (default: all).
+        rules: Vec<String>,
+    },
+    /// Fetch one contact and show why it is or is not in RULE's segment.
+    Explain { rule: String, contact_id: String },
     /// Serve the bundled emulator of the partner-gateway API on localhost, seeded with demo contacts.
     Sandbox(SandboxArgs),
 }
@@ -60,10 +79,15 @@ pub struct SandboxArgs {
 /// Exit codes, documented in the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
+    /// Everything done.
     Ok = 0,
+    /// A runtime failure: the API, the state database, a failed rule run, a failed rule test.
     Failure = 1,
+    /// Wrong command-line usage (clap's own code).
     Usage = 2,
+    /// Invalid config.toml or rules.
     Invalid = 3,
+    /// A guard held a change (mass removal); nothing failed.
     Held = 4,
 }
 
@@ -74,10 +98,197 @@ impl From<Exit> for ExitCode {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<Exit> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    match cli.command {
-        Command::Sandbox(args) => runtime.block_on(sandbox(args)),
+    if let Command::Sandbox(args) = cli.command {
+        crate::logging::init(cli.log_format.unwrap_or_default());
+        return runtime()?.block_on(sandbox(args));
     }
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(ConfigErrors(errors)) => {
+            crate::logging::init(cli.log_format.unwrap_or_default());
+            for e in &errors {
+                println!("{e}");
+            }
+            println!("config: {} problem(s) in {}", errors.len(), cli.config.display());
+            return Ok(Exit::Invalid);
+        }
+    };
+    crate::logging::init(cli.log_format.unwrap_or(config.log_format));
+    match cli.command {
+        Command::Check => Ok(check(&config)),
+        Command::Test { rules } => test(&config, &rules),
+        Command::Explain { rule, contact_id } => runtime()?.block_on(explain(&config, &rule, &contact_id)),
+        Command::Sandbox(_) => unreachable!("handled above"),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// Loads the rules of `config` with the one engine.
+pub fn load_rules(config: &Config) -> (rhai::Engine, RuleSet, Vec<RuleError>) {
+    let engine = rules::engine::build(config.time_zone);
+    let (set, errors) = rules::load_dir(&engine, &config.rules_dir);
+    (engine, set, errors)
+}
+
+fn check(config: &Config) -> Exit {
+    let mut problems = 0;
+    if let Err(e) = config.credentials() {
+        println!("{}:0:0: {e}", config.path.display());
+        problems += 1;
+    }
+    let (engine, set, errors) = load_rules(config);
+    for e in &errors {
+        println!("{e}");
+    }
+    problems += errors.len();
+    let mut passed = 0;
+    for rule in set.iter() {
+        match rules::fixtures::run(&engine, rule) {
+            Ok(report) => {
+                passed += report.passed;
+                for f in &report.failures {
+                    println!("{f}");
+                }
+                problems += report.failures.len();
+            }
+            Err(e) => {
+                println!("{e}");
+                problems += 1;
+            }
+        }
+    }
+    let names: Vec<&str> = set.rules.keys().map(RuleName::as_str).collect();
+    if problems == 0 {
+        println!("ok: config {}, {} rule(s) ({}), {passed} rule test(s) passed", config.path.display(), set.len(), names.join(", "));
+        Exit::Ok
+    } else {
+        println!("check: {problems} problem(s); {} valid rule(s) ({})", set.len(), names.join(", "));
+        Exit::Invalid
+    }
+}
+
+/// The rules named on the command line (all when none), or the names that do not exist.
+fn select(set: &RuleSet, names: &[String]) -> Result<Vec<std::sync::Arc<rules::Rule>>, String> {
+    if names.is_empty() {
+        return Ok(set.iter().cloned().collect());
+    }
+    let mut out = Vec::new();
+    for name in names {
+        match set.get(&RuleName::from(name.as_str())) {
+            Some(rule) => out.push(rule.clone()),
+            None => {
+                let known: Vec<&str> = set.rules.keys().map(RuleName::as_str).collect();
+                return Err(format!("no valid rule named {name:?} (loaded: {})", known.join(", ")));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn test(config: &Config, names: &[String]) -> anyhow::Result<Exit> {
+    let (engine, set, errors) = load_rules(config);
+    for e in &errors {
+        println!("{e}");
+    }
+    let selected = match select(&set, names) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{e}");
+            return Ok(Exit::Invalid);
+        }
+    };
+    let (mut passed, mut failed, mut untested) = (0, 0, Vec::new());
+    for rule in &selected {
+        let report = match rules::fixtures::run(&engine, rule) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("{e}");
+                failed += 1;
+                continue;
+            }
+        };
+        if report.file.is_none() {
+            untested.push(rule.name.as_str());
+        }
+        for f in &report.failures {
+            println!("FAIL {f}");
+        }
+        println!("{}: {} passed, {} failed", rule.name, report.passed, report.failures.len());
+        passed += report.passed;
+        failed += report.failures.len();
+    }
+    if !untested.is_empty() {
+        println!("no tests for: {} (add rules/NAME.test.toml)", untested.join(", "));
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed > 0 { Exit::Failure } else if errors.is_empty() { Exit::Ok } else { Exit::Invalid })
+}
+
+async fn explain(config: &Config, rule_name: &str, contact_id: &str) -> anyhow::Result<Exit> {
+    let (engine, set, errors) = load_rules(config);
+    let rule = match select(&set, &[rule_name.to_owned()]) {
+        Ok(mut r) => r.remove(0),
+        Err(e) => {
+            for err in errors.iter().filter(|e| e.file.file_stem().is_some_and(|s| s == rule_name)) {
+                println!("{err}");
+            }
+            println!("{e}");
+            return Ok(Exit::Invalid);
+        }
+    };
+    let connection = Connection::open(config).await?;
+    let fetched = connection.gateway.get_contact::<ContactRecord>(&ContactId::from(contact_id)).await;
+    connection.close().await;
+    let contact = fetched.with_context(|| format!("fetching contact {contact_id}"))?;
+    let today = rules::Date(chrono::Utc::now().with_timezone(&config.time_zone).date_naive());
+    println!("rule      {} ({}, hash {})", rule.name, rule.path.display(), rule.short_hash());
+    println!("list      {}", rule.list);
+    println!("contact   {}", contact.id);
+    println!("today     {} ({})", today.0, config.time_zone);
+    let map = contact.map().map(|m| m.clone()).unwrap_or_default();
+    for term in &rule.filter {
+        let (key, value) = term.query_pair();
+        let verdict = if term.passes(&map) { "passes" } else { "FAILS" };
+        println!("filter    {key} = {value:?}: {verdict} (contact has {})", show_field(&map, &key));
+    }
+    for (path, value) in fields_read(&map, &rule.mentions) {
+        println!("reads     {path} = {value}");
+    }
+    match rule.evaluate(&engine, &contact, today) {
+        Ok(true) => println!("answer    IN the segment: the list should hold this contact"),
+        Ok(false) => println!("answer    NOT in the segment: the list should not hold this contact"),
+        Err(e) => println!("answer    ERROR, so the contact is neither added nor removed: {e}"),
+    }
+    Ok(Exit::Ok)
+}
+
+/// The contact's value at a dotted filter key (`customFields.x.before` reads `customFields.x`).
+fn show_field(map: &rhai::Map, key: &str) -> String {
+    let key = key.strip_suffix(".before").unwrap_or(key);
+    let value = match key.strip_prefix("customFields.") {
+        Some(custom) => map.get("customFields").and_then(|c| c.read_lock::<rhai::Map>().and_then(|m| m.get(custom).cloned())),
+        None => map.get(key).cloned(),
+    };
+    value.map_or_else(|| "nothing".to_owned(), |v| format!("{v:?}"))
+}
+
+/// The contact's fields whose names the rule mentions, top-level and in `customFields`.
+fn fields_read(map: &rhai::Map, mentions: &[String]) -> Vec<(String, String)> {
+    let custom = map.get("customFields").and_then(|c| c.read_lock::<rhai::Map>().map(|m| m.clone())).unwrap_or_default();
+    let mut out = Vec::new();
+    for word in mentions.iter().filter(|w| *w != "customFields") {
+        if let Some(v) = map.get(word.as_str()) {
+            out.push((word.clone(), format!("{v:?}")));
+        } else if let Some(v) = custom.get(word.as_str()) {
+            out.push((format!("customFields.{word}"), format!("{v:?}")));
+        } else {
+            out.push((word.clone(), "(absent on this contact)".into()));
+        }
+    }
+    out
 }
 
 async fn sandbox(args: SandboxArgs) -> anyhow::Result<Exit> {
@@ -125,3 +336,4 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+

@@ -2,6 +2,7 @@
 //! written in Rhai. The modules, in reading order:
 
 pub mod cli; // clap subcommands and their exit codes
+pub mod config; // config.toml → validated Config
 pub mod logging; // JSON or text logs, RUST_LOG filtering
 pub mod plan; // the gateway's published rate plans
 pub mod sandbox; // the bundled emulator of the gateway
@@ -10,3 +11,4 @@ pub mod ids; // ContactId, ListId, RuleName
 pub mod contact; // the contact record both the gateway and the rules speak
 pub mod rules; // Rhai rule files: load, validate, evaluate, test
 pub mod schedule; // cron schedules and rule-file watching
+pub mod endpoint; // Config → a gateway: the real one or the bundled sandbox

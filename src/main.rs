@@ -1,4 +1,5 @@
-//! The `segsync` binary: parse the command line, set up logging, run, map the outcome to an exit code.
+//! The `segsync` binary: parse the command line, run, map the outcome to an exit code.
+//! Logging is set up by the command (after the config is read, so its [log] format applies).
 
 use std::process::ExitCode;
 
@@ -6,7 +7,6 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = segsync::cli::Cli::parse();
-    segsync::logging::init(cli.log_format);
     match segsync::cli::run(cli) {
         Ok(code) => code.into(),
         Err(e) => {

@@ -1,0 +1,449 @@
+//! `config.toml` → a validated [`Config`]: every error of the file at once, each with its line,
+//! key and value. Unknown keys are errors. The API key is never in this file: it comes from an
+//! environment variable or a file (a systemd credential), read by [`Config::credentials`].
+//!
+//! The only module that reads the environment or the config file.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use reqwest::Url;
+use toml::{Table, Value};
+
+use crate::gateway::{Credentials, GatewayConfig, Pagination, Secret};
+use crate::logging::LogFormat;
+use crate::plan::{Plan, RateLimits};
+use crate::sandbox::SandboxConfig;
+use crate::schedule::Schedule;
+
+/// The bundled sandbox, instead of a real gateway URL.
+pub const SANDBOX: &str = "sandbox";
+
+/// Where the API lives and how to reach it.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// The bundled sandbox, started in-process with demo data.
+    Sandbox,
+    Remote { base_url: Url, key: KeySource, basic_user: Option<String> },
+}
+
+/// Where the secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Env(String),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub endpoint: Endpoint,
+    pub plan: Plan,
+    pub limits: Option<RateLimits>,
+    pub page_size: u32,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    pub concurrency: usize,
+    pub pagination: Pagination,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Guards {
+    /// Hold removals above this share of a list's members.
+    pub max_removal_share: f64,
+    /// Hold removals above this many members, if set.
+    pub max_removals: Option<u64>,
+    /// Change nothing when more than this share of evaluated contacts errored.
+    pub max_error_share: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from; relative paths in it are relative to its folder.
+    pub path: PathBuf,
+    pub api: ApiConfig,
+    pub rules_dir: PathBuf,
+    pub default_schedule: Schedule,
+    pub time_zone: Tz,
+    pub state_path: PathBuf,
+    pub guards: Guards,
+    pub shutdown_timeout: Duration,
+    pub watch_rules: bool,
+    pub log_format: LogFormat,
+    pub sandbox: SandboxConfig,
+}
+
+/// One problem in the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+    }
+}
+
+/// Every problem found in one read of the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// Reads values out of one table, remembering which keys were read so the rest are unknown.
+struct Reader<'a> {
+    file: &'a Path,
+    spans: HashMap<String, (usize, usize)>,
+    errors: Vec<ConfigError>,
+}
+
+impl Reader<'_> {
+    fn error(&mut self, key: &str, message: String) {
+        let (line, col) = self.spans.get(key).copied().unwrap_or((1, 1));
+        self.errors.push(ConfigError { file: self.file.into(), line, col, message });
+    }
+
+    /// The table `[name]`, checking that it has only `allowed` keys.
+    fn section<'t>(&mut self, root: &'t Table, name: &str, allowed: &[&str]) -> Option<&'t Table> {
+        match root.get(name) {
+            None => None,
+            Some(Value::Table(t)) => {
+                for key in t.keys() {
+                    if !allowed.contains(&key.as_str()) {
+                        self.error(&format!("{name}.{key}"), format!("unknown key `{key}` in [{name}] (known keys: {})", allowed.join(", ")));
+                    }
+                }
+                Some(t)
+            }
+            Some(other) => {
+                self.error(name, format!("`{name}` must be a table [{name}], got {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn get<'t>(&self, table: Option<&'t Table>, key: &str) -> Option<&'t Value> {
+        table.and_then(|t| t.get(key))
+    }
+
+    fn string(&mut self, table: Option<&Table>, section: &str, key: &str) -> Option<String> {
+        match self.get(table, key)? {
+            Value::String(s) => Some(s.clone()),
+            other => {
+                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be a string, got {} {other}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, table: Option<&Table>, section: &str, key: &str, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
+        match self.get(table, key)? {
+            Value::Integer(i) if range.contains(i) => Some(*i),
+            Value::Integer(i) => {
+                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be between {} and {}, got {i}", range.start(), range.end()));
+                None
+            }
+            other => {
+                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be an integer, got {} {other}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn share(&mut self, table: Option<&Table>, section: &str, key: &str) -> Option<f64> {
+        let v = match self.get(table, key)? {
+            Value::Float(f) => *f,
+            Value::Integer(i) => *i as f64,
+            other => {
+                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be a number between 0 and 1, got {} {other}", other.type_str()));
+                return None;
+            }
+        };
+        if (0.0..=1.0).contains(&v) {
+            Some(v)
+        } else {
+            self.error(&format!("{section}.{key}"), format!("{section}.{key} must be between 0 and 1 (a share, 0.2 = 20 %), got {v}"));
+            None
+        }
+    }
+
+    fn boolean(&mut self, table: Option<&Table>, section: &str, key: &str) -> Option<bool> {
+        match self.get(table, key)? {
+            Value::Boolean(b) => Some(*b),
+            other => {
+                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be true or false, got {} {other}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    /// A string key whose value must be one of `choices`.
+    fn choice<T: Copy>(&mut self, table: Option<&Table>, section: &str, key: &str, choices: &[(&str, T)]) -> Option<T> {
+        let s = self.string(table, section, key)?;
+        match choices.iter().find(|(name, _)| *name == s) {
+            Some((_, v)) => Some(*v),
+            None => {
+                let names: Vec<&str> = choices.iter().map(|c| c.0).collect();
+                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be one of {}, got {s:?}", names.join(", ")));
+                None
+            }
+        }
+    }
+}
+
+/// Key path ("api.page_size") → 1-based line and column, from the parser's spans.
+fn key_spans(text: &str) -> HashMap<String, (usize, usize)> {
+    fn walk(text: &str, prefix: &str, table: &toml::de::DeTable<'_>, out: &mut HashMap<String, (usize, usize)>) {
+        for (key, value) in table.iter() {
+            let path = if prefix.is_empty() { key.get_ref().to_string() } else { format!("{prefix}.{}", key.get_ref()) };
+            out.insert(path.clone(), crate::rules::fixtures::line_col(text, key.span().start));
+            if let toml::de::DeValue::Table(inner) = value.get_ref() {
+                walk(text, &path, inner, out);
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    if let Ok(root) = toml::de::DeTable::parse(text) {
+        walk(text, "", root.get_ref(), &mut out);
+    }
+    out
+}
+
+const SECTIONS: [&str; 7] = ["api", "rules", "state", "guards", "daemon", "log", "sandbox"];
+const API_KEYS: [&str; 12] = [
+    "base_url", "key_env", "key_file", "basic_user", "plan", "requests_per_minute", "requests_per_second", "page_size",
+    "timeout_secs", "max_retries", "concurrency", "pagination",
+];
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError { file: path.into(), line: 0, col: 0, message: format!("cannot read the config file: {e}") }])
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigErrors> {
+        let root: Table = toml::from_str(text).map_err(|e| {
+            let (line, col) = e.span().map_or((0, 0), |s| crate::rules::fixtures::line_col(text, s.start));
+            ConfigErrors(vec![ConfigError { file: path.into(), line, col, message: e.message().trim().to_owned() }])
+        })?;
+        let mut r = Reader { file: path, spans: key_spans(text), errors: Vec::new() };
+        for key in root.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                r.error(key, format!("unknown section or key `{key}` (known: {})", SECTIONS.map(|s| format!("[{s}]")).join(", ")));
+            }
+        }
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let relative = |p: String| if Path::new(&p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
+
+        let api = r.section(&root, "api", &API_KEYS);
+        let base_url = r.string(api, "api", "base_url").unwrap_or_else(|| SANDBOX.into());
+        let key_env = r.string(api, "api", "key_env");
+        let key_file = r.string(api, "api", "key_file");
+        let basic_user = r.string(api, "api", "basic_user");
+        let endpoint = if base_url == SANDBOX {
+            Some(Endpoint::Sandbox)
+        } else {
+            let url = match Url::parse(&base_url) {
+                Ok(u) if matches!(u.scheme(), "https" | "http") && u.has_host() => Some(u),
+                Ok(_) => {
+                    r.error("api.base_url", format!("api.base_url must be an http(s) URL or \"sandbox\", got {base_url:?}"));
+                    None
+                }
+                Err(e) => {
+                    r.error("api.base_url", format!("api.base_url {base_url:?} is not a URL: {e}"));
+                    None
+                }
+            };
+            let key = match (key_env, key_file) {
+                (Some(env), None) => Some(KeySource::Env(env)),
+                (None, Some(file)) => Some(KeySource::File(relative(file))),
+                (Some(_), Some(_)) => {
+                    r.error("api.key_file", "set api.key_env or api.key_file, not both".into());
+                    None
+                }
+                (None, None) => {
+                    r.error("api.base_url", "a real gateway needs a key: set api.key_env (an environment variable) or api.key_file (e.g. a systemd credential)".into());
+                    None
+                }
+            };
+            match (url, key) {
+                (Some(base_url), Some(key)) => Some(Endpoint::Remote { base_url, key, basic_user }),
+                _ => None,
+            }
+        };
+        let plans = [("production", Some(Plan::Production)), ("trial", Some(Plan::Trial)), ("unlimited", Some(Plan::Unlimited)), ("custom", None)];
+        let plan = r.choice(api, "api", "plan", &plans).unwrap_or(Some(Plan::Production));
+        let per_minute = r.integer(api, "api", "requests_per_minute", 1..=1_000_000);
+        let per_second = r.integer(api, "api", "requests_per_second", 1..=100_000);
+        let limits = match (plan, per_minute, per_second) {
+            (None, Some(m), Some(s)) => Some(RateLimits { per_minute: m as u32, per_second: s as u32 }),
+            (None, _, _) => {
+                r.error("api.plan", "plan = \"custom\" needs api.requests_per_minute and api.requests_per_second".into());
+                None
+            }
+            (Some(p), None, None) => p.limits(),
+            (Some(_), _, _) => {
+                r.error("api.requests_per_minute", "requests_per_minute / requests_per_second apply only with plan = \"custom\"".into());
+                None
+            }
+        };
+        let api = ApiConfig {
+            plan: plan.unwrap_or(Plan::Production),
+            limits,
+            page_size: r.integer(api, "api", "page_size", 1..=100).unwrap_or(100) as u32,
+            timeout: Duration::from_secs(r.integer(api, "api", "timeout_secs", 1..=600).unwrap_or(30) as u64),
+            max_retries: r.integer(api, "api", "max_retries", 0..=20).unwrap_or(5) as u32,
+            concurrency: r.integer(api, "api", "concurrency", 1..=32).unwrap_or(4) as usize,
+            pagination: r.choice(api, "api", "pagination", &[("offset", Pagination::Offset), ("page", Pagination::Page)]).unwrap_or_default(),
+            endpoint: endpoint.unwrap_or(Endpoint::Sandbox),
+        };
+
+        let rules = r.section(&root, "rules", &["dir", "default_schedule", "time_zone"]);
+        let rules_dir = relative(r.string(rules, "rules", "dir").unwrap_or_else(|| "rules".into()));
+        let schedule_text = r.string(rules, "rules", "default_schedule").unwrap_or_else(|| "0 */15 * * * *".into());
+        let default_schedule = Schedule::parse(&schedule_text).unwrap_or_else(|e| {
+            r.error("rules.default_schedule", format!("rules.default_schedule: {e}"));
+            Schedule::parse("0 */15 * * * *").unwrap_or_else(|_| unreachable!("a constant, valid expression"))
+        });
+        let tz_text = r.string(rules, "rules", "time_zone").unwrap_or_else(|| "UTC".into());
+        let time_zone = tz_text.parse::<Tz>().unwrap_or_else(|_| {
+            r.error("rules.time_zone", format!("rules.time_zone {tz_text:?} is not an IANA time zone (e.g. \"Europe/Rome\")"));
+            Tz::UTC
+        });
+
+        let state = r.section(&root, "state", &["path"]);
+        let state_path = relative(r.string(state, "state", "path").unwrap_or_else(|| "segsync.db".into()));
+
+        let guards = r.section(&root, "guards", &["max_removal_share", "max_removals", "max_error_share"]);
+        let guards = Guards {
+            max_removal_share: r.share(guards, "guards", "max_removal_share").unwrap_or(0.20),
+            max_removals: r.integer(guards, "guards", "max_removals", 0..=i64::MAX).map(|n| n as u64),
+            max_error_share: r.share(guards, "guards", "max_error_share").unwrap_or(0.01),
+        };
+
+        let daemon = r.section(&root, "daemon", &["shutdown_timeout_secs", "watch_rules"]);
+        let shutdown_timeout = Duration::from_secs(r.integer(daemon, "daemon", "shutdown_timeout_secs", 1..=3600).unwrap_or(30) as u64);
+        let watch_rules = r.boolean(daemon, "daemon", "watch_rules").unwrap_or(true);
+
+        let log = r.section(&root, "log", &["format"]);
+        let log_format = r.choice(log, "log", "format", &[("auto", LogFormat::Auto), ("json", LogFormat::Json), ("text", LogFormat::Text)]).unwrap_or_default();
+
+        let sandbox = r.section(&root, "sandbox", &["contacts", "seed", "churn_per_minute"]);
+        let sandbox = SandboxConfig {
+            contacts: r.integer(sandbox, "sandbox", "contacts", 0..=5_000_000).unwrap_or(20_000) as u64,
+            seed: r.integer(sandbox, "sandbox", "seed", 0..=i64::MAX).unwrap_or(42) as u64,
+            churn_per_minute: r.integer(sandbox, "sandbox", "churn_per_minute", 0..=1_000_000).unwrap_or(0) as u32,
+            plan: api.plan,
+            ..SandboxConfig::default()
+        };
+
+        if !r.errors.is_empty() {
+            let mut errors = r.errors;
+            errors.sort_by_key(|e| (e.line, e.col));
+            return Err(ConfigErrors(errors));
+        }
+        Ok(Self {
+            path: path.into(),
+            api,
+            rules_dir,
+            default_schedule,
+            time_zone,
+            state_path,
+            guards,
+            shutdown_timeout,
+            watch_rules,
+            log_format,
+            sandbox,
+        })
+    }
+
+    /// Reads the secret from its source. Errors name the source, never the secret.
+    pub fn credentials(&self) -> Result<Credentials, String> {
+        let Endpoint::Remote { key, basic_user, .. } = &self.api.endpoint else {
+            return Ok(Credentials::ApiKey(Secret::new(self.sandbox.api_key.clone())));
+        };
+        let secret = match key {
+            KeySource::Env(var) => std::env::var(var).map_err(|_| format!("the environment variable {var} (api.key_env) is not set"))?,
+            KeySource::File(path) => std::fs::read_to_string(path).map_err(|e| format!("cannot read the key file {} (api.key_file): {e}", path.display()))?,
+        };
+        let secret = secret.trim().to_owned();
+        if secret.is_empty() {
+            return Err(match key {
+                KeySource::Env(var) => format!("the environment variable {var} (api.key_env) is empty"),
+                KeySource::File(path) => format!("the key file {} (api.key_file) is empty", path.display()),
+            });
+        }
+        Ok(match basic_user {
+            Some(user) => Credentials::Basic { user: user.clone(), password: Secret::new(secret) },
+            None => Credentials::ApiKey(Secret::new(secret)),
+        })
+    }
+
+    /// The client settings for `base_url` (the sandbox's URL when the endpoint is the sandbox).
+    pub fn gateway(&self, base_url: Url, credentials: Credentials) -> GatewayConfig {
+        GatewayConfig {
+            base_url,
+            credentials,
+            limits: self.api.limits,
+            page_size: self.api.page_size,
+            timeout: self.api.timeout,
+            max_retries: self.api.max_retries,
+            concurrency: self.api.concurrency,
+            pagination: self.api.pagination,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        Config::parse(Path::new("config.toml"), text).expect_err("invalid").0.into_iter().map(|e| e.to_string()).collect()
+    }
+
+    // Every problem is reported at once, each with its line, key and value.
+    #[test]
+    fn every_error_at_once() {
+        let got = errors(
+            "[api]\nbase_url = \"ftp://x\"\npage_size = 1000\nshoe = 1\n[rules]\ntime_zone = \"Mars/Olympus\"\n[guards]\nmax_removal_share = 20\n[extra]\n",
+        );
+        assert_eq!(got.len(), 7, "{got:#?}");
+        assert!(got[0].starts_with("config.toml:2:1: api.base_url must be an http(s) URL"), "{got:#?}");
+        assert!(got[1].contains("needs a key"), "{got:#?}");
+        assert!(got[2].starts_with("config.toml:3:1: api.page_size must be between 1 and 100, got 1000"), "{got:#?}");
+        assert!(got[3].starts_with("config.toml:4:1: unknown key `shoe` in [api]"), "{got:#?}");
+        assert!(got[4].contains("Mars/Olympus"), "{got:#?}");
+        assert!(got[5].contains("max_removal_share must be between 0 and 1"), "{got:#?}");
+        assert!(got[6].starts_with("config.toml:9:2: unknown section or key `extra`"), "{got:#?}");
+    }
+
+    // A real gateway needs a key source; the sandbox does not.
+    #[test]
+    fn remote_needs_a_key() {
+        let got = errors("[api]\nbase_url = \"https://lora-api.agiletelecom.com/api\"\n");
+        assert!(got[0].contains("needs a key"), "{got:?}");
+        let config = Config::parse(Path::new("/etc/segsync/config.toml"), "[api]\nbase_url = \"https://lora-api.agiletelecom.com/api\"\nkey_file = \"key\"\n")
+            .expect("valid");
+        match config.api.endpoint {
+            Endpoint::Remote { key: KeySource::File(p), .. } => assert_eq!(p, Path::new("/etc/segsync/key")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(Config::parse(Path::new("c.toml"), "").expect("empty is valid").api.endpoint, Endpoint::Sandbox));
+    }
+
+    // A syntax error is reported with its position.
+    #[test]
+    fn syntax_error_has_position() {
+        let got = errors("[api]\nplan = production\n");
+        assert!(got[0].starts_with("config.toml:2:8:"), "{got:?}");
+    }
+}
