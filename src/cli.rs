@@ -17,6 +17,7 @@ use crate::endpoint::Connection;
 use crate::ids::{ContactId, RuleName};
 use crate::logging::LogFormat;
 use crate::plan::Plan;
+use crate::reconcile::{Outcome, PassReport, PassRequest, Reconciler, RuleReport, Trigger, sample};
 use crate::rules::{self, RuleError, RuleSet};
 use crate::sandbox::{Faults, Sandbox, SandboxConfig};
 
@@ -44,6 +45,31 @@ pub enum Command {
     },
     /// Fetch one contact and show why it is or is not in RULE's segment.
     Explain { rule: String, contact_id: String },
+    /// Dry run: per rule, what a sync would add and remove (with a sample of ids); changes nothing.
+    Plan {
+        /// Rules to plan (default: all).
+        rules: Vec<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One reconcile pass now, then exit (exit 4 if a guard held a change, 1 if a rule failed).
+    Sync {
+        /// Rules to sync (default: all).
+        rules: Vec<String>,
+        /// Confirm, once, removals the mass-removal guard would hold.
+        #[arg(long)]
+        allow_mass_removal: bool,
+    },
+    /// The last runs per rule: when, trigger, added, removed, outcome.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Runs to show per rule.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+    },
     /// Serve the bundled emulator of the partner-gateway API on localhost, seeded with demo contacts.
     Sandbox(SandboxArgs),
 }
@@ -118,6 +144,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Check => Ok(check(&config)),
         Command::Test { rules } => test(&config, &rules),
         Command::Explain { rule, contact_id } => runtime()?.block_on(explain(&config, &rule, &contact_id)),
+        Command::Plan { rules, json } => runtime()?.block_on(pass(&config, &rules, PassMode::Plan { json })),
+        Command::Sync { rules, allow_mass_removal } => runtime()?.block_on(pass(&config, &rules, PassMode::Sync { allow_mass_removal })),
+        Command::Status { json, runs } => status(&config, json, runs),
         Command::Sandbox(_) => unreachable!("handled above"),
     }
 }
@@ -289,6 +318,154 @@ fn fields_read(map: &rhai::Map, mentions: &[String]) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+enum PassMode {
+    Plan { json: bool },
+    Sync { allow_mass_removal: bool },
+}
+
+/// `plan` and `sync`: one pass over the selected rules, dry or real.
+async fn pass(config: &Config, names: &[String], mode: PassMode) -> anyhow::Result<Exit> {
+    let (engine, set, errors) = load_rules(config);
+    for e in &errors {
+        println!("{e}");
+    }
+    let selected = match select(&set, names) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{e}");
+            return Ok(Exit::Invalid);
+        }
+    };
+    let dry_run = matches!(mode, PassMode::Plan { .. });
+    // Only a writer needs the instance lock; a dry run may look while the daemon works.
+    let _lock = if dry_run { None } else { Some(crate::state::lock(&config.state_path)?) };
+    let state = crate::state::State::open(&config.state_path)?;
+    let connection = Connection::open(config).await?;
+    let reconciler = Reconciler {
+        gateway: connection.gateway.clone(),
+        engine: std::sync::Arc::new(engine),
+        state,
+        endpoint: connection.endpoint.clone(),
+        guards: config.guards.clone(),
+        time_zone: config.time_zone,
+        cancel: CancellationToken::new(),
+    };
+    let cancel = reconciler.cancel.clone();
+    let stop = tokio::spawn(async move {
+        shutdown_signal().await;
+        cancel.cancel();
+    });
+    let request = PassRequest {
+        rules: selected,
+        trigger: Trigger::Manual,
+        dry_run,
+        allow_mass_removal: matches!(mode, PassMode::Sync { allow_mass_removal: true }),
+        today: None,
+    };
+    let report = reconciler.run_pass(request).await;
+    stop.abort();
+    connection.close().await;
+    match mode {
+        PassMode::Plan { json: true } => {
+            let rows: Vec<serde_json::Value> = report.rules.iter().map(plan_json).collect();
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        }
+        _ => print_pass(&report, dry_run),
+    }
+    Ok(if report.any(Outcome::Failed) {
+        Exit::Failure
+    } else if report.any(Outcome::Held) {
+        Exit::Held
+    } else if errors.is_empty() {
+        Exit::Ok
+    } else {
+        Exit::Invalid
+    })
+}
+
+fn plan_json(r: &RuleReport) -> serde_json::Value {
+    serde_json::json!({
+        "rule": r.rule.name,
+        "list": r.rule.list,
+        "list_id": r.list_id,
+        "list_exists": r.list_id.is_some() && !(r.list_created && r.list_id.is_none()),
+        "mode": r.rule.mode,
+        "members": r.members_before,
+        "scanned": r.scanned,
+        "matched": r.matched,
+        "eval_errors": r.eval_errors,
+        "first_eval_error": r.first_error,
+        "to_add": r.plan.to_add.len(),
+        "to_remove": r.plan.to_remove.len(),
+        "sample_add": sample(&r.plan.to_add, 10),
+        "sample_remove": sample(&r.plan.to_remove, 10),
+        "held": r.plan.held,
+        "outcome": r.outcome,
+        "detail": r.detail,
+        "api_requests": r.usage.total_requests(),
+    })
+}
+
+fn print_pass(report: &PassReport, dry_run: bool) {
+    for r in &report.rules {
+        let list = match &r.list_id {
+            Some(id) => id.to_string(),
+            None => "would be created".into(),
+        };
+        println!("{} → {:?} ({list}, {})", r.rule.name, r.rule.list, r.rule.mode);
+        println!("  members {}, scanned {}, matched {}, eval errors {}", r.members_before, r.scanned, r.matched, r.eval_errors);
+        if dry_run {
+            println!("  would add {}, would remove {}", r.plan.to_add.len(), r.plan.to_remove.len());
+        } else {
+            println!("  added {}, removed {} (planned +{} / -{})", r.added, r.removed, r.plan.to_add.len(), r.plan.to_remove.len());
+        }
+        let more = |ids: &[ContactId]| if ids.len() > 5 { format!(" … (+{} more)", ids.len() - 5) } else { String::new() };
+        if !r.plan.to_add.is_empty() {
+            println!("  add:    {}{}", sample(&r.plan.to_add, 5).join(", "), more(&r.plan.to_add));
+        }
+        if !r.plan.to_remove.is_empty() {
+            println!("  remove: {}{}", sample(&r.plan.to_remove, 5).join(", "), more(&r.plan.to_remove));
+        }
+        if let Some(e) = &r.first_error {
+            println!("  first evaluation error: {e}");
+        }
+        println!("  outcome {}{}", r.outcome, r.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default());
+    }
+    println!(
+        "{} {} rule(s) in {:.1} s, {} API request(s) ({})",
+        if dry_run { "planned" } else { "synced" },
+        report.rules.len(),
+        report.duration.as_secs_f64(),
+        report.usage.total_requests(),
+        report.usage.requests.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+    );
+}
+
+fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result<Exit> {
+    if !config.state_path.exists() {
+        println!("no runs yet (no state database at {})", config.state_path.display());
+        return Ok(Exit::Ok);
+    }
+    let state = crate::state::State::open(&config.state_path)?;
+    let rows = state.last_runs(runs.max(1))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(Exit::Ok);
+    }
+    if rows.is_empty() {
+        println!("no runs yet");
+        return Ok(Exit::Ok);
+    }
+    println!("{:<22} {:<24} {:<8} {:>8} {:>8} {:>8} {:>9} {:>8}  {}", "rule", "finished", "trigger", "members", "added", "removed", "requests", "outcome", "detail");
+    for r in rows {
+        println!(
+            "{:<22} {:<24} {:<8} {:>8} {:>8} {:>8} {:>9} {:>8}  {}",
+            r.rule, r.finished_at, r.trigger, r.members_before, r.added, r.removed, r.api_requests, r.outcome, r.detail
+        );
+    }
+    Ok(Exit::Ok)
 }
 
 async fn sandbox(args: SandboxArgs) -> anyhow::Result<Exit> {

@@ -57,6 +57,8 @@ pub struct Guards {
     pub max_removals: Option<u64>,
     /// Change nothing when more than this share of evaluated contacts errored.
     pub max_error_share: f64,
+    /// Removals of at most this many members are never held by the share rule (tiny lists).
+    pub mass_removal_floor: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -322,11 +324,12 @@ impl Config {
         let state = r.section(&root, "state", &["path"]);
         let state_path = relative(r.string(state, "state", "path").unwrap_or_else(|| "segsync.db".into()));
 
-        let guards = r.section(&root, "guards", &["max_removal_share", "max_removals", "max_error_share"]);
+        let guards = r.section(&root, "guards", &["max_removal_share", "max_removals", "max_error_share", "mass_removal_floor"]);
         let guards = Guards {
             max_removal_share: r.share(guards, "guards", "max_removal_share").unwrap_or(0.20),
             max_removals: r.integer(guards, "guards", "max_removals", 0..=i64::MAX).map(|n| n as u64),
             max_error_share: r.share(guards, "guards", "max_error_share").unwrap_or(0.01),
+            mass_removal_floor: r.integer(guards, "guards", "mass_removal_floor", 0..=i64::MAX).unwrap_or(10) as u64,
         };
 
         let daemon = r.section(&root, "daemon", &["shutdown_timeout_secs", "watch_rules"]);

@@ -12,3 +12,5 @@ pub mod contact; // the contact record both the gateway and the rules speak
 pub mod rules; // Rhai rule files: load, validate, evaluate, test
 pub mod schedule; // cron schedules and rule-file watching
 pub mod endpoint; // Config → a gateway: the real one or the bundled sandbox
+pub mod state; // SQLite: bindings, run history, instance lock
+pub mod reconcile; // plan (pure) and apply: making a list hold what its rule selects

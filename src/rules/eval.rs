@@ -39,14 +39,16 @@ impl From<Box<EvalAltResult>> for EvalError {
 }
 
 impl Rule {
+    /// Whether the contact passes `FILTER`, judged as the server judges it.
+    pub fn passes_filter(&self, contact: &ContactRecord) -> bool {
+        self.filter.is_empty() || contact.map().is_some_and(|m| self.filter.iter().all(|f| f.passes(&m)))
+    }
+
     /// Whether `contact` belongs to the segment: it passes `FILTER` (as the server would judge
     /// it) and `matches` returns `true`. `today` is the run's frozen date.
     pub fn evaluate(&self, engine: &Engine, contact: &ContactRecord, today: Date) -> Result<bool, EvalError> {
-        if !self.filter.is_empty() {
-            let passes = contact.map().is_some_and(|m| self.filter.iter().all(|f| f.passes(&m)));
-            if !passes {
-                return Ok(false);
-            }
+        if !self.passes_filter(contact) {
+            return Ok(false);
         }
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true).with_tag(today);
         let verdict = engine.call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.ast, "matches", (contact.fields.clone(),))?;

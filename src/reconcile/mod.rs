@@ -1,0 +1,533 @@
+//! One reconcile pass over the rules due now: bind each rule to its list, read members and
+//! candidates, plan, guard, apply in batches, record the run, and log one summary per rule.
+//!
+//! `plan` is pure; this module does the I/O around it. A failing rule never stops the others.
+
+mod apply;
+pub mod plan;
+mod read;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono_tz::Tz;
+use futures_util::future::join_all;
+use rhai::Engine;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Guards;
+use crate::gateway::{Gateway, GatewayError, Meter, ScanQuery, Usage};
+use crate::ids::{ContactId, ListId};
+use crate::rules::{Date, Rule};
+use crate::state::{RunRecord, State, StateError};
+pub use plan::{Evaluation, Plan};
+
+/// What started a run; logged and stored with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    Startup,
+    Cron,
+    File,
+    Reload,
+    Manual,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Startup => "startup",
+            Self::Cron => "cron",
+            Self::File => "file",
+            Self::Reload => "reload",
+            Self::Manual => "manual",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Ok,
+    Held,
+    Failed,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ok => "ok",
+            Self::Held => "held",
+            Self::Failed => "failed",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Internal(String),
+    #[error("interrupted by shutdown before all batches were sent; the next run converges")]
+    Interrupted,
+}
+
+/// How the candidates of a pass were read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadKind {
+    /// One scan of all contacts served every rule.
+    SharedScan,
+    /// Each rule read its own filtered non-members.
+    OwnRead,
+}
+
+/// Everything a pass needs; cheap to clone.
+#[derive(Clone)]
+pub struct Reconciler {
+    pub gateway: Gateway,
+    pub engine: Arc<Engine>,
+    pub state: State,
+    /// Names the account, for list bindings.
+    pub endpoint: String,
+    pub guards: Guards,
+    pub time_zone: Tz,
+    /// Once cancelled, no further write batch starts.
+    pub cancel: CancellationToken,
+}
+
+#[derive(Debug, Clone)]
+pub struct PassRequest {
+    pub rules: Vec<Arc<Rule>>,
+    pub trigger: Trigger,
+    /// Plan only: create nothing, write nothing, record nothing.
+    pub dry_run: bool,
+    pub allow_mass_removal: bool,
+    /// The run's frozen "today"; `None` means today in the configured time zone.
+    pub today: Option<Date>,
+}
+
+/// The result of one rule's run.
+#[derive(Debug, Clone)]
+pub struct RuleReport {
+    pub rule: Arc<Rule>,
+    pub list_id: Option<ListId>,
+    pub list_created: bool,
+    pub members_before: u64,
+    pub scanned: u64,
+    pub matched: u64,
+    pub eval_errors: u64,
+    pub first_error: Option<String>,
+    pub plan: Plan,
+    pub added: u64,
+    pub removed: u64,
+    /// Requests this rule's run needed (a shared scan counts for every rule it served).
+    pub usage: Usage,
+    pub read: ReadKind,
+    pub outcome: Outcome,
+    /// Why it failed or was held.
+    pub detail: Option<String>,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PassReport {
+    pub rules: Vec<RuleReport>,
+    pub read: ReadKind,
+    /// Every request of the pass, once.
+    pub usage: Usage,
+    pub duration: Duration,
+}
+
+impl PassReport {
+    pub fn any(&self, outcome: Outcome) -> bool {
+        self.rules.iter().any(|r| r.outcome == outcome)
+    }
+}
+
+/// One rule's progress through a pass.
+struct Slot {
+    rule: Arc<Rule>,
+    meter: Arc<Meter>,
+    gateway: Gateway,
+    list: Option<ListId>,
+    created: bool,
+    eval: Evaluation,
+    error: Option<ReconcileError>,
+}
+
+impl Reconciler {
+    /// Runs one pass over `req.rules`; every rule gets a report, failed or not.
+    pub async fn run_pass(&self, req: PassRequest) -> PassReport {
+        let started = Instant::now();
+        let started_at = crate::state::now();
+        let today = req.today.unwrap_or_else(|| Date(chrono::Utc::now().with_timezone(&self.time_zone).date_naive()));
+        let pass_meter = Arc::new(Meter::default());
+        let mut slots: Vec<Slot> = req
+            .rules
+            .iter()
+            .map(|rule| {
+                let meter = Arc::new(Meter::default());
+                Slot {
+                    rule: rule.clone(),
+                    gateway: self.gateway.metered(meter.clone()),
+                    meter,
+                    list: None,
+                    created: false,
+                    eval: Evaluation::default(),
+                    error: None,
+                }
+            })
+            .collect();
+
+        // 1. Bind each rule to its list and judge the current members on their own records.
+        join_all(slots.iter_mut().map(|slot| self.read_members(slot, req.dry_run, today))).await;
+
+        // 2. Read candidates: one shared scan, or each rule's own filtered read of non-members.
+        let live: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].error.is_none()).collect();
+        let read = self.choose_read(&slots, &live);
+        let shared_meter = Arc::new(Meter::default());
+        match read {
+            ReadKind::SharedScan if !live.is_empty() => {
+                let targets = live
+                    .iter()
+                    .map(|&i| read::Target { rule: slots[i].rule.clone(), members: Arc::new(slots[i].eval.members.clone()) })
+                    .collect();
+                let gw = self.gateway.metered(shared_meter.clone());
+                match read::candidates(&gw, &self.engine, &ScanQuery::default(), targets, today).await {
+                    Ok(found) => {
+                        self.remember(&slots, &live, &found, None);
+                        for (k, &i) in live.iter().enumerate() {
+                            slots[i].eval.merge(found.per_target[k].clone());
+                        }
+                    }
+                    Err(e) => {
+                        let text = e.to_string();
+                        for &i in &live {
+                            slots[i].error = Some(ReconcileError::Internal(format!("reading contacts: {text}")));
+                        }
+                    }
+                }
+            }
+            _ => {
+                join_all(live.iter().map(|&i| &slots[i]).map(|slot| self.own_read(slot, today))).await.into_iter().zip(&live).for_each(
+                    |(result, &i)| match result {
+                        Ok(found) => {
+                            self.remember(&slots, &[i], &found, Some(i));
+                            slots[i].eval.merge(found.per_target.into_iter().next().unwrap_or_default());
+                        }
+                        Err(e) => slots[i].error = Some(e),
+                    },
+                );
+            }
+        }
+
+        // 3. Plan, guard and apply each rule; one rule's failure is not another's.
+        let shared_usage = shared_meter.usage();
+        let reports = join_all(slots.into_iter().map(|slot| self.finish(slot, &req, read, &shared_usage, started))).await;
+        let mut usage = shared_usage.clone();
+        let none = Usage::default();
+        for r in &reports {
+            let own = subtract(&r.usage, if r.read == ReadKind::SharedScan { &shared_usage } else { &none });
+            add(&mut usage, &own);
+        }
+        add(&mut usage, &pass_meter.usage());
+        for report in &reports {
+            self.record(report, req.trigger, &started_at, req.dry_run).await;
+        }
+        let report = PassReport { rules: reports, read, usage, duration: started.elapsed() };
+        tracing::info!(
+            trigger = %req.trigger,
+            rules = report.rules.len(),
+            read_plan = ?read,
+            api_requests = report.usage.total_requests(),
+            requests = %serde_json::to_string(&report.usage.requests).unwrap_or_default(),
+            retries = report.usage.retries,
+            duration_ms = report.duration.as_millis() as u64,
+            dry_run = req.dry_run,
+            "pass finished"
+        );
+        report
+    }
+
+    async fn read_members(&self, slot: &mut Slot, dry_run: bool, today: Date) {
+        let result = async {
+            let (list, created) = self.bind_list(slot, dry_run).await?;
+            slot.list = list.clone();
+            slot.created = created;
+            let Some(list) = list.filter(|_| !created) else { return Ok(()) };
+            match read::members(&slot.gateway, &self.engine, &slot.rule, &list, today).await {
+                Ok(eval) => {
+                    slot.eval = eval;
+                    Ok(())
+                }
+                Err(ReconcileError::Gateway(e)) if e.is_unknown_list() => {
+                    tracing::warn!(rule = %slot.rule.name, list_id = %list, list = %slot.rule.list, "the rule's list no longer exists on the gateway; binding it again");
+                    let (list, created) = self.find_or_create(slot, dry_run).await?;
+                    slot.list = list;
+                    slot.created = created;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            slot.error = Some(e);
+        }
+    }
+
+    /// The rule's list: its binding, else an existing list of that exact name, else a new one.
+    async fn bind_list(&self, slot: &Slot, dry_run: bool) -> Result<(Option<ListId>, bool), ReconcileError> {
+        let rule = &slot.rule;
+        if let Some(id) = self.state.binding(&self.endpoint, &rule.name, &rule.list)? {
+            return Ok((Some(id), false));
+        }
+        if let Some((old_name, old_id)) = self.state.other_binding(&self.endpoint, &rule.name, &rule.list)? {
+            tracing::info!(rule = %rule.name, old_list = %old_name, old_list_id = %old_id, list = %rule.list,
+                "the rule's LIST changed; binding the new list and leaving the old one untouched");
+        }
+        self.find_or_create(slot, dry_run).await
+    }
+
+    async fn find_or_create(&self, slot: &Slot, dry_run: bool) -> Result<(Option<ListId>, bool), ReconcileError> {
+        let rule = &slot.rule;
+        let found = slot.gateway.find_lists(&rule.list).await?;
+        if found.len() > 1 {
+            tracing::warn!(rule = %rule.name, list = %rule.list, count = found.len(), list_id = %found[0].id,
+                "several lists carry this exact name; using the oldest");
+        }
+        let (id, created) = match found.into_iter().next() {
+            Some(list) => (list.id, false),
+            None if dry_run => return Ok((None, true)),
+            None => {
+                let list = slot.gateway.create_list(&rule.list, &rule.description).await?;
+                tracing::info!(rule = %rule.name, list = %rule.list, list_id = %list.id, "created the rule's list");
+                (list.id, true)
+            }
+        };
+        if !dry_run {
+            self.state.bind(&self.endpoint, &rule.name, &rule.list, &id)?;
+        }
+        Ok((Some(id), created))
+    }
+
+    /// Shared scan or own reads: whichever the last-seen counts say costs fewer requests.
+    fn choose_read(&self, slots: &[Slot], live: &[usize]) -> ReadKind {
+        let page = u64::from(self.gateway.page_size());
+        let pages = |n: u64| n.div_ceil(page).max(1);
+        let contacts = self.state.estimate(&self.endpoint, "contacts").ok().flatten();
+        let mut own_total = 0;
+        for &i in live {
+            let slot = &slots[i];
+            let own = if slot.rule.filter.is_empty() {
+                match contacts {
+                    Some(n) => pages(n.saturating_sub(slot.eval.members.len() as u64)),
+                    // Unknown size and a rule that must see everyone: only a scan will tell.
+                    None => return ReadKind::SharedScan,
+                }
+            } else {
+                let key = format!("candidates:{}", slot.rule.name);
+                pages(self.state.estimate(&self.endpoint, &key).ok().flatten().unwrap_or(0))
+            };
+            own_total += own;
+        }
+        match contacts {
+            Some(n) if own_total > pages(n) => ReadKind::SharedScan,
+            _ => ReadKind::OwnRead,
+        }
+    }
+
+    /// A rule's own read: its FILTER plus `notListIds` (when its list exists).
+    async fn own_read(&self, slot: &Slot, today: Date) -> Result<read::Candidates, ReconcileError> {
+        let query = ScanQuery {
+            filters: slot.rule.filter_query(),
+            not_list_ids: slot.list.iter().filter(|_| !slot.created).cloned().collect(),
+            ..ScanQuery::default()
+        };
+        let target = read::Target { rule: slot.rule.clone(), members: Arc::new(slot.eval.members.clone()) };
+        read::candidates(&slot.gateway, &self.engine, &query, vec![target], today).await
+    }
+
+    /// Stores the counts the next pass plans its reads with.
+    fn remember(&self, slots: &[Slot], indexes: &[usize], found: &read::Candidates, own: Option<usize>) {
+        let save = |key: &str, value: u64| {
+            if let Err(e) = self.state.set_estimate(&self.endpoint, key, value) {
+                tracing::warn!(error = %e, "could not store a read-planning estimate");
+            }
+        };
+        match own {
+            None => save("contacts", found.total),
+            Some(i) if slots[i].rule.filter.is_empty() && !slots[i].created => {
+                save("contacts", found.total + slots[i].eval.members.len() as u64)
+            }
+            Some(_) => {}
+        }
+        for (k, &i) in indexes.iter().enumerate() {
+            if !slots[i].rule.filter.is_empty() {
+                save(&format!("candidates:{}", slots[i].rule.name), found.in_filter[k]);
+            }
+        }
+    }
+
+    async fn finish(&self, slot: Slot, req: &PassRequest, read: ReadKind, shared: &Usage, started: Instant) -> RuleReport {
+        let rule = slot.rule.clone();
+        let members_before = slot.eval.members.len() as u64;
+        let mut report = RuleReport {
+            rule: rule.clone(),
+            list_id: slot.list.clone(),
+            list_created: slot.created,
+            members_before,
+            scanned: slot.eval.evaluated,
+            matched: slot.eval.matched,
+            eval_errors: slot.eval.errors,
+            first_error: slot.eval.first_error.as_ref().map(|(id, e)| format!("contact {id}: {e}")),
+            plan: Plan::default(),
+            added: 0,
+            removed: 0,
+            usage: Usage::default(),
+            read,
+            outcome: Outcome::Ok,
+            detail: None,
+            duration: Duration::ZERO,
+        };
+        if let Some(e) = slot.error {
+            report.outcome = Outcome::Failed;
+            report.detail = Some(e.to_string());
+        } else {
+            report.plan = plan::plan(&slot.eval, rule.mode, &self.guards, req.allow_mass_removal);
+            if let Some(why) = &report.plan.refused {
+                report.outcome = Outcome::Failed;
+                report.detail = Some(why.clone());
+            } else if let (Some(list), false) = (&slot.list, req.dry_run) {
+                match apply::apply(&slot.gateway, list, &report.plan, &self.cancel).await {
+                    Ok(done) => {
+                        report.added = done.added;
+                        report.removed = done.removed;
+                    }
+                    Err((done, e)) => {
+                        report.added = done.added;
+                        report.removed = done.removed;
+                        report.outcome = Outcome::Failed;
+                        report.detail = Some(e.to_string());
+                    }
+                }
+            }
+            if report.outcome == Outcome::Ok {
+                if let Some(why) = &report.plan.held {
+                    report.outcome = Outcome::Held;
+                    report.detail = Some(why.clone());
+                }
+            }
+        }
+        report.usage = slot.meter.usage();
+        if read == ReadKind::SharedScan {
+            add(&mut report.usage, shared);
+        }
+        report.duration = started.elapsed();
+        report
+    }
+
+    /// Stores the run and logs its one summary event.
+    async fn record(&self, r: &RuleReport, trigger: Trigger, started_at: &str, dry_run: bool) {
+        let record = RunRecord {
+            rule: r.rule.name.to_string(),
+            list_id: r.list_id.as_ref().map(ToString::to_string).unwrap_or_default(),
+            trigger: trigger.to_string(),
+            rule_hash: r.rule.short_hash().to_owned(),
+            started_at: started_at.to_owned(),
+            finished_at: crate::state::now(),
+            scanned: r.scanned,
+            matched: r.matched,
+            members_before: r.members_before,
+            added: r.added,
+            removed: r.removed,
+            eval_errors: r.eval_errors,
+            api_requests: r.usage.total_requests(),
+            retries: r.usage.retries,
+            duration_ms: r.duration.as_millis() as u64,
+            outcome: r.outcome.to_string(),
+            detail: r.detail.clone().unwrap_or_default(),
+        };
+        if dry_run {
+            return;
+        }
+        let state = self.state.clone();
+        let stored = record.clone();
+        match tokio::task::spawn_blocking(move || state.record_run(&stored)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(rule = %record.rule, error = %e, "could not record the run"),
+            Err(e) => tracing::error!(rule = %record.rule, error = %e, "could not record the run"),
+        }
+        macro_rules! summary {
+            ($level:ident) => {
+                tracing::$level!(
+                    rule = %record.rule,
+                    list_id = %record.list_id,
+                    trigger = %record.trigger,
+                    rule_hash = %record.rule_hash,
+                    scanned = record.scanned,
+                    matched = record.matched,
+                    members_before = record.members_before,
+                    added = record.added,
+                    removed = record.removed,
+                    to_add = r.plan.to_add.len(),
+                    to_remove = r.plan.to_remove.len(),
+                    eval_errors = record.eval_errors,
+                    first_eval_error = r.first_error.as_deref().unwrap_or(""),
+                    api_requests = record.api_requests,
+                    retries = record.retries,
+                    read_plan = ?r.read,
+                    duration_ms = record.duration_ms,
+                    outcome = %record.outcome,
+                    detail = %record.detail,
+                    "rule run"
+                )
+            };
+        }
+        match r.outcome {
+            Outcome::Ok => summary!(info),
+            Outcome::Held => summary!(warn),
+            Outcome::Failed => summary!(error),
+        }
+    }
+}
+
+fn add(into: &mut Usage, other: &Usage) {
+    for (k, v) in &other.requests {
+        *into.requests.entry(k).or_default() += v;
+    }
+    into.retries += other.retries;
+    into.throttled += other.throttled;
+    into.waited_ms += other.waited_ms;
+}
+
+fn subtract(a: &Usage, b: &Usage) -> Usage {
+    let mut out = a.clone();
+    for (k, v) in &b.requests {
+        if let Some(n) = out.requests.get_mut(k) {
+            *n = n.saturating_sub(*v);
+        }
+    }
+    out.requests.retain(|_, n| *n > 0);
+    out.retries = out.retries.saturating_sub(b.retries);
+    out.throttled = out.throttled.saturating_sub(b.throttled);
+    out.waited_ms = out.waited_ms.saturating_sub(b.waited_ms);
+    out
+}
+
+/// A few ids, for people.
+pub fn sample(ids: &[ContactId], n: usize) -> Vec<&str> {
+    ids.iter().take(n).map(ContactId::as_str).collect()
+}
+
+/// Ids as a set, for tests and callers that compare end states.
+pub fn id_set(ids: &[ContactId]) -> HashSet<&str> {
+    ids.iter().map(ContactId::as_str).collect()
+}

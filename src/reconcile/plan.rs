@@ -1,0 +1,247 @@
+//! The pure heart of reconciling: from what the rule said about each contact to the changes a
+//! list needs, and the guards that hold or refuse them. No I/O, no clock, no randomness.
+//!
+//! Invariants: a contact leaves a list only because its own member record evaluated to `false`;
+//! a contact the rule errored on is neither added nor removed; output order is sorted.
+
+use std::collections::HashSet;
+
+use crate::config::Guards;
+use crate::ids::ContactId;
+use crate::rules::{EvalError, Mode};
+
+/// What evaluating one rule produced, before any decision.
+#[derive(Debug, Default, Clone)]
+pub struct Evaluation {
+    /// Every current member of the list.
+    pub members: HashSet<ContactId>,
+    /// Members whose own record evaluated to `false`.
+    pub members_failing: Vec<ContactId>,
+    /// Non-members that evaluated to `true`.
+    pub candidates_matching: Vec<ContactId>,
+    /// Contacts evaluated (members and candidates).
+    pub evaluated: u64,
+    /// Contacts that evaluated to `true` (members and candidates).
+    pub matched: u64,
+    pub errors: u64,
+    pub first_error: Option<(ContactId, EvalError)>,
+}
+
+impl Evaluation {
+    pub fn error(&mut self, id: &ContactId, e: EvalError) {
+        self.errors += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some((id.clone(), e));
+        }
+    }
+
+    /// Folds in a part evaluated elsewhere (another page).
+    pub fn merge(&mut self, other: Evaluation) {
+        self.members.extend(other.members);
+        self.members_failing.extend(other.members_failing);
+        self.candidates_matching.extend(other.candidates_matching);
+        self.evaluated += other.evaluated;
+        self.matched += other.matched;
+        self.errors += other.errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
+/// The changes for one list, and whether a guard stopped any of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub to_add: Vec<ContactId>,
+    pub to_remove: Vec<ContactId>,
+    /// Removals are held (adds still go): why.
+    pub held: Option<String>,
+    /// Nothing is applied: why.
+    pub refused: Option<String>,
+}
+
+impl Plan {
+    /// The removals that will really be sent.
+    pub fn removals_to_apply(&self) -> &[ContactId] {
+        if self.held.is_some() || self.refused.is_some() { &[] } else { &self.to_remove }
+    }
+
+    pub fn adds_to_apply(&self) -> &[ContactId] {
+        if self.refused.is_some() { &[] } else { &self.to_add }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.to_add.is_empty() && self.to_remove.is_empty()
+    }
+}
+
+/// Decides the changes for one list.
+pub fn plan(eval: &Evaluation, mode: Mode, guards: &Guards, allow_mass_removal: bool) -> Plan {
+    let mut to_add: Vec<ContactId> =
+        eval.candidates_matching.iter().filter(|id| !eval.members.contains(*id)).cloned().collect();
+    to_add.sort();
+    to_add.dedup();
+    let mut to_remove = match mode {
+        Mode::Mirror => eval.members_failing.clone(),
+        Mode::AddOnly => Vec::new(),
+    };
+    to_remove.sort();
+    to_remove.dedup();
+    let mut plan = Plan { to_add, to_remove, held: None, refused: None };
+
+    if eval.evaluated > 0 && eval.errors as f64 > guards.max_error_share * eval.evaluated as f64 {
+        plan.refused = Some(format!(
+            "the rule errored on {} of {} contacts ({:.1} %), above guards.max_error_share {:.1} %; nothing changed",
+            eval.errors,
+            eval.evaluated,
+            100.0 * eval.errors as f64 / eval.evaluated as f64,
+            100.0 * guards.max_error_share
+        ));
+        return plan;
+    }
+    let members = eval.members.len() as u64;
+    let removing = plan.to_remove.len() as u64;
+    let over_share = removing > guards.mass_removal_floor && removing as f64 > guards.max_removal_share * members as f64;
+    let over_count = guards.max_removals.is_some_and(|max| removing > max);
+    if (over_share || over_count) && !allow_mass_removal {
+        plan.held = Some(format!(
+            "would remove {removing} of {members} members ({:.1} %), above the mass-removal guard ({:.0} %{}); \
+             confirm with `segsync sync RULE --allow-mass-removal`",
+            if members == 0 { 0.0 } else { 100.0 * removing as f64 / members as f64 },
+            100.0 * guards.max_removal_share,
+            guards.max_removals.map(|m| format!(" or {m} members")).unwrap_or_default()
+        ));
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(names: &[&str]) -> Vec<ContactId> {
+        names.iter().map(|n| ContactId::from(*n)).collect()
+    }
+
+    fn guards() -> Guards {
+        Guards { max_removal_share: 0.2, max_removals: None, max_error_share: 0.01, mass_removal_floor: 2 }
+    }
+
+    struct Case {
+        name: &'static str,
+        members: &'static [&'static str],
+        failing: &'static [&'static str],
+        matching: &'static [&'static str],
+        evaluated: u64,
+        errors: u64,
+        mode: Mode,
+        allow: bool,
+        add: &'static [&'static str],
+        remove: &'static [&'static str],
+        held: bool,
+        refused: bool,
+    }
+
+    const BASE: Case = Case {
+        name: "",
+        members: &[],
+        failing: &[],
+        matching: &[],
+        evaluated: 100,
+        errors: 0,
+        mode: Mode::Mirror,
+        allow: false,
+        add: &[],
+        remove: &[],
+        held: false,
+        refused: false,
+    };
+
+    fn check(c: &Case) {
+        let eval = Evaluation {
+            members: ids(c.members).into_iter().collect(),
+            members_failing: ids(c.failing),
+            candidates_matching: ids(c.matching),
+            evaluated: c.evaluated,
+            errors: c.errors,
+            ..Evaluation::default()
+        };
+        let p = plan(&eval, c.mode, &guards(), c.allow);
+        assert_eq!(p.to_add, ids(c.add), "{}: to_add", c.name);
+        assert_eq!(p.to_remove, ids(c.remove), "{}: to_remove", c.name);
+        assert_eq!(p.held.is_some(), c.held, "{}: held {:?}", c.name, p.held);
+        assert_eq!(p.refused.is_some(), c.refused, "{}: refused {:?}", c.name, p.refused);
+    }
+
+    // The planner's decisions, table-driven: sorted output, guards, modes.
+    #[test]
+    fn decisions() {
+        let cases = [
+            Case { name: "empty list fills, sorted", matching: &["c", "a", "b", "a"], add: &["a", "b", "c"], ..BASE },
+            Case { name: "members are never re-added", members: &["a", "b"], matching: &["a", "c"], add: &["c"], ..BASE },
+            Case {
+                name: "a failing member leaves",
+                members: &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"],
+                failing: &["b"],
+                remove: &["b"],
+                ..BASE
+            },
+            Case {
+                name: "add_only never removes",
+                members: &["a", "b"],
+                failing: &["a", "b"],
+                mode: Mode::AddOnly,
+                ..BASE
+            },
+            Case {
+                name: "mass removal is held, adds still go",
+                members: &["a", "b", "c", "d", "e"],
+                failing: &["a", "b", "c", "d"],
+                matching: &["z"],
+                add: &["z"],
+                remove: &["a", "b", "c", "d"],
+                held: true,
+                ..BASE
+            },
+            Case {
+                name: "confirmed mass removal is applied",
+                members: &["a", "b", "c", "d", "e"],
+                failing: &["a", "b", "c", "d"],
+                allow: true,
+                remove: &["a", "b", "c", "d"],
+                ..BASE
+            },
+            Case {
+                name: "small removals below the floor are never held",
+                members: &["a", "b", "c"],
+                failing: &["a", "b"],
+                remove: &["a", "b"],
+                ..BASE
+            },
+            Case {
+                name: "too many evaluation errors refuse every change",
+                members: &["a"],
+                failing: &["a"],
+                matching: &["b"],
+                errors: 2,
+                add: &["b"],
+                remove: &["a"],
+                refused: true,
+                ..BASE
+            },
+        ];
+        for c in &cases {
+            check(c);
+        }
+    }
+
+    // A refused plan applies nothing; a held plan applies only adds.
+    #[test]
+    fn what_gets_applied() {
+        let p = Plan { to_add: ids(&["a"]), to_remove: ids(&["b"]), held: Some("x".into()), refused: None };
+        assert_eq!(p.adds_to_apply(), ids(&["a"]).as_slice());
+        assert!(p.removals_to_apply().is_empty());
+        let p = Plan { refused: Some("x".into()), ..p };
+        assert!(p.adds_to_apply().is_empty());
+    }
+}

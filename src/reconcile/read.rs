@@ -1,0 +1,133 @@
+//! Reading for a pass: each list's members, and the candidates (one shared scan of all contacts,
+//! or per-rule reads of filtered non-members, whichever costs fewer requests), evaluated page by
+//! page on blocking threads as the pages arrive. Contacts are streamed, never all held at once.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use rhai::Engine;
+
+use super::ReconcileError;
+use super::plan::Evaluation;
+use crate::contact::ContactRecord;
+use crate::gateway::{Gateway, Scan, ScanQuery};
+use crate::ids::{ContactId, ListId};
+use crate::rules::{Date, Mode, Rule};
+
+/// Pages evaluated at once while later pages are still being fetched.
+const PAGES_IN_FLIGHT: usize = 3;
+
+/// Feeds every page of `scan` to `work` on a blocking thread and `fold`s the results in order.
+/// Returns the server's last reported total.
+async fn fold_pages<R: Send + 'static>(
+    mut scan: Scan<ContactRecord>,
+    work: impl Fn(Vec<ContactRecord>) -> R + Send + Sync + 'static,
+    mut fold: impl FnMut(R),
+) -> Result<u64, ReconcileError> {
+    let work = Arc::new(work);
+    let mut pending = VecDeque::new();
+    let mut total = 0;
+    while let Some(page) = scan.next().await {
+        let page = page?;
+        total = page.total;
+        let work = work.clone();
+        pending.push_back(tokio::task::spawn_blocking(move || work(page.records)));
+        if pending.len() >= PAGES_IN_FLIGHT {
+            if let Some(done) = pending.pop_front() {
+                fold(done.await.map_err(|e| ReconcileError::Internal(format!("evaluation task failed: {e}")))?);
+            }
+        }
+    }
+    for done in pending {
+        fold(done.await.map_err(|e| ReconcileError::Internal(format!("evaluation task failed: {e}")))?);
+    }
+    Ok(total)
+}
+
+/// Reads a list's members and judges each on its own current record.
+pub async fn members(gw: &Gateway, engine: &Arc<Engine>, rule: &Arc<Rule>, list: &ListId, today: Date) -> Result<Evaluation, ReconcileError> {
+    let (engine, rule_for_work) = (engine.clone(), rule.clone());
+    let mut eval = Evaluation::default();
+    fold_pages(
+        gw.read_members::<ContactRecord>(list),
+        move |records| {
+            let mut part = Evaluation::default();
+            for record in records {
+                // add_only never removes, so its members need no verdict.
+                if rule_for_work.mode == Mode::Mirror {
+                    part.evaluated += 1;
+                    match rule_for_work.evaluate(&engine, &record, today) {
+                        Ok(true) => part.matched += 1,
+                        Ok(false) => part.members_failing.push(record.id.clone()),
+                        Err(e) => part.error(&record.id, e),
+                    }
+                }
+                part.members.insert(record.id);
+            }
+            part
+        },
+        |part| eval.merge(part),
+    )
+    .await?;
+    Ok(eval)
+}
+
+/// A rule reading candidates: its members are skipped (they were judged on their member record).
+pub struct Target {
+    pub rule: Arc<Rule>,
+    pub members: Arc<HashSet<ContactId>>,
+}
+
+/// What a candidate read found, per target, plus counts the planner remembers.
+pub struct Candidates {
+    pub per_target: Vec<Evaluation>,
+    /// Per target: non-members passing its FILTER (the size of its own filtered read).
+    pub in_filter: Vec<u64>,
+    pub total: u64,
+}
+
+/// Reads `query` once and evaluates every target on each contact (converted once).
+pub async fn candidates(gw: &Gateway, engine: &Arc<Engine>, query: &ScanQuery, targets: Vec<Target>, today: Date) -> Result<Candidates, ReconcileError> {
+    let targets = Arc::new(targets);
+    let n = targets.len();
+    let mut out = Candidates { per_target: vec![Evaluation::default(); n], in_filter: vec![0; n], total: 0 };
+    let (engine, work_targets) = (engine.clone(), targets.clone());
+    out.total = fold_pages(
+        gw.scan::<ContactRecord>(query),
+        move |records| {
+            let mut parts = vec![Evaluation::default(); work_targets.len()];
+            let mut in_filter = vec![0u64; work_targets.len()];
+            for record in &records {
+                for (i, target) in work_targets.iter().enumerate() {
+                    if target.members.contains(&record.id) {
+                        continue;
+                    }
+                    let part = &mut parts[i];
+                    if !target.rule.passes_filter(record) {
+                        part.evaluated += 1;
+                        continue;
+                    }
+                    in_filter[i] += 1;
+                    part.evaluated += 1;
+                    match target.rule.evaluate(&engine, record, today) {
+                        Ok(true) => {
+                            part.matched += 1;
+                            part.candidates_matching.push(record.id.clone());
+                        }
+                        Ok(false) => {}
+                        Err(e) => part.error(&record.id, e),
+                    }
+                }
+            }
+            (parts, in_filter)
+        },
+        |(parts, in_filter)| {
+            for (i, part) in parts.into_iter().enumerate() {
+                out.per_target[i].merge(part);
+                out.in_filter[i] += in_filter[i];
+            }
+        },
+    )
+    .await?;
+    Ok(out)
+}
