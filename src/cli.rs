@@ -145,7 +145,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Test { rules } => test(&config, &rules),
         Command::Explain { rule, contact_id } => runtime()?.block_on(explain(&config, &rule, &contact_id)),
         Command::Plan { rules, json } => runtime()?.block_on(pass(&config, &rules, PassMode::Plan { json })),
-        Command::Sync { rules, allow_mass_removal } => runtime()?.block_on(pass(&config, &rules, PassMode::Sync { allow_mass_removal })),
+        Command::Sync { rules, allow_mass_removal } => {
+            runtime()?.block_on(pass(&config, &rules, PassMode::Sync { allow_mass_removal }))
+        }
         Command::Status { json, runs } => status(&config, json, runs),
         Command::Sandbox(_) => unreachable!("handled above"),
     }
@@ -191,7 +193,12 @@ fn check(config: &Config) -> Exit {
     }
     let names: Vec<&str> = set.rules.keys().map(RuleName::as_str).collect();
     if problems == 0 {
-        println!("ok: config {}, {} rule(s) ({}), {passed} rule test(s) passed", config.path.display(), set.len(), names.join(", "));
+        println!(
+            "ok: config {}, {} rule(s) ({}), {passed} rule test(s) passed",
+            config.path.display(),
+            set.len(),
+            names.join(", ")
+        );
         Exit::Ok
     } else {
         println!("check: {problems} problem(s); {} valid rule(s) ({})", set.len(), names.join(", "));
@@ -253,7 +260,13 @@ fn test(config: &Config, names: &[String]) -> anyhow::Result<Exit> {
         println!("no tests for: {} (add rules/NAME.test.toml)", untested.join(", "));
     }
     println!("{passed} passed, {failed} failed");
-    Ok(if failed > 0 { Exit::Failure } else if errors.is_empty() { Exit::Ok } else { Exit::Invalid })
+    Ok(if failed > 0 {
+        Exit::Failure
+    } else if errors.is_empty() {
+        Exit::Ok
+    } else {
+        Exit::Invalid
+    })
 }
 
 async fn explain(config: &Config, rule_name: &str, contact_id: &str) -> anyhow::Result<Exit> {
@@ -298,7 +311,9 @@ async fn explain(config: &Config, rule_name: &str, contact_id: &str) -> anyhow::
 fn show_field(map: &rhai::Map, key: &str) -> String {
     let key = key.strip_suffix(".before").unwrap_or(key);
     let value = match key.strip_prefix("customFields.") {
-        Some(custom) => map.get("customFields").and_then(|c| c.read_lock::<rhai::Map>().and_then(|m| m.get(custom).cloned())),
+        Some(custom) => {
+            map.get("customFields").and_then(|c| c.read_lock::<rhai::Map>().and_then(|m| m.get(custom).cloned()))
+        }
         None => map.get(key).cloned(),
     };
     value.map_or_else(|| "nothing".to_owned(), |v| format!("{v:?}"))
@@ -306,7 +321,8 @@ fn show_field(map: &rhai::Map, key: &str) -> String {
 
 /// The contact's fields whose names the rule mentions, top-level and in `customFields`.
 fn fields_read(map: &rhai::Map, mentions: &[String]) -> Vec<(String, String)> {
-    let custom = map.get("customFields").and_then(|c| c.read_lock::<rhai::Map>().map(|m| m.clone())).unwrap_or_default();
+    let custom =
+        map.get("customFields").and_then(|c| c.read_lock::<rhai::Map>().map(|m| m.clone())).unwrap_or_default();
     let mut out = Vec::new();
     for word in mentions.iter().filter(|w| *w != "customFields") {
         if let Some(v) = map.get(word.as_str()) {
@@ -415,13 +431,23 @@ fn print_pass(report: &PassReport, dry_run: bool) {
             None => "would be created".into(),
         };
         println!("{} → {:?} ({list}, {})", r.rule.name, r.rule.list, r.rule.mode);
-        println!("  members {}, scanned {}, matched {}, eval errors {}", r.members_before, r.scanned, r.matched, r.eval_errors);
+        println!(
+            "  members {}, scanned {}, matched {}, eval errors {}",
+            r.members_before, r.scanned, r.matched, r.eval_errors
+        );
         if dry_run {
             println!("  would add {}, would remove {}", r.plan.to_add.len(), r.plan.to_remove.len());
         } else {
-            println!("  added {}, removed {} (planned +{} / -{})", r.added, r.removed, r.plan.to_add.len(), r.plan.to_remove.len());
+            println!(
+                "  added {}, removed {} (planned +{} / -{})",
+                r.added,
+                r.removed,
+                r.plan.to_add.len(),
+                r.plan.to_remove.len()
+            );
         }
-        let more = |ids: &[ContactId]| if ids.len() > 5 { format!(" … (+{} more)", ids.len() - 5) } else { String::new() };
+        let more =
+            |ids: &[ContactId]| if ids.len() > 5 { format!(" … (+{} more)", ids.len() - 5) } else { String::new() };
         if !r.plan.to_add.is_empty() {
             println!("  add:    {}{}", sample(&r.plan.to_add, 5).join(", "), more(&r.plan.to_add));
         }
@@ -458,7 +484,10 @@ fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result<Exit> {
         println!("no runs yet");
         return Ok(Exit::Ok);
     }
-    println!("{:<22} {:<24} {:<8} {:>8} {:>8} {:>8} {:>9} {:>8}  {}", "rule", "finished", "trigger", "members", "added", "removed", "requests", "outcome", "detail");
+    println!(
+        "{:<22} {:<24} {:<8} {:>8} {:>8} {:>8} {:>9} {:>8}  detail",
+        "rule", "finished", "trigger", "members", "added", "removed", "requests", "outcome"
+    );
     for r in rows {
         println!(
             "{:<22} {:<24} {:<8} {:>8} {:>8} {:>8} {:>9} {:>8}  {}",
@@ -513,4 +542,3 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
-

@@ -27,7 +27,11 @@ pub const SANDBOX: &str = "sandbox";
 pub enum Endpoint {
     /// The bundled sandbox, started in-process with demo data.
     Sandbox,
-    Remote { base_url: Url, key: KeySource, basic_user: Option<String> },
+    Remote {
+        base_url: Url,
+        key: KeySource,
+        basic_user: Option<String>,
+    },
 }
 
 /// Where the secret comes from.
@@ -117,7 +121,10 @@ impl Reader<'_> {
             Some(Value::Table(t)) => {
                 for key in t.keys() {
                     if !allowed.contains(&key.as_str()) {
-                        self.error(&format!("{name}.{key}"), format!("unknown key `{key}` in [{name}] (known keys: {})", allowed.join(", ")));
+                        self.error(
+                            &format!("{name}.{key}"),
+                            format!("unknown key `{key}` in [{name}] (known keys: {})", allowed.join(", ")),
+                        );
                     }
                 }
                 Some(t)
@@ -137,21 +144,36 @@ impl Reader<'_> {
         match self.get(table, key)? {
             Value::String(s) => Some(s.clone()),
             other => {
-                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be a string, got {} {other}", other.type_str()));
+                self.error(
+                    &format!("{section}.{key}"),
+                    format!("{section}.{key} must be a string, got {} {other}", other.type_str()),
+                );
                 None
             }
         }
     }
 
-    fn integer(&mut self, table: Option<&Table>, section: &str, key: &str, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
+    fn integer(
+        &mut self,
+        table: Option<&Table>,
+        section: &str,
+        key: &str,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Option<i64> {
         match self.get(table, key)? {
             Value::Integer(i) if range.contains(i) => Some(*i),
             Value::Integer(i) => {
-                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be between {} and {}, got {i}", range.start(), range.end()));
+                self.error(
+                    &format!("{section}.{key}"),
+                    format!("{section}.{key} must be between {} and {}, got {i}", range.start(), range.end()),
+                );
                 None
             }
             other => {
-                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be an integer, got {} {other}", other.type_str()));
+                self.error(
+                    &format!("{section}.{key}"),
+                    format!("{section}.{key} must be an integer, got {} {other}", other.type_str()),
+                );
                 None
             }
         }
@@ -162,14 +184,20 @@ impl Reader<'_> {
             Value::Float(f) => *f,
             Value::Integer(i) => *i as f64,
             other => {
-                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be a number between 0 and 1, got {} {other}", other.type_str()));
+                self.error(
+                    &format!("{section}.{key}"),
+                    format!("{section}.{key} must be a number between 0 and 1, got {} {other}", other.type_str()),
+                );
                 return None;
             }
         };
         if (0.0..=1.0).contains(&v) {
             Some(v)
         } else {
-            self.error(&format!("{section}.{key}"), format!("{section}.{key} must be between 0 and 1 (a share, 0.2 = 20 %), got {v}"));
+            self.error(
+                &format!("{section}.{key}"),
+                format!("{section}.{key} must be between 0 and 1 (a share, 0.2 = 20 %), got {v}"),
+            );
             None
         }
     }
@@ -178,7 +206,10 @@ impl Reader<'_> {
         match self.get(table, key)? {
             Value::Boolean(b) => Some(*b),
             other => {
-                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be true or false, got {} {other}", other.type_str()));
+                self.error(
+                    &format!("{section}.{key}"),
+                    format!("{section}.{key} must be true or false, got {} {other}", other.type_str()),
+                );
                 None
             }
         }
@@ -191,7 +222,10 @@ impl Reader<'_> {
             Some((_, v)) => Some(*v),
             None => {
                 let names: Vec<&str> = choices.iter().map(|c| c.0).collect();
-                self.error(&format!("{section}.{key}"), format!("{section}.{key} must be one of {}, got {s:?}", names.join(", ")));
+                self.error(
+                    &format!("{section}.{key}"),
+                    format!("{section}.{key} must be one of {}, got {s:?}", names.join(", ")),
+                );
                 None
             }
         }
@@ -202,7 +236,8 @@ impl Reader<'_> {
 fn key_spans(text: &str) -> HashMap<String, (usize, usize)> {
     fn walk(text: &str, prefix: &str, table: &toml::de::DeTable<'_>, out: &mut HashMap<String, (usize, usize)>) {
         for (key, value) in table.iter() {
-            let path = if prefix.is_empty() { key.get_ref().to_string() } else { format!("{prefix}.{}", key.get_ref()) };
+            let path =
+                if prefix.is_empty() { key.get_ref().to_string() } else { format!("{prefix}.{}", key.get_ref()) };
             out.insert(path.clone(), crate::rules::fixtures::line_col(text, key.span().start));
             if let toml::de::DeValue::Table(inner) = value.get_ref() {
                 walk(text, &path, inner, out);
@@ -218,15 +253,30 @@ fn key_spans(text: &str) -> HashMap<String, (usize, usize)> {
 
 const SECTIONS: [&str; 7] = ["api", "rules", "state", "guards", "daemon", "log", "sandbox"];
 const API_KEYS: [&str; 12] = [
-    "base_url", "key_env", "key_file", "basic_user", "plan", "requests_per_minute", "requests_per_second", "page_size",
-    "timeout_secs", "max_retries", "concurrency", "pagination",
+    "base_url",
+    "key_env",
+    "key_file",
+    "basic_user",
+    "plan",
+    "requests_per_minute",
+    "requests_per_second",
+    "page_size",
+    "timeout_secs",
+    "max_retries",
+    "concurrency",
+    "pagination",
 ];
 
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError { file: path.into(), line: 0, col: 0, message: format!("cannot read the config file: {e}") }])
+            ConfigErrors(vec![ConfigError {
+                file: path.into(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read the config file: {e}"),
+            }])
         })?;
         Self::parse(path, &text)
     }
@@ -239,7 +289,13 @@ impl Config {
         let mut r = Reader { file: path, spans: key_spans(text), errors: Vec::new() };
         for key in root.keys() {
             if !SECTIONS.contains(&key.as_str()) {
-                r.error(key, format!("unknown section or key `{key}` (known: {})", SECTIONS.map(|s| format!("[{s}]")).join(", ")));
+                r.error(
+                    key,
+                    format!(
+                        "unknown section or key `{key}` (known: {})",
+                        SECTIONS.map(|s| format!("[{s}]")).join(", ")
+                    ),
+                );
             }
         }
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -256,7 +312,10 @@ impl Config {
             let url = match Url::parse(&base_url) {
                 Ok(u) if matches!(u.scheme(), "https" | "http") && u.has_host() => Some(u),
                 Ok(_) => {
-                    r.error("api.base_url", format!("api.base_url must be an http(s) URL or \"sandbox\", got {base_url:?}"));
+                    r.error(
+                        "api.base_url",
+                        format!("api.base_url must be an http(s) URL or \"sandbox\", got {base_url:?}"),
+                    );
                     None
                 }
                 Err(e) => {
@@ -281,19 +340,30 @@ impl Config {
                 _ => None,
             }
         };
-        let plans = [("production", Some(Plan::Production)), ("trial", Some(Plan::Trial)), ("unlimited", Some(Plan::Unlimited)), ("custom", None)];
+        let plans = [
+            ("production", Some(Plan::Production)),
+            ("trial", Some(Plan::Trial)),
+            ("unlimited", Some(Plan::Unlimited)),
+            ("custom", None),
+        ];
         let plan = r.choice(api, "api", "plan", &plans).unwrap_or(Some(Plan::Production));
         let per_minute = r.integer(api, "api", "requests_per_minute", 1..=1_000_000);
         let per_second = r.integer(api, "api", "requests_per_second", 1..=100_000);
         let limits = match (plan, per_minute, per_second) {
             (None, Some(m), Some(s)) => Some(RateLimits { per_minute: m as u32, per_second: s as u32 }),
             (None, _, _) => {
-                r.error("api.plan", "plan = \"custom\" needs api.requests_per_minute and api.requests_per_second".into());
+                r.error(
+                    "api.plan",
+                    "plan = \"custom\" needs api.requests_per_minute and api.requests_per_second".into(),
+                );
                 None
             }
             (Some(p), None, None) => p.limits(),
             (Some(_), _, _) => {
-                r.error("api.requests_per_minute", "requests_per_minute / requests_per_second apply only with plan = \"custom\"".into());
+                r.error(
+                    "api.requests_per_minute",
+                    "requests_per_minute / requests_per_second apply only with plan = \"custom\"".into(),
+                );
                 None
             }
         };
@@ -304,7 +374,9 @@ impl Config {
             timeout: Duration::from_secs(r.integer(api, "api", "timeout_secs", 1..=600).unwrap_or(30) as u64),
             max_retries: r.integer(api, "api", "max_retries", 0..=20).unwrap_or(5) as u32,
             concurrency: r.integer(api, "api", "concurrency", 1..=32).unwrap_or(4) as usize,
-            pagination: r.choice(api, "api", "pagination", &[("offset", Pagination::Offset), ("page", Pagination::Page)]).unwrap_or_default(),
+            pagination: r
+                .choice(api, "api", "pagination", &[("offset", Pagination::Offset), ("page", Pagination::Page)])
+                .unwrap_or_default(),
             endpoint: endpoint.unwrap_or(Endpoint::Sandbox),
         };
 
@@ -317,14 +389,18 @@ impl Config {
         });
         let tz_text = r.string(rules, "rules", "time_zone").unwrap_or_else(|| "UTC".into());
         let time_zone = tz_text.parse::<Tz>().unwrap_or_else(|_| {
-            r.error("rules.time_zone", format!("rules.time_zone {tz_text:?} is not an IANA time zone (e.g. \"Europe/Rome\")"));
+            r.error(
+                "rules.time_zone",
+                format!("rules.time_zone {tz_text:?} is not an IANA time zone (e.g. \"Europe/Rome\")"),
+            );
             Tz::UTC
         });
 
         let state = r.section(&root, "state", &["path"]);
         let state_path = relative(r.string(state, "state", "path").unwrap_or_else(|| "segsync.db".into()));
 
-        let guards = r.section(&root, "guards", &["max_removal_share", "max_removals", "max_error_share", "mass_removal_floor"]);
+        let guards =
+            r.section(&root, "guards", &["max_removal_share", "max_removals", "max_error_share", "mass_removal_floor"]);
         let guards = Guards {
             max_removal_share: r.share(guards, "guards", "max_removal_share").unwrap_or(0.20),
             max_removals: r.integer(guards, "guards", "max_removals", 0..=i64::MAX).map(|n| n as u64),
@@ -333,11 +409,19 @@ impl Config {
         };
 
         let daemon = r.section(&root, "daemon", &["shutdown_timeout_secs", "watch_rules"]);
-        let shutdown_timeout = Duration::from_secs(r.integer(daemon, "daemon", "shutdown_timeout_secs", 1..=3600).unwrap_or(30) as u64);
+        let shutdown_timeout =
+            Duration::from_secs(r.integer(daemon, "daemon", "shutdown_timeout_secs", 1..=3600).unwrap_or(30) as u64);
         let watch_rules = r.boolean(daemon, "daemon", "watch_rules").unwrap_or(true);
 
         let log = r.section(&root, "log", &["format"]);
-        let log_format = r.choice(log, "log", "format", &[("auto", LogFormat::Auto), ("json", LogFormat::Json), ("text", LogFormat::Text)]).unwrap_or_default();
+        let log_format = r
+            .choice(
+                log,
+                "log",
+                "format",
+                &[("auto", LogFormat::Auto), ("json", LogFormat::Json), ("text", LogFormat::Text)],
+            )
+            .unwrap_or_default();
 
         let sandbox = r.section(&root, "sandbox", &["contacts", "seed", "churn_per_minute"]);
         let sandbox = SandboxConfig {
@@ -374,8 +458,11 @@ impl Config {
             return Ok(Credentials::ApiKey(Secret::new(self.sandbox.api_key.clone())));
         };
         let secret = match key {
-            KeySource::Env(var) => std::env::var(var).map_err(|_| format!("the environment variable {var} (api.key_env) is not set"))?,
-            KeySource::File(path) => std::fs::read_to_string(path).map_err(|e| format!("cannot read the key file {} (api.key_file): {e}", path.display()))?,
+            KeySource::Env(var) => {
+                std::env::var(var).map_err(|_| format!("the environment variable {var} (api.key_env) is not set"))?
+            }
+            KeySource::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the key file {} (api.key_file): {e}", path.display()))?,
         };
         let secret = secret.trim().to_owned();
         if secret.is_empty() {
@@ -410,7 +497,12 @@ mod tests {
     use super::*;
 
     fn errors(text: &str) -> Vec<String> {
-        Config::parse(Path::new("config.toml"), text).expect_err("invalid").0.into_iter().map(|e| e.to_string()).collect()
+        Config::parse(Path::new("config.toml"), text)
+            .expect_err("invalid")
+            .0
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect()
     }
 
     // Every problem is reported at once, each with its line, key and value.
@@ -434,13 +526,19 @@ mod tests {
     fn remote_needs_a_key() {
         let got = errors("[api]\nbase_url = \"https://lora-api.agiletelecom.com/api\"\n");
         assert!(got[0].contains("needs a key"), "{got:?}");
-        let config = Config::parse(Path::new("/etc/segsync/config.toml"), "[api]\nbase_url = \"https://lora-api.agiletelecom.com/api\"\nkey_file = \"key\"\n")
-            .expect("valid");
+        let config = Config::parse(
+            Path::new("/etc/segsync/config.toml"),
+            "[api]\nbase_url = \"https://lora-api.agiletelecom.com/api\"\nkey_file = \"key\"\n",
+        )
+        .expect("valid");
         match config.api.endpoint {
             Endpoint::Remote { key: KeySource::File(p), .. } => assert_eq!(p, Path::new("/etc/segsync/key")),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(Config::parse(Path::new("c.toml"), "").expect("empty is valid").api.endpoint, Endpoint::Sandbox));
+        assert!(matches!(
+            Config::parse(Path::new("c.toml"), "").expect("empty is valid").api.endpoint,
+            Endpoint::Sandbox
+        ));
     }
 
     // A syntax error is reported with its position.

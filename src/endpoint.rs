@@ -39,7 +39,8 @@ impl Connection {
                 Ok(Self { gateway, endpoint: format!("sandbox@{nanos}"), sandbox: Some(sandbox) })
             }
             Endpoint::Remote { base_url, .. } => {
-                let gateway = Gateway::new(config.gateway(base_url.clone(), credentials)).map_err(anyhow::Error::msg)?;
+                let gateway =
+                    Gateway::new(config.gateway(base_url.clone(), credentials)).map_err(anyhow::Error::msg)?;
                 Ok(Self { gateway, endpoint: base_url.to_string(), sandbox: None })
             }
         }

@@ -3,14 +3,14 @@
 
 pub mod cli; // clap subcommands and their exit codes
 pub mod config; // config.toml → validated Config
-pub mod logging; // JSON or text logs, RUST_LOG filtering
-pub mod plan; // the gateway's published rate plans
-pub mod sandbox; // the bundled emulator of the gateway
+pub mod contact; // the contact record both the gateway and the rules speak
+pub mod endpoint; // Config → a gateway: the real one or the bundled sandbox
 pub mod gateway; // the partner-gateway client: pagination, rate budget, retries
 pub mod ids; // ContactId, ListId, RuleName
-pub mod contact; // the contact record both the gateway and the rules speak
+pub mod logging; // JSON or text logs, RUST_LOG filtering
+pub mod plan; // the gateway's published rate plans
+pub mod reconcile;
 pub mod rules; // Rhai rule files: load, validate, evaluate, test
+pub mod sandbox; // the bundled emulator of the gateway
 pub mod schedule; // cron schedules and rule-file watching
-pub mod endpoint; // Config → a gateway: the real one or the bundled sandbox
-pub mod state; // SQLite: bindings, run history, instance lock
-pub mod reconcile; // plan (pure) and apply: making a list hold what its rule selects
+pub mod state; // SQLite: bindings, run history, instance lock // plan (pure) and apply: making a list hold what its rule selects

@@ -188,7 +188,12 @@ impl State {
     }
 
     /// The list the rule was last bound to under another LIST name, if any (to log a rename).
-    pub fn other_binding(&self, endpoint: &str, rule: &RuleName, list_name: &str) -> Result<Option<(String, ListId)>, StateError> {
+    pub fn other_binding(
+        &self,
+        endpoint: &str,
+        rule: &RuleName,
+        list_name: &str,
+    ) -> Result<Option<(String, ListId)>, StateError> {
         self.with(|c| {
             c.query_row(
                 "SELECT list_name, list_id FROM binding WHERE endpoint = ?1 AND rule = ?2 AND list_name <> ?3 ORDER BY bound_at DESC LIMIT 1",
@@ -265,8 +270,10 @@ impl State {
     /// A count the read planner saw last time (e.g. the number of contacts).
     pub fn estimate(&self, endpoint: &str, key: &str) -> Result<Option<u64>, StateError> {
         self.with(|c| {
-            c.query_row("SELECT value FROM estimate WHERE endpoint = ?1 AND key = ?2", params![endpoint, key], |r| r.get::<_, i64>(0))
-                .optional()
+            c.query_row("SELECT value FROM estimate WHERE endpoint = ?1 AND key = ?2", params![endpoint, key], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
         })
         .map(|v| v.map(|v| v as u64))
     }
@@ -300,13 +307,18 @@ mod tests {
         {
             let state = State::open(&path).expect("open");
             state.bind("e", &RuleName::from("vip"), "VIP", &ListId::from("list-1")).expect("bind");
-            state.record_run(&RunRecord { rule: "vip".into(), outcome: "ok".into(), added: 3, ..RunRecord::default() }).expect("run");
+            state
+                .record_run(&RunRecord { rule: "vip".into(), outcome: "ok".into(), added: 3, ..RunRecord::default() })
+                .expect("run");
             state.set_estimate("e", "contacts", 20_000).expect("estimate");
         }
         let state = State::open(&path).expect("reopen");
         assert_eq!(state.binding("e", &RuleName::from("vip"), "VIP").expect("read"), Some(ListId::from("list-1")));
         assert_eq!(state.binding("other", &RuleName::from("vip"), "VIP").expect("read"), None);
-        assert_eq!(state.other_binding("e", &RuleName::from("vip"), "VIP 2").expect("read"), Some(("VIP".into(), ListId::from("list-1"))));
+        assert_eq!(
+            state.other_binding("e", &RuleName::from("vip"), "VIP 2").expect("read"),
+            Some(("VIP".into(), ListId::from("list-1")))
+        );
         assert_eq!(state.last_runs(5).expect("runs")[0].added, 3);
         assert_eq!(state.estimate("e", "contacts").expect("estimate"), Some(20_000));
     }

@@ -40,10 +40,13 @@ async fn full_scan_returns_each_contact_once() {
     assert_eq!(sandbox.stats().count("GET /contacts"), 200);
 
     // Filters and notListIds narrow the read server-side.
-    let (lombardia, _) = scan_all(&gw, &ScanQuery { filters: vec![("region".into(), "Lombardia".into())], ..Default::default() })
-        .await
-        .expect("filtered scan");
-    let expected = sandbox.with_store(|s| s.contact_ids().filter(|id| s.get(id).and_then(|c| c.region.as_deref()) == Some("Lombardia")).count());
+    let (lombardia, _) =
+        scan_all(&gw, &ScanQuery { filters: vec![("region".into(), "Lombardia".into())], ..Default::default() })
+            .await
+            .expect("filtered scan");
+    let expected = sandbox.with_store(|s| {
+        s.contact_ids().filter(|id| s.get(id).and_then(|c| c.region.as_deref()) == Some("Lombardia")).count()
+    });
     assert_eq!(lombardia.len(), expected);
     sandbox.shutdown().await;
 }
@@ -175,7 +178,8 @@ impl Write for Captured {
 async fn wrong_key_fails_once_and_keys_stay_secret() {
     let captured = Captured::default();
     let sink = captured.clone();
-    let _guard = tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(move || sink.clone()).finish();
+    let _guard =
+        tracing_subscriber::fmt().with_max_level(tracing::Level::TRACE).with_writer(move || sink.clone()).finish();
     let _guard = tracing::subscriber::set_default(_guard);
 
     let sandbox = start(support::sandbox_config(500)).await;

@@ -38,7 +38,12 @@ impl Api {
 }
 
 fn ids(page: &Value) -> Vec<String> {
-    page["contacts"].as_array().expect("contacts array").iter().map(|c| c["id"].as_str().expect("id").to_owned()).collect()
+    page["contacts"]
+        .as_array()
+        .expect("contacts array")
+        .iter()
+        .map(|c| c["id"].as_str().expect("id").to_owned())
+        .collect()
 }
 
 // The seed's steps 1–3 and its variants, sent as the seed writes them, answer the documented shapes.
@@ -84,8 +89,13 @@ async fn seed_requests_answer_documented_shapes() {
     let mut body_ids = first_five.clone();
     body_ids.push(first_five[0].clone());
     body_ids.push("cnt-999999".into());
-    let (status, added) =
-        api.send(reqwest::Method::POST, "/contacts/list/contacts", Some(json!({"listId": list_id, "contactIds": body_ids}))).await;
+    let (status, added) = api
+        .send(
+            reqwest::Method::POST,
+            "/contacts/list/contacts",
+            Some(json!({"listId": list_id, "contactIds": body_ids})),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         added,
@@ -137,18 +147,35 @@ async fn search_filters_sort_and_paging() {
         assert!(page["contacts"].as_array().expect("array").iter().all(|x| x[field] == c[field]));
     }
     let channel = c["customFields"]["preferredChannel"].as_str().expect("channel");
-    let (_, page) = api.get(&format!("/contacts?customFields.preferredChannel={channel}&region={}&limit=100", urlencode(c["region"].as_str().expect("region")))).await;
-    assert!(page["contacts"].as_array().expect("array").iter().all(|x| x["customFields"]["preferredChannel"] == channel && x["region"] == c["region"]));
+    let (_, page) = api
+        .get(&format!(
+            "/contacts?customFields.preferredChannel={channel}&region={}&limit=100",
+            urlencode(c["region"].as_str().expect("region"))
+        ))
+        .await;
+    assert!(
+        page["contacts"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .all(|x| x["customFields"]["preferredChannel"] == channel && x["region"] == c["region"])
+    );
     let spent = c["customFields"]["totalSpent"].as_f64().expect("spent");
     let (_, page) = api.get(&format!("/contacts?customFields.totalSpent={spent}")).await;
     assert!(ids(&page).contains(&c["id"].as_str().expect("id").to_owned()), "numeric custom-field equality");
 
     // Sorting by a custom field, descending.
     let (_, sorted) = api.get("/contacts?sort=customFields.totalSpent&order=desc&limit=100").await;
-    let spends: Vec<f64> = sorted["contacts"].as_array().expect("array").iter().map(|x| x["customFields"]["totalSpent"].as_f64().expect("n")).collect();
+    let spends: Vec<f64> = sorted["contacts"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x["customFields"]["totalSpent"].as_f64().expect("n"))
+        .collect();
     assert!(spends.windows(2).all(|w| w[0] >= w[1]), "descending by totalSpent");
     let (_, by_name) = api.get("/contacts?sort=lastName&order=asc&limit=100").await;
-    let names: Vec<&str> = by_name["contacts"].as_array().expect("array").iter().map(|x| x["lastName"].as_str().expect("s")).collect();
+    let names: Vec<&str> =
+        by_name["contacts"].as_array().expect("array").iter().map(|x| x["lastName"].as_str().expect("s")).collect();
     assert!(names.windows(2).all(|w| w[0] <= w[1]), "ascending by lastName");
 
     // Paging: pages are disjoint, stable, and cover `total` exactly.
@@ -184,7 +211,12 @@ async fn search_filters_sort_and_paging() {
     let (_, list) = api.send(reqwest::Method::POST, "/contacts/list", Some(json!({"name": "Members"}))).await;
     let list_id = list["id"].as_str().expect("id").to_owned();
     let members: Vec<String> = (1..=150).map(|i| format!("cnt-{i:06}")).collect();
-    api.send(reqwest::Method::POST, "/contacts/list/contacts", Some(json!({"listIds": [list_id], "contactIds": members}))).await;
+    api.send(
+        reqwest::Method::POST,
+        "/contacts/list/contacts",
+        Some(json!({"listIds": [list_id], "contactIds": members})),
+    )
+    .await;
     let (_, inside) = api.get(&format!("/contacts?listIds={list_id}&limit=1")).await;
     let (_, outside) = api.get(&format!("/contacts?notListIds={list_id}&limit=1")).await;
     assert_eq!(inside["total"], 150);
@@ -197,7 +229,13 @@ async fn search_filters_sort_and_paging() {
 
 fn urlencode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -206,11 +244,13 @@ fn urlencode(s: &str) -> String {
 async fn list_endpoints() {
     let sandbox = start(support::sandbox_config(1_200)).await;
     let api = Api::new(&sandbox);
-    let (status, body) = api.send(reqwest::Method::POST, "/contacts/list", Some(json!({"description": "no name"}))).await;
+    let (status, body) =
+        api.send(reqwest::Method::POST, "/contacts/list", Some(json!({"description": "no name"}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["data"]["name"].is_string());
     for name in ["Geo - Lombardia", "Geo - Veneto", "VIP"] {
-        let (status, _) = api.send(reqwest::Method::POST, "/contacts/list", Some(json!({"name": name, "description": "d"}))).await;
+        let (status, _) =
+            api.send(reqwest::Method::POST, "/contacts/list", Some(json!({"name": name, "description": "d"}))).await;
         assert_eq!(status, StatusCode::CREATED);
     }
     let (_, found) = api.get("/contacts/list?search=geo").await;
@@ -218,24 +258,40 @@ async fn list_endpoints() {
     let geo = found["lists"][0]["id"].as_str().expect("id").to_owned();
 
     let too_many: Vec<String> = (1..=1001).map(|i| format!("cnt-{i:06}")).collect();
-    let (status, body) = api.send(reqwest::Method::POST, "/contacts/list/contacts", Some(json!({"listId": geo, "contactIds": too_many}))).await;
+    let (status, body) = api
+        .send(reqwest::Method::POST, "/contacts/list/contacts", Some(json!({"listId": geo, "contactIds": too_many})))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["data"]["contactIds"].as_str().expect("reason").contains("1000"));
-    let (status, body) = api.send(reqwest::Method::POST, "/contacts/list/contacts", Some(json!({"listId": "list-x", "contactIds": ["cnt-000001"]}))).await;
+    let (status, body) = api
+        .send(
+            reqwest::Method::POST,
+            "/contacts/list/contacts",
+            Some(json!({"listId": "list-x", "contactIds": ["cnt-000001"]})),
+        )
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body, json!({"status": "fail", "data": {"listId": "List not found: list-x"}}));
-    let (status, _) = api.send(reqwest::Method::POST, "/contacts/list/contacts", Some(json!({"listId": geo, "allContacts": true}))).await;
+    let (status, _) = api
+        .send(reqwest::Method::POST, "/contacts/list/contacts", Some(json!({"listId": geo, "allContacts": true})))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "the whole-address-book form is refused");
 
     let thousand: Vec<String> = (1..=1000).map(|i| format!("cnt-{i:06}")).collect();
-    let (_, added) = api.send(reqwest::Method::POST, "/contacts/list/contacts", Some(json!({"listId": geo, "contactIds": thousand}))).await;
+    let (_, added) = api
+        .send(reqwest::Method::POST, "/contacts/list/contacts", Some(json!({"listId": geo, "contactIds": thousand})))
+        .await;
     assert_eq!(added["addedContacts"], 1000);
     let bulk: Vec<String> = (1..=400).map(|i| format!("cnt-{i:06}")).chain(["cnt-999999".to_owned()]).collect();
-    let (status, removed) = api.send(reqwest::Method::DELETE, "/contacts/list/contacts", Some(json!({"listIds": [geo], "contactIds": bulk}))).await;
+    let (status, removed) = api
+        .send(reqwest::Method::DELETE, "/contacts/list/contacts", Some(json!({"listIds": [geo], "contactIds": bulk})))
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(removed, json!({"listId": geo, "removedContacts": 400, "totalContactsInList": 600}));
     // Removing a non-member is not an error.
-    let (status, again) = api.send(reqwest::Method::DELETE, &format!("/contacts/list/contacts?listId={geo}&contactId=cnt-000001"), None).await;
+    let (status, again) = api
+        .send(reqwest::Method::DELETE, &format!("/contacts/list/contacts?listId={geo}&contactId=cnt-000001"), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(again["removedContacts"], 0);
     let (_, listed) = api.get("/contacts/list?search=Geo - Lombardia").await;
@@ -248,7 +304,8 @@ async fn list_endpoints() {
 async fn contact_endpoints() {
     let sandbox = start(support::sandbox_config(100)).await;
     let api = Api::new(&sandbox);
-    let (status, body) = api.send(reqwest::Method::POST, "/contacts", Some(json!({"firstName": "No", "lastName": "Channel"}))).await;
+    let (status, body) =
+        api.send(reqwest::Method::POST, "/contacts", Some(json!({"firstName": "No", "lastName": "Channel"}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(body["data"]["phoneNumber"].is_string());
     let (status, created) = api
@@ -264,7 +321,11 @@ async fn contact_endpoints() {
     assert_eq!(created["gender"], "F", "unknown fields are kept");
 
     let (status, updated) = api
-        .send(reqwest::Method::PUT, &format!("/contacts/{id}"), Some(json!({"city": "Verona", "customFields": {"totalSpent": 6000.0}})))
+        .send(
+            reqwest::Method::PUT,
+            &format!("/contacts/{id}"),
+            Some(json!({"city": "Verona", "customFields": {"totalSpent": 6000.0}})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(updated["city"], "Verona");
@@ -279,7 +340,8 @@ async fn contact_endpoints() {
 
     let (_, list) = api.send(reqwest::Method::POST, "/contacts/list", Some(json!({"name": "L"}))).await;
     let list_id = list["id"].as_str().expect("id").to_owned();
-    api.send(reqwest::Method::POST, "/contacts/list/contacts", Some(json!({"listId": list_id, "contactIds": [id]}))).await;
+    api.send(reqwest::Method::POST, "/contacts/list/contacts", Some(json!({"listId": list_id, "contactIds": [id]})))
+        .await;
     let (status, _) = api.send(reqwest::Method::DELETE, &format!("/contacts/{id}"), None).await;
     assert_eq!(status, StatusCode::OK);
     let (status, _) = api.get(&format!("/contacts/{id}")).await;
@@ -359,7 +421,14 @@ async fn stats_count_by_route_and_status() {
     api.get("/contacts?limit=1").await;
     api.get("/contacts?bogus=1").await;
     api.get("/contacts/cnt-000001").await;
-    let stats: Value = http().get(format!("http://{}/_sandbox/stats", sandbox.addr())).send().await.expect("sent").json().await.expect("json");
+    let stats: Value = http()
+        .get(format!("http://{}/_sandbox/stats", sandbox.addr()))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(stats["routes"]["GET /contacts"]["200"], 1);
     assert_eq!(stats["routes"]["GET /contacts"]["400"], 1);
     assert_eq!(stats["routes"]["GET /contacts/{id}"]["200"], 1);

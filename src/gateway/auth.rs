@@ -42,7 +42,10 @@ impl Credentials {
             Self::ApiKey(key) => (HeaderName::from_static("x-api-key"), key.expose().to_owned()),
             Self::Basic { user, password } => {
                 let pair = format!("{user}:{}", password.expose());
-                (reqwest::header::AUTHORIZATION, format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)))
+                (
+                    reqwest::header::AUTHORIZATION,
+                    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)),
+                )
             }
         };
         let mut value = HeaderValue::from_str(&value).ok()?;

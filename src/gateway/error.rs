@@ -123,11 +123,7 @@ pub fn api_message(body: &[u8]) -> String {
     }
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
-    if text.is_empty() {
-        "(empty body)".into()
-    } else {
-        text.chars().take(200).collect()
-    }
+    if text.is_empty() { "(empty body)".into() } else { text.chars().take(200).collect() }
 }
 
 #[cfg(test)]

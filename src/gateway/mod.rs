@@ -165,7 +165,10 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Self, String> {
-        let auth = config.credentials.header().ok_or("the API credentials contain characters not allowed in an HTTP header")?;
+        let auth = config
+            .credentials
+            .header()
+            .ok_or("the API credentials contain characters not allowed in an HTTP header")?;
         let http = reqwest::Client::builder()
             .user_agent(concat!("segsync/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
@@ -243,7 +246,8 @@ impl Gateway {
             let outcome = match request.send().await {
                 Ok(response) => {
                     let status = response.status();
-                    let retry_header = response.headers().get(reqwest::header::RETRY_AFTER).and_then(retry_after_header);
+                    let retry_header =
+                        response.headers().get(reqwest::header::RETRY_AFTER).and_then(retry_after_header);
                     match response.bytes().await {
                         Ok(bytes) => Ok((status, retry_header, bytes)),
                         Err(e) => Err(transport(op, &e)),
@@ -256,7 +260,10 @@ impl Gateway {
                 Ok((StatusCode::TOO_MANY_REQUESTS, header, bytes)) => {
                     throttled += 1;
                     self.meter.throttled(op);
-                    let wait = header.or_else(|| retry_after_body(&bytes)).unwrap_or(Duration::from_secs(1)).min(MAX_RETRY_AFTER);
+                    let wait = header
+                        .or_else(|| retry_after_body(&bytes))
+                        .unwrap_or(Duration::from_secs(1))
+                        .min(MAX_RETRY_AFTER);
                     self.inner.pacer.pause_for(wait);
                     let error = GatewayError::Api { op, status: 429, message: error::api_message(&bytes), attempts };
                     if throttled > MAX_THROTTLED {
@@ -353,7 +360,10 @@ impl Gateway {
             let mut fresh = Vec::with_capacity(before);
             for r in records {
                 let Some(id) = r.contact_id() else {
-                    return Err(GatewayError::Decode { op, message: format!("a contact at offset {offset} has no id") });
+                    return Err(GatewayError::Decode {
+                        op,
+                        message: format!("a contact at offset {offset} has no id"),
+                    });
                 };
                 if seen.insert(hasher.hash_one(id.as_str())) {
                     fresh.push(r);
@@ -368,11 +378,8 @@ impl Gateway {
         let mut next_offset = 0;
         while next_offset < total {
             // The first page tells the total; later pages are fetched several at a time, in order.
-            let offsets: Vec<u64> = if total == u64::MAX {
-                vec![0]
-            } else {
-                (next_offset..total).step_by(limit as usize).collect()
-            };
+            let offsets: Vec<u64> =
+                if total == u64::MAX { vec![0] } else { (next_offset..total).step_by(limit as usize).collect() };
             next_offset = offsets.last().copied().unwrap_or(next_offset) + limit;
             let mut pages = futures_util::stream::iter(offsets)
                 .map(|offset| {
@@ -403,11 +410,8 @@ impl Gateway {
         let mut found = Vec::new();
         let mut offset = 0u64;
         loop {
-            let query = [
-                ("search", name.to_owned()),
-                ("limit", MAX_PAGE_SIZE.to_string()),
-                ("offset", offset.to_string()),
-            ];
+            let query =
+                [("search", name.to_owned()), ("limit", MAX_PAGE_SIZE.to_string()), ("offset", offset.to_string())];
             let page: ListPageWire =
                 self.call_json(Operation::FindList, Method::GET, self.url(&["contacts", "list"]), &query, None).await?;
             let n = page.lists.len() as u64;
@@ -450,7 +454,13 @@ impl Gateway {
         for batch in ids.chunks(MAX_BATCH) {
             let body = json!({ "listId": list, "contactIds": batch });
             let out: AddWire = self
-                .call_json(Operation::AddMembers, Method::POST, self.url(&["contacts", "list", "contacts"]), &[], Some(&body))
+                .call_json(
+                    Operation::AddMembers,
+                    Method::POST,
+                    self.url(&["contacts", "list", "contacts"]),
+                    &[],
+                    Some(&body),
+                )
                 .await?;
             total.added += out.added_contacts;
             total.duplicate += out.duplicate_contacts;
@@ -467,7 +477,10 @@ impl Gateway {
             if self.inner.bulk_remove.load(Ordering::Relaxed) != BULK_NO {
                 let body = json!({ "listIds": [list], "contactIds": batch });
                 let url = self.url(&["contacts", "list", "contacts"]);
-                match self.call_json::<RemoveWire>(Operation::RemoveMembers, Method::DELETE, url, &[], Some(&body)).await {
+                match self
+                    .call_json::<RemoveWire>(Operation::RemoveMembers, Method::DELETE, url, &[], Some(&body))
+                    .await
+                {
                     Ok(out) => {
                         self.inner.bulk_remove.store(BULK_YES, Ordering::Relaxed);
                         removed += out.removed_contacts;
@@ -573,7 +586,8 @@ fn transport(op: Operation, e: &reqwest::Error) -> GatewayError {
 
 /// Exponential backoff with jitter: 250 ms, 500 ms, 1 s … capped at 10 s, each drawn from its upper half.
 fn backoff(failures: u32) -> Duration {
-    let ceiling = Duration::from_millis(250).saturating_mul(1 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(10));
+    let ceiling =
+        Duration::from_millis(250).saturating_mul(1 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(10));
     let ms = ceiling.as_millis() as u64;
     Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
 }

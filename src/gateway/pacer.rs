@@ -42,11 +42,7 @@ impl Pacer {
             }
         };
         let now = Instant::now();
-        Self {
-            interval,
-            tolerance: interval * (burst - 1),
-            state: Mutex::new(State { tat: now, paused_until: now }),
-        }
+        Self { interval, tolerance: interval * (burst - 1), state: Mutex::new(State { tat: now, paused_until: now }) }
     }
 
     /// The pause between two requests at the sustained rate.

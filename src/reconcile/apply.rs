@@ -14,7 +14,12 @@ pub struct Applied {
     pub removed: u64,
 }
 
-pub async fn apply(gw: &Gateway, list: &ListId, plan: &Plan, cancel: &CancellationToken) -> Result<Applied, (Applied, ReconcileError)> {
+pub async fn apply(
+    gw: &Gateway,
+    list: &ListId,
+    plan: &Plan,
+    cancel: &CancellationToken,
+) -> Result<Applied, (Applied, ReconcileError)> {
     let mut done = Applied::default();
     for batch in plan.adds_to_apply().chunks(MAX_BATCH) {
         if cancel.is_cancelled() {

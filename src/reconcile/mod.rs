@@ -197,7 +197,10 @@ impl Reconciler {
             ReadKind::SharedScan if !live.is_empty() => {
                 let targets = live
                     .iter()
-                    .map(|&i| read::Target { rule: slots[i].rule.clone(), members: Arc::new(slots[i].eval.members.clone()) })
+                    .map(|&i| read::Target {
+                        rule: slots[i].rule.clone(),
+                        members: Arc::new(slots[i].eval.members.clone()),
+                    })
                     .collect();
                 let gw = self.gateway.metered(shared_meter.clone());
                 match read::candidates(&gw, &self.engine, &ScanQuery::default(), targets, today).await {
@@ -216,21 +219,24 @@ impl Reconciler {
                 }
             }
             _ => {
-                join_all(live.iter().map(|&i| &slots[i]).map(|slot| self.own_read(slot, today))).await.into_iter().zip(&live).for_each(
-                    |(result, &i)| match result {
+                join_all(live.iter().map(|&i| &slots[i]).map(|slot| self.own_read(slot, today)))
+                    .await
+                    .into_iter()
+                    .zip(&live)
+                    .for_each(|(result, &i)| match result {
                         Ok(found) => {
                             self.remember(&slots, &[i], &found, Some(i));
                             slots[i].eval.merge(found.per_target.into_iter().next().unwrap_or_default());
                         }
                         Err(e) => slots[i].error = Some(e),
-                    },
-                );
+                    });
             }
         }
 
         // 3. Plan, guard and apply each rule; one rule's failure is not another's.
         let shared_usage = shared_meter.usage();
-        let reports = join_all(slots.into_iter().map(|slot| self.finish(slot, &req, read, &shared_usage, started))).await;
+        let reports =
+            join_all(slots.into_iter().map(|slot| self.finish(slot, &req, read, &shared_usage, started))).await;
         let mut usage = shared_usage.clone();
         let none = Usage::default();
         for r in &reports {
@@ -376,7 +382,14 @@ impl Reconciler {
         }
     }
 
-    async fn finish(&self, slot: Slot, req: &PassRequest, read: ReadKind, shared: &Usage, started: Instant) -> RuleReport {
+    async fn finish(
+        &self,
+        slot: Slot,
+        req: &PassRequest,
+        read: ReadKind,
+        shared: &Usage,
+        started: Instant,
+    ) -> RuleReport {
         let rule = slot.rule.clone();
         let members_before = slot.eval.members.len() as u64;
         let mut report = RuleReport {
@@ -419,11 +432,11 @@ impl Reconciler {
                     }
                 }
             }
-            if report.outcome == Outcome::Ok {
-                if let Some(why) = &report.plan.held {
-                    report.outcome = Outcome::Held;
-                    report.detail = Some(why.clone());
-                }
+            if report.outcome == Outcome::Ok
+                && let Some(why) = &report.plan.held
+            {
+                report.outcome = Outcome::Held;
+                report.detail = Some(why.clone());
             }
         }
         report.usage = slot.meter.usage();

@@ -101,7 +101,8 @@ pub fn plan(eval: &Evaluation, mode: Mode, guards: &Guards, allow_mass_removal: 
     }
     let members = eval.members.len() as u64;
     let removing = plan.to_remove.len() as u64;
-    let over_share = removing > guards.mass_removal_floor && removing as f64 > guards.max_removal_share * members as f64;
+    let over_share =
+        removing > guards.mass_removal_floor && removing as f64 > guards.max_removal_share * members as f64;
     let over_count = guards.max_removals.is_some_and(|max| removing > max);
     if (over_share || over_count) && !allow_mass_removal {
         plan.held = Some(format!(
@@ -178,7 +179,13 @@ mod tests {
     fn decisions() {
         let cases = [
             Case { name: "empty list fills, sorted", matching: &["c", "a", "b", "a"], add: &["a", "b", "c"], ..BASE },
-            Case { name: "members are never re-added", members: &["a", "b"], matching: &["a", "c"], add: &["c"], ..BASE },
+            Case {
+                name: "members are never re-added",
+                members: &["a", "b"],
+                matching: &["a", "c"],
+                add: &["c"],
+                ..BASE
+            },
             Case {
                 name: "a failing member leaves",
                 members: &["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"],

@@ -32,10 +32,10 @@ async fn fold_pages<R: Send + 'static>(
         total = page.total;
         let work = work.clone();
         pending.push_back(tokio::task::spawn_blocking(move || work(page.records)));
-        if pending.len() >= PAGES_IN_FLIGHT {
-            if let Some(done) = pending.pop_front() {
-                fold(done.await.map_err(|e| ReconcileError::Internal(format!("evaluation task failed: {e}")))?);
-            }
+        if pending.len() >= PAGES_IN_FLIGHT
+            && let Some(done) = pending.pop_front()
+        {
+            fold(done.await.map_err(|e| ReconcileError::Internal(format!("evaluation task failed: {e}")))?);
         }
     }
     for done in pending {
@@ -45,7 +45,13 @@ async fn fold_pages<R: Send + 'static>(
 }
 
 /// Reads a list's members and judges each on its own current record.
-pub async fn members(gw: &Gateway, engine: &Arc<Engine>, rule: &Arc<Rule>, list: &ListId, today: Date) -> Result<Evaluation, ReconcileError> {
+pub async fn members(
+    gw: &Gateway,
+    engine: &Arc<Engine>,
+    rule: &Arc<Rule>,
+    list: &ListId,
+    today: Date,
+) -> Result<Evaluation, ReconcileError> {
     let (engine, rule_for_work) = (engine.clone(), rule.clone());
     let mut eval = Evaluation::default();
     fold_pages(
@@ -87,7 +93,13 @@ pub struct Candidates {
 }
 
 /// Reads `query` once and evaluates every target on each contact (converted once).
-pub async fn candidates(gw: &Gateway, engine: &Arc<Engine>, query: &ScanQuery, targets: Vec<Target>, today: Date) -> Result<Candidates, ReconcileError> {
+pub async fn candidates(
+    gw: &Gateway,
+    engine: &Arc<Engine>,
+    query: &ScanQuery,
+    targets: Vec<Target>,
+    today: Date,
+) -> Result<Candidates, ReconcileError> {
     let targets = Arc::new(targets);
     let n = targets.len();
     let mut out = Candidates { per_target: vec![Evaluation::default(); n], in_filter: vec![0; n], total: 0 };

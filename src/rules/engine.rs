@@ -146,7 +146,13 @@ mod tests {
         let ast = engine.compile(format!("fn f() {{ {src} }}")).map_err(|e| e.to_string())?;
         let day = Date(NaiveDate::parse_from_str(today, "%Y-%m-%d").expect("date"));
         engine
-            .call_fn_with_options::<Dynamic>(CallFnOptions::new().eval_ast(false).with_tag(day), &mut Scope::new(), &ast, "f", ())
+            .call_fn_with_options::<Dynamic>(
+                CallFnOptions::new().eval_ast(false).with_tag(day),
+                &mut Scope::new(),
+                &ast,
+                "f",
+                (),
+            )
             .map_err(|e| e.unwrap_inner().to_string())
     }
 

@@ -29,10 +29,10 @@ impl From<Box<EvalAltResult>> for EvalError {
         let inner = e.unwrap_inner();
         let pos = if inner.position().is_none() { e.position() } else { inner.position() };
         let mut message = inner.to_string();
-        if let Some(i) = message.rfind(" (line ") {
-            if message.ends_with(')') {
-                message.truncate(i);
-            }
+        if let Some(i) = message.rfind(" (line ")
+            && message.ends_with(')')
+        {
+            message.truncate(i);
         }
         Self { message, line: pos.line().unwrap_or(0), col: pos.position().unwrap_or(0) }
     }
@@ -51,7 +51,13 @@ impl Rule {
             return Ok(false);
         }
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true).with_tag(today);
-        let verdict = engine.call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.ast, "matches", (contact.fields.clone(),))?;
+        let verdict = engine.call_fn_with_options::<Dynamic>(
+            options,
+            &mut Scope::new(),
+            &self.ast,
+            "matches",
+            (contact.fields.clone(),),
+        )?;
         verdict.as_bool().map_err(|type_name| EvalError {
             message: format!("matches must return true or false, got {type_name} {verdict}"),
             line: 0,

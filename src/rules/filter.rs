@@ -49,7 +49,9 @@ impl FilterTerm {
 
     /// The server's semantics, applied to a record: strings exactly, numbers numerically.
     pub fn passes(&self, record: &Map) -> bool {
-        let custom = |field: &str| record.get("customFields").and_then(|c| c.read_lock::<Map>()).and_then(|m| m.get(field).cloned());
+        let custom = |field: &str| {
+            record.get("customFields").and_then(|c| c.read_lock::<Map>()).and_then(|m| m.get(field).cloned())
+        };
         match self {
             Self::Standard { field, value } => record.get(field.as_str()).is_some_and(|v| text_equals(v, value)),
             Self::Custom { field, value } => custom(field).is_some_and(|v| text_equals(&v, value)),
@@ -87,7 +89,9 @@ mod tests {
     // Client-side filtering agrees with the server's semantics on strings, numbers and dates.
     #[test]
     fn passes_like_the_server() {
-        let r = record(r#"{"region":"Lombardia","customFields":{"totalSpent":6800,"lastPurchaseDate":"2025-12-01","vip":true}}"#);
+        let r = record(
+            r#"{"region":"Lombardia","customFields":{"totalSpent":6800,"lastPurchaseDate":"2025-12-01","vip":true}}"#,
+        );
         assert!(FilterTerm::parse("region", "Lombardia").expect("ok").passes(&r));
         assert!(!FilterTerm::parse("region", "lombardia").expect("ok").passes(&r));
         assert!(FilterTerm::parse("customFields.totalSpent", "6800.0").expect("ok").passes(&r));

@@ -83,7 +83,11 @@ pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, RuleError> {
         let contact: ContactRecord = match serde_json::from_value(json.clone()) {
             Ok(c) => c,
             Err(e) => {
-                report.failures.push(format!("{}: case {:?}: the contact is not valid: {e}", path.display(), case.name));
+                report.failures.push(format!(
+                    "{}: case {:?}: the contact is not valid: {e}",
+                    path.display(),
+                    case.name
+                ));
                 continue;
             }
         };

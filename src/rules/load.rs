@@ -23,7 +23,12 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<RuleError>) {
             .filter(|p| p.extension().is_some_and(|x| x == "rhai") && !is_hidden(p))
             .collect(),
         Err(e) => {
-            errors.push(RuleError { file: dir.into(), line: 0, col: 0, message: format!("cannot read the rules folder: {e}") });
+            errors.push(RuleError {
+                file: dir.into(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read the rules folder: {e}"),
+            });
             return (RuleSet::default(), errors);
         }
     };
@@ -43,18 +48,23 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<RuleError>) {
     let mut clashing = Vec::new();
     for (list, rules) in by_list.iter().filter(|(_, r)| r.len() > 1) {
         for rule in rules {
-            let others: Vec<String> = rules.iter().filter(|o| o.name != rule.name).map(|o| o.path.display().to_string()).collect();
+            let others: Vec<String> =
+                rules.iter().filter(|o| o.name != rule.name).map(|o| o.path.display().to_string()).collect();
             let (line, col) = const_position(&std::fs::read_to_string(&rule.path).unwrap_or_default(), "LIST");
             errors.push(RuleError {
                 file: rule.path.clone(),
                 line,
                 col,
-                message: format!("LIST {list:?} is also the target of {}; each list belongs to one rule", others.join(", ")),
+                message: format!(
+                    "LIST {list:?} is also the target of {}; each list belongs to one rule",
+                    others.join(", ")
+                ),
             });
             clashing.push(rule.name.clone());
         }
     }
-    let rules = loaded.into_iter().filter(|r| !clashing.contains(&r.name)).map(|r| (r.name.clone(), Arc::new(r))).collect();
+    let rules =
+        loaded.into_iter().filter(|r| !clashing.contains(&r.name)).map(|r| (r.name.clone(), Arc::new(r))).collect();
     (RuleSet { rules }, errors)
 }
 
@@ -65,7 +75,8 @@ fn is_hidden(p: &Path) -> bool {
 /// Loads one rule file, or every problem found in it.
 pub fn load_file(engine: &Engine, path: &Path) -> Result<Rule, Vec<RuleError>> {
     let at = |line: usize, col: usize, message: String| RuleError { file: path.into(), line, col, message };
-    let source = std::fs::read_to_string(path).map_err(|e| vec![at(0, 0, format!("cannot read the rule file: {e}"))])?;
+    let source =
+        std::fs::read_to_string(path).map_err(|e| vec![at(0, 0, format!("cannot read the rule file: {e}"))])?;
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
     if stem.is_empty() || !stem.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(vec![at(0, 0, format!("rule file names may use letters, digits, '-' and '_' only, got {stem:?}"))]);
@@ -74,7 +85,9 @@ pub fn load_file(engine: &Engine, path: &Path) -> Result<Rule, Vec<RuleError>> {
     ast.set_source(path.display().to_string());
 
     let mut scope = Scope::new();
-    engine.run_ast_with_scope(&mut scope, &ast).map_err(|e| vec![at_pos(path, e.position(), format!("at load: {}", e.unwrap_inner()))])?;
+    engine
+        .run_ast_with_scope(&mut scope, &ast)
+        .map_err(|e| vec![at_pos(path, e.position(), format!("at load: {}", e.unwrap_inner()))])?;
 
     let mut errors = Vec::new();
     let setting = |errors: &mut Vec<RuleError>, name: &str, message: String| {
@@ -109,7 +122,9 @@ pub fn load_file(engine: &Engine, path: &Path) -> Result<Rule, Vec<RuleError>> {
         None
     });
     let schedule = match text(&scope, "SCHEDULE") {
-        Ok(Some(s)) => Schedule::parse(s.trim()).map_err(|e| setting(&mut errors, "SCHEDULE", format!("SCHEDULE: {e}"))).ok(),
+        Ok(Some(s)) => {
+            Schedule::parse(s.trim()).map_err(|e| setting(&mut errors, "SCHEDULE", format!("SCHEDULE: {e}"))).ok()
+        }
         Ok(None) => None,
         Err(e) => {
             setting(&mut errors, "SCHEDULE", e);
@@ -148,7 +163,11 @@ pub fn load_file(engine: &Engine, path: &Path) -> Result<Rule, Vec<RuleError>> {
         _ => {
             let (line, col) = fn_position(&source);
             let arities: Vec<String> = matches.iter().map(|f| f.params.len().to_string()).collect();
-            errors.push(at(line, col, format!("matches must take exactly one parameter (the contact), found arity {}", arities.join(", "))));
+            errors.push(at(
+                line,
+                col,
+                format!("matches must take exactly one parameter (the contact), found arity {}", arities.join(", ")),
+            ));
         }
     }
     if !errors.is_empty() {
@@ -182,7 +201,10 @@ fn at_pos(path: &Path, pos: Position, message: String) -> RuleError {
 /// `customFields: #{ x: "y" }` is accepted too.
 fn read_filter(value: &Dynamic) -> Result<Vec<FilterTerm>, Vec<String>> {
     let Some(map) = value.read_lock::<Map>() else {
-        return Err(vec![format!("FILTER must be a map such as #{{ region: \"Lombardia\" }}, got {}", value.type_name())]);
+        return Err(vec![format!(
+            "FILTER must be a map such as #{{ region: \"Lombardia\" }}, got {}",
+            value.type_name()
+        )]);
     };
     let mut flat = Vec::new();
     for (key, v) in map.iter() {
@@ -226,11 +248,7 @@ fn const_position(source: &str, name: &str) -> (usize, usize) {
 }
 
 fn fn_position(source: &str) -> (usize, usize) {
-    source
-        .lines()
-        .enumerate()
-        .find_map(|(i, l)| l.find("fn matches").map(|c| (i + 1, c + 1)))
-        .unwrap_or((1, 1))
+    source.lines().enumerate().find_map(|(i, l)| l.find("fn matches").map(|c| (i + 1, c + 1))).unwrap_or((1, 1))
 }
 
 /// Property names the file reads (`contact.customFields.totalSpent` → customFields, totalSpent).
@@ -239,7 +257,10 @@ fn mentions(source: &str) -> Vec<String> {
     let bytes = source.as_bytes();
     for (i, _) in source.match_indices('.') {
         let start = i + 1;
-        let end = bytes[start..].iter().position(|b| !(b.is_ascii_alphanumeric() || *b == b'_')).map_or(bytes.len(), |n| start + n);
+        let end = bytes[start..]
+            .iter()
+            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+            .map_or(bytes.len(), |n| start + n);
         if end > start && bytes[start].is_ascii_alphabetic() {
             let word = &source[start..end];
             // A method call (`.len()`) is not a field.

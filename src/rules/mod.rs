@@ -9,10 +9,10 @@ mod filter;
 pub mod fixtures;
 mod load;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::collections::BTreeMap;
 
 pub use engine::Date;
 pub use eval::EvalError;
@@ -60,7 +60,11 @@ pub struct Rule {
 
 impl fmt::Debug for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Rule").field("name", &self.name).field("list", &self.list).field("hash", &self.short_hash()).finish()
+        f.debug_struct("Rule")
+            .field("name", &self.name)
+            .field("list", &self.list)
+            .field("hash", &self.short_hash())
+            .finish()
     }
 }
 

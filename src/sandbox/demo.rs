@@ -35,19 +35,89 @@ const REGIONS: &[(&str, u32, &[&str])] = &[
 ];
 
 const FIRST_NAMES: &[&str] = &[
-    "Marco", "Giuseppe", "Giovanni", "Antonio", "Francesco", "Alessandro", "Luca", "Andrea",
-    "Matteo", "Lorenzo", "Davide", "Simone", "Federico", "Riccardo", "Stefano", "Paolo",
-    "Roberto", "Gabriele", "Tommaso", "Pietro", "Laura", "Giulia", "Francesca", "Chiara",
-    "Sara", "Martina", "Valentina", "Alessia", "Elena", "Anna", "Maria", "Sofia", "Aurora",
-    "Giorgia", "Federica", "Silvia", "Paola", "Elisa", "Beatrice", "Camilla",
+    "Marco",
+    "Giuseppe",
+    "Giovanni",
+    "Antonio",
+    "Francesco",
+    "Alessandro",
+    "Luca",
+    "Andrea",
+    "Matteo",
+    "Lorenzo",
+    "Davide",
+    "Simone",
+    "Federico",
+    "Riccardo",
+    "Stefano",
+    "Paolo",
+    "Roberto",
+    "Gabriele",
+    "Tommaso",
+    "Pietro",
+    "Laura",
+    "Giulia",
+    "Francesca",
+    "Chiara",
+    "Sara",
+    "Martina",
+    "Valentina",
+    "Alessia",
+    "Elena",
+    "Anna",
+    "Maria",
+    "Sofia",
+    "Aurora",
+    "Giorgia",
+    "Federica",
+    "Silvia",
+    "Paola",
+    "Elisa",
+    "Beatrice",
+    "Camilla",
 ];
 
 const LAST_NAMES: &[&str] = &[
-    "Rossi", "Russo", "Ferrari", "Esposito", "Bianchi", "Romano", "Colombo", "Ricci",
-    "Marino", "Greco", "Bruno", "Gallo", "Conti", "De Luca", "Mancini", "Costa", "Giordano",
-    "Rizzo", "Lombardi", "Moretti", "Barbieri", "Fontana", "Santoro", "Mariani", "Rinaldi",
-    "Caruso", "Ferrara", "Galli", "Martini", "Leone", "Longo", "Gentile", "Martinelli",
-    "Vitale", "Lombardo", "Serra", "Coppola", "De Santis", "D'Angelo", "Marchetti",
+    "Rossi",
+    "Russo",
+    "Ferrari",
+    "Esposito",
+    "Bianchi",
+    "Romano",
+    "Colombo",
+    "Ricci",
+    "Marino",
+    "Greco",
+    "Bruno",
+    "Gallo",
+    "Conti",
+    "De Luca",
+    "Mancini",
+    "Costa",
+    "Giordano",
+    "Rizzo",
+    "Lombardi",
+    "Moretti",
+    "Barbieri",
+    "Fontana",
+    "Santoro",
+    "Mariani",
+    "Rinaldi",
+    "Caruso",
+    "Ferrara",
+    "Galli",
+    "Martini",
+    "Leone",
+    "Longo",
+    "Gentile",
+    "Martinelli",
+    "Vitale",
+    "Lombardo",
+    "Serra",
+    "Coppola",
+    "De Santis",
+    "D'Angelo",
+    "Marchetti",
 ];
 
 const MAIL_DOMAINS: &[&str] = &["email.it", "gmail.com", "libero.it", "tiscali.it", "outlook.it"];
@@ -61,11 +131,7 @@ pub struct DemoData {
 
 impl DemoData {
     pub fn new(seed: u64, today: NaiveDate) -> Self {
-        Self {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            today,
-            region_weight_total: REGIONS.iter().map(|r| r.1).sum(),
-        }
+        Self { rng: ChaCha8Rng::seed_from_u64(seed), today, region_weight_total: REGIONS.iter().map(|r| r.1).sum() }
     }
 
     /// The contact with sequence number `seq` (its id is `cnt-<seq>`).
@@ -73,7 +139,8 @@ impl DemoData {
         let first = FIRST_NAMES[self.rng.random_range(0..FIRST_NAMES.len())];
         let last = LAST_NAMES[self.rng.random_range(0..LAST_NAMES.len())];
         let (region, city) = self.region_and_city();
-        let phone = format!("+393{:02}{:07}", self.rng.random_range(20..=99u32), self.rng.random_range(0..10_000_000u32));
+        let phone =
+            format!("+393{:02}{:07}", self.rng.random_range(20..=99u32), self.rng.random_range(0..10_000_000u32));
         let email = format!(
             "{}.{}{}@{}",
             ascii_slug(first),
@@ -149,10 +216,7 @@ impl DemoData {
 }
 
 fn ascii_slug(s: &str) -> String {
-    s.chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
+    s.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect()
 }
 
 #[cfg(test)]
@@ -163,9 +227,24 @@ mod tests {
     #[test]
     fn same_seed_same_contacts() {
         let today = NaiveDate::from_ymd_opt(2026, 11, 28).expect("valid date");
-        let a: Vec<_> = (1..=50).map({ let mut g = DemoData::new(7, today); move |i| serde_json::to_string(&g.contact(i)).expect("json") }).collect();
-        let b: Vec<_> = (1..=50).map({ let mut g = DemoData::new(7, today); move |i| serde_json::to_string(&g.contact(i)).expect("json") }).collect();
-        let c: Vec<_> = (1..=50).map({ let mut g = DemoData::new(8, today); move |i| serde_json::to_string(&g.contact(i)).expect("json") }).collect();
+        let a: Vec<_> = (1..=50)
+            .map({
+                let mut g = DemoData::new(7, today);
+                move |i| serde_json::to_string(&g.contact(i)).expect("json")
+            })
+            .collect();
+        let b: Vec<_> = (1..=50)
+            .map({
+                let mut g = DemoData::new(7, today);
+                move |i| serde_json::to_string(&g.contact(i)).expect("json")
+            })
+            .collect();
+        let c: Vec<_> = (1..=50)
+            .map({
+                let mut g = DemoData::new(8, today);
+                move |i| serde_json::to_string(&g.contact(i)).expect("json")
+            })
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

@@ -104,9 +104,8 @@ impl Sandbox {
         let addr = listener.local_addr()?;
         let today = config.today.unwrap_or_else(|| chrono::Utc::now().date_naive());
         let (count, seed) = (config.contacts, config.seed);
-        let store = tokio::task::spawn_blocking(move || generate(count, seed, today))
-            .await
-            .map_err(std::io::Error::other)?;
+        let store =
+            tokio::task::spawn_blocking(move || generate(count, seed, today)).await.map_err(std::io::Error::other)?;
         let shared = Arc::new(Shared {
             limiter: Mutex::new(limits::Limiter::new(config.plan.limits())),
             fault_rng: Mutex::new(SmallRng::seed_from_u64(config.seed ^ 0x5eed)),

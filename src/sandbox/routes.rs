@@ -3,6 +3,9 @@
 //!
 //! Handlers parse and answer; the data and its semantics live in `store`.
 
+// Early-return helpers hand back the finished error `Response`; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -50,9 +53,7 @@ fn fail(status: StatusCode, field: &str, message: String) -> Response {
 fn store_error(e: StoreError) -> Response {
     match e {
         StoreError::UnknownList(id) => fail(StatusCode::NOT_FOUND, "listId", format!("List not found: {id}")),
-        StoreError::UnknownContact(id) => {
-            fail(StatusCode::NOT_FOUND, "contactId", format!("Contact not found: {id}"))
-        }
+        StoreError::UnknownContact(id) => fail(StatusCode::NOT_FOUND, "contactId", format!("Contact not found: {id}")),
     }
 }
 
@@ -62,7 +63,8 @@ async fn stats(State(shared): State<Arc<Shared>>) -> Response {
 
 /// Stats, latency, faults, auth and rate limit, in that order, for every API request.
 async fn gate(State(shared): State<Arc<Shared>>, matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
-    let route = format!("{} {}", req.method(), matched.as_ref().map_or("?", |m| m.as_str()).trim_start_matches(API_PREFIX));
+    let route =
+        format!("{} {}", req.method(), matched.as_ref().map_or("?", |m| m.as_str()).trim_start_matches(API_PREFIX));
     let faults = shared.config.faults;
     if !faults.latency.is_zero() {
         tokio::time::sleep(faults.latency).await;
@@ -148,7 +150,9 @@ fn parse_search(pairs: &[(String, String)]) -> Result<(ContactQuery, usize, usiz
     let mut sort = None;
     let mut descending = false;
     let bad = |field: &str, msg: String| fail(StatusCode::BAD_REQUEST, field, msg);
-    let number = |field: &str, v: &str| v.parse::<usize>().map_err(|_| bad(field, format!("{field} must be a non-negative integer, got {v:?}")));
+    let number = |field: &str, v: &str| {
+        v.parse::<usize>().map_err(|_| bad(field, format!("{field} must be a non-negative integer, got {v:?}")))
+    };
     for (name, value) in pairs {
         match name.as_str() {
             "limit" => {
@@ -339,11 +343,23 @@ async fn search_lists(State(shared): State<Arc<Shared>>, Query(pairs): Query<Vec
             "search" => search = value.to_lowercase(),
             "limit" => match value.parse::<usize>() {
                 Ok(n) if (1..=MAX_PAGE).contains(&n) => limit = n,
-                _ => return fail(StatusCode::BAD_REQUEST, "limit", format!("limit must be between 1 and {MAX_PAGE}, got {value:?}")),
+                _ => {
+                    return fail(
+                        StatusCode::BAD_REQUEST,
+                        "limit",
+                        format!("limit must be between 1 and {MAX_PAGE}, got {value:?}"),
+                    );
+                }
             },
             "offset" => match value.parse::<usize>() {
                 Ok(n) => offset = n,
-                Err(_) => return fail(StatusCode::BAD_REQUEST, "offset", format!("offset must be a non-negative integer, got {value:?}")),
+                Err(_) => {
+                    return fail(
+                        StatusCode::BAD_REQUEST,
+                        "offset",
+                        format!("offset must be a non-negative integer, got {value:?}"),
+                    );
+                }
             },
             other => return fail(StatusCode::BAD_REQUEST, "filter", format!("Unknown filter field: {other}")),
         }

@@ -186,8 +186,7 @@ pub struct Store {
 
 impl Store {
     pub fn with_contacts(contacts: Vec<Contact>) -> Self {
-        let mut store = Self::default();
-        store.next_seq = contacts.len() as u64 + 1;
+        let mut store = Self { next_seq: contacts.len() as u64 + 1, ..Self::default() };
         store.slots.reserve(contacts.len());
         for c in contacts {
             store.insert(c);
@@ -267,10 +266,8 @@ impl Store {
 
     pub fn create_list(&mut self, name: String, description: String, created_at: String) -> &ListRecord {
         let seq = self.lists.len() + 1;
-        let mut slug: String = name
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
-            .collect();
+        let mut slug: String =
+            name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
         while slug.contains("--") {
             slug = slug.replace("--", "-");
         }
@@ -280,6 +277,16 @@ impl Store {
         self.list_by_id.insert(id.clone(), self.lists.len());
         self.lists.push(ListRecord { id, name, description, created_at, members: HashSet::new(), version: 0 });
         &self.lists[self.lists.len() - 1]
+    }
+
+    /// Forgets a list, as if someone deleted it on the gateway (tests only: the contract has no list delete).
+    pub fn drop_list(&mut self, id: &str) {
+        if let Some(index) = self.list_by_id.remove(id) {
+            // Keep indexes stable: the record stays, unreachable by id.
+            self.lists[index].members.clear();
+            self.lists[index].name.clear();
+            self.lists[index].version += 1;
+        }
     }
 
     pub fn add_members(&mut self, list_id: &str, contact_ids: &[String]) -> Result<AddOutcome, StoreError> {
@@ -306,10 +313,10 @@ impl Store {
         let list = &mut self.lists[index];
         let mut removed = 0;
         for id in contact_ids {
-            if let Some(slot) = self.by_id.get(id) {
-                if list.members.remove(slot) {
-                    removed += 1;
-                }
+            if let Some(slot) = self.by_id.get(id)
+                && list.members.remove(slot)
+            {
+                removed += 1;
             }
         }
         if removed > 0 {
@@ -327,10 +334,11 @@ impl Store {
             .map(|id| self.list_by_id.get(id).copied().ok_or_else(|| StoreError::UnknownList(id.clone())))
             .collect::<Result<_, _>>()?;
         let list_versions: Vec<u64> = list_indexes.iter().map(|&i| self.lists[i].version).collect();
-        if let Some(hit) = self.cache.get(query) {
-            if hit.contacts_version == self.contacts_version && hit.list_versions == list_versions {
-                return Ok(hit.slots.clone());
-            }
+        if let Some(hit) = self.cache.get(query)
+            && hit.contacts_version == self.contacts_version
+            && hit.list_versions == list_versions
+        {
+            return Ok(hit.slots.clone());
         }
         let (include, exclude) = list_indexes.split_at(query.list_ids.len());
         let slots = Arc::new(self.compute(query, include, exclude));

@@ -1,0 +1,212 @@
+//! The `segsync` binary as users run it: `check`, `test`, `sync` exit codes, crash safety of a
+//! killed sync, the instance lock, and the shipped config and rules.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use segsync::sandbox::{Faults, Sandbox, SandboxConfig};
+
+const KEY_VAR: &str = "SEGSYNC_TEST_API_KEY";
+
+fn segsync() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_segsync"));
+    cmd.env(KEY_VAR, support::KEY).env("RUST_LOG", "info").stdin(Stdio::null());
+    cmd
+}
+
+/// A config folder with the shipped rules, pointing at `base_url` (or the bundled sandbox).
+fn setup(base_url: Option<&str>) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("rules")).expect("mkdir");
+    for entry in std::fs::read_dir("rules").expect("shipped rules") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, dir.path().join("rules").join(path.file_name().expect("name"))).expect("copy");
+    }
+    let api = match base_url {
+        Some(url) => format!("base_url = \"{url}\"\nkey_env = \"{KEY_VAR}\"\nplan = \"unlimited\"\nmax_retries = 2\n"),
+        None => "base_url = \"sandbox\"\nplan = \"unlimited\"\n".into(),
+    };
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("[api]\n{api}\n[rules]\ntime_zone = \"Europe/Rome\"\n[sandbox]\ncontacts = 2000\n"),
+    )
+    .expect("write");
+    (dir, config)
+}
+
+fn run(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().expect("runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+// The shipped config.toml and rules load cleanly and their rule tests pass, so they never rot.
+#[test]
+fn shipped_config_and_rules_check_clean() {
+    let config = segsync::config::Config::load(Path::new("config.toml")).expect("shipped config is valid");
+    let engine = segsync::rules::engine::build(config.time_zone);
+    let (set, errors) = segsync::rules::load_dir(&engine, &config.rules_dir);
+    assert!(errors.is_empty(), "{errors:?}");
+    let names: Vec<&str> = set.rules.keys().map(|k| k.as_str()).collect();
+    assert_eq!(names, ["geo-emilia-romagna", "geo-lombardia", "geo-veneto", "reengagement-90d", "vip"]);
+    for rule in set.iter() {
+        let report = segsync::rules::fixtures::run(&engine, rule).expect("fixture parses");
+        assert!(report.file.is_some(), "{} has tests", rule.name);
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+        assert!(report.passed >= 3);
+    }
+    let (code, out) = run(segsync().args(["check", "--config", "config.toml"]));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: config"), "{out}");
+}
+
+// `check` names a broken rule as file:line:col and exits 3; a bad config key too.
+#[test]
+fn check_reports_broken_rule_and_config() {
+    let (dir, config) = setup(None);
+    std::fs::write(
+        dir.path().join("rules/broken.rhai"),
+        "const LIST = \"B\";\nfn matches(c) {\n  c.customFields.totalSpent >\n}\n",
+    )
+    .expect("write");
+    let (code, out) = run(segsync().arg("check").arg("--config").arg(&config));
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("broken.rhai:4:1: "), "{out}");
+    assert!(out.contains("5 valid rule(s)"), "the others still load: {out}");
+
+    std::fs::write(&config, "[api]\nbase_url = \"sandbox\"\npage_sise = 10\n").expect("write");
+    let (code, out) = run(segsync().arg("check").arg("--config").arg(&config));
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("config.toml:3:1: unknown key `page_sise` in [api]"), "{out}");
+}
+
+// `segsync test` prints the contact, expected and actual answer of a failing case and exits 1.
+#[test]
+fn rule_test_failure_is_explained() {
+    let (dir, config) = setup(None);
+    let fixture = dir.path().join("rules/vip.test.toml");
+    std::fs::write(&fixture, "today = \"2026-11-28\"\n[[case]]\nname = \"wrong on purpose\"\nexpect = true\ncontact = { id = \"x1\", customFields = { totalSpent = 10.0 } }\n").expect("write");
+    let (code, out) = run(segsync().arg("test").arg("vip").arg("--config").arg(&config));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("case \"wrong on purpose\": expected true, got false"), "{out}");
+    assert!(out.contains("\"totalSpent\":10.0"), "{out}");
+    assert!(out.contains("0 passed, 1 failed"), "{out}");
+}
+
+fn list_counts(sandbox: &Sandbox) -> Vec<(String, usize)> {
+    sandbox.with_store(|s| s.lists().iter().map(|l| (l.name.clone(), l.contact_count())).collect())
+}
+
+// A sync killed (SIGKILL) in the middle of its adds is finished by the next sync: same end state,
+// no duplicate list; a third sync writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_sync_converges_without_duplicates() {
+    let faults = Faults { latency: Duration::from_millis(15), ..Faults::default() };
+    let sandbox = support::start(SandboxConfig { faults, ..support::sandbox_config(20_000) }).await;
+    let (_dir, config) = setup(Some(&sandbox.base_url()));
+
+    let mut child = segsync()
+        .arg("sync")
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while sandbox.stats().count("POST /contacts/list/contacts") < 4 {
+        assert!(std::time::Instant::now() < deadline, "the sync never reached its adds");
+        assert!(child.try_wait().expect("wait").is_none(), "the sync finished before it could be killed");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    let partial: usize = list_counts(&sandbox).iter().map(|l| l.1).sum();
+
+    let (code, out) = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || run(segsync().arg("sync").arg("--config").arg(&config))
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{out}");
+    let lists = list_counts(&sandbox);
+    assert_eq!(lists.len(), 5, "no duplicate lists: {lists:?}");
+    let total: usize = lists.iter().map(|l| l.1).sum();
+    assert!(total > partial, "the second sync finished the job ({partial} → {total})");
+    let expected_vip = sandbox.with_store(|s| {
+        let ids: Vec<String> = s.contact_ids().map(str::to_owned).collect();
+        ids.iter()
+            .filter(|id| {
+                s.get(id).and_then(|c| c.custom_fields.get("totalSpent")?.as_f64()).is_some_and(|v| v > 5000.0)
+            })
+            .count()
+    });
+    assert!(lists.contains(&("VIP - Spend > 5000 EUR".to_owned(), expected_vip)), "{lists:?}");
+
+    let before = sandbox.stats();
+    let (code, out) = tokio::task::spawn_blocking(move || run(segsync().arg("sync").arg("--config").arg(&config)))
+        .await
+        .expect("join");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(sandbox.stats().since(&before).writes(), 0, "converged: nothing left to write");
+    sandbox.shutdown().await;
+}
+
+// A second segsync on the same state file refuses to start, naming the holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_instance_refuses() {
+    let sandbox = support::start(support::sandbox_config(100)).await;
+    let (dir, config) = setup(Some(&sandbox.base_url()));
+    let _held = segsync::state::lock(&dir.path().join("segsync.db")).expect("lock");
+    let (code, out) = tokio::task::spawn_blocking(move || run(segsync().arg("sync").arg("--config").arg(&config)))
+        .await
+        .expect("join");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("another segsync"), "{out}");
+    assert_eq!(sandbox.stats().total, 0, "it refused before touching the API");
+    sandbox.shutdown().await;
+}
+
+// `sync` exits 4 when the mass-removal guard holds, and 0 once confirmed; `status` shows the runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_exit_codes_and_status() {
+    let sandbox = support::start(support::sandbox_config(2_000)).await;
+    let (dir, config) = setup(Some(&sandbox.base_url()));
+    let c = config.clone();
+    let (code, out) = tokio::task::spawn_blocking(move || run(segsync().args(["sync", "vip"]).arg("--config").arg(&c)))
+        .await
+        .expect("join");
+    assert_eq!(code, 0, "{out}");
+    std::fs::write(
+        dir.path().join("rules/vip.rhai"),
+        "const LIST = \"VIP - Spend > 5000 EUR\";\nfn matches(c) { c.customFields.totalSpent > 50000.0 }\n",
+    )
+    .expect("write");
+    let c = config.clone();
+    let (code, out) = tokio::task::spawn_blocking(move || run(segsync().args(["sync", "vip"]).arg("--config").arg(&c)))
+        .await
+        .expect("join");
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("outcome held"), "{out}");
+    let c = config.clone();
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        run(segsync().args(["sync", "vip", "--allow-mass-removal"]).arg("--config").arg(&c))
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        run(segsync().args(["status", "--runs", "3"]).arg("--config").arg(&config))
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("vip ")).count(), 3, "{out}");
+    assert!(out.contains("held"), "{out}");
+    sandbox.shutdown().await;
+}

@@ -1,0 +1,339 @@
+//! Reconcile passes against the real sandbox over HTTP: lists end up holding exactly what the
+//! rules select (checked by predicates written here, not by segsync's planner), changes move
+//! exactly the changed contacts, nothing is written when nothing changed, and the guards hold.
+
+mod support;
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::NaiveDate;
+use segsync::config::Guards;
+use segsync::reconcile::{Outcome, PassReport, PassRequest, ReadKind, Reconciler, Trigger};
+use segsync::rules::{self, Date, Rule};
+use segsync::sandbox::store::Contact;
+use segsync::sandbox::{Faults, Sandbox, SandboxConfig};
+use segsync::state::State;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+fn guards() -> Guards {
+    Guards { max_removal_share: 0.2, max_removals: None, max_error_share: 0.01, mass_removal_floor: 10 }
+}
+
+struct World {
+    sandbox: Sandbox,
+    reconciler: Reconciler,
+    rules: Vec<Arc<Rule>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn world(config: SandboxConfig, rules_dir: &Path) -> World {
+    let sandbox = support::start(config).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = rules::engine::build(chrono_tz::Europe::Rome);
+    let (set, errors) = rules::load_dir(&engine, rules_dir);
+    assert!(errors.is_empty(), "{errors:?}");
+    let reconciler = Reconciler {
+        gateway: support::gateway(&sandbox, segsync::plan::Plan::Unlimited),
+        engine: Arc::new(engine),
+        state: State::open(&dir.path().join("segsync.db")).expect("state"),
+        endpoint: sandbox.base_url(),
+        guards: guards(),
+        time_zone: chrono_tz::Europe::Rome,
+        cancel: CancellationToken::new(),
+    };
+    World { sandbox, reconciler, rules: set.iter().cloned().collect(), _dir: dir }
+}
+
+fn today() -> Date {
+    Date(support::today())
+}
+
+impl World {
+    async fn sync(&self) -> PassReport {
+        self.pass(self.rules.clone(), false).await
+    }
+
+    async fn pass(&self, rules: Vec<Arc<Rule>>, allow_mass_removal: bool) -> PassReport {
+        self.reconciler
+            .run_pass(PassRequest {
+                rules,
+                trigger: Trigger::Manual,
+                dry_run: false,
+                allow_mass_removal,
+                today: Some(today()),
+            })
+            .await
+    }
+
+    /// The members of the list named `name`, read straight from the sandbox's data.
+    fn members(&self, name: &str) -> BTreeSet<String> {
+        self.sandbox.with_store(|s| {
+            let lists: Vec<_> = s.lists().iter().filter(|l| l.name == name).map(|l| l.id.clone()).collect();
+            assert_eq!(lists.len(), 1, "exactly one list named {name:?}");
+            let q = segsync::sandbox::store::ContactQuery { list_ids: lists, ..Default::default() };
+            let slots = s.search(&q).expect("search");
+            slots.iter().filter_map(|&i| s.slot(i)).map(|c| c.id.clone()).collect()
+        })
+    }
+
+    /// Contacts for which `pred` holds, read straight from the sandbox's data.
+    fn expected(&self, pred: impl Fn(&Contact) -> bool) -> BTreeSet<String> {
+        self.sandbox.with_store(|s| {
+            let ids: Vec<String> = s.contact_ids().map(str::to_owned).collect();
+            ids.into_iter().filter(|id| s.get(id).is_some_and(&pred)).collect()
+        })
+    }
+
+    async fn api(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let url = format!("{}/partner-gateway/v1{path}", self.sandbox.base_url());
+        let resp = support::http()
+            .request(method, url)
+            .header("X-Api-Key", support::KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("sent");
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+        resp.json().await.expect("json")
+    }
+}
+
+fn spent(c: &Contact) -> Option<f64> {
+    c.custom_fields.get("totalSpent").and_then(Value::as_f64)
+}
+
+fn days_since_purchase(c: &Contact) -> Option<i64> {
+    let d = c.custom_fields.get("lastPurchaseDate")?.as_str()?;
+    let d = NaiveDate::parse_from_str(d, "%Y-%m-%d").ok()?;
+    Some((support::today() - d).num_days())
+}
+
+/// The five shipped segments, written out independently of segsync's rule engine.
+fn check_all_shipped(w: &World) {
+    assert_eq!(w.members("VIP - Spend > 5000 EUR"), w.expected(|c| spent(c).is_some_and(|s| s > 5000.0)));
+    assert_eq!(w.members("Re-engagement 90d"), w.expected(|c| days_since_purchase(c).is_some_and(|d| d > 90)));
+    for region in ["Lombardia", "Veneto", "Emilia-Romagna"] {
+        assert_eq!(
+            w.members(&format!("Geo - {region}")),
+            w.expected(|c| c.region.as_deref() == Some(region)),
+            "{region}"
+        );
+    }
+}
+
+// First sync of the shipped rules on 20,000 contacts creates five lists holding exactly what each rule selects;
+// a change moves exactly the changed contacts; a second unchanged sync writes nothing.
+#[tokio::test]
+async fn shipped_rules_sync_exactly() {
+    let w = world(support::sandbox_config(20_000), Path::new("rules")).await;
+    let first = w.sync().await;
+    assert!(
+        first.rules.iter().all(|r| r.outcome == Outcome::Ok),
+        "{:#?}",
+        first.rules.iter().map(|r| &r.detail).collect::<Vec<_>>()
+    );
+    assert_eq!(first.read, ReadKind::SharedScan, "the first pass knows no counts and must see everyone");
+    check_all_shipped(&w);
+    let stats = w.sandbox.stats();
+    assert_eq!(stats.count("GET /contacts"), 200, "one shared scan, no member reads of new lists: {stats:?}");
+    assert_eq!(stats.count("POST /contacts/list"), 5);
+    let adds: u64 = first.rules.iter().map(|r| (r.plan.to_add.len() as u64).div_ceil(1000)).sum();
+    assert_eq!(stats.count("POST /contacts/list/contacts"), adds);
+
+    // Change the data through the API: one becomes a VIP, one VIP moves to Veneto, a member is deleted,
+    // a new lapsed customer signs up in Emilia-Romagna.
+    let non_vip = w.expected(|c| spent(c).is_some_and(|s| s < 100.0) && c.region.as_deref() == Some("Sicilia"));
+    let new_vip = non_vip.iter().next().expect("a small spender").clone();
+    w.api(
+        reqwest::Method::PUT,
+        &format!("/contacts/{new_vip}"),
+        json!({"customFields": {"totalSpent": 9100.0, "lastPurchaseDate": "2026-11-27"}}),
+    )
+    .await;
+    let mover = w
+        .expected(|c| spent(c).is_some_and(|s| s > 5000.0) && c.region.as_deref() == Some("Lombardia"))
+        .into_iter()
+        .next()
+        .expect("a Lombard VIP");
+    w.api(reqwest::Method::PUT, &format!("/contacts/{mover}"), json!({"region": "Veneto", "city": "Verona"})).await;
+    let gone = w.members("Geo - Veneto").into_iter().next().expect("a Venetian");
+    w.api(reqwest::Method::DELETE, &format!("/contacts/{gone}"), Value::Null).await;
+    let born = w
+        .api(
+            reqwest::Method::POST,
+            "/contacts",
+            json!({"phoneNumber": "+393330000001", "region": "Emilia-Romagna",
+            "customFields": {"totalSpent": 20.0, "lastPurchaseDate": "2025-01-01"}}),
+        )
+        .await;
+
+    let before = w.sandbox.stats();
+    let second = w.sync().await;
+    assert!(second.rules.iter().all(|r| r.outcome == Outcome::Ok));
+    check_all_shipped(&w);
+    let by_rule = |name: &str| second.rules.iter().find(|r| r.rule.name.as_str() == name).expect("rule");
+    assert_eq!((by_rule("vip").added, by_rule("vip").removed), (1, 0));
+    assert_eq!(by_rule("vip").plan.to_add[0].as_str(), new_vip);
+    assert_eq!((by_rule("geo-lombardia").added, by_rule("geo-lombardia").removed), (0, 1));
+    assert_eq!(by_rule("geo-lombardia").plan.to_remove[0].as_str(), mover);
+    assert_eq!(
+        (by_rule("geo-veneto").added, by_rule("geo-veneto").removed),
+        (1, 0),
+        "the deleted member left by itself"
+    );
+    assert_eq!(by_rule("geo-emilia-romagna").plan.to_add[0].as_str(), born["id"].as_str().expect("id"));
+    assert_eq!(by_rule("reengagement-90d").removed, 1, "the new VIP bought yesterday");
+    let writes = w.sandbox.stats().since(&before).writes();
+    assert_eq!(
+        writes,
+        4 + 1 + 1,
+        "four adds and one removal batch per changed list, nothing else: {:?}",
+        w.sandbox.stats().since(&before)
+    );
+
+    // Nothing changed: zero writes.
+    let before = w.sandbox.stats();
+    let third = w.sync().await;
+    assert!(third.rules.iter().all(|r| r.outcome == Outcome::Ok && r.plan.is_empty()));
+    let delta = w.sandbox.stats().since(&before);
+    assert_eq!(delta.writes(), 0, "{delta:?}");
+    check_all_shipped(&w);
+    w.sandbox.shutdown().await;
+}
+
+// A rule edit that would drop 90 % of a list is held (adds still go); --allow-mass-removal applies it.
+#[tokio::test]
+async fn mass_removal_is_held_until_confirmed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rule = dir.path().join("spenders.rhai");
+    std::fs::write(&rule, "const LIST = \"Spenders\";\nfn matches(c) { c.customFields.totalSpent > 200.0 }\n")
+        .expect("write");
+    let w = world(support::sandbox_config(3_000), dir.path()).await;
+    let first = w.sync().await;
+    assert_eq!(first.rules[0].outcome, Outcome::Ok);
+    let before = w.members("Spenders");
+
+    std::fs::write(
+        &rule,
+        "const LIST = \"Spenders\";\nfn matches(c) { c.customFields.totalSpent > 3000.0 || c.id == \"cnt-000001\" }\n",
+    )
+    .expect("write");
+    let engine = rules::engine::build(chrono_tz::Europe::Rome);
+    let edited = Arc::new(rules::load_file(&engine, &rule).expect("valid"));
+    let held = w.pass(vec![edited.clone()], false).await;
+    let r = &held.rules[0];
+    assert_eq!(r.outcome, Outcome::Held, "{:?}", r.detail);
+    assert!(r.detail.as_deref().unwrap_or_default().contains("--allow-mass-removal"));
+    assert!(r.plan.to_remove.len() as f64 > 0.8 * before.len() as f64);
+    assert_eq!(r.removed, 0);
+    let now = w.members("Spenders");
+    assert!(now.is_superset(&before), "nothing was removed");
+    assert!(now.contains("cnt-000001"), "adds still go");
+
+    let applied = w.pass(vec![edited], true).await;
+    assert_eq!(applied.rules[0].outcome, Outcome::Ok);
+    assert_eq!(w.members("Spenders"), w.expected(|c| spent(c).is_some_and(|s| s > 3000.0) || c.id == "cnt-000001"));
+    w.sandbox.shutdown().await;
+}
+
+// A contact the rule errors on is never removed, even though its neighbours are.
+#[tokio::test]
+async fn evaluation_errors_never_remove() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rule = dir.path().join("loyal.rhai");
+    std::fs::write(&rule, "const LIST = \"Loyal\";\nconst FILTER = #{ region: \"Molise\" };\nfn matches(c) { true }\n")
+        .expect("write");
+    let mut w = world(support::sandbox_config(4_000), dir.path()).await;
+    w.reconciler.guards.max_error_share = 1.0;
+    w.sync().await;
+    let members: Vec<String> = w.members("Loyal").into_iter().collect();
+    assert!(members.len() >= 6, "{members:?}");
+    // Two members lose their spending field (the new rule cannot judge them), two fall below the bar.
+    for id in &members[..2] {
+        w.api(reqwest::Method::PUT, &format!("/contacts/{id}"), json!({"customFields": {"totalSpent": null}})).await;
+    }
+    for id in &members[2..4] {
+        w.api(reqwest::Method::PUT, &format!("/contacts/{id}"), json!({"customFields": {"totalSpent": 1.0}})).await;
+    }
+    for id in &members[4..] {
+        w.api(reqwest::Method::PUT, &format!("/contacts/{id}"), json!({"customFields": {"totalSpent": 100.0}})).await;
+    }
+    std::fs::write(&rule, "const LIST = \"Loyal\";\nconst FILTER = #{ region: \"Molise\" };\nfn matches(c) { c.customFields.totalSpent > 50.0 }\n").expect("write");
+    let engine = rules::engine::build(chrono_tz::Europe::Rome);
+    let edited = Arc::new(rules::load_file(&engine, &rule).expect("valid"));
+    let report = w.pass(vec![edited], true).await;
+    let r = &report.rules[0];
+    assert_eq!(r.eval_errors, 2);
+    assert!(r.first_error.as_deref().unwrap_or_default().contains("totalSpent"), "{:?}", r.first_error);
+    let now = w.members("Loyal");
+    assert!(now.contains(&members[0]) && now.contains(&members[1]), "errored contacts stay");
+    assert!(!now.contains(&members[2]) && !now.contains(&members[3]), "failing contacts leave");
+
+    // Above the error-share guard, the rule changes nothing at all.
+    w.reconciler.guards.max_error_share = 0.01;
+    let engine = rules::engine::build(chrono_tz::Europe::Rome);
+    std::fs::write(&rule, "const LIST = \"Loyal\";\nconst FILTER = #{ region: \"Molise\" };\nfn matches(c) { c.customFields.totalSpent > 500.0 }\n").expect("write");
+    let strict = Arc::new(rules::load_file(&engine, &rule).expect("valid"));
+    let before = w.members("Loyal");
+    let report = w.pass(vec![strict], true).await;
+    assert_eq!(report.rules[0].outcome, Outcome::Failed);
+    assert_eq!(w.members("Loyal"), before);
+    w.sandbox.shutdown().await;
+}
+
+// With 500s, 429s and dropped connections, repeated syncs converge to the correct end state.
+#[tokio::test]
+async fn converges_under_faults() {
+    let faults = Faults { latency: std::time::Duration::ZERO, error_rate: 0.05, throttle_rate: 0.02, drop_rate: 0.05 };
+    let w = world(SandboxConfig { faults, ..support::sandbox_config(5_000) }, Path::new("rules")).await;
+    let mut passes = 0;
+    loop {
+        passes += 1;
+        let report = w.sync().await;
+        if report.rules.iter().all(|r| r.outcome == Outcome::Ok && r.plan.is_empty()) || passes == 6 {
+            break;
+        }
+    }
+    assert!(passes <= 6);
+    check_all_shipped(&w);
+    let stats = w.sandbox.stats();
+    assert!(stats.outcome_total("500") + stats.outcome_total("dropped") > 0, "faults happened: {stats:?}");
+    let names: HashSet<String> = w.sandbox.with_store(|s| s.lists().iter().map(|l| l.name.clone()).collect());
+    assert_eq!(names.len(), w.sandbox.with_store(|s| s.lists().len()), "no duplicate lists");
+    w.sandbox.shutdown().await;
+}
+
+// A deleted list is recreated (with a warning) and refilled; a renamed LIST binds a new list.
+#[tokio::test]
+async fn deleted_list_is_recreated_and_renamed_list_rebinds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rule = dir.path().join("molise.rhai");
+    std::fs::write(
+        &rule,
+        "const LIST = \"Molise\";\nconst FILTER = #{ region: \"Molise\" };\nfn matches(c) { true }\n",
+    )
+    .expect("write");
+    let w = world(support::sandbox_config(3_000), dir.path()).await;
+    let first = w.sync().await;
+    let old_id = first.rules[0].list_id.clone().expect("list");
+    // Someone deletes the list behind our back (the sandbox has no list DELETE, so drop it in the store).
+    w.sandbox.with_store(|s| s.drop_list(old_id.as_str()));
+    let second = w.sync().await;
+    assert_eq!(second.rules[0].outcome, Outcome::Ok);
+    assert_ne!(second.rules[0].list_id, Some(old_id));
+    assert_eq!(w.members("Molise"), w.expected(|c| c.region.as_deref() == Some("Molise")));
+
+    std::fs::write(
+        &rule,
+        "const LIST = \"Molise 2027\";\nconst FILTER = #{ region: \"Molise\" };\nfn matches(c) { true }\n",
+    )
+    .expect("write");
+    let engine = rules::engine::build(chrono_tz::Europe::Rome);
+    let renamed = Arc::new(rules::load_file(&engine, &rule).expect("valid"));
+    w.pass(vec![renamed], false).await;
+    assert_eq!(w.members("Molise 2027"), w.members("Molise"), "new list filled, old one left as it was");
+    w.sandbox.shutdown().await;
+}
