@@ -36,6 +36,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The daemon: run every rule now, then on its schedule and whenever its file changes.
+    Run,
     /// Validate config.toml and every rule, and run the rule tests (no network); non-zero on any problem.
     Check,
     /// Run rule unit tests (rules/NAME.test.toml beside rules/NAME.rhai).
@@ -141,6 +143,10 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     };
     crate::logging::init(cli.log_format.unwrap_or(config.log_format));
     match cli.command {
+        Command::Run => {
+            runtime()?.block_on(crate::daemon::run(config, crate::schedule::Clock::System, CancellationToken::new()))?;
+            Ok(Exit::Ok)
+        }
         Command::Check => Ok(check(&config)),
         Command::Test { rules } => test(&config, &rules),
         Command::Explain { rule, contact_id } => runtime()?.block_on(explain(&config, &rule, &contact_id)),

@@ -14,3 +14,4 @@ pub mod rules; // Rhai rule files: load, validate, evaluate, test
 pub mod sandbox; // the bundled emulator of the gateway
 pub mod schedule; // cron schedules and rule-file watching
 pub mod state; // SQLite: bindings, run history, instance lock // plan (pure) and apply: making a list hold what its rule selects
+pub mod daemon; // `segsync run`: events, signals, reload, shutdown, systemd

@@ -74,7 +74,7 @@ pub enum ReconcileError {
     State(#[from] StateError),
     #[error("{0}")]
     Internal(String),
-    #[error("interrupted by shutdown before all batches were sent; the next run converges")]
+    #[error("interrupted by shutdown; the next run converges")]
     Interrupted,
 }
 
@@ -203,7 +203,7 @@ impl Reconciler {
                     })
                     .collect();
                 let gw = self.gateway.metered(shared_meter.clone());
-                match read::candidates(&gw, &self.engine, &ScanQuery::default(), targets, today).await {
+                match read::candidates(&self.cancel, &gw, &self.engine, &ScanQuery::default(), targets, today).await {
                     Ok(found) => {
                         self.remember(&slots, &live, &found, None);
                         for (k, &i) in live.iter().enumerate() {
@@ -268,7 +268,7 @@ impl Reconciler {
             slot.list = list.clone();
             slot.created = created;
             let Some(list) = list.filter(|_| !created) else { return Ok(()) };
-            match read::members(&slot.gateway, &self.engine, &slot.rule, &list, today).await {
+            match read::members(&self.cancel, &slot.gateway, &self.engine, &slot.rule, &list, today).await {
                 Ok(eval) => {
                     slot.eval = eval;
                     Ok(())
@@ -358,7 +358,7 @@ impl Reconciler {
             ..ScanQuery::default()
         };
         let target = read::Target { rule: slot.rule.clone(), members: Arc::new(slot.eval.members.clone()) };
-        read::candidates(&slot.gateway, &self.engine, &query, vec![target], today).await
+        read::candidates(&self.cancel, &slot.gateway, &self.engine, &query, vec![target], today).await
     }
 
     /// Stores the counts the next pass plans its reads with.

@@ -6,6 +6,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use rhai::Engine;
+use tokio_util::sync::CancellationToken;
 
 use super::ReconcileError;
 use super::plan::Evaluation;
@@ -21,13 +22,19 @@ const PAGES_IN_FLIGHT: usize = 3;
 /// Returns the server's last reported total.
 async fn fold_pages<R: Send + 'static>(
     mut scan: Scan<ContactRecord>,
+    cancel: &CancellationToken,
     work: impl Fn(Vec<ContactRecord>) -> R + Send + Sync + 'static,
     mut fold: impl FnMut(R),
 ) -> Result<u64, ReconcileError> {
     let work = Arc::new(work);
     let mut pending = VecDeque::new();
     let mut total = 0;
-    while let Some(page) = scan.next().await {
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return Err(ReconcileError::Interrupted),
+            next = scan.next() => next,
+        };
+        let Some(page) = next else { break };
         let page = page?;
         total = page.total;
         let work = work.clone();
@@ -46,6 +53,7 @@ async fn fold_pages<R: Send + 'static>(
 
 /// Reads a list's members and judges each on its own current record.
 pub async fn members(
+    cancel: &CancellationToken,
     gw: &Gateway,
     engine: &Arc<Engine>,
     rule: &Arc<Rule>,
@@ -56,6 +64,7 @@ pub async fn members(
     let mut eval = Evaluation::default();
     fold_pages(
         gw.read_members::<ContactRecord>(list),
+        cancel,
         move |records| {
             let mut part = Evaluation::default();
             for record in records {
@@ -94,6 +103,7 @@ pub struct Candidates {
 
 /// Reads `query` once and evaluates every target on each contact (converted once).
 pub async fn candidates(
+    cancel: &CancellationToken,
     gw: &Gateway,
     engine: &Arc<Engine>,
     query: &ScanQuery,
@@ -106,6 +116,7 @@ pub async fn candidates(
     let (engine, work_targets) = (engine.clone(), targets.clone());
     out.total = fold_pages(
         gw.scan::<ContactRecord>(query),
+        cancel,
         move |records| {
             let mut parts = vec![Evaluation::default(); work_targets.len()];
             let mut in_filter = vec![0u64; work_targets.len()];

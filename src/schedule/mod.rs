@@ -1,6 +1,8 @@
-//! Triggers: cron schedules and rule-file changes. Producers only send events; they never run a
-//! rule themselves.
+//! Triggers: cron schedules and rule-file changes. Producers only report; they never run a rule.
 
 mod cron;
+pub mod timer;
+pub mod watch;
 
 pub use cron::Schedule;
+pub use timer::{Clock, CronTable};

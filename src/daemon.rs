@@ -1,0 +1,385 @@
+//! `segsync run`: the long-running service. Wiring, the event loop, signals, reload, shutdown and
+//! systemd notifications live here and nowhere else.
+//!
+//! Timers, the file watcher and signal handlers only send [`Event`]s. Startup is a reload from
+//! nothing: one path loads rules for both, and a failed reload keeps what is running. At most one
+//! run per rule at a time; triggers during a run coalesce into one follow-up run; rules due
+//! together share one pass (and so one contact scan).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rhai::Engine;
+use sd_notify::NotifyState;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigErrors};
+use crate::endpoint::Connection;
+use crate::ids::RuleName;
+use crate::reconcile::{Outcome, PassReport, PassRequest, Reconciler, Trigger};
+use crate::rules::{self, Rule, RuleError, RuleSet};
+use crate::schedule::watch::RulesWatcher;
+use crate::schedule::{Clock, CronTable, timer, watch as rules_watch};
+use crate::state::{InstanceLock, State};
+
+/// Everything that can make the daemon act.
+#[derive(Debug)]
+pub enum Event {
+    /// These rules' cron schedules fell due.
+    Due(Vec<RuleName>),
+    /// Something changed in the rules folder.
+    RulesChanged,
+    /// SIGHUP: reload config.toml and all rules.
+    Reload,
+    /// SIGTERM or SIGINT.
+    Shutdown,
+    /// A pass finished.
+    PassDone(PassReport),
+}
+
+/// How long the watcher waits for a burst of file events to settle.
+const DEBOUNCE: Duration = Duration::from_millis(400);
+
+struct Daemon {
+    config: Config,
+    engine: Arc<Engine>,
+    rules: RuleSet,
+    connection: Connection,
+    /// Connections replaced by a reload, closed at shutdown (in-flight passes may still use them).
+    retired: Vec<Connection>,
+    state: State,
+    _lock: InstanceLock,
+    running: HashSet<RuleName>,
+    pending: BTreeMap<RuleName, Trigger>,
+    tx: mpsc::UnboundedSender<Event>,
+    table: watch::Sender<CronTable>,
+    tracker: TaskTracker,
+    /// Cancelled at shutdown: no new write batch or page read starts.
+    apply_cancel: CancellationToken,
+    watcher: Option<RulesWatcher>,
+    status: String,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (or `stop`), then shuts down within the configured deadline.
+pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyhow::Result<()> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // Signal handlers first: the default SIGHUP action would kill the process.
+    spawn_signals(tx.clone(), stop.clone())?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config.path.display(), pid = std::process::id(), "segsync started");
+
+    let lock = crate::state::lock(&config.state_path)?;
+    let state = State::open(&config.state_path)?;
+    let connection = Connection::open(&config).await?;
+    let (table, table_rx) = watch::channel(CronTable::default());
+    let producers = CancellationToken::new();
+    let mut daemon = Daemon {
+        engine: Arc::new(rules::engine::build(config.time_zone)),
+        config,
+        rules: RuleSet::default(),
+        connection,
+        retired: Vec::new(),
+        state,
+        _lock: lock,
+        running: HashSet::new(),
+        pending: BTreeMap::new(),
+        tx: tx.clone(),
+        table,
+        tracker: TaskTracker::new(),
+        apply_cancel: CancellationToken::new(),
+        watcher: None,
+        status: String::new(),
+    };
+
+    // Startup is a reload from nothing.
+    let (loaded, errors) = rules::load_dir(&daemon.engine, &daemon.config.rules_dir);
+    daemon.apply_rules(loaded, errors, Trigger::Startup, clock);
+    daemon.start_watcher();
+    let due_tx = tx.clone();
+    tokio::spawn(timer::run(table_rx, clock, producers.clone(), move |due| {
+        let _ = due_tx.send(Event::Due(due));
+    }));
+    notify(&[NotifyState::Ready, NotifyState::Status(&format!("{} rule(s) loaded", daemon.rules.len()))]);
+    daemon.start_pending();
+
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut watchdog_tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else { break };
+                match event {
+                    Event::Shutdown => break,
+                    Event::Due(names) => {
+                        for name in names.into_iter().filter(|n| daemon.rules.get(n).is_some()) {
+                            daemon.pending.entry(name).or_insert(Trigger::Cron);
+                        }
+                    }
+                    Event::RulesChanged => {
+                        let (loaded, errors) = rules::load_dir(&daemon.engine, &daemon.config.rules_dir);
+                        daemon.apply_rules(loaded, errors, Trigger::File, clock);
+                    }
+                    Event::Reload => daemon.reload(clock).await,
+                    Event::PassDone(report) => daemon.pass_done(&report),
+                }
+                daemon.start_pending();
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[NotifyState::Watchdog]),
+        }
+    }
+    daemon.shutdown(producers).await;
+    Ok(())
+}
+
+fn spawn_signals(tx: mpsc::UnboundedSender<Event>, stop: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                _ = hup.recv() => Event::Reload,
+                _ = term.recv() => Event::Shutdown,
+                _ = int.recv() => Event::Shutdown,
+                _ = stop.cancelled() => Event::Shutdown,
+            };
+            let last = matches!(event, Event::Shutdown);
+            if tx.send(event).is_err() || last {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+}
+
+fn log_rejected(errors: &[RuleError]) {
+    for e in errors {
+        tracing::error!(file = %e.file.display(), line = e.line, col = e.col, error = %e.message, "rule rejected");
+    }
+}
+
+impl Daemon {
+    fn reconciler(&self) -> Reconciler {
+        Reconciler {
+            gateway: self.connection.gateway.clone(),
+            engine: self.engine.clone(),
+            state: self.state.clone(),
+            endpoint: self.connection.endpoint.clone(),
+            guards: self.config.guards.clone(),
+            time_zone: self.config.time_zone,
+            cancel: self.apply_cancel.clone(),
+        }
+    }
+
+    /// Replaces the running rules with `loaded`: new and changed rules run now (with `trigger`),
+    /// unchanged ones keep running as they are, a rule whose file no longer compiles keeps its last
+    /// good version, and a deleted rule stops being scheduled (its list is left as it is).
+    fn apply_rules(&mut self, loaded: RuleSet, errors: Vec<RuleError>, trigger: Trigger, clock: timer::Clock) {
+        log_rejected(&errors);
+        let broken: HashSet<String> =
+            errors.iter().filter_map(|e| e.file.file_stem().and_then(|s| s.to_str()).map(str::to_owned)).collect();
+        let mut next: BTreeMap<RuleName, Arc<Rule>> = BTreeMap::new();
+        for (name, rule) in loaded.rules {
+            match self.rules.get(&name) {
+                Some(old) if old.hash == rule.hash && trigger != Trigger::Reload => {
+                    next.insert(name, old.clone());
+                }
+                Some(old) if old.hash == rule.hash => {
+                    next.insert(name, rule);
+                }
+                _ => {
+                    self.pending.insert(name.clone(), trigger);
+                    next.insert(name, rule);
+                }
+            }
+        }
+        for (name, old) in &self.rules.rules {
+            if next.contains_key(name) {
+                continue;
+            }
+            if broken.contains(name.as_str()) && old.path.exists() {
+                tracing::warn!(rule = %name, rule_hash = %old.short_hash(), "the rule file has errors; keeping its last good version running");
+                next.insert(name.clone(), old.clone());
+            } else {
+                tracing::info!(rule = %name, list = %old.list, "rule removed: no longer scheduled; its list is left as it is");
+                self.pending.remove(name);
+            }
+        }
+        self.rules = RuleSet { rules: next };
+        let table = CronTable {
+            entries: self
+                .rules
+                .iter()
+                .map(|r| (r.name.clone(), r.schedule.clone().unwrap_or_else(|| self.config.default_schedule.clone())))
+                .collect(),
+            tz: Some(self.config.time_zone),
+        };
+        let next_runs = table.next_after(clock.now());
+        for rule in self.rules.iter().filter(|r| self.pending.get(&r.name) == Some(&trigger)) {
+            tracing::info!(
+                rule = %rule.name,
+                list = %rule.list,
+                mode = %rule.mode,
+                schedule = table.entries.get(&rule.name).map(|s| s.as_str()).unwrap_or_default(),
+                rule_hash = %rule.short_hash(),
+                next_run = %next_runs.get(&rule.name).map(|t| t.with_timezone(&self.config.time_zone).to_rfc3339()).unwrap_or_default(),
+                "rule loaded"
+            );
+        }
+        self.table.send_replace(table);
+    }
+
+    fn start_watcher(&mut self) {
+        self.watcher = None;
+        if !self.config.watch_rules {
+            return;
+        }
+        let tx = self.tx.clone();
+        match rules_watch::watch(&self.config.rules_dir, DEBOUNCE, move || {
+            let _ = tx.send(Event::RulesChanged);
+        }) {
+            Ok(w) => self.watcher = Some(w),
+            Err(e) => tracing::warn!(error = %e, "not watching the rules folder; use SIGHUP to reload rules"),
+        }
+    }
+
+    /// SIGHUP: reload config.toml and every rule; an invalid config keeps the running one.
+    async fn reload(&mut self, clock: timer::Clock) {
+        let monotonic = NotifyState::monotonic_usec_now().ok();
+        let mut states = vec![NotifyState::Reloading];
+        states.extend(monotonic);
+        notify(&states);
+        tracing::info!(config = %self.config.path.display(), "reload requested");
+        match Config::load(&self.config.path) {
+            Err(ConfigErrors(errors)) => {
+                for e in &errors {
+                    tracing::error!(file = %e.file.display(), line = e.line, col = e.col, error = %e.message, "config rejected");
+                }
+                tracing::error!(problems = errors.len(), "reload failed: keeping the running configuration and rules");
+            }
+            Ok(config) => {
+                if config.state_path != self.config.state_path {
+                    tracing::warn!(path = %config.state_path.display(), "[state] path changes need a restart; keeping the open database");
+                }
+                match self.reconnect(&config).await {
+                    Ok(()) => {
+                        let rules_dir_changed = config.rules_dir != self.config.rules_dir;
+                        self.config = config;
+                        self.engine = Arc::new(rules::engine::build(self.config.time_zone));
+                        let (loaded, errors) = rules::load_dir(&self.engine, &self.config.rules_dir);
+                        self.apply_rules(loaded, errors, Trigger::Reload, clock);
+                        if rules_dir_changed || self.watcher.is_none() {
+                            self.start_watcher();
+                        }
+                        tracing::info!(rules = self.rules.len(), "reloaded");
+                    }
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "reload failed: keeping the running configuration and rules"),
+                }
+            }
+        }
+        notify(&[NotifyState::Ready, NotifyState::Status(&self.status_line())]);
+    }
+
+    /// A fresh gateway for `config` (the key is read again); a new connection if the endpoint changed.
+    async fn reconnect(&mut self, config: &Config) -> anyhow::Result<()> {
+        let same_endpoint = match (&config.api.endpoint, &self.config.api.endpoint) {
+            (crate::config::Endpoint::Sandbox, crate::config::Endpoint::Sandbox) => true,
+            (crate::config::Endpoint::Remote { base_url: a, .. }, crate::config::Endpoint::Remote { base_url: b, .. }) => a == b,
+            _ => false,
+        };
+        if same_endpoint {
+            let credentials = config.credentials().map_err(anyhow::Error::msg)?;
+            let base = match &self.connection.sandbox {
+                Some(sandbox) => sandbox.base_url().parse()?,
+                None => match &config.api.endpoint {
+                    crate::config::Endpoint::Remote { base_url, .. } => base_url.clone(),
+                    crate::config::Endpoint::Sandbox => unreachable!("same endpoint, and no sandbox is running"),
+                },
+            };
+            self.connection.gateway =
+                crate::gateway::Gateway::new(config.gateway(base, credentials)).map_err(anyhow::Error::msg)?;
+        } else {
+            let fresh = Connection::open(config).await?;
+            tracing::info!(endpoint = %fresh.endpoint, "connected to a new endpoint");
+            self.retired.push(std::mem::replace(&mut self.connection, fresh));
+        }
+        Ok(())
+    }
+
+    /// Starts one pass per trigger for the pending rules that are not running now.
+    fn start_pending(&mut self) {
+        if self.apply_cancel.is_cancelled() {
+            return;
+        }
+        let ready: Vec<(RuleName, Trigger)> =
+            self.pending.iter().filter(|(n, _)| !self.running.contains(*n)).map(|(n, t)| (n.clone(), *t)).collect();
+        let mut by_trigger: BTreeMap<String, (Trigger, Vec<Arc<Rule>>)> = BTreeMap::new();
+        for (name, trigger) in ready {
+            self.pending.remove(&name);
+            if let Some(rule) = self.rules.get(&name) {
+                by_trigger.entry(trigger.to_string()).or_insert((trigger, Vec::new())).1.push(rule.clone());
+            }
+        }
+        for (_, (trigger, rules)) in by_trigger {
+            self.running.extend(rules.iter().map(|r| r.name.clone()));
+            let reconciler = self.reconciler();
+            let tx = self.tx.clone();
+            let request = PassRequest { rules, trigger, dry_run: false, allow_mass_removal: false, today: None };
+            self.tracker.spawn(async move {
+                let report = reconciler.run_pass(request).await;
+                let _ = tx.send(Event::PassDone(report));
+            });
+        }
+    }
+
+    fn pass_done(&mut self, report: &PassReport) {
+        for r in &report.rules {
+            self.running.remove(&r.rule.name);
+        }
+        let now = chrono::Utc::now().with_timezone(&self.config.time_zone).format("%H:%M:%S");
+        let parts: Vec<String> =
+            report.rules.iter().map(|r| format!("{} {} +{}/-{}", r.rule.name, r.outcome, r.added, r.removed)).collect();
+        self.status = format!("last pass {now}: {}", parts.join(", "));
+        if report.any(Outcome::Failed) || report.any(Outcome::Held) {
+            self.status.push_str(" (see the log)");
+        }
+        notify(&[NotifyState::Status(&self.status_line())]);
+    }
+
+    fn status_line(&self) -> String {
+        if self.status.is_empty() {
+            format!("{} rule(s) loaded", self.rules.len())
+        } else {
+            format!("{} rule(s); {}", self.rules.len(), self.status)
+        }
+    }
+
+    async fn shutdown(mut self, producers: CancellationToken) {
+        notify(&[NotifyState::Stopping]);
+        let in_flight = self.running.len();
+        tracing::info!(in_flight_rules = in_flight, deadline_s = self.config.shutdown_timeout.as_secs(), "shutting down");
+        producers.cancel();
+        self.watcher = None;
+        self.apply_cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.config.shutdown_timeout, self.tracker.wait()).await.is_err() {
+            tracing::warn!("in-flight runs did not finish within the shutdown deadline; the next start converges");
+        }
+        self.connection.close().await;
+        for c in self.retired {
+            c.close().await;
+        }
+        tracing::info!("stopped");
+    }
+}
+
