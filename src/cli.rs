@@ -144,7 +144,11 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     crate::logging::init(cli.log_format.unwrap_or(config.log_format));
     match cli.command {
         Command::Run => {
-            runtime()?.block_on(crate::daemon::run(config, crate::schedule::Clock::System, CancellationToken::new()))?;
+            runtime()?.block_on(crate::daemon::run(
+                config,
+                crate::schedule::Clock::System,
+                CancellationToken::new(),
+            ))?;
             Ok(Exit::Ok)
         }
         Command::Check => Ok(check(&config)),

@@ -39,6 +39,8 @@ pub enum Endpoint {
 pub enum KeySource {
     Env(String),
     File(PathBuf),
+    /// A systemd credential: `$CREDENTIALS_DIRECTORY/<name>` (from `LoadCredential=`).
+    Credential(String),
 }
 
 #[derive(Debug, Clone)]
@@ -305,6 +307,7 @@ impl Config {
         let base_url = r.string(api, "api", "base_url").unwrap_or_else(|| SANDBOX.into());
         let key_env = r.string(api, "api", "key_env");
         let key_file = r.string(api, "api", "key_file");
+        let key_credential = r.string(api, "api", "key_credential");
         let basic_user = r.string(api, "api", "basic_user");
         let endpoint = if base_url == SANDBOX {
             Some(Endpoint::Sandbox)
@@ -323,15 +326,21 @@ impl Config {
                     None
                 }
             };
-            let key = match (key_env, key_file) {
-                (Some(env), None) => Some(KeySource::Env(env)),
-                (None, Some(file)) => Some(KeySource::File(relative(file))),
-                (Some(_), Some(_)) => {
-                    r.error("api.key_file", "set api.key_env or api.key_file, not both".into());
+            let key = match (key_env, key_file, key_credential) {
+                (Some(env), None, None) => Some(KeySource::Env(env)),
+                (None, Some(file), None) => Some(KeySource::File(relative(file))),
+                (None, None, Some(name)) => Some(KeySource::Credential(name)),
+                (None, None, None) => {
+                    r.error(
+                        "api.base_url",
+                        "a real gateway needs a key: set api.key_env (an environment variable), api.key_file (a file) \
+                         or api.key_credential (a systemd credential)"
+                            .into(),
+                    );
                     None
                 }
-                (None, None) => {
-                    r.error("api.base_url", "a real gateway needs a key: set api.key_env (an environment variable) or api.key_file (e.g. a systemd credential)".into());
+                _ => {
+                    r.error("api.key_env", "set only one of api.key_env, api.key_file, api.key_credential".into());
                     None
                 }
             };
@@ -463,12 +472,21 @@ impl Config {
             }
             KeySource::File(path) => std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read the key file {} (api.key_file): {e}", path.display()))?,
+            KeySource::Credential(name) => {
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
+                    format!("api.key_credential = {name:?} needs $CREDENTIALS_DIRECTORY, which systemd sets for LoadCredential=")
+                })?;
+                let path = Path::new(&dir).join(name);
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read the credential {} (api.key_credential): {e}", path.display()))?
+            }
         };
         let secret = secret.trim().to_owned();
         if secret.is_empty() {
             return Err(match key {
                 KeySource::Env(var) => format!("the environment variable {var} (api.key_env) is empty"),
                 KeySource::File(path) => format!("the key file {} (api.key_file) is empty", path.display()),
+                KeySource::Credential(name) => format!("the credential {name} (api.key_credential) is empty"),
             });
         }
         Ok(match basic_user {

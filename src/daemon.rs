@@ -273,17 +273,18 @@ impl Daemon {
                 }
                 match self.reconnect(&config).await {
                     Ok(()) => {
-                        let rules_dir_changed = config.rules_dir != self.config.rules_dir;
                         self.config = config;
                         self.engine = Arc::new(rules::engine::build(self.config.time_zone));
                         let (loaded, errors) = rules::load_dir(&self.engine, &self.config.rules_dir);
                         self.apply_rules(loaded, errors, Trigger::Reload, clock);
-                        if rules_dir_changed || self.watcher.is_none() {
-                            self.start_watcher();
-                        }
+                        // The folder or watch_rules may have changed: watch anew.
+                        self.start_watcher();
                         tracing::info!(rules = self.rules.len(), "reloaded");
                     }
-                    Err(e) => tracing::error!(error = format!("{e:#}"), "reload failed: keeping the running configuration and rules"),
+                    Err(e) => tracing::error!(
+                        error = format!("{e:#}"),
+                        "reload failed: keeping the running configuration and rules"
+                    ),
                 }
             }
         }
@@ -294,7 +295,10 @@ impl Daemon {
     async fn reconnect(&mut self, config: &Config) -> anyhow::Result<()> {
         let same_endpoint = match (&config.api.endpoint, &self.config.api.endpoint) {
             (crate::config::Endpoint::Sandbox, crate::config::Endpoint::Sandbox) => true,
-            (crate::config::Endpoint::Remote { base_url: a, .. }, crate::config::Endpoint::Remote { base_url: b, .. }) => a == b,
+            (
+                crate::config::Endpoint::Remote { base_url: a, .. },
+                crate::config::Endpoint::Remote { base_url: b, .. },
+            ) => a == b,
             _ => false,
         };
         if same_endpoint {
@@ -367,7 +371,11 @@ impl Daemon {
     async fn shutdown(mut self, producers: CancellationToken) {
         notify(&[NotifyState::Stopping]);
         let in_flight = self.running.len();
-        tracing::info!(in_flight_rules = in_flight, deadline_s = self.config.shutdown_timeout.as_secs(), "shutting down");
+        tracing::info!(
+            in_flight_rules = in_flight,
+            deadline_s = self.config.shutdown_timeout.as_secs(),
+            "shutting down"
+        );
         producers.cancel();
         self.watcher = None;
         self.apply_cancel.cancel();
@@ -382,4 +390,3 @@ impl Daemon {
         tracing::info!("stopped");
     }
 }
-

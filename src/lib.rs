@@ -4,6 +4,7 @@
 pub mod cli; // clap subcommands and their exit codes
 pub mod config; // config.toml → validated Config
 pub mod contact; // the contact record both the gateway and the rules speak
+pub mod daemon;
 pub mod endpoint; // Config → a gateway: the real one or the bundled sandbox
 pub mod gateway; // the partner-gateway client: pagination, rate budget, retries
 pub mod ids; // ContactId, ListId, RuleName
@@ -13,5 +14,4 @@ pub mod reconcile;
 pub mod rules; // Rhai rule files: load, validate, evaluate, test
 pub mod sandbox; // the bundled emulator of the gateway
 pub mod schedule; // cron schedules and rule-file watching
-pub mod state; // SQLite: bindings, run history, instance lock // plan (pure) and apply: making a list hold what its rule selects
-pub mod daemon; // `segsync run`: events, signals, reload, shutdown, systemd
+pub mod state; // SQLite: bindings, run history, instance lock // plan (pure) and apply: making a list hold what its rule selects // `segsync run`: events, signals, reload, shutdown, systemd

@@ -55,7 +55,12 @@ impl CronTable {
 
 /// Runs until `cancel`: whenever rules fall due, calls `on_due` with their names (sorted).
 /// A new table (a reload) replaces the schedule from that moment on.
-pub async fn run(mut table: watch::Receiver<CronTable>, clock: Clock, cancel: CancellationToken, on_due: impl Fn(Vec<RuleName>)) {
+pub async fn run(
+    mut table: watch::Receiver<CronTable>,
+    clock: Clock,
+    cancel: CancellationToken,
+    on_due: impl Fn(Vec<RuleName>),
+) {
     let mut current = table.borrow_and_update().clone();
     let mut next = current.next_after(clock.now());
     loop {

@@ -1,0 +1,342 @@
+//! `segsync run` as a process against the real sandbox: rule edits, invalid edits, deleted rules,
+//! SIGHUP with valid and invalid configs, coalescing, SIGTERM mid-apply, and systemd notifications.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use segsync::sandbox::{Faults, Sandbox, SandboxConfig};
+use serde_json::Value;
+
+const KEY_VAR: &str = "SEGSYNC_TEST_API_KEY";
+
+struct Daemon {
+    child: Child,
+    logs: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Daemon {
+    fn start(config: &Path, env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_segsync"));
+        cmd.arg("run").arg("--config").arg(config).arg("--log-format").arg("json");
+        cmd.env(KEY_VAR, support::KEY).env("RUST_LOG", "info").env_remove("NOTIFY_SOCKET");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child =
+            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let logs: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    sink.lock().expect("lock").push(v);
+                }
+            }
+        });
+        Self { child, logs }
+    }
+
+    /// Log events with this message and all these field values.
+    fn events(&self, message: &str, fields: &[(&str, &str)]) -> Vec<Value> {
+        let logs = self.logs.lock().expect("lock");
+        logs.iter()
+            .filter(|e| e["message"] == message)
+            .filter(|e| fields.iter().all(|(k, v)| e[*k].as_str() == Some(*v) || e[*k].to_string() == *v))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `n` such events were logged; fails with the whole log after `secs`.
+    async fn wait_for(&self, n: usize, message: &str, fields: &[(&str, &str)], secs: u64) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let found = self.events(message, fields);
+            if found.len() >= n {
+                return found;
+            }
+            if Instant::now() > deadline {
+                let all: Vec<String> = self.logs.lock().expect("lock").iter().map(|v| v.to_string()).collect();
+                panic!("timed out waiting for {n} × {message:?} {fields:?}; log:\n{}", all.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().expect("kill");
+        assert!(ok.success());
+    }
+
+    async fn wait_exit(&mut self, secs: u64) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "the daemon did not exit within {secs} s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config folder with the shipped rules, pointing at the sandbox, cron far away (no surprises).
+fn setup(sandbox: &Sandbox, extra: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("rules")).expect("mkdir");
+    for entry in std::fs::read_dir("rules").expect("shipped rules") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|x| x == "rhai") {
+            let text =
+                std::fs::read_to_string(&path).expect("read").replace("const SCHEDULE = \"0 */5 * * * *\";\n", "");
+            std::fs::write(dir.path().join("rules").join(path.file_name().expect("name")), text).expect("write");
+        }
+    }
+    let config = dir.path().join("config.toml");
+    write_config(&config, &sandbox.base_url(), extra);
+    (dir, config)
+}
+
+fn write_config(config: &Path, base_url: &str, extra: &str) {
+    std::fs::write(
+        config,
+        format!(
+            "[api]\nbase_url = \"{base_url}\"\nkey_env = \"{KEY_VAR}\"\nplan = \"unlimited\"\nmax_retries = 2\n\
+             [rules]\ndefault_schedule = \"0 0 3 1 1 *\"\ntime_zone = \"Europe/Rome\"\n{extra}"
+        ),
+    )
+    .expect("write config");
+}
+
+fn list_members(sandbox: &Sandbox, name: &str) -> usize {
+    sandbox.with_store(|s| s.lists().iter().filter(|l| l.name == name).map(|l| l.contact_count()).sum())
+}
+
+fn count_where(sandbox: &Sandbox, pred: impl Fn(&segsync::sandbox::store::Contact) -> bool) -> usize {
+    sandbox.with_store(|s| {
+        let ids: Vec<String> = s.contact_ids().map(str::to_owned).collect();
+        ids.iter().filter(|id| s.get(id).is_some_and(&pred)).count()
+    })
+}
+
+fn spent(c: &segsync::sandbox::store::Contact) -> f64 {
+    c.custom_fields.get("totalSpent").and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+// Startup runs every rule; an edit runs the rule at once; an invalid edit keeps the old rule and logs
+// file:line:col; a deleted rule stops being scheduled and its list is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_files_drive_runs() {
+    let sandbox = support::start(support::sandbox_config(3_000)).await;
+    // The last edit removes 40 % of the VIPs; this test is about files, not the mass-removal guard.
+    let (dir, config) = setup(&sandbox, "[guards]\nmax_removal_share = 0.9\n");
+    let daemon = Daemon::start(&config, &[]);
+    daemon.wait_for(5, "rule run", &[("trigger", "startup"), ("outcome", "ok")], 60).await;
+    daemon.wait_for(1, "rule loaded", &[("rule", "vip")], 1).await;
+    assert_eq!(list_members(&sandbox, "VIP - Spend > 5000 EUR"), count_where(&sandbox, |c| spent(c) > 5000.0));
+
+    let vip = dir.path().join("rules/vip.rhai");
+    std::fs::write(
+        &vip,
+        "const LIST = \"VIP - Spend > 5000 EUR\";\nfn matches(c) { c.customFields.totalSpent > 4000.0 }\n",
+    )
+    .expect("edit");
+    let runs = daemon.wait_for(1, "rule run", &[("rule", "vip"), ("trigger", "file")], 30).await;
+    assert_eq!(runs[0]["outcome"], "ok", "{}", runs[0]);
+    assert_eq!(list_members(&sandbox, "VIP - Spend > 5000 EUR"), count_where(&sandbox, |c| spent(c) > 4000.0));
+
+    // An invalid edit: rejected with its position, the last good version keeps running.
+    std::fs::write(
+        &vip,
+        "const LIST = \"VIP - Spend > 5000 EUR\";\nfn matches(c) {\n  c.customFields.totalSpent >\n}\n",
+    )
+    .expect("edit");
+    let rejected = daemon.wait_for(1, "rule rejected", &[], 30).await;
+    assert!(rejected[0]["file"].as_str().expect("file").ends_with("vip.rhai"));
+    assert_eq!(rejected[0]["line"], 4);
+    daemon.wait_for(1, "the rule file has errors; keeping its last good version running", &[("rule", "vip")], 5).await;
+    assert_eq!(daemon.events("rule run", &[("rule", "vip"), ("trigger", "file")]).len(), 1, "no run for a broken edit");
+
+    // A deleted rule stops being scheduled; its list stays as it is.
+    let veneto_before = list_members(&sandbox, "Geo - Veneto");
+    std::fs::remove_file(dir.path().join("rules/geo-veneto.rhai")).expect("delete");
+    daemon
+        .wait_for(1, "rule removed: no longer scheduled; its list is left as it is", &[("rule", "geo-veneto")], 30)
+        .await;
+    assert_eq!(list_members(&sandbox, "Geo - Veneto"), veneto_before);
+
+    // SIGHUP re-reads everything: the repaired vip rule runs with trigger reload.
+    std::fs::write(
+        &vip,
+        "const LIST = \"VIP - Spend > 5000 EUR\";\nfn matches(c) { c.customFields.totalSpent > 5000.0 }\n",
+    )
+    .expect("edit");
+    daemon.wait_for(2, "rule run", &[("rule", "vip"), ("trigger", "file")], 30).await;
+    assert_eq!(list_members(&sandbox, "VIP - Spend > 5000 EUR"), count_where(&sandbox, |c| spent(c) > 5000.0));
+    drop(daemon);
+    sandbox.shutdown().await;
+}
+
+// SIGHUP with a valid config reloads (a changed rule runs with trigger reload); with an invalid one
+// the daemon keeps running on the old config and still reacts afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_or_keeps_running() {
+    let sandbox = support::start(support::sandbox_config(1_000)).await;
+    let (dir, config) = setup(&sandbox, "");
+    let daemon = Daemon::start(&config, &[]);
+    daemon.wait_for(5, "rule run", &[("trigger", "startup")], 60).await;
+
+    std::fs::write(&config, "[api]\nbase_url = 42\n[nonsense]\n").expect("break config");
+    daemon.signal("HUP");
+    daemon.wait_for(1, "reload failed: keeping the running configuration and rules", &[], 30).await;
+    let rejected = daemon.events("config rejected", &[]);
+    assert_eq!(rejected.len(), 2, "every error at once: {rejected:?}");
+
+    // A valid config that turns the watcher off, so the next edit is seen only through SIGHUP.
+    write_config(&config, &sandbox.base_url(), "[daemon]\nwatch_rules = false\n");
+    daemon.signal("HUP");
+    daemon.wait_for(1, "reloaded", &[], 30).await;
+    let lombardia = dir.path().join("rules/geo-lombardia.rhai");
+    let text = std::fs::read_to_string(&lombardia).expect("read");
+    std::fs::write(&lombardia, format!("// Edited while the watcher is off: only SIGHUP sees this.\n{text}"))
+        .expect("edit");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        daemon.events("rule run", &[("rule", "geo-lombardia"), ("trigger", "file")]).is_empty(),
+        "the watcher is off"
+    );
+    daemon.signal("HUP");
+    daemon.wait_for(2, "reloaded", &[], 30).await;
+    let run = daemon.wait_for(1, "rule run", &[("rule", "geo-lombardia"), ("trigger", "reload")], 30).await;
+    assert_eq!(run[0]["outcome"], "ok");
+    assert_eq!(daemon.events("rule run", &[("trigger", "reload")]).len(), 1, "only the changed rule runs");
+    assert_eq!(
+        list_members(&sandbox, "Geo - Lombardia"),
+        count_where(&sandbox, |c| c.region.as_deref() == Some("Lombardia"))
+    );
+    drop(daemon);
+    sandbox.shutdown().await;
+}
+
+// Edits arriving while a rule runs coalesce: a burst of four edits gives at most one follow-up run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggers_during_a_run_coalesce() {
+    let faults = Faults { latency: Duration::from_millis(200), ..Faults::default() };
+    let sandbox = support::start(SandboxConfig { faults, ..support::sandbox_config(4_000) }).await;
+    let (dir, config) = setup(&sandbox, "");
+    let daemon = Daemon::start(&config, &[]);
+    daemon.wait_for(5, "rule run", &[("trigger", "startup")], 60).await;
+    let vip = dir.path().join("rules/vip.rhai");
+    for threshold in [4000, 3000, 2000, 1000] {
+        std::fs::write(&vip, format!("const LIST = \"VIP - Spend > 5000 EUR\";\nfn matches(c) {{ c.customFields.totalSpent > {threshold}.0 }}\n"))
+            .expect("edit");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    daemon.wait_for(1, "rule run", &[("rule", "vip"), ("trigger", "file")], 60).await;
+    // Let any follow-up finish, then count.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while list_members(&sandbox, "VIP - Spend > 5000 EUR") != count_where(&sandbox, |c| spent(c) > 1000.0) {
+        assert!(Instant::now() < deadline, "the last edit was never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let runs = daemon.events("rule run", &[("rule", "vip"), ("trigger", "file")]);
+    assert!(runs.len() <= 2, "four edits, at most one run plus one follow-up, got {}", runs.len());
+    drop(daemon);
+    sandbox.shutdown().await;
+}
+
+// SIGTERM during an apply exits 0 within the deadline, recording the interrupted runs; the next start converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_apply_then_restart_converges() {
+    let faults = Faults { latency: Duration::from_millis(60), ..Faults::default() };
+    let sandbox = support::start(SandboxConfig { faults, ..support::sandbox_config(20_000) }).await;
+    let (_dir, config) = setup(&sandbox, "[daemon]\nshutdown_timeout_secs = 10\n");
+    let mut daemon = Daemon::start(&config, &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sandbox.stats().count("POST /contacts/list/contacts") < 2 {
+        assert!(Instant::now() < deadline, "never reached the adds");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent = Instant::now();
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(15).await, 0);
+    assert!(sent.elapsed() < Duration::from_secs(11), "stopped within the deadline");
+    daemon.wait_for(1, "stopped", &[], 2).await;
+    let interrupted = daemon.events("rule run", &[("outcome", "failed")]);
+    assert!(!interrupted.is_empty(), "interrupted runs are recorded and logged");
+    drop(daemon);
+
+    let restarted = Daemon::start(&config, &[]);
+    restarted.wait_for(5, "rule run", &[("trigger", "startup"), ("outcome", "ok")], 90).await;
+    assert_eq!(list_members(&sandbox, "VIP - Spend > 5000 EUR"), count_where(&sandbox, |c| spent(c) > 5000.0));
+    assert_eq!(
+        list_members(&sandbox, "Geo - Veneto"),
+        count_where(&sandbox, |c| c.region.as_deref() == Some("Veneto"))
+    );
+    assert_eq!(sandbox.with_store(|s| s.lists().len()), 5, "no duplicate lists");
+    drop(restarted);
+    sandbox.shutdown().await;
+}
+
+// On a fake notify socket: READY=1 after the first load, STATUS=, WATCHDOG=1 from the loop,
+// RELOADING=1 with MONOTONIC_USEC then READY=1 around a reload, STOPPING=1 at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notifications() {
+    let sandbox = support::start(support::sandbox_config(500)).await;
+    let (dir, config) = setup(&sandbox, "");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind");
+    socket.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let messages: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = messages.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(n) = socket.recv(&mut buf) {
+                sink.lock().expect("lock").push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    });
+    let mut daemon = Daemon::start(
+        &config,
+        &[("NOTIFY_SOCKET", socket_path.display().to_string()), ("WATCHDOG_USEC", "300000".into())],
+    );
+    daemon.wait_for(5, "rule run", &[("trigger", "startup")], 60).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    daemon.signal("HUP");
+    daemon.wait_for(1, "reloaded", &[], 30).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(15).await, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = messages.lock().expect("lock").clone();
+    let index = |pred: &dyn Fn(&String) -> bool| got.iter().position(pred);
+    let ready = index(&|m| m.contains("READY=1")).expect("READY=1");
+    assert!(got[ready].contains("STATUS="), "{got:?}");
+    assert!(got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2, "{got:?}");
+    assert!(got.iter().any(|m| m.starts_with("STATUS=") && m.contains("last pass")), "{got:?}");
+    let reloading = index(&|m| m.contains("RELOADING=1")).expect("RELOADING=1");
+    assert!(got[reloading].contains("MONOTONIC_USEC="), "{got:?}");
+    assert!(got[reloading..].iter().any(|m| m.contains("READY=1")), "READY=1 after the reload: {got:?}");
+    assert!(
+        got.last().expect("messages").contains("STOPPING=1") || got.iter().any(|m| m.contains("STOPPING=1")),
+        "{got:?}"
+    );
+    drop(daemon);
+    sandbox.shutdown().await;
+}
