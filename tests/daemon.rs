@@ -48,7 +48,7 @@ impl Daemon {
         let logs = self.logs.lock().expect("lock");
         logs.iter()
             .filter(|e| e["message"] == message)
-            .filter(|e| fields.iter().all(|(k, v)| e[*k].as_str() == Some(*v) || e[*k].to_string() == *v))
+            .filter(|e| fields.iter().all(|(k, v)| e[*k].as_str() == Some(*v) || e[*k].to_string().as_str() == *v))
             .cloned()
             .collect()
     }

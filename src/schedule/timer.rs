@@ -112,7 +112,8 @@ mod tests {
     async fn fires_on_schedule_without_waiting() {
         let base = Utc.with_ymd_and_hms(2026, 11, 28, 10, 7, 0).single().expect("time");
         let clock = Clock::tokio_at(base);
-        let fired: Arc<Mutex<Vec<(String, DateTime<Utc>)>>> = Arc::default();
+        type Fired = Arc<Mutex<Vec<(String, DateTime<Utc>)>>>;
+        let fired: Fired = Arc::default();
         let (_tx, rx) = watch::channel(table(&[("often", "0 */15 * * * *"), ("daily", "0 0 6 * * *")]));
         let cancel = CancellationToken::new();
         let log = fired.clone();
