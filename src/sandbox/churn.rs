@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::demo::DemoData;
+use super::store::Store;
 
 const TICKS_PER_MINUTE: u32 = 6;
 
@@ -26,15 +27,24 @@ pub(super) async fn run(shared: Arc<Shared>, today: NaiveDate, cancel: Cancellat
             _ = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        let mut store = shared.store();
+        let day = chrono::Utc::now().date_naive();
+        churn_once(&mut shared.store(), &mut data, per_tick as usize, day);
+    }
+}
+
+/// Changes `count` random contacts at once: purchases today (spend up), every tenth moves region,
+/// and about 2 % sign-ups and 2 % deletions. Returns how many contacts it touched.
+pub fn churn_once(store: &mut Store, data: &mut DemoData, count: usize, day: NaiveDate) -> usize {
+    {
+        let per_tick = count as u32;
+        let day = day.to_string();
         let ids: Vec<String> = {
             let live: Vec<&str> = store.contact_ids().collect();
             if live.is_empty() {
-                continue;
+                return 0;
             }
             (0..per_tick).map(|_| live[data.rng().random_range(0..live.len())].to_owned()).collect()
         };
-        let day = chrono::Utc::now().date_naive().to_string();
         for (i, id) in ids.iter().enumerate() {
             let spend: f64 = (data.rng().random_range(2_000..80_000u32) as f64) / 100.0;
             let moves = i % 10 == 9;
@@ -61,5 +71,6 @@ pub(super) async fn run(shared: Arc<Shared>, today: NaiveDate, cancel: Cancellat
         for id in ids.iter().take(deaths as usize) {
             let _ = store.delete(id);
         }
+        ids.len() + births as usize
     }
 }

@@ -64,6 +64,8 @@ pub(crate) struct Shared {
     limiter: Mutex<limits::Limiter>,
     stats: Mutex<Stats>,
     fault_rng: Mutex<SmallRng>,
+    /// Drives `POST /_sandbox/churn` (a separate stream from the background churn).
+    churn_data: Mutex<demo::DemoData>,
 }
 
 /// Locks a mutex; a poisoned lock (a panic elsewhere) still holds consistent sandbox data.
@@ -86,6 +88,12 @@ impl Shared {
 
     fn stats(&self) -> Stats {
         lock(&self.stats).clone()
+    }
+
+    /// Changes `count` contacts now (as the background churn would); returns how many were touched.
+    fn churn(&self, count: usize) -> usize {
+        let day = chrono::Utc::now().date_naive();
+        churn::churn_once(&mut self.store(), &mut lock(&self.churn_data), count, day)
     }
 }
 
@@ -110,6 +118,7 @@ impl Sandbox {
             limiter: Mutex::new(limits::Limiter::new(config.plan.limits())),
             fault_rng: Mutex::new(SmallRng::seed_from_u64(config.seed ^ 0x5eed)),
             stats: Mutex::new(Stats::default()),
+            churn_data: Mutex::new(demo::DemoData::new(config.seed.wrapping_add(2), today)),
             store: Mutex::new(store),
             config,
         });
@@ -144,6 +153,11 @@ impl Sandbox {
     /// Request counts so far (also served at `GET /_sandbox/stats`).
     pub fn stats(&self) -> Stats {
         self.shared.stats()
+    }
+
+    /// Changes `count` random contacts now, as the churn does (purchases, moves, sign-ups, deletions).
+    pub fn churn(&self, count: usize) -> usize {
+        self.shared.churn(count)
     }
 
     /// Runs `f` on the sandbox's data directly, for tests that inspect the end state.

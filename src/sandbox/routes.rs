@@ -39,6 +39,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .nest(API_PREFIX, api)
         .route("/_sandbox/stats", get(stats))
+        .route("/_sandbox/churn", axum::routing::post(churn_now))
         .fallback(|| async { fail(StatusCode::NOT_FOUND, "path", "No such endpoint".into()) })
         .with_state(shared)
 }
@@ -59,6 +60,13 @@ fn store_error(e: StoreError) -> Response {
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(shared.stats()).into_response()
+}
+
+/// `POST /_sandbox/churn?count=N`: N contacts change at once (benchmarks and demos; not the real API).
+async fn churn_now(State(shared): State<Arc<Shared>>, Query(pairs): Query<Vec<(String, String)>>) -> Response {
+    let count = pairs.iter().find(|(k, _)| k == "count").and_then(|(_, v)| v.parse::<usize>().ok()).unwrap_or(1);
+    let touched = shared.churn(count);
+    axum::Json(json!({"touched": touched})).into_response()
 }
 
 /// Stats, latency, faults, auth and rate limit, in that order, for every API request.

@@ -1,0 +1,69 @@
+//! Rule-engine micro-benchmark (release, one core): the cost of turning API JSON into what rules
+//! read, and of one contact-rule evaluation for each shipped rule, next to the same predicates as
+//! native Rust closures. Prints figures and ratios; asserts nothing.
+//!
+//! Run: `cargo bench --bench rules`
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use segsync::contact::ContactRecord;
+use segsync::rules::{self, Date};
+
+fn main() {
+    let today = chrono::NaiveDate::from_ymd_opt(2026, 11, 28).expect("date");
+    let n = 200_000;
+    // Demo contacts exactly as the sandbox serves them.
+    let store = segsync::sandbox::generate(n, 42, today);
+    let texts: Vec<String> = store.contact_ids().map(|id| serde_json::to_string(store.get(id).expect("live")).expect("json")).collect();
+    let bytes: usize = texts.iter().map(String::len).sum();
+    println!("{n} contacts, {:.0} bytes of JSON each on average", bytes as f64 / n as f64);
+
+    let start = Instant::now();
+    let records: Vec<ContactRecord> = texts.iter().map(|t| serde_json::from_str(t).expect("record")).collect();
+    let convert = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let start = Instant::now();
+    let values: Vec<serde_json::Value> = texts.iter().map(|t| serde_json::from_str(t).expect("value")).collect();
+    let parse_only = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    println!("JSON → rule record (parse + convert): {convert:.2} µs/contact (target ≤ 3); JSON → serde_json::Value alone: {parse_only:.2} µs");
+
+    let engine = rules::engine::build(chrono_tz::Europe::Rome);
+    let (set, errors) = rules::load_dir(&engine, std::path::Path::new("rules"));
+    assert!(errors.is_empty(), "{errors:?}");
+    let day = Date(today);
+    let native: Vec<(&str, Box<dyn Fn(&serde_json::Value) -> bool>)> = vec![
+        ("geo-emilia-romagna", Box::new(|c| c["region"] == "Emilia-Romagna")),
+        ("geo-lombardia", Box::new(|c| c["region"] == "Lombardia")),
+        ("geo-veneto", Box::new(|c| c["region"] == "Veneto")),
+        (
+            "reengagement-90d",
+            Box::new(move |c| {
+                let d = chrono::NaiveDate::parse_from_str(c["customFields"]["lastPurchaseDate"].as_str().unwrap_or(""), "%Y-%m-%d");
+                d.is_ok_and(|d| (today - d).num_days() > 90)
+            }),
+        ),
+        ("vip", Box::new(|c| c["customFields"]["totalSpent"].as_f64().is_some_and(|s| s > 5000.0))),
+    ];
+    println!("{:<20} {:>12} {:>12} {:>8} {:>9}", "rule", "Rhai µs", "native µs", "ratio", "matched");
+    for (name, f) in &native {
+        let rule = set.get(&segsync::ids::RuleName::from(*name)).expect("rule");
+        let start = Instant::now();
+        let mut matched = 0;
+        for r in &records {
+            if black_box(rule.evaluate(&engine, r, day)).expect("evaluates") {
+                matched += 1;
+            }
+        }
+        let rhai = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let start = Instant::now();
+        let mut native_matched = 0;
+        for v in &values {
+            if black_box(f(v)) {
+                native_matched += 1;
+            }
+        }
+        let nat = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+        assert_eq!(matched, native_matched, "{name}: Rhai and native disagree");
+        println!("{name:<20} {rhai:>12.3} {nat:>12.3} {:>8.1} {matched:>9}", rhai / nat);
+    }
+}

@@ -1,0 +1,105 @@
+//! Benchmark plumbing: the sandbox as a child process (so this process is segsync alone), and
+//! this process's CPU time and peak memory from /proc.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const KEY: &str = "bench-key";
+
+pub struct SandboxChild {
+    pub child: Child,
+    pub base_url: String,
+    pub port: u16,
+    /// Milliseconds the sandbox took to generate its contacts, as it logged.
+    pub generate_ms: u64,
+}
+
+impl SandboxChild {
+    pub fn start(contacts: u64, plan: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_segsync"))
+            .args(["sandbox", "--log-format", "json", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--contacts", &contacts.to_string(), "--plan", plan, "--api-key", KEY])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("sandbox starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut generate_ms = 0;
+        for line in lines.by_ref() {
+            let line = line.expect("line");
+            if line.contains("sandbox ready") {
+                let v: serde_json::Value = serde_json::from_str(&line).expect("json log");
+                generate_ms = v["generate_ms"].as_u64().unwrap_or_default();
+                break;
+            }
+            assert!(Instant::now() < deadline, "the sandbox did not start");
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Self { child, base_url: format!("http://127.0.0.1:{port}/api"), port, generate_ms }
+    }
+
+    pub fn rss_mb(&self) -> f64 {
+        status_kb(&format!("/proc/{}/status", self.child.id()), "VmRSS:") as f64 / 1024.0
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        let out = Command::new("curl").args(["-s", &format!("http://127.0.0.1:{}/_sandbox/stats", self.port)]).output();
+        out.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or_default()
+    }
+}
+
+impl Drop for SandboxChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status_kb(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// This process's user + system CPU time.
+pub fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// Peak resident memory of this process since the last [`reset_peak`], in MB.
+pub fn peak_mb() -> f64 {
+    status_kb("/proc/self/status", "VmHWM:") as f64 / 1024.0
+}
+
+/// Resets the peak-RSS counter (Linux: write 5 to clear_refs).
+pub fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+pub fn gateway(base_url: &str, plan: segsync::plan::Plan, concurrency: usize) -> segsync::gateway::Gateway {
+    segsync::gateway::Gateway::new(segsync::gateway::GatewayConfig {
+        base_url: base_url.parse().expect("url"),
+        credentials: segsync::gateway::Credentials::ApiKey(segsync::gateway::Secret::new(KEY)),
+        limits: plan.limits(),
+        page_size: 100,
+        timeout: Duration::from_secs(30),
+        max_retries: 5,
+        concurrency,
+        pagination: segsync::gateway::Pagination::Offset,
+    })
+    .expect("client")
+}
