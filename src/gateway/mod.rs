@@ -405,23 +405,32 @@ impl Gateway {
         }
     }
 
+    /// One page of lists whose name contains `search` (case-insensitive; `None` for all lists),
+    /// and the total count.
+    pub async fn lists_page(&self, search: Option<&str>, offset: u64) -> Result<(Vec<ListInfo>, u64), GatewayError> {
+        let mut query = vec![("limit", MAX_PAGE_SIZE.to_string()), ("offset", offset.to_string())];
+        if let Some(text) = search {
+            query.push(("search", text.to_owned()));
+        }
+        let page: ListPageWire =
+            self.call_json(Operation::FindList, Method::GET, self.url(&["contacts", "list"]), &query, None).await?;
+        Ok((page.lists, page.total))
+    }
+
     /// Lists whose name is exactly `name`, oldest first.
     pub async fn find_lists(&self, name: &str) -> Result<Vec<ListInfo>, GatewayError> {
         let mut found = Vec::new();
         let mut offset = 0u64;
         loop {
-            let query =
-                [("search", name.to_owned()), ("limit", MAX_PAGE_SIZE.to_string()), ("offset", offset.to_string())];
-            let page: ListPageWire =
-                self.call_json(Operation::FindList, Method::GET, self.url(&["contacts", "list"]), &query, None).await?;
-            let n = page.lists.len() as u64;
-            found.extend(page.lists.into_iter().filter(|l| l.name == name));
+            let (lists, total) = self.lists_page(Some(name), offset).await?;
+            let n = lists.len() as u64;
+            found.extend(lists.into_iter().filter(|l| l.name == name));
             offset += n;
-            if n == 0 || offset >= page.total {
+            if n == 0 || offset >= total {
                 break;
             }
         }
-        found.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
+        sort_oldest_first(&mut found);
         Ok(found)
     }
 
@@ -556,6 +565,11 @@ struct AddWire {
 struct RemoveWire {
     #[serde(default)]
     removed_contacts: u64,
+}
+
+/// Oldest first (by creation time, then id), so "the" list of a name is stable.
+pub fn sort_oldest_first(lists: &mut [ListInfo]) {
+    lists.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
 }
 
 /// Parses a response body off the async workers (a page of contacts is real CPU work).

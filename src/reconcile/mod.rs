@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Guards;
-use crate::gateway::{Gateway, GatewayError, Meter, ScanQuery, Usage};
+use crate::gateway::{Gateway, GatewayError, ListInfo, Meter, ScanQuery, Usage, sort_oldest_first};
 use crate::ids::{ContactId, ListId};
 use crate::rules::{Date, Rule};
 use crate::state::{RunRecord, State, StateError};
@@ -127,6 +127,8 @@ pub struct RuleReport {
     pub plan: Plan,
     pub added: u64,
     pub removed: u64,
+    /// Non-members passing the rule's FILTER (the size of the rule's own read; for lower bounds).
+    pub in_filter: u64,
     /// Requests this rule's run needed (a shared scan counts for every rule it served).
     pub usage: Usage,
     pub read: ReadKind,
@@ -159,6 +161,8 @@ struct Slot {
     list: Option<ListId>,
     created: bool,
     eval: Evaluation,
+    /// Non-members passing the rule's FILTER: what its own read would return.
+    in_filter: u64,
     error: Option<ReconcileError>,
 }
 
@@ -181,55 +185,66 @@ impl Reconciler {
                     list: None,
                     created: false,
                     eval: Evaluation::default(),
+                    in_filter: 0,
                     error: None,
                 }
             })
             .collect();
 
         // 1. Bind each rule to its list and judge the current members on their own records.
-        join_all(slots.iter_mut().map(|slot| self.read_members(slot, req.dry_run, today))).await;
+        let directory = self.list_directory(&slots, &pass_meter).await;
+        join_all(slots.iter_mut().map(|slot| self.read_members(slot, req.dry_run, today, directory.as_deref()))).await;
 
         // 2. Read candidates: one shared scan, or each rule's own filtered read of non-members.
         let live: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].error.is_none()).collect();
         let read = self.choose_read(&slots, &live);
         let shared_meter = Arc::new(Meter::default());
-        match read {
+        // Members are shared with the evaluating threads, then handed back (no copy of big sets).
+        let members: Vec<Arc<HashSet<ContactId>>> =
+            live.iter().map(|&i| Arc::new(std::mem::take(&mut slots[i].eval.members))).collect();
+        let results: Vec<Result<read::Candidates, ReconcileError>> = match read {
             ReadKind::SharedScan if !live.is_empty() => {
                 let targets = live
                     .iter()
-                    .map(|&i| read::Target {
-                        rule: slots[i].rule.clone(),
-                        members: Arc::new(slots[i].eval.members.clone()),
-                    })
+                    .zip(&members)
+                    .map(|(&i, m)| read::Target { rule: slots[i].rule.clone(), members: m.clone() })
                     .collect();
                 let gw = self.gateway.metered(shared_meter.clone());
-                match read::candidates(&self.cancel, &gw, &self.engine, &ScanQuery::default(), targets, today).await {
-                    Ok(found) => {
-                        self.remember(&slots, &live, &found, None);
-                        for (k, &i) in live.iter().enumerate() {
-                            slots[i].eval.merge(found.per_target[k].clone());
-                        }
-                    }
-                    Err(e) => {
-                        let text = e.to_string();
-                        for &i in &live {
-                            slots[i].error = Some(ReconcileError::Internal(format!("reading contacts: {text}")));
-                        }
+                vec![read::candidates(&self.cancel, &gw, &self.engine, &ScanQuery::default(), targets, today).await]
+            }
+            _ => join_all(live.iter().zip(&members).map(|(&i, m)| self.own_read(&slots[i], m.clone(), today))).await,
+        };
+        for (&i, m) in live.iter().zip(members) {
+            slots[i].eval.members = Arc::try_unwrap(m).unwrap_or_else(|shared| (*shared).clone());
+        }
+        match (read, results.len()) {
+            (ReadKind::SharedScan, 1) => match results.into_iter().next() {
+                Some(Ok(found)) => {
+                    self.remember(&slots, &live, &found, None);
+                    for ((&i, part), in_filter) in live.iter().zip(found.per_target).zip(found.in_filter) {
+                        slots[i].eval.merge(part);
+                        slots[i].in_filter = in_filter;
                     }
                 }
-            }
+                Some(Err(e)) => {
+                    let text = e.to_string();
+                    for &i in &live {
+                        slots[i].error = Some(ReconcileError::Internal(format!("reading contacts: {text}")));
+                    }
+                }
+                None => {}
+            },
             _ => {
-                join_all(live.iter().map(|&i| &slots[i]).map(|slot| self.own_read(slot, today)))
-                    .await
-                    .into_iter()
-                    .zip(&live)
-                    .for_each(|(result, &i)| match result {
+                for (result, &i) in results.into_iter().zip(&live) {
+                    match result {
                         Ok(found) => {
                             self.remember(&slots, &[i], &found, Some(i));
+                            slots[i].in_filter = found.in_filter.first().copied().unwrap_or(0);
                             slots[i].eval.merge(found.per_target.into_iter().next().unwrap_or_default());
                         }
                         Err(e) => slots[i].error = Some(e),
-                    });
+                    }
+                }
             }
         }
 
@@ -262,9 +277,29 @@ impl Reconciler {
         report
     }
 
-    async fn read_members(&self, slot: &mut Slot, dry_run: bool, today: Date) {
+    /// Every list of the account in one request, when several rules need a lookup and the account
+    /// has at most one page of lists; `None` means "look each name up".
+    async fn list_directory(&self, slots: &[Slot], meter: &Arc<Meter>) -> Option<Vec<ListInfo>> {
+        let unbound = slots
+            .iter()
+            .filter(|s| !matches!(self.state.binding(&self.endpoint, &s.rule.name, &s.rule.list), Ok(Some(_))))
+            .count();
+        if unbound < 2 {
+            return None;
+        }
+        match self.gateway.metered(meter.clone()).lists_page(None, 0).await {
+            Ok((lists, total)) if lists.len() as u64 >= total => Some(lists),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "listing all lists failed; looking each name up instead");
+                None
+            }
+        }
+    }
+
+    async fn read_members(&self, slot: &mut Slot, dry_run: bool, today: Date, directory: Option<&[ListInfo]>) {
         let result = async {
-            let (list, created) = self.bind_list(slot, dry_run).await?;
+            let (list, created) = self.bind_list(slot, dry_run, directory).await?;
             slot.list = list.clone();
             slot.created = created;
             let Some(list) = list.filter(|_| !created) else { return Ok(()) };
@@ -275,7 +310,7 @@ impl Reconciler {
                 }
                 Err(ReconcileError::Gateway(e)) if e.is_unknown_list() => {
                     tracing::warn!(rule = %slot.rule.name, list_id = %list, list = %slot.rule.list, "the rule's list no longer exists on the gateway; binding it again");
-                    let (list, created) = self.find_or_create(slot, dry_run).await?;
+                    let (list, created) = self.find_or_create(slot, dry_run, None).await?;
                     slot.list = list;
                     slot.created = created;
                     Ok(())
@@ -290,7 +325,12 @@ impl Reconciler {
     }
 
     /// The rule's list: its binding, else an existing list of that exact name, else a new one.
-    async fn bind_list(&self, slot: &Slot, dry_run: bool) -> Result<(Option<ListId>, bool), ReconcileError> {
+    async fn bind_list(
+        &self,
+        slot: &Slot,
+        dry_run: bool,
+        directory: Option<&[ListInfo]>,
+    ) -> Result<(Option<ListId>, bool), ReconcileError> {
         let rule = &slot.rule;
         if let Some(id) = self.state.binding(&self.endpoint, &rule.name, &rule.list)? {
             return Ok((Some(id), false));
@@ -299,12 +339,24 @@ impl Reconciler {
             tracing::info!(rule = %rule.name, old_list = %old_name, old_list_id = %old_id, list = %rule.list,
                 "the rule's LIST changed; binding the new list and leaving the old one untouched");
         }
-        self.find_or_create(slot, dry_run).await
+        self.find_or_create(slot, dry_run, directory).await
     }
 
-    async fn find_or_create(&self, slot: &Slot, dry_run: bool) -> Result<(Option<ListId>, bool), ReconcileError> {
+    async fn find_or_create(
+        &self,
+        slot: &Slot,
+        dry_run: bool,
+        directory: Option<&[ListInfo]>,
+    ) -> Result<(Option<ListId>, bool), ReconcileError> {
         let rule = &slot.rule;
-        let found = slot.gateway.find_lists(&rule.list).await?;
+        let found = match directory {
+            Some(all) => {
+                let mut named: Vec<ListInfo> = all.iter().filter(|l| l.name == rule.list).cloned().collect();
+                sort_oldest_first(&mut named);
+                named
+            }
+            None => slot.gateway.find_lists(&rule.list).await?,
+        };
         if found.len() > 1 {
             tracing::warn!(rule = %rule.name, list = %rule.list, count = found.len(), list_id = %found[0].id,
                 "several lists carry this exact name; using the oldest");
@@ -351,13 +403,18 @@ impl Reconciler {
     }
 
     /// A rule's own read: its FILTER plus `notListIds` (when its list exists).
-    async fn own_read(&self, slot: &Slot, today: Date) -> Result<read::Candidates, ReconcileError> {
+    async fn own_read(
+        &self,
+        slot: &Slot,
+        members: Arc<HashSet<ContactId>>,
+        today: Date,
+    ) -> Result<read::Candidates, ReconcileError> {
         let query = ScanQuery {
             filters: slot.rule.filter_query(),
             not_list_ids: slot.list.iter().filter(|_| !slot.created).cloned().collect(),
             ..ScanQuery::default()
         };
-        let target = read::Target { rule: slot.rule.clone(), members: Arc::new(slot.eval.members.clone()) };
+        let target = read::Target { rule: slot.rule.clone(), members };
         read::candidates(&self.cancel, &slot.gateway, &self.engine, &query, vec![target], today).await
     }
 
@@ -402,6 +459,7 @@ impl Reconciler {
             eval_errors: slot.eval.errors,
             first_error: slot.eval.first_error.as_ref().map(|(id, e)| format!("contact {id}: {e}")),
             plan: Plan::default(),
+            in_filter: slot.in_filter,
             added: 0,
             removed: 0,
             usage: Usage::default(),

@@ -110,8 +110,8 @@ pub async fn candidates(
     targets: Vec<Target>,
     today: Date,
 ) -> Result<Candidates, ReconcileError> {
-    let targets = Arc::new(targets);
     let n = targets.len();
+    let targets = Arc::new(targets);
     let mut out = Candidates { per_target: vec![Evaluation::default(); n], in_filter: vec![0; n], total: 0 };
     let (engine, work_targets) = (engine.clone(), targets.clone());
     out.total = fold_pages(
