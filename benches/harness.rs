@@ -14,6 +14,10 @@
 
 mod support;
 
+// The same allocator as the segsync binary, so the harness measures what the binary does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +37,13 @@ struct Scenario {
 }
 
 const SCENARIOS: [Scenario; 3] = [
-    Scenario { name: "s1", title: "S1 tourism board: 20,000 contacts, 5 shipped rules", contacts: 20_000, rule_dirs: &["rules"], plan: Plan::Unlimited },
+    Scenario {
+        name: "s1",
+        title: "S1 tourism board: 20,000 contacts, 5 shipped rules",
+        contacts: 20_000,
+        rule_dirs: &["rules"],
+        plan: Plan::Unlimited,
+    },
     Scenario {
         name: "s2",
         title: "S2 scale: 1,000,000 contacts, 10 rules",
@@ -41,7 +51,13 @@ const SCENARIOS: [Scenario; 3] = [
         rule_dirs: &["rules", "benches/rules-s2"],
         plan: Plan::Unlimited,
     },
-    Scenario { name: "s3", title: "S3 rate-limited: S1 on the production plan (1,000/min, 50/s)", contacts: 20_000, rule_dirs: &["rules"], plan: Plan::Production },
+    Scenario {
+        name: "s3",
+        title: "S3 rate-limited: S1 on the production plan (1,000/min, 50/s)",
+        contacts: 20_000,
+        rule_dirs: &["rules"],
+        plan: Plan::Production,
+    },
 ];
 
 struct Row {
@@ -66,15 +82,25 @@ fn lower_bound(report: &PassReport, contacts: u64, first: bool) -> (u64, String)
     let writes: u64 = report
         .rules
         .iter()
-        .map(|r| (r.plan.adds_to_apply().len() as u64).div_ceil(1000) + (r.plan.removals_to_apply().len() as u64).div_ceil(1000))
+        .map(|r| {
+            (r.plan.adds_to_apply().len() as u64).div_ceil(1000)
+                + (r.plan.removals_to_apply().len() as u64).div_ceil(1000)
+        })
         .sum();
     (members + candidates + lists + writes, format!("{members}+{candidates}+{lists}+{writes}"))
 }
 
 async fn total_contacts(base_url: &str) -> u64 {
     let url = format!("{base_url}/partner-gateway/v1/contacts?limit=1");
-    let v: serde_json::Value =
-        reqwest::Client::new().get(url).header("X-Api-Key", support::KEY).send().await.expect("sent").json().await.expect("json");
+    let v: serde_json::Value = reqwest::Client::new()
+        .get(url)
+        .header("X-Api-Key", support::KEY)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
     v["total"].as_u64().expect("total")
 }
 
@@ -115,7 +141,13 @@ async fn run(s: &Scenario) {
         support::reset_peak();
         let cpu = support::cpu_time();
         let started = Instant::now();
-        let request = PassRequest { rules: set.iter().cloned().collect(), trigger: Trigger::Manual, dry_run: false, allow_mass_removal: true, today: Some(today) };
+        let request = PassRequest {
+            rules: set.iter().cloned().collect(),
+            trigger: Trigger::Manual,
+            dry_run: false,
+            allow_mass_removal: true,
+            today: Some(today),
+        };
         let report = reconciler.run_pass(request).await;
         let wall = started.elapsed();
         let cpu = support::cpu_time() - cpu;
@@ -136,7 +168,9 @@ async fn run(s: &Scenario) {
             contacts,
         });
     }
-    println!("| pass | requests | lower bound (members+candidates+lists+writes) | ratio | wall s | CPU s | CPU µs/contact | peak MB | evaluations/s |");
+    println!(
+        "| pass | requests | lower bound (members+candidates+lists+writes) | ratio | wall s | CPU s | CPU µs/contact | peak MB | evaluations/s |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
@@ -169,7 +203,8 @@ async fn run(s: &Scenario) {
             );
         }
         let stats = sandbox.stats();
-        let throttled: u64 = stats["routes"].as_object().map_or(0, |routes| routes.values().filter_map(|o| o["429"].as_u64()).sum());
+        let throttled: u64 =
+            stats["routes"].as_object().map_or(0, |routes| routes.values().filter_map(|o| o["429"].as_u64()).sum());
         println!("- 429 answers from the sandbox: {throttled}");
     }
 }
@@ -177,13 +212,32 @@ async fn run(s: &Scenario) {
 #[tokio::main]
 async fn main() {
     let wanted: Vec<String> = std::env::args().skip(1).filter(|a| a.starts_with('s')).collect();
-    println!(
-        "segsync harness, {} cores, {} MB RAM, {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())).unwrap_or(0) / 1024,
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    );
-    for s in SCENARIOS.iter().filter(|s| wanted.is_empty() || wanted.iter().any(|w| w == s.name)) {
-        run(s).await;
+    let child = std::env::var_os(CHILD).is_some();
+    if !child {
+        println!(
+            "segsync harness, {} cores, {} MB RAM, {}",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+                .unwrap_or(0)
+                / 1024,
+            chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+        );
+    }
+    let chosen: Vec<&Scenario> =
+        SCENARIOS.iter().filter(|s| wanted.is_empty() || wanted.iter().any(|w| w == s.name)).collect();
+    if chosen.len() == 1 {
+        run(chosen[0]).await;
+        return;
+    }
+    // One process per scenario, so each one's peak memory is its own.
+    let me = std::env::current_exe().expect("own path");
+    for s in chosen {
+        let status = std::process::Command::new(&me).arg(s.name).env(CHILD, "1").status().expect("scenario runs");
+        assert!(status.success(), "scenario {} failed", s.name);
     }
 }
+
+/// Set for the per-scenario child processes.
+const CHILD: &str = "SEGSYNC_HARNESS_CHILD";

@@ -15,7 +15,8 @@ fn main() {
     let n = 200_000;
     // Demo contacts exactly as the sandbox serves them.
     let store = segsync::sandbox::generate(n, 42, today);
-    let texts: Vec<String> = store.contact_ids().map(|id| serde_json::to_string(store.get(id).expect("live")).expect("json")).collect();
+    let texts: Vec<String> =
+        store.contact_ids().map(|id| serde_json::to_string(store.get(id).expect("live")).expect("json")).collect();
     let bytes: usize = texts.iter().map(String::len).sum();
     println!("{n} contacts, {:.0} bytes of JSON each on average", bytes as f64 / n as f64);
 
@@ -25,7 +26,9 @@ fn main() {
     let start = Instant::now();
     let values: Vec<serde_json::Value> = texts.iter().map(|t| serde_json::from_str(t).expect("value")).collect();
     let parse_only = start.elapsed().as_secs_f64() * 1e6 / n as f64;
-    println!("JSON → rule record (parse + convert): {convert:.2} µs/contact (target ≤ 3); JSON → serde_json::Value alone: {parse_only:.2} µs");
+    println!(
+        "JSON → rule record (parse + convert): {convert:.2} µs/contact (target ≤ 3); JSON → serde_json::Value alone: {parse_only:.2} µs"
+    );
 
     let engine = rules::engine::build(chrono_tz::Europe::Rome);
     let (set, errors) = rules::load_dir(&engine, std::path::Path::new("rules"));
@@ -38,7 +41,10 @@ fn main() {
         (
             "reengagement-90d",
             Box::new(move |c| {
-                let d = chrono::NaiveDate::parse_from_str(c["customFields"]["lastPurchaseDate"].as_str().unwrap_or(""), "%Y-%m-%d");
+                let d = chrono::NaiveDate::parse_from_str(
+                    c["customFields"]["lastPurchaseDate"].as_str().unwrap_or(""),
+                    "%Y-%m-%d",
+                );
                 d.is_ok_and(|d| (today - d).num_days() > 90)
             }),
         ),

@@ -19,7 +19,12 @@ async fn main() {
 
     let started = Instant::now();
     let sandbox = support::SandboxChild::start(contacts, "unlimited");
-    println!("sandbox: generated {contacts} contacts in {} ms (ready after {} ms), RSS {:.0} MB", sandbox.generate_ms, started.elapsed().as_millis(), sandbox.rss_mb());
+    println!(
+        "sandbox: generated {contacts} contacts in {} ms (ready after {} ms), RSS {:.0} MB",
+        sandbox.generate_ms,
+        started.elapsed().as_millis(),
+        sandbox.rss_mb()
+    );
 
     // Cost of one page far into the scan vs at its start: must not grow with the offset.
     let http = reqwest::Client::new();
@@ -30,7 +35,15 @@ async fn main() {
             let mut best = f64::MAX;
             for _ in 0..20 {
                 let t = Instant::now();
-                let body = http.get(&url).header("X-Api-Key", support::KEY).send().await.expect("sent").bytes().await.expect("body");
+                let body = http
+                    .get(&url)
+                    .header("X-Api-Key", support::KEY)
+                    .send()
+                    .await
+                    .expect("sent")
+                    .bytes()
+                    .await
+                    .expect("body");
                 assert!(body.len() > 1000);
                 best = best.min(t.elapsed().as_secs_f64() * 1000.0);
             }
@@ -38,7 +51,11 @@ async fn main() {
         }
     };
     let (first, last) = (page_ms(0).await, page_ms(contacts - 100).await);
-    println!("one page (best of 20): offset 0 {first:.2} ms, offset {} {last:.2} ms (ratio {:.2})", contacts - 100, last / first);
+    println!(
+        "one page (best of 20): offset 0 {first:.2} ms, offset {} {last:.2} ms (ratio {:.2})",
+        contacts - 100,
+        last / first
+    );
 
     for concurrency in [1, 4] {
         let gw = support::gateway(&sandbox.base_url, Plan::Unlimited, concurrency);

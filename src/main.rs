@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// segsync allocates and frees millions of small maps per pass; glibc's malloc spent a quarter of
+// the CPU of a 1M-contact pass in bookkeeping (see BENCHMARKS.md), mimalloc a fraction of that.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = segsync::cli::Cli::parse();
     match segsync::cli::run(cli) {

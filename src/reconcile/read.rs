@@ -68,16 +68,28 @@ pub async fn members(
         move |records| {
             let mut part = Evaluation::default();
             for record in records {
+                let id = record.id;
                 // add_only never removes, so its members need no verdict.
                 if rule_for_work.mode == Mode::Mirror {
                     part.evaluated += 1;
-                    match rule_for_work.evaluate(&engine, &record, today) {
+                    let map = record.fields;
+                    let verdict = if rule_for_work.filter.is_empty()
+                        || map
+                            .read_lock::<rhai::Map>()
+                            .is_some_and(|m| rule_for_work.filter.iter().all(|f| f.passes(&m)))
+                    {
+                        // The member's last use: hand the record over instead of cloning it.
+                        rule_for_work.call_matches(&engine, map, today)
+                    } else {
+                        Ok(false)
+                    };
+                    match verdict {
                         Ok(true) => part.matched += 1,
-                        Ok(false) => part.members_failing.push(record.id.clone()),
-                        Err(e) => part.error(&record.id, e),
+                        Ok(false) => part.members_failing.push(id.clone()),
+                        Err(e) => part.error(&id, e),
                     }
                 }
-                part.members.insert(record.id);
+                part.members.insert(id);
             }
             part
         },
@@ -120,25 +132,36 @@ pub async fn candidates(
         move |records| {
             let mut parts = vec![Evaluation::default(); work_targets.len()];
             let mut in_filter = vec![0u64; work_targets.len()];
-            for record in &records {
+            let mut due = Vec::with_capacity(work_targets.len());
+            for record in records {
+                due.clear();
                 for (i, target) in work_targets.iter().enumerate() {
                     if target.members.contains(&record.id) {
                         continue;
                     }
-                    let part = &mut parts[i];
-                    if !target.rule.passes_filter(record) {
-                        part.evaluated += 1;
-                        continue;
+                    parts[i].evaluated += 1;
+                    if target.rule.passes_filter(&record) {
+                        in_filter[i] += 1;
+                        due.push(i);
                     }
-                    in_filter[i] += 1;
-                    part.evaluated += 1;
-                    match target.rule.evaluate(&engine, record, today) {
+                }
+                // Each evaluation consumes a copy of the contact; the last one takes the record itself.
+                let ContactRecord { id, fields } = record;
+                let mut fields = Some(fields);
+                for (k, &i) in due.iter().enumerate() {
+                    let arg = if k + 1 == due.len() {
+                        fields.take().unwrap_or_default()
+                    } else {
+                        fields.clone().unwrap_or_default()
+                    };
+                    let part = &mut parts[i];
+                    match work_targets[i].rule.call_matches(&engine, arg, today) {
                         Ok(true) => {
                             part.matched += 1;
-                            part.candidates_matching.push(record.id.clone());
+                            part.candidates_matching.push(id.clone());
                         }
                         Ok(false) => {}
-                        Err(e) => part.error(&record.id, e),
+                        Err(e) => part.error(&id, e),
                     }
                 }
             }

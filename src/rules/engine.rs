@@ -56,7 +56,10 @@ fn today(ctx: &NativeCallContext, tz: Tz) -> NaiveDate {
 /// Reads `YYYY-MM-DD`, or an RFC 3339 timestamp taken as its date in `tz`.
 pub fn parse_date(text: &str, tz: Tz) -> Result<NaiveDate, String> {
     let text = text.trim();
-    if let Ok(d) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+    // `FromStr` reads ISO `YYYY-MM-DD` without interpreting a format string on every call.
+    if text.len() == 10
+        && let Ok(d) = text.parse::<NaiveDate>()
+    {
         return Ok(d);
     }
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {

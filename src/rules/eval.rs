@@ -50,14 +50,15 @@ impl Rule {
         if !self.passes_filter(contact) {
             return Ok(false);
         }
+        self.call_matches(engine, contact.fields.clone(), today)
+    }
+
+    /// `matches` on a contact that already passed `FILTER`. Rhai takes arguments by value, so the
+    /// caller hands over the contact: a clone, or the record itself for its last evaluation.
+    pub fn call_matches(&self, engine: &Engine, fields: Dynamic, today: Date) -> Result<bool, EvalError> {
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true).with_tag(today);
-        let verdict = engine.call_fn_with_options::<Dynamic>(
-            options,
-            &mut Scope::new(),
-            &self.ast,
-            "matches",
-            (contact.fields.clone(),),
-        )?;
+        let verdict =
+            engine.call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.ast, "matches", (fields,))?;
         verdict.as_bool().map_err(|type_name| EvalError {
             message: format!("matches must return true or false, got {type_name} {verdict}"),
             line: 0,
