@@ -34,7 +34,8 @@ fn main() {
     let (set, errors) = rules::load_dir(&engine, std::path::Path::new("rules"));
     assert!(errors.is_empty(), "{errors:?}");
     let day = Date(today);
-    let native: Vec<(&str, Box<dyn Fn(&serde_json::Value) -> bool>)> = vec![
+    type Native = Box<dyn Fn(&serde_json::Value) -> bool>;
+    let native: Vec<(&str, Native)> = vec![
         ("geo-emilia-romagna", Box::new(|c| c["region"] == "Emilia-Romagna")),
         ("geo-lombardia", Box::new(|c| c["region"] == "Lombardia")),
         ("geo-veneto", Box::new(|c| c["region"] == "Veneto")),
