@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -217,7 +218,7 @@ fn check(config: &Config) -> Exit {
 }
 
 /// The rules named on the command line (all when none), or the names that do not exist.
-fn select(set: &RuleSet, names: &[String]) -> Result<Vec<std::sync::Arc<rules::Rule>>, String> {
+fn select(set: &RuleSet, names: &[String]) -> Result<Vec<Arc<rules::Rule>>, String> {
     if names.is_empty() {
         return Ok(set.iter().cloned().collect());
     }
@@ -234,17 +235,26 @@ fn select(set: &RuleSet, names: &[String]) -> Result<Vec<std::sync::Arc<rules::R
     Ok(out)
 }
 
-fn test(config: &Config, names: &[String]) -> anyhow::Result<Exit> {
+/// Loads the rules, prints the broken ones, and picks the named ones (all when none are named);
+/// `Err` is the exit code when a named rule is not among the valid ones.
+fn load_selected(config: &Config, names: &[String]) -> Result<(rhai::Engine, Vec<Arc<rules::Rule>>, bool), Exit> {
     let (engine, set, errors) = load_rules(config);
     for e in &errors {
         println!("{e}");
     }
-    let selected = match select(&set, names) {
-        Ok(s) => s,
+    match select(&set, names) {
+        Ok(selected) => Ok((engine, selected, errors.is_empty())),
         Err(e) => {
             println!("{e}");
-            return Ok(Exit::Invalid);
+            Err(Exit::Invalid)
         }
+    }
+}
+
+fn test(config: &Config, names: &[String]) -> anyhow::Result<Exit> {
+    let (engine, selected, all_valid) = match load_selected(config, names) {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
     };
     let (mut passed, mut failed, mut untested) = (0, 0, Vec::new());
     for rule in &selected {
@@ -272,7 +282,7 @@ fn test(config: &Config, names: &[String]) -> anyhow::Result<Exit> {
     println!("{passed} passed, {failed} failed");
     Ok(if failed > 0 {
         Exit::Failure
-    } else if errors.is_empty() {
+    } else if all_valid {
         Exit::Ok
     } else {
         Exit::Invalid
@@ -353,16 +363,9 @@ enum PassMode {
 
 /// `plan` and `sync`: one pass over the selected rules, dry or real.
 async fn pass(config: &Config, names: &[String], mode: PassMode) -> anyhow::Result<Exit> {
-    let (engine, set, errors) = load_rules(config);
-    for e in &errors {
-        println!("{e}");
-    }
-    let selected = match select(&set, names) {
-        Ok(s) => s,
-        Err(e) => {
-            println!("{e}");
-            return Ok(Exit::Invalid);
-        }
+    let (engine, selected, all_valid) = match load_selected(config, names) {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
     };
     let dry_run = matches!(mode, PassMode::Plan { .. });
     // Only a writer needs the instance lock; a dry run may look while the daemon works.
@@ -371,7 +374,7 @@ async fn pass(config: &Config, names: &[String], mode: PassMode) -> anyhow::Resu
     let connection = Connection::open(config).await?;
     let reconciler = Reconciler {
         gateway: connection.gateway.clone(),
-        engine: std::sync::Arc::new(engine),
+        engine: Arc::new(engine),
         state,
         endpoint: connection.endpoint.clone(),
         guards: config.guards.clone(),
@@ -404,7 +407,7 @@ async fn pass(config: &Config, names: &[String], mode: PassMode) -> anyhow::Resu
         Exit::Failure
     } else if report.any(Outcome::Held) {
         Exit::Held
-    } else if errors.is_empty() {
+    } else if all_valid {
         Exit::Ok
     } else {
         Exit::Invalid
