@@ -25,7 +25,7 @@ use crate::sandbox::{Faults, Sandbox, SandboxConfig};
 #[derive(Debug, Parser)]
 #[command(name = "segsync", version, about = "Keeps partner-gateway contact lists in sync with Rhai segment rules")]
 pub struct Cli {
-    /// Log format: auto (JSON unless stdout is a terminal), json or text. Overrides [log] format.
+    /// Log format: auto (JSON unless stderr is a terminal), json or text. Overrides [log] format.
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
     /// The configuration file.
@@ -419,7 +419,7 @@ fn plan_json(r: &RuleReport) -> serde_json::Value {
         "rule": r.rule.name,
         "list": r.rule.list,
         "list_id": r.list_id,
-        "list_exists": r.list_id.is_some() && !(r.list_created && r.list_id.is_none()),
+        "list_exists": r.list_id.is_some(),
         "mode": r.rule.mode,
         "members": r.members_before,
         "scanned": r.scanned,

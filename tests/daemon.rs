@@ -29,8 +29,8 @@ impl Daemon {
             cmd.env(k, v);
         }
         let mut child =
-            cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn");
-        let stdout = child.stdout.take().expect("stdout");
+            cmd.stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::piped()).spawn().expect("spawn");
+        let stdout = child.stderr.take().expect("stderr");
         let logs: Arc<Mutex<Vec<Value>>> = Arc::default();
         let sink = logs.clone();
         std::thread::spawn(move || {

@@ -22,12 +22,12 @@ impl SandboxChild {
         let mut child = Command::new(env!("CARGO_BIN_EXE_segsync"))
             .args(["sandbox", "--log-format", "json", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--contacts", &contacts.to_string(), "--plan", plan, "--api-key", KEY])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("sandbox starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
+        let logs = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(logs).lines();
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut generate_ms = 0;
         for line in lines.by_ref() {
