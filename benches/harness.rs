@@ -12,6 +12,9 @@
 //! Reading every member's record is part of the bound: safety requires judging each member on its
 //! own current record.
 
+// A benchmark reports by printing.
+#![allow(clippy::print_stdout)]
+
 mod support;
 
 // The same allocator as the segsync binary, so the harness measures what the binary does.

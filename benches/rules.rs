@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench --bench rules`
 
+// A benchmark reports by printing.
+#![allow(clippy::print_stdout)]
+
 use std::hint::black_box;
 use std::time::Instant;
 

@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench --bench scan` (add `-- --quick` for 200,000 contacts and no paced scan).
 
+// A benchmark reports by printing.
+#![allow(clippy::print_stdout)]
+
 mod support;
 
 use std::time::Instant;
