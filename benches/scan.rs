@@ -9,6 +9,10 @@
 
 mod support;
 
+// The same allocator as the segsync binary, so this measures what the binary does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use segsync::contact::ContactRecord;
