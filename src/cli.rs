@@ -368,8 +368,20 @@ async fn pass(config: &Config, names: &[String], mode: PassMode) -> anyhow::Resu
         Err(code) => return Ok(code),
     };
     let dry_run = matches!(mode, PassMode::Plan { .. });
+    let allow_mass_removal = matches!(mode, PassMode::Sync { allow_mass_removal: true });
     // Only a writer needs the instance lock; a dry run may look while the daemon works.
-    let _lock = if dry_run { None } else { Some(crate::state::lock(&config.state_path)?) };
+    let _lock = if dry_run {
+        None
+    } else {
+        match crate::state::lock(&config.state_path) {
+            Ok(lock) => Some(lock),
+            // The daemon holds the state: hand it the confirmation instead of fighting it.
+            Err(crate::state::StateError::Locked { pid, .. }) if allow_mass_removal && !names.is_empty() => {
+                return confirm_through_daemon(config, &selected, &pid).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let state = crate::state::State::open(&config.state_path)?;
     let connection = Connection::open(config).await?;
     let reconciler = Reconciler {
@@ -386,13 +398,7 @@ async fn pass(config: &Config, names: &[String], mode: PassMode) -> anyhow::Resu
         shutdown_signal().await;
         cancel.cancel();
     });
-    let request = PassRequest {
-        rules: selected,
-        trigger: Trigger::Manual,
-        dry_run,
-        allow_mass_removal: matches!(mode, PassMode::Sync { allow_mass_removal: true }),
-        today: None,
-    };
+    let request = PassRequest { rules: selected, trigger: Trigger::Manual, dry_run, allow_mass_removal, today: None };
     let report = reconciler.run_pass(request).await;
     stop.abort();
     connection.close().await;
@@ -412,6 +418,39 @@ async fn pass(config: &Config, names: &[String], mode: PassMode) -> anyhow::Resu
     } else {
         Exit::Invalid
     })
+}
+
+/// `sync RULE --allow-mass-removal` while the daemon runs: records the confirmation for the daemon,
+/// then waits for its run of each rule and reports the outcome.
+async fn confirm_through_daemon(config: &Config, rules: &[Arc<rules::Rule>], pid: &str) -> anyhow::Result<Exit> {
+    let state = crate::state::State::open(&config.state_path)?;
+    let since = crate::state::now();
+    for rule in rules {
+        state.approve(&rule.name, chrono::Duration::minutes(10))?;
+    }
+    let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+    println!("segsync is running (pid {pid}); asked it to run {} once with removals allowed", names.join(", "));
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let mut worst = Exit::Ok;
+    for rule in rules {
+        let run = loop {
+            if let Some(run) = state.run_finished_after(&rule.name, &since)? {
+                break run;
+            }
+            if std::time::Instant::now() > deadline {
+                println!("{}: no run within 10 minutes; see `segsync status` and the daemon's log", rule.name);
+                return Ok(Exit::Failure);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        println!("{}: added {}, removed {}, outcome {} {}", run.rule, run.added, run.removed, run.outcome, run.detail);
+        worst = match (worst, run.outcome.as_str()) {
+            (_, "failed") | (Exit::Failure, _) => Exit::Failure,
+            (_, "held") | (Exit::Held, _) => Exit::Held,
+            _ => Exit::Ok,
+        };
+    }
+    Ok(worst)
 }
 
 fn plan_json(r: &RuleReport) -> serde_json::Value {

@@ -44,6 +44,9 @@ pub enum Event {
 /// How long the watcher waits for a burst of file events to settle.
 const DEBOUNCE: Duration = Duration::from_millis(400);
 
+/// How often the daemon looks for operators' confirmations of held removals.
+const APPROVAL_POLL: Duration = Duration::from_secs(2);
+
 struct Daemon {
     config: Config,
     engine: Arc<Engine>,
@@ -55,6 +58,8 @@ struct Daemon {
     _lock: InstanceLock,
     running: HashSet<RuleName>,
     pending: BTreeMap<RuleName, Trigger>,
+    /// Rules whose next run may apply a held mass removal (`segsync sync RULE --allow-mass-removal`).
+    approved: HashSet<RuleName>,
     tx: mpsc::UnboundedSender<Event>,
     table: watch::Sender<CronTable>,
     tracker: TaskTracker,
@@ -86,6 +91,7 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
         _lock: lock,
         running: HashSet::new(),
         pending: BTreeMap::new(),
+        approved: HashSet::new(),
         tx: tx.clone(),
         table,
         tracker: TaskTracker::new(),
@@ -105,7 +111,13 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     notify(&[NotifyState::Ready, NotifyState::Status(&format!("{} rule(s) loaded", daemon.rules.len()))]);
     daemon.start_pending();
 
+    if daemon.connection.sandbox.is_some()
+        && let Err(e) = daemon.state.forget_other_sandboxes(&daemon.connection.endpoint)
+    {
+        tracing::warn!(error = %e, "could not forget the bindings of earlier sandboxes");
+    }
     let watchdog = sd_notify::watchdog_enabled();
+    let mut approvals = tokio::time::interval(APPROVAL_POLL);
     let mut watchdog_tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
     loop {
         tokio::select! {
@@ -128,6 +140,10 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
                 daemon.start_pending();
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[NotifyState::Watchdog]),
+            _ = approvals.tick() => {
+                daemon.take_approvals();
+                daemon.start_pending();
+            }
         }
     }
     daemon.shutdown(producers).await;
@@ -320,6 +336,27 @@ impl Daemon {
         Ok(())
     }
 
+    /// Operators' confirmations (`segsync sync RULE --allow-mass-removal` while we run): each
+    /// approved rule runs now, once, allowed to apply a held mass removal.
+    fn take_approvals(&mut self) {
+        let names = match self.state.take_approvals() {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read confirmations from the state database");
+                return;
+            }
+        };
+        for name in names {
+            if self.rules.get(&name).is_some() {
+                tracing::info!(rule = %name, "mass removal confirmed by the operator; running the rule once with it allowed");
+                self.approved.insert(name.clone());
+                self.pending.insert(name, Trigger::Manual);
+            } else {
+                tracing::warn!(rule = %name, "a confirmation names a rule that is not loaded; ignored");
+            }
+        }
+    }
+
     /// Starts one pass per trigger for the pending rules that are not running now.
     fn start_pending(&mut self) {
         if self.apply_cancel.is_cancelled() {
@@ -327,18 +364,19 @@ impl Daemon {
         }
         let ready: Vec<(RuleName, Trigger)> =
             self.pending.iter().filter(|(n, _)| !self.running.contains(*n)).map(|(n, t)| (n.clone(), *t)).collect();
-        let mut by_trigger: BTreeMap<String, (Trigger, Vec<Arc<Rule>>)> = BTreeMap::new();
+        let mut groups: BTreeMap<(String, bool), (Trigger, Vec<Arc<Rule>>)> = BTreeMap::new();
         for (name, trigger) in ready {
             self.pending.remove(&name);
+            let allow = self.approved.remove(&name);
             if let Some(rule) = self.rules.get(&name) {
-                by_trigger.entry(trigger.to_string()).or_insert((trigger, Vec::new())).1.push(rule.clone());
+                groups.entry((trigger.to_string(), allow)).or_insert((trigger, Vec::new())).1.push(rule.clone());
             }
         }
-        for (_, (trigger, rules)) in by_trigger {
+        for ((_, allow_mass_removal), (trigger, rules)) in groups {
             self.running.extend(rules.iter().map(|r| r.name.clone()));
             let reconciler = self.reconciler();
             let tx = self.tx.clone();
-            let request = PassRequest { rules, trigger, dry_run: false, allow_mass_removal: false, today: None };
+            let request = PassRequest { rules, trigger, dry_run: false, allow_mass_removal, today: None };
             self.tracker.spawn(async move {
                 let report = reconciler.run_pass(request).await;
                 let _ = tx.send(Event::PassDone(report));

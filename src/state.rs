@@ -22,7 +22,8 @@ pub enum StateError {
     Io { path: PathBuf, source: std::io::Error },
     #[error(
         "another segsync (pid {pid}) is using the state file {path}; two instances would fight over the same lists. \
-         Stop it first, or give this one its own [state] path"
+         Stop it first, or give this one its own [state] path (to confirm a held mass removal while it runs: \
+         `segsync sync RULE --allow-mass-removal`)"
     )]
     Locked { path: PathBuf, pid: String },
     #[error("the state database {path} has schema version {found}, newer than this segsync understands ({known})")]
@@ -88,9 +89,13 @@ pub struct RunRecord {
     pub detail: String,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
-const MIGRATIONS: [&str; 1] = [r"
+/// Runs kept per rule; older ones are pruned as new ones are recorded.
+const KEEP_RUNS: i64 = 1000;
+
+const MIGRATIONS: [&str; 2] = [
+    r"
     CREATE TABLE binding (
         endpoint  TEXT NOT NULL,
         rule      TEXT NOT NULL,
@@ -126,7 +131,15 @@ const MIGRATIONS: [&str; 1] = [r"
         value    INTEGER NOT NULL,
         PRIMARY KEY (endpoint, key)
     );
-"];
+",
+    r"
+    CREATE TABLE approval (
+        rule         TEXT PRIMARY KEY,
+        requested_at TEXT NOT NULL,
+        expires_at   TEXT NOT NULL
+    );
+",
+];
 
 /// The state database. Cheap to clone; calls are short and serialized.
 #[derive(Clone)]
@@ -216,9 +229,11 @@ impl State {
         })
     }
 
+    /// Stores a finished run and prunes the rule's runs beyond the newest 1,000, in one transaction.
     pub fn record_run(&self, run: &RunRecord) -> Result<(), StateError> {
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            tx.execute(
                 "INSERT INTO run (rule, list_id, trigger, rule_hash, started_at, finished_at, scanned, matched, members_before,
                                   added, removed, eval_errors, api_requests, retries, duration_ms, outcome, detail)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
@@ -228,8 +243,58 @@ impl State {
                     run.removed as i64, run.eval_errors as i64, run.api_requests as i64, run.retries as i64,
                     run.duration_ms as i64, run.outcome, run.detail
                 ],
+            )?;
+            tx.execute(
+                "DELETE FROM run WHERE rule = ?1 AND id < (SELECT MIN(id) FROM
+                    (SELECT id FROM run WHERE rule = ?1 ORDER BY id DESC LIMIT ?2))",
+                params![run.rule, KEEP_RUNS],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Records an operator's one-time confirmation of a held mass removal, for the running daemon.
+    pub fn approve(&self, rule: &RuleName, ttl: chrono::Duration) -> Result<(), StateError> {
+        let now = chrono::Utc::now();
+        let expires = (now + ttl).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let requested = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO approval (rule, requested_at, expires_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (rule) DO UPDATE SET requested_at = excluded.requested_at, expires_at = excluded.expires_at",
+                params![rule.as_str(), requested, expires],
             )
             .map(drop)
+        })
+    }
+
+    /// Takes (and deletes) the confirmations that have not expired.
+    pub fn take_approvals(&self) -> Result<Vec<RuleName>, StateError> {
+        let now = now();
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let names = {
+                let mut stmt = tx.prepare("SELECT rule FROM approval WHERE expires_at > ?1 ORDER BY rule")?;
+                let rows = stmt.query_map(params![now], |r| r.get::<_, String>(0))?;
+                rows.collect::<rusqlite::Result<Vec<String>>>()?
+            };
+            tx.execute("DELETE FROM approval", [])?;
+            tx.commit()?;
+            Ok(names.into_iter().map(RuleName::from).collect())
+        })
+    }
+
+    /// The newest run of `rule` that finished after `after` (RFC 3339), if any.
+    pub fn run_finished_after(&self, rule: &RuleName, after: &str) -> Result<Option<RunRecord>, StateError> {
+        Ok(self.last_runs(1)?.into_iter().find(|r| r.rule == rule.as_str() && r.finished_at.as_str() > after))
+    }
+
+    /// Forgets bindings and estimates of earlier bundled-sandbox instances (their lists are gone).
+    pub fn forget_other_sandboxes(&self, current: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute("DELETE FROM binding WHERE endpoint LIKE 'sandbox@%' AND endpoint <> ?1", params![current])?;
+            c.execute("DELETE FROM estimate WHERE endpoint LIKE 'sandbox@%' AND endpoint <> ?1", params![current])?;
+            Ok(())
         })
     }
 
@@ -321,6 +386,30 @@ mod tests {
         );
         assert_eq!(state.last_runs(5).expect("runs")[0].added, 3);
         assert_eq!(state.estimate("e", "contacts").expect("estimate"), Some(20_000));
+    }
+
+    // Old runs are pruned per rule; approvals are taken once and expire.
+    #[test]
+    fn pruning_and_approvals() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = State::open(&dir.path().join("segsync.db")).expect("open");
+        for i in 0..(KEEP_RUNS + 5) {
+            state.record_run(&RunRecord { rule: "vip".into(), added: i as u64, ..RunRecord::default() }).expect("run");
+        }
+        state.record_run(&RunRecord { rule: "geo".into(), ..RunRecord::default() }).expect("run");
+        let count: i64 = state
+            .with(|c| c.query_row("SELECT COUNT(*) FROM run WHERE rule = 'vip'", [], |r| r.get(0)))
+            .expect("count");
+        assert_eq!(count, KEEP_RUNS);
+        assert_eq!(
+            state.last_runs(1).expect("runs").iter().find(|r| r.rule == "vip").expect("vip").added,
+            KEEP_RUNS as u64 + 4
+        );
+
+        state.approve(&RuleName::from("vip"), chrono::Duration::hours(1)).expect("approve");
+        state.approve(&RuleName::from("old"), chrono::Duration::seconds(-1)).expect("approve");
+        assert_eq!(state.take_approvals().expect("take"), [RuleName::from("vip")]);
+        assert!(state.take_approvals().expect("take").is_empty(), "taken once");
     }
 
     // A second instance on the same state file is refused with a message naming the holder.

@@ -210,3 +210,41 @@ async fn sync_exit_codes_and_status() {
     assert!(out.contains("held"), "{out}");
     sandbox.shutdown().await;
 }
+
+// `plan` writes nothing (not even a list); `explain` shows the fields the rule reads and the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_is_dry_and_explain_explains() {
+    let sandbox = support::start(support::sandbox_config(2_000)).await;
+    let (_dir, config) = setup(Some(&sandbox.base_url()));
+    let c = config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        segsync().args(["plan", "--json"]).arg("--config").arg(&c).output().expect("runs")
+    })
+    .await
+    .expect("join");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stats = sandbox.stats();
+    assert_eq!(stats.writes(), 0, "a plan writes nothing: {stats:?}");
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is exactly the plan's JSON");
+    let vip = rows.as_array().expect("rows").iter().find(|r| r["rule"] == "vip").expect("vip row");
+    assert_eq!(vip["list_exists"], false);
+    let vip_ids = sandbox.with_store(|s| {
+        let ids: Vec<String> = s.contact_ids().map(str::to_owned).collect();
+        ids.into_iter()
+            .filter(|id| {
+                s.get(id).and_then(|c| c.custom_fields.get("totalSpent")?.as_f64()).is_some_and(|v| v > 5000.0)
+            })
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(vip["to_add"].as_u64(), Some(vip_ids.len() as u64));
+
+    let id = vip_ids[0].clone();
+    let (code, out) =
+        tokio::task::spawn_blocking(move || run(segsync().args(["explain", "vip", &id]).arg("--config").arg(&config)))
+            .await
+            .expect("join");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("reads     customFields.totalSpent = "), "{out}");
+    assert!(out.contains("answer    IN the segment"), "{out}");
+    sandbox.shutdown().await;
+}

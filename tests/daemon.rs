@@ -231,6 +231,44 @@ async fn sighup_reloads_or_keeps_running() {
     sandbox.shutdown().await;
 }
 
+// A held mass removal is confirmed while the daemon runs: `sync RULE --allow-mass-removal` hands the
+// confirmation to the daemon, which runs the rule once with removals allowed, and reports the outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_removal_confirmed_while_running() {
+    let sandbox = support::start(support::sandbox_config(3_000)).await;
+    let (dir, config) = setup(&sandbox, "");
+    let daemon = Daemon::start(&config, &[]);
+    daemon.wait_for(5, "rule run", &[("trigger", "startup"), ("outcome", "ok")], 60).await;
+    let vip = dir.path().join("rules/vip.rhai");
+    std::fs::write(
+        &vip,
+        "const LIST = \"VIP - Spend > 5000 EUR\";\nfn matches(c) { c.customFields.totalSpent > 20000.0 }\n",
+    )
+    .expect("edit");
+    let held = daemon.wait_for(1, "rule run", &[("rule", "vip"), ("trigger", "file")], 30).await;
+    assert_eq!(held[0]["outcome"], "held", "{}", held[0]);
+    assert_eq!(list_members(&sandbox, "VIP - Spend > 5000 EUR"), count_where(&sandbox, |c| spent(c) > 5000.0));
+
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_segsync"))
+            .args(["sync", "vip", "--allow-mass-removal", "--config"])
+            .arg(&config)
+            .env(KEY_VAR, support::KEY)
+            .output()
+            .expect("runs")
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("asked it to run vip once"), "{text}");
+    assert!(text.contains("outcome ok"), "{text}");
+    daemon.wait_for(1, "rule run", &[("rule", "vip"), ("trigger", "manual"), ("outcome", "ok")], 5).await;
+    assert_eq!(list_members(&sandbox, "VIP - Spend > 5000 EUR"), count_where(&sandbox, |c| spent(c) > 20000.0));
+    drop(daemon);
+    sandbox.shutdown().await;
+}
+
 // Edits arriving while a rule runs coalesce: a burst of four edits gives at most one follow-up run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triggers_during_a_run_coalesce() {
