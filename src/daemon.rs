@@ -364,15 +364,15 @@ impl Daemon {
         }
         let ready: Vec<(RuleName, Trigger)> =
             self.pending.iter().filter(|(n, _)| !self.running.contains(*n)).map(|(n, t)| (n.clone(), *t)).collect();
-        let mut groups: BTreeMap<(String, bool), (Trigger, Vec<Arc<Rule>>)> = BTreeMap::new();
+        let mut groups: BTreeMap<(Trigger, bool), Vec<Arc<Rule>>> = BTreeMap::new();
         for (name, trigger) in ready {
             self.pending.remove(&name);
             let allow = self.approved.remove(&name);
             if let Some(rule) = self.rules.get(&name) {
-                groups.entry((trigger.to_string(), allow)).or_insert((trigger, Vec::new())).1.push(rule.clone());
+                groups.entry((trigger, allow)).or_default().push(rule.clone());
             }
         }
-        for ((_, allow_mass_removal), (trigger, rules)) in groups {
+        for ((trigger, allow_mass_removal), rules) in groups {
             self.running.extend(rules.iter().map(|r| r.name.clone()));
             let reconciler = self.reconciler();
             let tx = self.tx.clone();

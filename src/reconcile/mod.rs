@@ -26,7 +26,7 @@ use crate::state::{RunRecord, State, StateError};
 pub use plan::{Evaluation, Plan};
 
 /// What started a run; logged and stored with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Trigger {
     Startup,
