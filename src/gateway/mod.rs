@@ -98,30 +98,59 @@ pub struct AddOutcome {
     pub invalid: u64,
 }
 
-/// One page of a scan, de-duplicated against the pages before it.
+/// One page of a scan: its contacts, de-duplicated against the pages before it (or what the
+/// caller's page work made of them), and the server's count of all matches as of this page.
 #[derive(Debug)]
-pub struct Page<T> {
-    pub records: Vec<T>,
-    /// The server's count of all matches, as of this page.
+pub struct Page<R> {
+    pub records: R,
     pub total: u64,
 }
 
 /// A scan in progress: pages arrive in order; dropping it stops the requests.
-pub struct Scan<T> {
-    rx: mpsc::Receiver<Result<Page<T>, GatewayError>>,
+pub struct Scan<R> {
+    rx: mpsc::Receiver<Result<Page<R>, GatewayError>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl<T> Scan<T> {
+impl<R> Scan<R> {
     /// The next page, `None` after the last one; an error ends the scan.
-    pub async fn next(&mut self) -> Option<Result<Page<T>, GatewayError>> {
+    pub async fn next(&mut self) -> Option<Result<Page<R>, GatewayError>> {
         self.rx.recv().await
     }
 }
 
-impl<T> Drop for Scan<T> {
+impl<R> Drop for Scan<R> {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// The ids a scan has returned, as 64-bit keyed hashes: a 1M-contact scan costs 16 MB, not 60. A
+/// collision (about 1 in 10^7 per million-contact scan, new keys every scan) only drops a duplicate-
+/// looking record from this one scan, which can never remove anything.
+struct Seen {
+    hasher: RandomState,
+    ids: std::sync::Mutex<HashSet<u64>>,
+}
+
+impl Seen {
+    /// Keeps the records not seen before; a later page with nothing new means `offset` is ignored.
+    fn fresh<T: Record>(&self, op: Operation, offset: u64, records: Vec<T>) -> Result<Vec<T>, GatewayError> {
+        let before = records.len();
+        let mut fresh = Vec::with_capacity(before);
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        for r in records {
+            let Some(id) = r.contact_id() else {
+                return Err(GatewayError::Decode { op, message: format!("a contact at offset {offset} has no id") });
+            };
+            if ids.insert(self.hasher.hash_one(id.as_str())) {
+                fresh.push(r);
+            }
+        }
+        if offset > 0 && before > 0 && fresh.is_empty() {
+            return Err(GatewayError::OffsetIgnored { op, offset });
+        }
+        Ok(fresh)
     }
 }
 
@@ -302,9 +331,24 @@ impl Gateway {
     }
 
     /// Streams every contact matching `query`, page by page, each contact once.
-    pub fn scan<T: Record>(&self, query: &ScanQuery) -> Scan<T> {
+    pub fn scan<T: Record>(&self, query: &ScanQuery) -> Scan<Vec<T>> {
+        self.scan_with(query, |records: Vec<T>| records)
+    }
+
+    /// Reads every member of `list` (full records), page by page.
+    pub fn read_members<T: Record>(&self, list: &ListId) -> Scan<Vec<T>> {
+        self.scan(&ScanQuery { list_ids: vec![list.clone()], ..ScanQuery::default() })
+    }
+
+    /// Like [`Gateway::scan`], but each page's contacts go through `work` on the same blocking
+    /// thread that parsed them (several pages at once), and the stream yields `work`'s results in
+    /// page order. Records never cross threads: parsing, judging and freeing stay on one.
+    pub fn scan_with<T: Record, R: Send + 'static>(
+        &self,
+        query: &ScanQuery,
+        work: impl Fn(Vec<T>) -> R + Send + Sync + 'static,
+    ) -> Scan<R> {
         let op = if query.list_ids.is_empty() { Operation::ScanContacts } else { Operation::ReadMembers };
-        let mut params: Vec<(&'static str, String)> = Vec::new();
         let mut filters = query.filters.clone();
         let join = |ids: &[ListId]| ids.iter().map(ListId::as_str).collect::<Vec<_>>().join(",");
         if !query.list_ids.is_empty() {
@@ -313,67 +357,48 @@ impl Gateway {
         if !query.not_list_ids.is_empty() {
             filters.push(("notListIds".into(), join(&query.not_list_ids)));
         }
+        filters.push(("limit".into(), self.inner.page_size.to_string()));
         let (tx, rx) = mpsc::channel(self.inner.concurrency + 1);
         let this = self.clone();
-        params.push(("limit", self.inner.page_size.to_string()));
-        let task = tokio::spawn(async move { this.produce::<T>(op, filters, params, tx).await });
+        let task = tokio::spawn(async move { this.produce(op, filters, Arc::new(work), tx).await });
         Scan { rx, task }
     }
 
-    /// Reads every member of `list` (full records), page by page.
-    pub fn read_members<T: Record>(&self, list: &ListId) -> Scan<T> {
-        self.scan(&ScanQuery { list_ids: vec![list.clone()], ..ScanQuery::default() })
-    }
-
-    async fn fetch_page<T: Record>(
+    /// Fetches the page at `offset`, then parses, de-duplicates and works it on a blocking thread.
+    async fn fetch_page<T: Record, R: Send + 'static>(
         &self,
         op: Operation,
         filters: &[(String, String)],
-        base: &[(&'static str, String)],
         offset: u64,
-    ) -> Result<Page<T>, GatewayError> {
+        seen: &Arc<Seen>,
+        work: &Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
+    ) -> Result<Page<R>, GatewayError> {
         let mut query: Vec<(&str, String)> = filters.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        query.extend(base.iter().cloned());
         match self.inner.pagination {
             Pagination::Offset => query.push(("offset", offset.to_string())),
             Pagination::Page => query.push(("page", (offset / u64::from(self.inner.page_size)).to_string())),
         }
-        let wire: PageWire<T> = self.call_json(op, Method::GET, self.url(&["contacts"]), &query, None).await?;
-        Ok(Page { records: wire.contacts, total: wire.total })
+        let bytes = self.call(op, Method::GET, self.url(&["contacts"]), &query, None, true).await?;
+        let (seen, work) = (seen.clone(), work.clone());
+        tokio::task::spawn_blocking(move || {
+            let wire: PageWire<T> =
+                serde_json::from_slice(&bytes).map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
+            let fresh = seen.fresh(op, offset, wire.contacts)?;
+            Ok(Page { records: work(fresh), total: wire.total })
+        })
+        .await
+        .map_err(|e| GatewayError::Decode { op, message: e.to_string() })?
     }
 
-    async fn produce<T: Record>(
+    async fn produce<T: Record, R: Send + 'static>(
         self,
         op: Operation,
         filters: Vec<(String, String)>,
-        base: Vec<(&'static str, String)>,
-        tx: mpsc::Sender<Result<Page<T>, GatewayError>>,
+        work: Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
+        tx: mpsc::Sender<Result<Page<R>, GatewayError>>,
     ) {
         let limit = u64::from(self.inner.page_size);
-        // Seen ids as 64-bit keyed hashes: a 1M-contact scan costs 16 MB, not 60. A collision
-        // (about 1 in 10^7 per million-contact scan, new keys every scan) only drops a duplicate-
-        // looking record from this one scan, which never removes anything.
-        let hasher = RandomState::new();
-        let mut seen: HashSet<u64> = HashSet::new();
-        let mut dedup = |offset: u64, records: Vec<T>| -> Result<Vec<T>, GatewayError> {
-            let before = records.len();
-            let mut fresh = Vec::with_capacity(before);
-            for r in records {
-                let Some(id) = r.contact_id() else {
-                    return Err(GatewayError::Decode {
-                        op,
-                        message: format!("a contact at offset {offset} has no id"),
-                    });
-                };
-                if seen.insert(hasher.hash_one(id.as_str())) {
-                    fresh.push(r);
-                }
-            }
-            if offset > 0 && before > 0 && fresh.is_empty() {
-                return Err(GatewayError::OffsetIgnored { op, offset });
-            }
-            Ok(fresh)
-        };
+        let seen = Arc::new(Seen { hasher: RandomState::new(), ids: std::sync::Mutex::new(HashSet::new()) });
         let mut total = u64::MAX;
         let mut next_offset = 0;
         while next_offset < total {
@@ -382,15 +407,10 @@ impl Gateway {
                 if total == u64::MAX { vec![0] } else { (next_offset..total).step_by(limit as usize).collect() };
             next_offset = offsets.last().copied().unwrap_or(next_offset) + limit;
             let mut pages = futures_util::stream::iter(offsets)
-                .map(|offset| {
-                    let this = &self;
-                    let filters = &filters;
-                    let base = &base;
-                    async move { (offset, this.fetch_page::<T>(op, filters, base, offset).await) }
-                })
+                .map(|offset| self.fetch_page(op, &filters, offset, &seen, &work))
                 .buffered(self.inner.concurrency);
-            while let Some((offset, result)) = pages.next().await {
-                let page = match result.and_then(|p| Ok(Page { total: p.total, records: dedup(offset, p.records)? })) {
+            while let Some(result) = pages.next().await {
+                let page = match result {
                     Ok(page) => page,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;

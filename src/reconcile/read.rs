@@ -2,7 +2,7 @@
 //! or per-rule reads of filtered non-members, whichever costs fewer requests), evaluated page by
 //! page on blocking threads as the pages arrive. Contacts are streamed, never all held at once.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use rhai::Engine;
@@ -15,19 +15,13 @@ use crate::gateway::{Gateway, Scan, ScanQuery};
 use crate::ids::{ContactId, ListId};
 use crate::rules::{Date, Mode, Rule};
 
-/// Pages evaluated at once while later pages are still being fetched.
-const PAGES_IN_FLIGHT: usize = 3;
-
-/// Feeds every page of `scan` to `work` on a blocking thread and `fold`s the results in order.
-/// Returns the server's last reported total.
-async fn fold_pages<R: Send + 'static>(
-    mut scan: Scan<ContactRecord>,
+/// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
+/// threads as they were parsed). Returns the server's last reported total.
+async fn fold_pages<R>(
+    mut scan: Scan<R>,
     cancel: &CancellationToken,
-    work: impl Fn(Vec<ContactRecord>) -> R + Send + Sync + 'static,
     mut fold: impl FnMut(R),
 ) -> Result<u64, ReconcileError> {
-    let work = Arc::new(work);
-    let mut pending = VecDeque::new();
     let mut total = 0;
     loop {
         let next = tokio::select! {
@@ -37,16 +31,7 @@ async fn fold_pages<R: Send + 'static>(
         let Some(page) = next else { break };
         let page = page?;
         total = page.total;
-        let work = work.clone();
-        pending.push_back(tokio::task::spawn_blocking(move || work(page.records)));
-        if pending.len() >= PAGES_IN_FLIGHT
-            && let Some(done) = pending.pop_front()
-        {
-            fold(done.await.map_err(|e| ReconcileError::Internal(format!("evaluation task failed: {e}")))?);
-        }
-    }
-    for done in pending {
-        fold(done.await.map_err(|e| ReconcileError::Internal(format!("evaluation task failed: {e}")))?);
+        fold(page.records);
     }
     Ok(total)
 }
@@ -62,10 +47,9 @@ pub async fn members(
 ) -> Result<Evaluation, ReconcileError> {
     let (engine, rule_for_work) = (engine.clone(), rule.clone());
     let mut eval = Evaluation::default();
-    fold_pages(
-        gw.read_members::<ContactRecord>(list),
-        cancel,
-        move |records| {
+    let scan = gw.scan_with(
+        &ScanQuery { list_ids: vec![list.clone()], ..ScanQuery::default() },
+        move |records: Vec<ContactRecord>| {
             let mut part = Evaluation::default();
             for record in records {
                 let id = record.id;
@@ -93,9 +77,8 @@ pub async fn members(
             }
             part
         },
-        |part| eval.merge(part),
-    )
-    .await?;
+    );
+    fold_pages(scan, cancel, |part| eval.merge(part)).await?;
     Ok(eval)
 }
 
@@ -126,54 +109,50 @@ pub async fn candidates(
     let targets = Arc::new(targets);
     let mut out = Candidates { per_target: vec![Evaluation::default(); n], in_filter: vec![0; n], total: 0 };
     let (engine, work_targets) = (engine.clone(), targets.clone());
-    out.total = fold_pages(
-        gw.scan::<ContactRecord>(query),
-        cancel,
-        move |records| {
-            let mut parts = vec![Evaluation::default(); work_targets.len()];
-            let mut in_filter = vec![0u64; work_targets.len()];
-            let mut due = Vec::with_capacity(work_targets.len());
-            for record in records {
-                due.clear();
-                for (i, target) in work_targets.iter().enumerate() {
-                    if target.members.contains(&record.id) {
-                        continue;
-                    }
-                    parts[i].evaluated += 1;
-                    if target.rule.passes_filter(&record) {
-                        in_filter[i] += 1;
-                        due.push(i);
-                    }
+    let scan = gw.scan_with(query, move |records: Vec<ContactRecord>| {
+        let mut parts = vec![Evaluation::default(); work_targets.len()];
+        let mut in_filter = vec![0u64; work_targets.len()];
+        let mut due = Vec::with_capacity(work_targets.len());
+        for record in records {
+            due.clear();
+            for (i, target) in work_targets.iter().enumerate() {
+                if target.members.contains(&record.id) {
+                    continue;
                 }
-                // Each evaluation consumes a copy of the contact; the last one takes the record itself.
-                let ContactRecord { id, fields } = record;
-                let mut fields = Some(fields);
-                for (k, &i) in due.iter().enumerate() {
-                    let arg = if k + 1 == due.len() {
-                        fields.take().unwrap_or_default()
-                    } else {
-                        fields.clone().unwrap_or_default()
-                    };
-                    let part = &mut parts[i];
-                    match work_targets[i].rule.call_matches(&engine, arg, today) {
-                        Ok(true) => {
-                            part.matched += 1;
-                            part.candidates_matching.push(id.clone());
-                        }
-                        Ok(false) => {}
-                        Err(e) => part.error(&id, e),
-                    }
+                parts[i].evaluated += 1;
+                if target.rule.passes_filter(&record) {
+                    in_filter[i] += 1;
+                    due.push(i);
                 }
             }
-            (parts, in_filter)
-        },
-        |(parts, in_filter)| {
-            for (i, part) in parts.into_iter().enumerate() {
-                out.per_target[i].merge(part);
-                out.in_filter[i] += in_filter[i];
+            // Each evaluation consumes a copy of the contact; the last one takes the record itself.
+            let ContactRecord { id, fields } = record;
+            let mut fields = Some(fields);
+            for (k, &i) in due.iter().enumerate() {
+                let arg = if k + 1 == due.len() {
+                    fields.take().unwrap_or_default()
+                } else {
+                    fields.clone().unwrap_or_default()
+                };
+                let part = &mut parts[i];
+                match work_targets[i].rule.call_matches(&engine, arg, today) {
+                    Ok(true) => {
+                        part.matched += 1;
+                        part.candidates_matching.push(id.clone());
+                    }
+                    Ok(false) => {}
+                    Err(e) => part.error(&id, e),
+                }
             }
-        },
-    )
+        }
+        (parts, in_filter)
+    });
+    out.total = fold_pages(scan, cancel, |(parts, in_filter)| {
+        for (i, part) in parts.into_iter().enumerate() {
+            out.per_target[i].merge(part);
+            out.in_filter[i] += in_filter[i];
+        }
+    })
     .await?;
     Ok(out)
 }
