@@ -47,6 +47,10 @@ const DEBOUNCE: Duration = Duration::from_millis(400);
 /// How often the daemon looks for operators' confirmations of held removals.
 const APPROVAL_POLL: Duration = Duration::from_secs(2);
 
+/// How often the rules folder is re-read even without a file event: inotify misses changes on network
+/// file systems and some mounts, and a re-read with unchanged hashes does nothing.
+const RESCAN: Duration = Duration::from_secs(300);
+
 struct Daemon {
     config: Config,
     engine: Arc<Engine>,
@@ -118,6 +122,7 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     }
     let watchdog = sd_notify::watchdog_enabled();
     let mut approvals = tokio::time::interval(APPROVAL_POLL);
+    let mut rescan = tokio::time::interval_at(tokio::time::Instant::now() + RESCAN, RESCAN);
     let mut watchdog_tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
     loop {
         tokio::select! {
@@ -143,6 +148,9 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
             _ = approvals.tick() => {
                 daemon.take_approvals();
                 daemon.start_pending();
+            }
+            _ = rescan.tick() => {
+                let _ = daemon.tx.send(Event::RulesChanged);
             }
         }
     }
