@@ -140,6 +140,28 @@ async fn server_ignoring_offset_is_detected() {
     assert!(matches!(err, GatewayError::OffsetIgnored { offset: 100, .. }), "{err}");
     assert!(err.to_string().contains("pagination = \"page\""), "names the setting: {err}");
     assert!(sandbox.stats().count("GET /contacts") <= 6, "bounded: {:?}", sandbox.stats());
+
+    // The setting the error names fixes it: the reference's `page` form reads everything once.
+    let mut config = support::gateway_config(&sandbox, Plan::Unlimited);
+    config.pagination = segsync::gateway::Pagination::Page;
+    let gw = Gateway::new(config).expect("client");
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("page-based scan");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 5_000);
+    sandbox.shutdown().await;
+}
+
+// HTTP Basic credentials (the key as password) authenticate like the key header.
+#[tokio::test]
+async fn basic_credentials_work() {
+    let sandbox = start(support::sandbox_config(300)).await;
+    let mut config = support::gateway_config(&sandbox, Plan::Unlimited);
+    config.credentials = segsync::gateway::Credentials::Basic {
+        user: "ops".into(),
+        password: segsync::gateway::Secret::new(support::KEY),
+    };
+    let gw = Gateway::new(config).expect("client");
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("scan with Basic auth");
+    assert_eq!(ids.len(), 300);
     sandbox.shutdown().await;
 }
 

@@ -74,3 +74,36 @@ pub fn churn_once(store: &mut Store, data: &mut DemoData, count: usize, day: Nai
         ids.len() + births as usize
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A churn step makes purchases today (spend only goes up) and keeps the book about the same size.
+    #[test]
+    fn churn_makes_purchases_today() {
+        let today = NaiveDate::from_ymd_opt(2026, 11, 28).expect("date");
+        let mut store = super::super::generate(2_000, 1, today);
+        let before: f64 = total_spent(&store);
+        let mut data = DemoData::new(9, today);
+        let touched = churn_once(&mut store, &mut data, 100, today);
+        assert!(touched >= 100);
+        let bought_today = store
+            .contact_ids()
+            .filter(|id| {
+                store
+                    .get(id)
+                    .and_then(|c| c.custom_fields.get("lastPurchaseDate")?.as_str().map(str::to_owned))
+                    .as_deref()
+                    == Some("2026-11-28")
+            })
+            .count();
+        assert!(bought_today >= 90, "{bought_today}");
+        assert!((1_990..=2_010).contains(&store.len()), "{}", store.len());
+        assert!(total_spent(&store) > before * 0.99);
+    }
+
+    fn total_spent(store: &Store) -> f64 {
+        store.contact_ids().filter_map(|id| store.get(id)?.custom_fields.get("totalSpent")?.as_f64()).sum()
+    }
+}

@@ -36,7 +36,7 @@ pub struct SandboxConfig {
     pub plan: Plan,
     pub faults: Faults,
     pub churn_per_minute: u32,
-    /// Play a server of the reference's page-based kind, which ignores `offset`.
+    /// Play a server of the reference's page-based kind, which ignores `offset` (`page` still works).
     pub ignore_offset: bool,
     /// Accept the reference's bulk removal body; `false` plays a seed-only server.
     pub bulk_remove: bool,

@@ -150,7 +150,8 @@ fn authenticate(expected: &str, headers: &HeaderMap) -> Result<String, Response>
 }
 
 /// Parses `GET /contacts` parameters; any parameter the contract does not name is an unknown filter.
-fn parse_search(pairs: &[(String, String)]) -> Result<(ContactQuery, usize, usize), Response> {
+/// The query, the page size, the `offset` and the offset a `page` parameter asks for (if any).
+fn parse_search(pairs: &[(String, String)]) -> Result<(ContactQuery, usize, usize, Option<usize>), Response> {
     let mut query = ContactQuery::default();
     let mut limit = DEFAULT_PAGE;
     let mut offset = None;
@@ -212,8 +213,7 @@ fn parse_search(pairs: &[(String, String)]) -> Result<(ContactQuery, usize, usiz
         };
         query.sort = Some((key, descending));
     }
-    let offset = offset.unwrap_or(0) + page.unwrap_or(0) * limit;
-    Ok((query, limit, offset))
+    Ok((query, limit, offset.unwrap_or(0), page.map(|p| p * limit)))
 }
 
 fn split_ids(value: &str) -> impl Iterator<Item = String> + '_ {
@@ -221,12 +221,17 @@ fn split_ids(value: &str) -> impl Iterator<Item = String> + '_ {
 }
 
 async fn search_contacts(State(shared): State<Arc<Shared>>, Query(pairs): Query<Vec<(String, String)>>) -> Response {
-    let (query, limit, offset) = match parse_search(&pairs) {
+    let (query, limit, offset, page_offset) = match parse_search(&pairs) {
         Ok(parsed) => parsed,
         Err(response) => return response,
     };
-    // A server of the reference's page-based kind ignores `offset`: the sandbox can play one.
-    let served_offset = if shared.config.ignore_offset { 0 } else { offset };
+    // A server of the reference's page-based kind ignores `offset` (it reads `page`): the sandbox can play one.
+    let offset = match (page_offset, shared.config.ignore_offset) {
+        (Some(from_page), _) => from_page,
+        (None, true) => 0,
+        (None, false) => offset,
+    };
+    let served_offset = offset;
     let mut store = shared.store();
     let slots = match store.search(&query) {
         Ok(slots) => slots,
