@@ -337,3 +337,33 @@ async fn deleted_list_is_recreated_and_renamed_list_rebinds() {
     assert_eq!(w.members("Molise 2027"), w.members("Molise"), "new list filled, old one left as it was");
     w.sandbox.shutdown().await;
 }
+
+// Run alone after a first pass, a FILTER rule reads only its members and its filtered non-members
+// (`FILTER & notListIds`), not the whole address book; a newcomer matching it is still added.
+#[tokio::test]
+async fn filtered_rule_alone_reads_only_its_slice() {
+    let w = world(support::sandbox_config(20_000), Path::new("rules")).await;
+    w.sync().await;
+    let newcomer = w
+        .api(
+            reqwest::Method::POST,
+            "/contacts",
+            json!({"email": "new@example.it", "region": "Veneto", "customFields": {}}),
+        )
+        .await;
+    let veneto: Vec<Arc<Rule>> = w.rules.iter().filter(|r| r.name.as_str() == "geo-veneto").cloned().collect();
+    let before = w.sandbox.stats();
+    let report = w.pass(veneto, false).await;
+    assert_eq!(report.read, ReadKind::OwnRead);
+    let r = &report.rules[0];
+    assert_eq!(r.plan.to_add.iter().map(|id| id.as_str()).collect::<Vec<_>>(), [newcomer["id"].as_str().expect("id")]);
+    let delta = w.sandbox.stats().since(&before);
+    let member_pages = r.members_before.div_ceil(100);
+    assert_eq!(
+        delta.count("GET /contacts"),
+        member_pages + 1,
+        "members, then one page of filtered non-members: {delta:?}"
+    );
+    assert_eq!(w.members("Geo - Veneto"), w.expected(|c| c.region.as_deref() == Some("Veneto")));
+    w.sandbox.shutdown().await;
+}

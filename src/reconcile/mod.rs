@@ -199,66 +199,17 @@ impl Reconciler {
         let live: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].error.is_none()).collect();
         let read = self.choose_read(&slots, &live);
         let shared_meter = Arc::new(Meter::default());
-        // Members are shared with the evaluating threads, then handed back (no copy of big sets).
-        let members: Vec<Arc<HashSet<ContactId>>> =
-            live.iter().map(|&i| Arc::new(std::mem::take(&mut slots[i].eval.members))).collect();
-        let results: Vec<Result<read::Candidates, ReconcileError>> = match read {
-            ReadKind::SharedScan if !live.is_empty() => {
-                let targets = live
-                    .iter()
-                    .zip(&members)
-                    .map(|(&i, m)| read::Target { rule: slots[i].rule.clone(), members: m.clone() })
-                    .collect();
-                let gw = self.gateway.metered(shared_meter.clone());
-                vec![read::candidates(&self.cancel, &gw, &self.engine, &ScanQuery::default(), targets, today).await]
-            }
-            _ => join_all(live.iter().zip(&members).map(|(&i, m)| self.own_read(&slots[i], m.clone(), today))).await,
-        };
-        for (&i, m) in live.iter().zip(members) {
-            slots[i].eval.members = Arc::try_unwrap(m).unwrap_or_else(|shared| (*shared).clone());
-        }
-        match (read, results.len()) {
-            (ReadKind::SharedScan, 1) => match results.into_iter().next() {
-                Some(Ok(found)) => {
-                    self.remember(&slots, &live, &found, None);
-                    for ((&i, part), in_filter) in live.iter().zip(found.per_target).zip(found.in_filter) {
-                        slots[i].eval.merge(part);
-                        slots[i].in_filter = in_filter;
-                    }
-                }
-                Some(Err(e)) => {
-                    let text = e.to_string();
-                    for &i in &live {
-                        slots[i].error = Some(ReconcileError::Internal(format!("reading contacts: {text}")));
-                    }
-                }
-                None => {}
-            },
-            _ => {
-                for (result, &i) in results.into_iter().zip(&live) {
-                    match result {
-                        Ok(found) => {
-                            self.remember(&slots, &[i], &found, Some(i));
-                            slots[i].in_filter = found.in_filter.first().copied().unwrap_or(0);
-                            slots[i].eval.merge(found.per_target.into_iter().next().unwrap_or_default());
-                        }
-                        Err(e) => slots[i].error = Some(e),
-                    }
-                }
-            }
-        }
+        self.read_candidates(&mut slots, &live, read, &shared_meter, today).await;
 
         // 3. Plan, guard and apply each rule; one rule's failure is not another's.
         let shared_usage = shared_meter.usage();
+        let meters: Vec<Arc<Meter>> = slots.iter().map(|s| s.meter.clone()).collect();
         let reports =
             join_all(slots.into_iter().map(|slot| self.finish(slot, &req, read, &shared_usage, started))).await;
         let mut usage = shared_usage.clone();
-        let none = Usage::default();
-        for r in &reports {
-            let own = subtract(&r.usage, if r.read == ReadKind::SharedScan { &shared_usage } else { &none });
-            add(&mut usage, &own);
+        for meter in meters.iter().chain([&pass_meter]) {
+            add(&mut usage, &meter.usage());
         }
-        add(&mut usage, &pass_meter.usage());
         for report in &reports {
             self.record(report, req.trigger, &started_at, req.dry_run).await;
         }
@@ -376,6 +327,57 @@ impl Reconciler {
         Ok((Some(id), created))
     }
 
+    /// Evaluates the candidates of the `live` slots, read the `read` way, into each slot.
+    async fn read_candidates(
+        &self,
+        slots: &mut [Slot],
+        live: &[usize],
+        read: ReadKind,
+        shared: &Arc<Meter>,
+        today: Date,
+    ) {
+        // Members are shared with the evaluating threads, then handed back (no copy of big sets).
+        let members: Vec<Arc<HashSet<ContactId>>> =
+            live.iter().map(|&i| Arc::new(std::mem::take(&mut slots[i].eval.members))).collect();
+        let found: Vec<(Vec<usize>, Result<read::Candidates, ReconcileError>)> = match read {
+            ReadKind::SharedScan => {
+                let targets = live
+                    .iter()
+                    .zip(&members)
+                    .map(|(&i, m)| read::Target { rule: slots[i].rule.clone(), members: m.clone() })
+                    .collect();
+                let gw = self.gateway.metered(shared.clone());
+                let result =
+                    read::candidates(&self.cancel, &gw, &self.engine, &ScanQuery::default(), targets, today).await;
+                vec![(live.to_vec(), result)]
+            }
+            ReadKind::OwnRead => {
+                let reads = live.iter().zip(&members).map(|(&i, m)| self.own_read(&slots[i], m.clone(), today));
+                live.iter().map(|&i| vec![i]).zip(join_all(reads).await).collect()
+            }
+        };
+        for (&i, m) in live.iter().zip(members) {
+            slots[i].eval.members = Arc::try_unwrap(m).unwrap_or_else(|shared| (*shared).clone());
+        }
+        for (indexes, result) in found {
+            match result {
+                Ok(found) => {
+                    self.remember(slots, &indexes, &found, read);
+                    for ((&i, part), in_filter) in indexes.iter().zip(found.per_target).zip(found.in_filter) {
+                        slots[i].eval.merge(part);
+                        slots[i].in_filter = in_filter;
+                    }
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    for &i in &indexes {
+                        slots[i].error = Some(ReconcileError::Internal(format!("reading contacts: {text}")));
+                    }
+                }
+            }
+        }
+    }
+
     /// Shared scan or own reads: whichever the last-seen counts say costs fewer requests.
     fn choose_read(&self, slots: &[Slot], live: &[usize]) -> ReadKind {
         let page = u64::from(self.gateway.page_size());
@@ -419,18 +421,19 @@ impl Reconciler {
     }
 
     /// Stores the counts the next pass plans its reads with.
-    fn remember(&self, slots: &[Slot], indexes: &[usize], found: &read::Candidates, own: Option<usize>) {
+    fn remember(&self, slots: &[Slot], indexes: &[usize], found: &read::Candidates, read: ReadKind) {
         let save = |key: &str, value: u64| {
             if let Err(e) = self.state.set_estimate(&self.endpoint, key, value) {
                 tracing::warn!(error = %e, "could not store a read-planning estimate");
             }
         };
-        match own {
-            None => save("contacts", found.total),
-            Some(i) if slots[i].rule.filter.is_empty() && !slots[i].created => {
+        match (read, indexes) {
+            (ReadKind::SharedScan, _) => save("contacts", found.total),
+            // A rule's own unfiltered read of its non-members, plus its members, is everyone.
+            (ReadKind::OwnRead, &[i]) if slots[i].rule.filter.is_empty() && !slots[i].created => {
                 save("contacts", found.total + slots[i].eval.members.len() as u64)
             }
-            Some(_) => {}
+            _ => {}
         }
         for (k, &i) in indexes.iter().enumerate() {
             if !slots[i].rule.filter.is_empty() {
@@ -577,20 +580,6 @@ fn add(into: &mut Usage, other: &Usage) {
     into.retries += other.retries;
     into.throttled += other.throttled;
     into.waited_ms += other.waited_ms;
-}
-
-fn subtract(a: &Usage, b: &Usage) -> Usage {
-    let mut out = a.clone();
-    for (k, v) in &b.requests {
-        if let Some(n) = out.requests.get_mut(k) {
-            *n = n.saturating_sub(*v);
-        }
-    }
-    out.requests.retain(|_, n| *n > 0);
-    out.retries = out.retries.saturating_sub(b.retries);
-    out.throttled = out.throttled.saturating_sub(b.throttled);
-    out.waited_ms = out.waited_ms.saturating_sub(b.waited_ms);
-    out
 }
 
 /// A few ids, for people.
