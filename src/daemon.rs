@@ -105,8 +105,9 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     };
 
     // Startup is a reload from nothing.
-    let (loaded, errors) = rules::load_dir(&daemon.engine, &daemon.config.rules_dir);
-    daemon.apply_rules(loaded, errors, Trigger::Startup, clock);
+    if let Some((loaded, errors)) = load_rules(&daemon.engine, &daemon.config.rules_dir).await {
+        daemon.apply_rules(loaded, errors, Trigger::Startup, clock);
+    }
     daemon.start_watcher();
     let due_tx = tx.clone();
     tokio::spawn(timer::run(table_rx, clock, producers.clone(), move |due| {
@@ -136,8 +137,9 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
                         }
                     }
                     Event::RulesChanged => {
-                        let (loaded, errors) = rules::load_dir(&daemon.engine, &daemon.config.rules_dir);
-                        daemon.apply_rules(loaded, errors, Trigger::File, clock);
+                        if let Some((loaded, errors)) = load_rules(&daemon.engine, &daemon.config.rules_dir).await {
+                            daemon.apply_rules(loaded, errors, Trigger::File, clock);
+                        }
                     }
                     Event::Reload => daemon.reload(clock).await,
                     Event::PassDone(report) => daemon.pass_done(&report),
@@ -156,6 +158,19 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     }
     daemon.shutdown(producers).await;
     Ok(())
+}
+
+/// Loads the rules folder on a blocking thread (compiling runs each file's top level in Rhai).
+/// `None` if the load itself broke; the caller then keeps what runs.
+async fn load_rules(engine: &Arc<Engine>, dir: &std::path::Path) -> Option<(RuleSet, Vec<RuleError>)> {
+    let (engine, dir) = (engine.clone(), dir.to_path_buf());
+    match tokio::task::spawn_blocking(move || rules::load_dir(&engine, &dir)).await {
+        Ok(loaded) => Some(loaded),
+        Err(e) => {
+            tracing::error!(error = %e, "loading the rules failed; keeping the running rules");
+            None
+        }
+    }
 }
 
 fn spawn_signals(tx: mpsc::UnboundedSender<Event>, stop: CancellationToken) -> anyhow::Result<()> {
@@ -299,8 +314,9 @@ impl Daemon {
                     Ok(()) => {
                         self.config = config;
                         self.engine = Arc::new(rules::engine::build(self.config.time_zone));
-                        let (loaded, errors) = rules::load_dir(&self.engine, &self.config.rules_dir);
-                        self.apply_rules(loaded, errors, Trigger::Reload, clock);
+                        if let Some((loaded, errors)) = load_rules(&self.engine, &self.config.rules_dir).await {
+                            self.apply_rules(loaded, errors, Trigger::Reload, clock);
+                        }
                         // The folder or watch_rules may have changed: watch anew.
                         self.start_watcher();
                         tracing::info!(rules = self.rules.len(), "reloaded");
@@ -331,7 +347,7 @@ impl Daemon {
                 Some(sandbox) => sandbox.base_url().parse()?,
                 None => match &config.api.endpoint {
                     crate::config::Endpoint::Remote { base_url, .. } => base_url.clone(),
-                    crate::config::Endpoint::Sandbox => unreachable!("same endpoint, and no sandbox is running"),
+                    crate::config::Endpoint::Sandbox => anyhow::bail!("the bundled sandbox is not running"),
                 },
             };
             self.connection.gateway =

@@ -344,13 +344,24 @@ impl State {
     }
 
     pub fn set_estimate(&self, endpoint: &str, key: &str, value: u64) -> Result<(), StateError> {
+        self.set_estimates(endpoint, &[(key.to_owned(), value)])
+    }
+
+    /// Stores several counts in one transaction.
+    pub fn set_estimates(&self, endpoint: &str, values: &[(String, u64)]) -> Result<(), StateError> {
+        if values.is_empty() {
+            return Ok(());
+        }
         self.with(|c| {
-            c.execute(
-                "INSERT INTO estimate (endpoint, key, value) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (endpoint, key) DO UPDATE SET value = excluded.value",
-                params![endpoint, key, value as i64],
-            )
-            .map(drop)
+            let tx = c.transaction()?;
+            for (key, value) in values {
+                tx.execute(
+                    "INSERT INTO estimate (endpoint, key, value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (endpoint, key) DO UPDATE SET value = excluded.value",
+                    params![endpoint, key, *value as i64],
+                )?;
+            }
+            tx.commit()
         })
     }
 }

@@ -359,10 +359,11 @@ impl Reconciler {
         for (&i, m) in live.iter().zip(members) {
             slots[i].eval.members = Arc::try_unwrap(m).unwrap_or_else(|shared| (*shared).clone());
         }
+        let mut estimates = Vec::new();
         for (indexes, result) in found {
             match result {
                 Ok(found) => {
-                    self.remember(slots, &indexes, &found, read);
+                    estimates.extend(Self::estimates(slots, &indexes, &found, read));
                     for ((&i, part), in_filter) in indexes.iter().zip(found.per_target).zip(found.in_filter) {
                         slots[i].eval.merge(part);
                         slots[i].in_filter = in_filter;
@@ -375,6 +376,12 @@ impl Reconciler {
                     }
                 }
             }
+        }
+        let (state, endpoint) = (self.state.clone(), self.endpoint.clone());
+        match tokio::task::spawn_blocking(move || state.set_estimates(&endpoint, &estimates)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not store the read-planning estimates"),
+            Err(e) => tracing::warn!(error = %e, "could not store the read-planning estimates"),
         }
     }
 
@@ -420,26 +427,23 @@ impl Reconciler {
         read::candidates(&self.cancel, &slot.gateway, &self.engine, &query, vec![target], today).await
     }
 
-    /// Stores the counts the next pass plans its reads with.
-    fn remember(&self, slots: &[Slot], indexes: &[usize], found: &read::Candidates, read: ReadKind) {
-        let save = |key: &str, value: u64| {
-            if let Err(e) = self.state.set_estimate(&self.endpoint, key, value) {
-                tracing::warn!(error = %e, "could not store a read-planning estimate");
-            }
-        };
+    /// The counts the next pass plans its reads with, from what this read found.
+    fn estimates(slots: &[Slot], indexes: &[usize], found: &read::Candidates, read: ReadKind) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
         match (read, indexes) {
-            (ReadKind::SharedScan, _) => save("contacts", found.total),
+            (ReadKind::SharedScan, _) => out.push(("contacts".to_owned(), found.total)),
             // A rule's own unfiltered read of its non-members, plus its members, is everyone.
             (ReadKind::OwnRead, &[i]) if slots[i].rule.filter.is_empty() && !slots[i].created => {
-                save("contacts", found.total + slots[i].eval.members.len() as u64)
+                out.push(("contacts".to_owned(), found.total + slots[i].eval.members.len() as u64))
             }
             _ => {}
         }
         for (k, &i) in indexes.iter().enumerate() {
             if !slots[i].rule.filter.is_empty() {
-                save(&format!("candidates:{}", slots[i].rule.name), found.in_filter[k]);
+                out.push((format!("candidates:{}", slots[i].rule.name), found.in_filter[k]));
             }
         }
+        out
     }
 
     async fn finish(
