@@ -248,3 +248,32 @@ async fn plan_is_dry_and_explain_explains() {
     assert!(out.contains("answer    IN the segment"), "{out}");
     sandbox.shutdown().await;
 }
+
+// `segsync sandbox` serves the API standalone on the address it is given, with the given key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_command_serves_the_api() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+    let mut child = segsync()
+        .args(["sandbox", "--contacts", "250", "--plan", "trial", "--api-key", "k-cli", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let url = format!("http://127.0.0.1:{port}/api/partner-gateway/v1/contacts?limit=1");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let response = loop {
+        if let Ok(r) = http.get(&url).header("X-Api-Key", "k-cli").send().await {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sandbox never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    assert_eq!(response.headers()["x-ratelimit-limit"], "100", "the trial plan");
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["total"], 250);
+    child.kill().expect("kill");
+    child.wait().expect("reaped");
+}
