@@ -378,3 +378,30 @@ async fn systemd_notifications() {
     drop(daemon);
     sandbox.shutdown().await;
 }
+
+// The README's first command: the daemon on the shipped config.toml (bundled sandbox, production
+// pacing, 20,000 demo contacts) fills the five shipped lists, then stops cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_config_runs_on_the_bundled_sandbox() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy("config.toml", dir.path().join("config.toml")).expect("copy config");
+    std::fs::create_dir(dir.path().join("rules")).expect("mkdir");
+    for entry in std::fs::read_dir("rules").expect("shipped rules") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, dir.path().join("rules").join(path.file_name().expect("name"))).expect("copy");
+    }
+    let mut daemon = Daemon::start(&dir.path().join("config.toml"), &[]);
+    daemon.wait_for(1, "bundled sandbox started", &[], 30).await;
+    let runs = daemon.wait_for(5, "rule run", &[("trigger", "startup")], 90).await;
+    for run in &runs {
+        assert_eq!(run["outcome"], "ok", "{run}");
+        assert!(run["added"].as_u64().expect("added") > 0, "{run}");
+    }
+    let pass = daemon.wait_for(1, "pass finished", &[("trigger", "startup")], 5).await;
+    // 233 is the lower bound for the demo data; the churn may shift a page or a batch by one.
+    let requests = pass[0]["api_requests"].as_u64().expect("api_requests");
+    assert!((233..=236).contains(&requests), "the first pass is at its lower bound: {}", pass[0]);
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(30).await, 0);
+    assert!(dir.path().join("segsync.db").exists(), "state beside the config");
+}
