@@ -479,7 +479,11 @@ impl Reconciler {
             report.outcome = Outcome::Failed;
             report.detail = Some(e.to_string());
         } else {
-            report.plan = plan::plan(&slot.eval, rule.mode, &self.guards, req.allow_mass_removal);
+            // Sorting a million ids is real CPU work: off the async workers.
+            let (eval, mode, guards, allow) = (slot.eval, rule.mode, self.guards.clone(), req.allow_mass_removal);
+            report.plan = tokio::task::spawn_blocking(move || plan::plan(&eval, mode, &guards, allow))
+                .await
+                .unwrap_or_else(|e| Plan { refused: Some(format!("planning failed: {e}")), ..Plan::default() });
             if let Some(why) = &report.plan.refused {
                 report.outcome = Outcome::Failed;
                 report.detail = Some(why.clone());
