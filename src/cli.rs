@@ -478,9 +478,10 @@ fn plan_json(r: &RuleReport) -> serde_json::Value {
 
 fn print_pass(report: &PassReport, dry_run: bool) {
     for r in &report.rules {
-        let list = match &r.list_id {
-            Some(id) => id.to_string(),
-            None => "would be created".into(),
+        let list = match (&r.list_id, r.list_created) {
+            (Some(id), true) => format!("{id}, created now"),
+            (Some(id), false) => id.to_string(),
+            (None, _) => "would be created".into(),
         };
         println!("{} → {:?} ({list}, {})", r.rule.name, r.rule.list, r.rule.mode);
         println!(

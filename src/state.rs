@@ -178,10 +178,6 @@ impl State {
         Ok(Self { conn: Arc::new(Mutex::new(conn)), path: path.into() })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StateError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut conn).map_err(|source| StateError::Sqlite { path: self.path.clone(), source })

@@ -36,11 +36,6 @@ impl Operation {
             Self::GetContact => "get_contact",
         }
     }
-
-    /// Whether the operation changes data on the gateway.
-    pub fn is_write(self) -> bool {
-        matches!(self, Self::CreateList | Self::AddMembers | Self::RemoveMembers)
-    }
 }
 
 impl fmt::Display for Operation {

@@ -45,11 +45,6 @@ impl Pacer {
         Self { interval, tolerance: interval * (burst - 1), state: Mutex::new(State { tat: now, paused_until: now }) }
     }
 
-    /// The pause between two requests at the sustained rate.
-    pub fn interval(&self) -> Duration {
-        self.interval
-    }
-
     /// Waits for a slot; returns how long it waited.
     pub async fn acquire(&self) -> Duration {
         let start = Instant::now();

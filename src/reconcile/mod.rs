@@ -594,8 +594,3 @@ fn add(into: &mut Usage, other: &Usage) {
 pub fn sample(ids: &[ContactId], n: usize) -> Vec<&str> {
     ids.iter().take(n).map(ContactId::as_str).collect()
 }
-
-/// Ids as a set, for tests and callers that compare end states.
-pub fn id_set(ids: &[ContactId]) -> HashSet<&str> {
-    ids.iter().map(ContactId::as_str).collect()
-}
