@@ -13,7 +13,7 @@ use chrono_tz::Tz;
 use reqwest::Url;
 use toml::{Table, Value};
 
-use crate::gateway::{Credentials, GatewayConfig, Pagination, Secret};
+use crate::gateway::{ClientSettings, Credentials, GatewayConfig, Pagination, Secret};
 use crate::logging::LogFormat;
 use crate::plan::{Plan, RateLimits};
 use crate::sandbox::SandboxConfig;
@@ -47,12 +47,7 @@ pub enum KeySource {
 pub struct ApiConfig {
     pub endpoint: Endpoint,
     pub plan: Plan,
-    pub limits: Option<RateLimits>,
-    pub page_size: u32,
-    pub timeout: Duration,
-    pub max_retries: u32,
-    pub concurrency: usize,
-    pub pagination: Pagination,
+    pub client: ClientSettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -376,16 +371,22 @@ impl Config {
                 None
             }
         };
-        let api = ApiConfig {
-            plan: plan.unwrap_or(Plan::Production),
+        let defaults = ClientSettings::default();
+        let client = ClientSettings {
             limits,
-            page_size: r.integer(api, "api", "page_size", 1..=100).unwrap_or(100) as u32,
-            timeout: Duration::from_secs(r.integer(api, "api", "timeout_secs", 1..=600).unwrap_or(30) as u64),
-            max_retries: r.integer(api, "api", "max_retries", 0..=20).unwrap_or(5) as u32,
-            concurrency: r.integer(api, "api", "concurrency", 1..=32).unwrap_or(4) as usize,
+            page_size: r.integer(api, "api", "page_size", 1..=100).map_or(defaults.page_size, |n| n as u32),
+            timeout: r
+                .integer(api, "api", "timeout_secs", 1..=600)
+                .map_or(defaults.timeout, |n| Duration::from_secs(n as u64)),
+            max_retries: r.integer(api, "api", "max_retries", 0..=20).map_or(defaults.max_retries, |n| n as u32),
+            concurrency: r.integer(api, "api", "concurrency", 1..=32).map_or(defaults.concurrency, |n| n as usize),
             pagination: r
                 .choice(api, "api", "pagination", &[("offset", Pagination::Offset), ("page", Pagination::Page)])
-                .unwrap_or_default(),
+                .unwrap_or(defaults.pagination),
+        };
+        let api = ApiConfig {
+            plan: plan.unwrap_or(Plan::Production),
+            client,
             endpoint: endpoint.unwrap_or(Endpoint::Sandbox),
         };
 
@@ -497,16 +498,7 @@ impl Config {
 
     /// The client settings for `base_url` (the sandbox's URL when the endpoint is the sandbox).
     pub fn gateway(&self, base_url: Url, credentials: Credentials) -> GatewayConfig {
-        GatewayConfig {
-            base_url,
-            credentials,
-            limits: self.api.limits,
-            page_size: self.api.page_size,
-            timeout: self.api.timeout,
-            max_retries: self.api.max_retries,
-            concurrency: self.api.concurrency,
-            pagination: self.api.pagination,
-        }
+        GatewayConfig { base_url, credentials, settings: self.api.client.clone() }
     }
 }
 

@@ -143,7 +143,7 @@ async fn server_ignoring_offset_is_detected() {
 
     // The setting the error names fixes it: the reference's `page` form reads everything once.
     let mut config = support::gateway_config(&sandbox, Plan::Unlimited);
-    config.pagination = segsync::gateway::Pagination::Page;
+    config.settings.pagination = segsync::gateway::Pagination::Page;
     let gw = Gateway::new(config).expect("client");
     let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("page-based scan");
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 5_000);

@@ -95,12 +95,11 @@ pub fn gateway(base_url: &str, plan: segsync::plan::Plan, concurrency: usize) ->
     segsync::gateway::Gateway::new(segsync::gateway::GatewayConfig {
         base_url: base_url.parse().expect("url"),
         credentials: segsync::gateway::Credentials::ApiKey(segsync::gateway::Secret::new(KEY)),
-        limits: plan.limits(),
-        page_size: 100,
-        timeout: Duration::from_secs(30),
-        max_retries: 5,
-        concurrency,
-        pagination: segsync::gateway::Pagination::Offset,
+        settings: segsync::gateway::ClientSettings {
+            limits: plan.limits(),
+            concurrency,
+            ..segsync::gateway::ClientSettings::default()
+        },
     })
     .expect("client")
 }

@@ -51,11 +51,9 @@ pub enum Pagination {
     Page,
 }
 
-#[derive(Debug, Clone)]
-pub struct GatewayConfig {
-    /// The API root, e.g. `https://lora-api.agiletelecom.com/api`.
-    pub base_url: Url,
-    pub credentials: Credentials,
+/// How the client paces, pages and retries: everything but where it connects and as whom.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientSettings {
     /// The plan's limits; `None` paces nothing.
     pub limits: Option<RateLimits>,
     pub page_size: u32,
@@ -64,6 +62,28 @@ pub struct GatewayConfig {
     /// Pages of one scan in flight at once.
     pub concurrency: usize,
     pub pagination: Pagination,
+}
+
+impl Default for ClientSettings {
+    /// The production plan, pages of 100, 30 s timeouts, 5 retries, 4 pages in flight, offsets.
+    fn default() -> Self {
+        Self {
+            limits: crate::plan::Plan::Production.limits(),
+            page_size: MAX_PAGE_SIZE,
+            timeout: Duration::from_secs(30),
+            max_retries: 5,
+            concurrency: 4,
+            pagination: Pagination::Offset,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The API root, e.g. `https://lora-api.agiletelecom.com/api`.
+    pub base_url: Url,
+    pub credentials: Credentials,
+    pub settings: ClientSettings,
 }
 
 /// A contact list as the gateway describes it.
@@ -201,9 +221,9 @@ impl Gateway {
         let http = reqwest::Client::builder()
             .user_agent(concat!("segsync/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
-            .timeout(config.timeout)
+            .timeout(config.settings.timeout)
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(config.concurrency.max(1) * 2)
+            .pool_max_idle_per_host(config.settings.concurrency.max(1) * 2)
             .tcp_nodelay(true)
             .build()
             .map_err(|e| format!("building the HTTP client: {e}"))?;
@@ -217,11 +237,11 @@ impl Gateway {
                 http,
                 root,
                 auth,
-                pacer: Pacer::new(config.limits),
-                page_size: config.page_size.clamp(1, MAX_PAGE_SIZE),
-                max_retries: config.max_retries,
-                concurrency: config.concurrency.max(1),
-                pagination: config.pagination,
+                pacer: Pacer::new(config.settings.limits),
+                page_size: config.settings.page_size.clamp(1, MAX_PAGE_SIZE),
+                max_retries: config.settings.max_retries,
+                concurrency: config.settings.concurrency.max(1),
+                pagination: config.settings.pagination,
                 bulk_remove: AtomicU8::new(BULK_UNKNOWN),
             }),
             meter: Arc::new(Meter::default()),

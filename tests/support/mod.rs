@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use segsync::gateway::{Credentials, Gateway, GatewayConfig, Pagination, Secret};
+use segsync::gateway::{ClientSettings, Credentials, Gateway, GatewayConfig, Secret};
 use segsync::plan::Plan;
 use segsync::sandbox::{Sandbox, SandboxConfig};
 
@@ -26,12 +26,12 @@ pub fn gateway_config(sandbox: &Sandbox, plan: Plan) -> GatewayConfig {
     GatewayConfig {
         base_url: sandbox.base_url().parse().expect("url"),
         credentials: Credentials::ApiKey(Secret::new(sandbox.api_key())),
-        limits: plan.limits(),
-        page_size: 100,
-        timeout: Duration::from_secs(10),
-        max_retries: 8,
-        concurrency: 4,
-        pagination: Pagination::Offset,
+        settings: ClientSettings {
+            limits: plan.limits(),
+            timeout: Duration::from_secs(10),
+            max_retries: 8,
+            ..ClientSettings::default()
+        },
     }
 }
 
