@@ -313,7 +313,11 @@ async fn explain(config: &Config, rule_name: &str, contact_id: &str) -> anyhow::
     let map = contact.map().map(|m| m.clone()).unwrap_or_default();
     for term in &rule.filter {
         let (key, value) = term.query_pair();
-        let verdict = if term.passes(&map) { "passes" } else { "FAILS" };
+        let verdict = match term.judge(&map) {
+            Ok(true) => "passes".to_owned(),
+            Ok(false) => "FAILS".to_owned(),
+            Err(e) => format!("CANNOT JUDGE ({e})"),
+        };
         println!("filter    {key} = {value:?}: {verdict} (contact has {})", show_field(&map, &key));
     }
     for (path, value) in fields_read(&map, &rule.mentions) {

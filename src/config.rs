@@ -249,10 +249,13 @@ fn key_spans(text: &str) -> HashMap<String, (usize, usize)> {
 }
 
 const SECTIONS: [&str; 7] = ["api", "rules", "state", "guards", "daemon", "log", "sandbox"];
-const API_KEYS: [&str; 12] = [
+const API_KEYS: [&str; 15] = [
     "base_url",
     "key_env",
     "key_file",
+    "key_credential",
+    "max_response_bytes",
+    "max_retry_after_secs",
     "basic_user",
     "plan",
     "requests_per_minute",
@@ -383,6 +386,12 @@ impl Config {
             pagination: r
                 .choice(api, "api", "pagination", &[("offset", Pagination::Offset), ("page", Pagination::Page)])
                 .unwrap_or(defaults.pagination),
+            max_response_bytes: r
+                .integer(api, "api", "max_response_bytes", 65_536..=1_073_741_824)
+                .map_or(defaults.max_response_bytes, |n| n as u64),
+            max_retry_after: r
+                .integer(api, "api", "max_retry_after_secs", 1..=86_400)
+                .map_or(defaults.max_retry_after, |n| Duration::from_secs(n as u64)),
         };
         let api = ApiConfig {
             plan: plan.unwrap_or(Plan::Production),

@@ -65,10 +65,11 @@ async fn list_operations_round_trip() {
 
     let ids: Vec<ContactId> = (1..=2_500).map(|i| ContactId::from(format!("cnt-{i:06}"))).collect();
     let out = gw.add_members(&list.id, &ids).await.expect("add");
-    assert_eq!(out.added, 2_500);
+    assert_eq!(out.done, 2_500);
+    assert_eq!(out.unconfirmed, 0);
     assert_eq!(gw.usage().requests_of(Operation::AddMembers), 3, "2,500 ids go in 3 batches");
     let removed = gw.remove_members(&list.id, &ids[..1_200]).await.expect("remove");
-    assert_eq!(removed, 1_200);
+    assert_eq!(removed.done, 1_200);
     assert_eq!(gw.usage().requests_of(Operation::RemoveMembers), 2, "bulk form, 1,000 per call");
     let mut members = gw.read_members::<Value>(&list.id);
     let mut count = 0;
@@ -173,8 +174,8 @@ async fn falls_back_to_single_removal() {
     let list = gw.create_list("L", "").await.expect("create");
     let ids: Vec<ContactId> = (1..=30).map(|i| ContactId::from(format!("cnt-{i:06}"))).collect();
     gw.add_members(&list.id, &ids).await.expect("add");
-    assert_eq!(gw.remove_members(&list.id, &ids[..10]).await.expect("remove"), 10);
-    assert_eq!(gw.remove_members(&list.id, &ids[10..20]).await.expect("remove"), 10);
+    assert_eq!(gw.remove_members(&list.id, &ids[..10]).await.expect("remove").done, 10);
+    assert_eq!(gw.remove_members(&list.id, &ids[10..20]).await.expect("remove").done, 10);
     let stats = sandbox.stats();
     assert_eq!(stats.count_outcome("DELETE /contacts/list/contacts", "400"), 1, "only the first bulk call is tried");
     assert_eq!(stats.count_outcome("DELETE /contacts/list/contacts", "200"), 20);

@@ -1,6 +1,9 @@
 //! What can go wrong talking to the gateway, and the one place that decides what is worth a retry.
 
 use std::fmt;
+use std::time::Duration;
+
+use super::auth::scrub;
 
 /// The client's operations, as they appear in errors, logs and request counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,23 +47,49 @@ impl fmt::Display for Operation {
     }
 }
 
+/// Everything that can go wrong in one call. Every text field is shown through [`scrub`], so a
+/// server that echoes the key in its answer cannot put it into an error message.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     /// The gateway answered with an error status; `message` is its own (`data` of the JSend body).
-    #[error("{op}: HTTP {status} from the gateway: {message}{}", attempts_note(*attempts))]
+    #[error("{op}: HTTP {status} from the gateway: {}{}", scrub(message), attempts_note(*attempts))]
     Api { op: Operation, status: u16, message: String, attempts: u32 },
     /// No answer: connection refused or dropped, timeout.
-    #[error("{op}: {message}{}", attempts_note(*attempts))]
+    #[error("{op}: {}{}", scrub(message), attempts_note(*attempts))]
     Transport { op: Operation, message: String, attempts: u32 },
     /// An answer that does not follow the contract.
-    #[error("{op}: unexpected response from the gateway: {message}")]
+    #[error("{op}: unexpected response from the gateway: {}", scrub(message))]
     Decode { op: Operation, message: String },
     /// The same contacts came back for a later offset: the server ignores `offset`.
     #[error(
-        "{op}: the gateway returned the same contacts for offset {offset} as for an earlier page, so it ignores \
+        "{op}: the gateway returned the same records for offset {offset} as for an earlier page, so it ignores \
          `offset`; set `pagination = \"page\"` under [api] in config.toml"
     )]
     OffsetIgnored { op: Operation, offset: u64 },
+    /// A paged read whose pages disagree with each other or with the total they announce; the
+    /// read is incomplete or unbounded, so nothing may be decided on it.
+    #[error("{op}: the gateway's pages are inconsistent, so this read is not trusted: {}", scrub(message))]
+    Inconsistent { op: Operation, message: String },
+    /// A 3xx: never followed, so credentials never go to another host.
+    #[error(
+        "{op}: the gateway answered HTTP {status} redirecting to {}; segsync does not follow redirects (the API key \
+         must not go to another address): set api.base_url to the final address",
+        scrub(location)
+    )]
+    Redirect { op: Operation, status: u16, location: String },
+    /// A response body above the configured size.
+    #[error("{op}: the gateway's answer is larger than {limit} bytes (api.max_response_bytes); it was not read")]
+    TooLarge { op: Operation, limit: u64 },
+    /// A 429 asking for a longer wait than the configured cap.
+    #[error(
+        "{op}: the gateway asked to wait {}s before retrying (HTTP 429), more than api.max_retry_after_secs ({}s); \
+         giving up on this run",
+        asked.as_secs(), cap.as_secs()
+    )]
+    RetryAfterTooLong { op: Operation, asked: Duration, cap: Duration },
+    /// Shutdown was requested while this call waited or was in flight.
+    #[error("{op}: interrupted by shutdown")]
+    Cancelled { op: Operation },
 }
 
 fn attempts_note(attempts: u32) -> String {
@@ -73,7 +102,13 @@ impl GatewayError {
         match self {
             Self::Transport { .. } => true,
             Self::Api { status, .. } => *status == 408 || *status == 429 || *status >= 500,
-            Self::Decode { .. } | Self::OffsetIgnored { .. } => false,
+            Self::Decode { .. }
+            | Self::OffsetIgnored { .. }
+            | Self::Inconsistent { .. }
+            | Self::Redirect { .. }
+            | Self::TooLarge { .. }
+            | Self::RetryAfterTooLong { .. }
+            | Self::Cancelled { .. } => false,
         }
     }
 

@@ -3,32 +3,37 @@
 //! Owns the wire format (wire types never leave this module), pagination, the shared rate budget,
 //! retries, and request accounting. Knows nothing about rules or plans. It never sends the
 //! contract's dangerous calls: there is no code path to `DELETE /contacts` or `allContacts`.
+//!
+//! Whatever the server does, every call is bounded: no redirect is followed (credentials never
+//! leave the configured origin), a response body larger than the configured size is not read,
+//! every wait (pacing, a 429's pause, backoff, the request itself) ends when the client's
+//! cancellation token fires, and paged reads are checked as a whole (`scan`).
 
 mod auth;
 mod error;
 mod meter;
 mod pacer;
+mod scan;
 
-use std::collections::HashSet;
-use std::hash::{BuildHasher, RandomState};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::StreamExt;
+use bytes::{Bytes, BytesMut};
 use rand::Rng;
 use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-pub use auth::{Credentials, Secret};
+pub use auth::{Credentials, Secret, scrub};
 pub use error::{GatewayError, Operation};
 pub use meter::{Meter, Usage};
 pub use pacer::Pacer;
+pub use scan::{Keyed, MAX_RECORDS_PER_READ, Page, Scan, churn_margin};
 
 use crate::contact::Record;
 use crate::ids::{ContactId, ListId};
@@ -39,8 +44,8 @@ pub const MAX_PAGE_SIZE: u32 = 100;
 pub const MAX_BATCH: usize = 1000;
 /// 429s tolerated for one request before giving up (each one waits as the server asks).
 const MAX_THROTTLED: u32 = 20;
-/// The longest `retryAfter` we honour; a longer one is treated as this.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+/// A 429 wait at least this long is worth telling the operator about.
+const NOTABLE_WAIT: Duration = Duration::from_secs(5);
 
 /// How pages are addressed: the seed's `offset`, or the reference's 0-based `page`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -62,10 +67,15 @@ pub struct ClientSettings {
     /// Pages of one scan in flight at once.
     pub concurrency: usize,
     pub pagination: Pagination,
+    /// The largest response body read; a larger one fails the call unread.
+    pub max_response_bytes: u64,
+    /// The longest 429 wait honoured; a server asking for more fails the call at once.
+    pub max_retry_after: Duration,
 }
 
 impl Default for ClientSettings {
-    /// The production plan, pages of 100, 30 s timeouts, 5 retries, 4 pages in flight, offsets.
+    /// The production plan, pages of 100, 30 s timeouts, 5 retries, 4 pages in flight, offsets,
+    /// bodies up to 16 MiB (a page of 100 contacts is tens of KB), 429 waits up to 10 minutes.
     fn default() -> Self {
         Self {
             limits: crate::plan::Plan::Production.limits(),
@@ -74,6 +84,8 @@ impl Default for ClientSettings {
             max_retries: 5,
             concurrency: 4,
             pagination: Pagination::Offset,
+            max_response_bytes: 16 * 1024 * 1024,
+            max_retry_after: Duration::from_secs(600),
         }
     }
 }
@@ -110,77 +122,17 @@ fn opaque_id<'de, D: Deserializer<'de>, T: From<String>>(d: D) -> Result<T, D::E
     }
 }
 
-/// The seed's answer to an add, summed over batches.
+/// What the gateway confirmed of a write, summed over batches.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AddOutcome {
-    pub added: u64,
+pub struct WriteOutcome {
+    /// Added (or removed) as the answers say.
+    pub done: u64,
+    /// Adds the server counted as already there.
     pub duplicate: u64,
+    /// Ids the server did not know.
     pub invalid: u64,
-}
-
-/// One page of a scan: its contacts, de-duplicated against the pages before it (or what the
-/// caller's page work made of them), and the server's count of all matches as of this page.
-#[derive(Debug)]
-pub struct Page<R> {
-    pub records: R,
-    pub total: u64,
-}
-
-/// A scan in progress: pages arrive in order; dropping it stops the requests.
-pub struct Scan<R> {
-    rx: mpsc::Receiver<Result<Page<R>, GatewayError>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl<R> Scan<R> {
-    /// The next page, `None` after the last one; an error ends the scan.
-    pub async fn next(&mut self) -> Option<Result<Page<R>, GatewayError>> {
-        self.rx.recv().await
-    }
-}
-
-impl<R> Drop for Scan<R> {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The ids a scan has returned, as 64-bit keyed hashes: a 1M-contact scan costs 16 MB, not 60. A
-/// collision (about 1 in 10^7 per million-contact scan, new keys every scan) only drops a duplicate-
-/// looking record from this one scan, which can never remove anything.
-struct Seen {
-    hasher: RandomState,
-    ids: std::sync::Mutex<HashSet<u64>>,
-}
-
-impl Seen {
-    /// Keeps the records not seen before; a later page with nothing new means `offset` is ignored.
-    fn fresh<T: Record>(&self, op: Operation, offset: u64, records: Vec<T>) -> Result<Vec<T>, GatewayError> {
-        let before = records.len();
-        let mut fresh = Vec::with_capacity(before);
-        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        for r in records {
-            let Some(id) = r.contact_id() else {
-                return Err(GatewayError::Decode { op, message: format!("a contact at offset {offset} has no id") });
-            };
-            if ids.insert(self.hasher.hash_one(id.as_str())) {
-                fresh.push(r);
-            }
-        }
-        if offset > 0 && before > 0 && fresh.is_empty() {
-            return Err(GatewayError::OffsetIgnored { op, offset });
-        }
-        Ok(fresh)
-    }
-}
-
-/// What a scan reads: the contract's server-side filters and list membership.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ScanQuery {
-    /// `(name, value)` pairs such as `("region", "Lombardia")` or `("customFields.x.before", "2026-01-09")`.
-    pub filters: Vec<(String, String)>,
-    pub list_ids: Vec<ListId>,
-    pub not_list_ids: Vec<ListId>,
+    /// Ids sent whose fate no answer accounts for (a `200 {}`, or counts that do not add up).
+    pub unconfirmed: u64,
 }
 
 const BULK_UNKNOWN: u8 = 0;
@@ -196,7 +148,12 @@ struct Inner {
     max_retries: u32,
     concurrency: usize,
     pagination: Pagination,
+    max_response_bytes: u64,
+    max_retry_after: Duration,
+    /// Whether the server takes the bulk removal form, decided once per client.
     bulk_remove: AtomicU8,
+    /// Held while the first bulk removal decides `bulk_remove`, so no other call races it.
+    bulk_probe: tokio::sync::Mutex<()>,
 }
 
 /// The client. Cheap to clone; clones share the connection pool and the rate budget.
@@ -204,6 +161,8 @@ struct Inner {
 pub struct Gateway {
     inner: Arc<Inner>,
     meter: Arc<Meter>,
+    /// Once cancelled, every wait and request of this handle ends with `Cancelled`.
+    cancel: CancellationToken,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -220,6 +179,8 @@ impl Gateway {
             .ok_or("the API credentials contain characters not allowed in an HTTP header")?;
         let http = reqwest::Client::builder()
             .user_agent(concat!("segsync/", env!("CARGO_PKG_VERSION")))
+            // A redirect is answered, never followed: the key goes to the configured origin only.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
             .timeout(config.settings.timeout)
             .pool_idle_timeout(Duration::from_secs(60))
@@ -242,15 +203,25 @@ impl Gateway {
                 max_retries: config.settings.max_retries,
                 concurrency: config.settings.concurrency.max(1),
                 pagination: config.settings.pagination,
+                max_response_bytes: config.settings.max_response_bytes,
+                max_retry_after: config.settings.max_retry_after,
                 bulk_remove: AtomicU8::new(BULK_UNKNOWN),
+                bulk_probe: tokio::sync::Mutex::new(()),
             }),
             meter: Arc::new(Meter::default()),
+            cancel: CancellationToken::new(),
         })
     }
 
     /// A handle sharing everything but counting its requests in `meter` (one per run).
     pub fn metered(&self, meter: Arc<Meter>) -> Self {
-        Self { inner: self.inner.clone(), meter }
+        Self { meter, ..self.clone() }
+    }
+
+    /// A handle whose every wait and request ends (with [`GatewayError::Cancelled`]) once
+    /// `cancel` fires: shutdown never waits on the server or on the rate budget.
+    pub fn cancelled_by(&self, cancel: CancellationToken) -> Self {
+        Self { cancel, ..self.clone() }
     }
 
     pub fn usage(&self) -> Usage {
@@ -269,8 +240,57 @@ impl Gateway {
         url
     }
 
+    /// Runs `f` unless shutdown comes first.
+    async fn unless_cancelled<F: Future>(&self, op: Operation, f: F) -> Result<F::Output, GatewayError> {
+        tokio::select! {
+            biased;
+            _ = self.cancel.cancelled() => Err(GatewayError::Cancelled { op }),
+            out = f => Ok(out),
+        }
+    }
+
+    /// One request and its whole body, bounded in size; redirects are errors.
+    async fn attempt(
+        &self,
+        op: Operation,
+        method: &Method,
+        url: &Url,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Option<Duration>, Bytes), GatewayError> {
+        let mut request = self.inner.http.request(method.clone(), url.clone()).query(query);
+        request = request.header(self.inner.auth.0.clone(), self.inner.auth.1.clone());
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let mut response = request.send().await.map_err(|e| transport(op, &e))?;
+        let status = response.status();
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(|l| url.join(l).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_else(|| l.to_owned()))
+                .unwrap_or_else(|| "(no Location header)".into());
+            return Err(GatewayError::Redirect { op, status: status.as_u16(), location });
+        }
+        let retry_header = response.headers().get(reqwest::header::RETRY_AFTER).and_then(retry_after_header);
+        let limit = self.inner.max_response_bytes;
+        if response.content_length().is_some_and(|n| n > limit) {
+            return Err(GatewayError::TooLarge { op, limit });
+        }
+        let mut bytes = BytesMut::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| transport(op, &e))? {
+            if (bytes.len() + chunk.len()) as u64 > limit {
+                return Err(GatewayError::TooLarge { op, limit });
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok((status, retry_header, bytes.freeze()))
+    }
+
     /// Sends one request, pacing it, retrying transient failures with backoff and jitter, and
-    /// honouring 429s by pausing every request of this client.
+    /// honouring 429s by pausing every request of this client. Every wait ends on cancellation.
     async fn call(
         &self,
         op: Operation,
@@ -283,42 +303,30 @@ impl Gateway {
         let mut failures = 0u32;
         let mut throttled = 0u32;
         loop {
-            let waited = self.inner.pacer.acquire().await;
+            let waited = self.unless_cancelled(op, self.inner.pacer.acquire()).await?;
             self.meter.waited(op, waited);
             self.meter.request(op);
             let attempts = failures + throttled + 1;
-            let mut request = self.inner.http.request(method.clone(), url.clone()).query(query);
-            request = request.header(self.inner.auth.0.clone(), self.inner.auth.1.clone());
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            let outcome = match request.send().await {
-                Ok(response) => {
-                    let status = response.status();
-                    let retry_header =
-                        response.headers().get(reqwest::header::RETRY_AFTER).and_then(retry_after_header);
-                    match response.bytes().await {
-                        Ok(bytes) => Ok((status, retry_header, bytes)),
-                        Err(e) => Err(transport(op, &e)),
-                    }
-                }
-                Err(e) => Err(transport(op, &e)),
-            };
+            let outcome = self.unless_cancelled(op, self.attempt(op, &method, &url, query, body)).await?;
             let error = match outcome {
                 Ok((status, _, bytes)) if status.is_success() => return Ok(bytes),
                 Ok((StatusCode::TOO_MANY_REQUESTS, header, bytes)) => {
                     throttled += 1;
                     self.meter.throttled(op);
-                    let wait = header
-                        .or_else(|| retry_after_body(&bytes))
-                        .unwrap_or(Duration::from_secs(1))
-                        .min(MAX_RETRY_AFTER);
+                    let wait = header.or_else(|| retry_after_body(&bytes)).unwrap_or(Duration::from_secs(1));
+                    if wait > self.inner.max_retry_after {
+                        return Err(GatewayError::RetryAfterTooLong { op, asked: wait, cap: self.inner.max_retry_after });
+                    }
                     self.inner.pacer.pause_for(wait);
                     let error = GatewayError::Api { op, status: 429, message: error::api_message(&bytes), attempts };
                     if throttled > MAX_THROTTLED {
                         return Err(error);
                     }
-                    tracing::debug!(op = %op, wait_ms = wait.as_millis() as u64, "rate limited by the gateway; pausing all requests");
+                    if wait >= NOTABLE_WAIT {
+                        tracing::info!(op = %op, wait_ms = wait.as_millis() as u64, "rate limited by the gateway; pausing all requests as it asks");
+                    } else {
+                        tracing::debug!(op = %op, wait_ms = wait.as_millis() as u64, "rate limited by the gateway; pausing all requests");
+                    }
                     self.meter.retry(op);
                     continue;
                 }
@@ -334,7 +342,7 @@ impl Gateway {
             let delay = backoff(failures);
             tracing::debug!(op = %op, error = %error, delay_ms = delay.as_millis() as u64, "retrying");
             self.meter.retry(op);
-            tokio::time::sleep(delay).await;
+            self.unless_cancelled(op, tokio::time::sleep(delay)).await?;
         }
     }
 
@@ -377,99 +385,28 @@ impl Gateway {
         if !query.not_list_ids.is_empty() {
             filters.push(("notListIds".into(), join(&query.not_list_ids)));
         }
-        filters.push(("limit".into(), self.inner.page_size.to_string()));
-        let (tx, rx) = mpsc::channel(self.inner.concurrency + 1);
-        let this = self.clone();
-        let task = tokio::spawn(async move { this.produce(op, filters, Arc::new(work), tx).await });
-        Scan { rx, task }
+        self.paged(scan::Request { op, path: &["contacts"], filters }, work)
     }
 
-    /// Fetches the page at `offset`, then parses, de-duplicates and works it on a blocking thread.
-    async fn fetch_page<T: Record, R: Send + 'static>(
-        &self,
-        op: Operation,
-        filters: &[(String, String)],
-        offset: u64,
-        seen: &Arc<Seen>,
-        work: &Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
-    ) -> Result<Page<R>, GatewayError> {
-        let mut query: Vec<(&str, String)> = filters.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        match self.inner.pagination {
-            Pagination::Offset => query.push(("offset", offset.to_string())),
-            Pagination::Page => query.push(("page", (offset / u64::from(self.inner.page_size)).to_string())),
+    /// Every list whose name contains `search` (case-insensitive; `None` for all lists): a
+    /// complete read of the directory with the same pagination and checks as contact reads, or
+    /// an error. Never a partial answer, so "not found" is a fact, not a missed page.
+    pub async fn lists(&self, search: Option<&str>) -> Result<Vec<ListInfo>, GatewayError> {
+        let filters = search.map(|text| vec![("search".to_owned(), text.to_owned())]).unwrap_or_default();
+        let mut scan = self.paged(
+            scan::Request { op: Operation::FindList, path: &["contacts", "list"], filters },
+            |lists: Vec<ListInfo>| lists,
+        );
+        let mut all = Vec::new();
+        while let Some(page) = self.unless_cancelled(Operation::FindList, scan.next()).await? {
+            all.extend(page?.records);
         }
-        let bytes = self.call(op, Method::GET, self.url(&["contacts"]), &query, None, true).await?;
-        let (seen, work) = (seen.clone(), work.clone());
-        tokio::task::spawn_blocking(move || {
-            let wire: PageWire<T> =
-                serde_json::from_slice(&bytes).map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
-            let fresh = seen.fresh(op, offset, wire.contacts)?;
-            Ok(Page { records: work(fresh), total: wire.total })
-        })
-        .await
-        .map_err(|e| GatewayError::Decode { op, message: e.to_string() })?
+        Ok(all)
     }
 
-    async fn produce<T: Record, R: Send + 'static>(
-        self,
-        op: Operation,
-        filters: Vec<(String, String)>,
-        work: Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
-        tx: mpsc::Sender<Result<Page<R>, GatewayError>>,
-    ) {
-        let limit = u64::from(self.inner.page_size);
-        let seen = Arc::new(Seen { hasher: RandomState::new(), ids: std::sync::Mutex::new(HashSet::new()) });
-        let mut total = u64::MAX;
-        let mut next_offset = 0;
-        while next_offset < total {
-            // The first page tells the total; later pages are fetched several at a time, in order.
-            let offsets: Vec<u64> =
-                if total == u64::MAX { vec![0] } else { (next_offset..total).step_by(limit as usize).collect() };
-            next_offset = offsets.last().copied().unwrap_or(next_offset) + limit;
-            let mut pages = futures_util::stream::iter(offsets)
-                .map(|offset| self.fetch_page(op, &filters, offset, &seen, &work))
-                .buffered(self.inner.concurrency);
-            while let Some(result) = pages.next().await {
-                let page = match result {
-                    Ok(page) => page,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                total = if total == u64::MAX { page.total } else { total.max(page.total) };
-                if tx.send(Ok(page)).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-
-    /// One page of lists whose name contains `search` (case-insensitive; `None` for all lists),
-    /// and the total count.
-    pub async fn lists_page(&self, search: Option<&str>, offset: u64) -> Result<(Vec<ListInfo>, u64), GatewayError> {
-        let mut query = vec![("limit", MAX_PAGE_SIZE.to_string()), ("offset", offset.to_string())];
-        if let Some(text) = search {
-            query.push(("search", text.to_owned()));
-        }
-        let page: ListPageWire =
-            self.call_json(Operation::FindList, Method::GET, self.url(&["contacts", "list"]), &query, None).await?;
-        Ok((page.lists, page.total))
-    }
-
-    /// Lists whose name is exactly `name`, oldest first.
+    /// Lists whose name is exactly `name`, oldest first, from a complete directory read.
     pub async fn find_lists(&self, name: &str) -> Result<Vec<ListInfo>, GatewayError> {
-        let mut found = Vec::new();
-        let mut offset = 0u64;
-        loop {
-            let (lists, total) = self.lists_page(Some(name), offset).await?;
-            let n = lists.len() as u64;
-            found.extend(lists.into_iter().filter(|l| l.name == name));
-            offset += n;
-            if n == 0 || offset >= total {
-                break;
-            }
-        }
+        let mut found: Vec<ListInfo> = self.lists(Some(name)).await?.into_iter().filter(|l| l.name == name).collect();
         sort_oldest_first(&mut found);
         Ok(found)
     }
@@ -490,16 +427,17 @@ impl Gateway {
                         return Ok(list);
                     }
                     self.meter.retry(Operation::CreateList);
-                    tokio::time::sleep(backoff(failures)).await;
+                    self.unless_cancelled(Operation::CreateList, tokio::time::sleep(backoff(failures))).await?;
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Adds contacts to a list, at most 1,000 per call. Adding a member twice is harmless.
-    pub async fn add_members(&self, list: &ListId, ids: &[ContactId]) -> Result<AddOutcome, GatewayError> {
-        let mut total = AddOutcome::default();
+    /// Adds contacts to a list, at most 1,000 per call. Adding a member twice is harmless. Ids
+    /// whose fate the answer does not account for are counted as unconfirmed.
+    pub async fn add_members(&self, list: &ListId, ids: &[ContactId]) -> Result<WriteOutcome, GatewayError> {
+        let mut total = WriteOutcome::default();
         for batch in ids.chunks(MAX_BATCH) {
             let body = json!({ "listId": list, "contactIds": batch });
             let out: AddWire = self
@@ -511,62 +449,77 @@ impl Gateway {
                     Some(&body),
                 )
                 .await?;
-            total.added += out.added_contacts;
-            total.duplicate += out.duplicate_contacts;
-            total.invalid += out.invalid_contacts;
+            let sent = batch.len() as u64;
+            match out.added_contacts {
+                Some(added) => {
+                    let (duplicate, invalid) =
+                        (out.duplicate_contacts.unwrap_or(0), out.invalid_contacts.unwrap_or(0));
+                    total.done += added;
+                    total.duplicate += duplicate;
+                    total.invalid += invalid;
+                    total.unconfirmed += sent.saturating_sub(added + duplicate + invalid);
+                }
+                None => total.unconfirmed += sent,
+            }
         }
         Ok(total)
     }
 
-    /// Removes contacts from a list: in bulk (1,000 per call) unless the server refused the bulk
-    /// form once, then one at a time. Removing a non-member is harmless. Returns how many left.
-    pub async fn remove_members(&self, list: &ListId, ids: &[ContactId]) -> Result<u64, GatewayError> {
-        let mut removed = 0;
+    /// Removes contacts from a list: in bulk (1,000 per call) unless the server refuses the bulk
+    /// form, then one at a time. Which form the server takes is decided once per client, by the
+    /// first bulk call, while every other removal waits for the answer. Removing a non-member
+    /// is harmless.
+    pub async fn remove_members(&self, list: &ListId, ids: &[ContactId]) -> Result<WriteOutcome, GatewayError> {
+        let mut total = WriteOutcome::default();
         for batch in ids.chunks(MAX_BATCH) {
-            if self.inner.bulk_remove.load(Ordering::Relaxed) != BULK_NO {
-                let body = json!({ "listIds": [list], "contactIds": batch });
-                let url = self.url(&["contacts", "list", "contacts"]);
-                match self
-                    .call_json::<RemoveWire>(Operation::RemoveMembers, Method::DELETE, url, &[], Some(&body))
-                    .await
-                {
-                    Ok(out) => {
-                        self.inner.bulk_remove.store(BULK_YES, Ordering::Relaxed);
-                        removed += out.removed_contacts;
-                        continue;
+            if self.inner.bulk_remove.load(Ordering::Acquire) == BULK_UNKNOWN {
+                let _deciding = self.unless_cancelled(Operation::RemoveMembers, self.inner.bulk_probe.lock()).await?;
+                if self.inner.bulk_remove.load(Ordering::Acquire) == BULK_UNKNOWN {
+                    match self.remove_bulk(list, batch).await {
+                        Ok(out) => {
+                            self.inner.bulk_remove.store(BULK_YES, Ordering::Release);
+                            total.merge(out);
+                            continue;
+                        }
+                        Err(e) if matches!(e.status(), Some(400 | 404 | 405 | 415)) && !e.is_unknown_list() => {
+                            self.inner.bulk_remove.store(BULK_NO, Ordering::Release);
+                            tracing::warn!(
+                                status = e.status().unwrap_or_default(),
+                                error = %e,
+                                "the gateway refused the bulk removal form; removing one contact at a time from now on"
+                            );
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) if self.refuses_bulk(&e) => {
-                        self.inner.bulk_remove.store(BULK_NO, Ordering::Relaxed);
-                        tracing::warn!(
-                            status = e.status().unwrap_or_default(),
-                            error = %e,
-                            "the gateway refused the bulk removal form; removing one contact at a time from now on"
-                        );
-                    }
-                    Err(e) => return Err(e),
                 }
             }
-            for id in batch {
-                removed += self.remove_one(list, id).await?;
+            if self.inner.bulk_remove.load(Ordering::Acquire) == BULK_YES {
+                total.merge(self.remove_bulk(list, batch).await?);
+            } else {
+                for id in batch {
+                    total.merge(self.remove_one(list, id).await?);
+                }
             }
         }
-        Ok(removed)
+        Ok(total)
     }
 
-    /// Only the first bulk call can reveal a server without the bulk form; a missing list is not that.
-    fn refuses_bulk(&self, e: &GatewayError) -> bool {
-        self.inner.bulk_remove.load(Ordering::Relaxed) == BULK_UNKNOWN
-            && matches!(e.status(), Some(400 | 404 | 405 | 415))
-            && !e.is_unknown_list()
+    async fn remove_bulk(&self, list: &ListId, batch: &[ContactId]) -> Result<WriteOutcome, GatewayError> {
+        let body = json!({ "listIds": [list], "contactIds": batch });
+        let url = self.url(&["contacts", "list", "contacts"]);
+        let out: RemoveWire = self.call_json(Operation::RemoveMembers, Method::DELETE, url, &[], Some(&body)).await?;
+        Ok(out.outcome(batch.len() as u64))
     }
 
-    async fn remove_one(&self, list: &ListId, id: &ContactId) -> Result<u64, GatewayError> {
+    async fn remove_one(&self, list: &ListId, id: &ContactId) -> Result<WriteOutcome, GatewayError> {
         let query = [("listId", list.to_string()), ("contactId", id.to_string())];
         let url = self.url(&["contacts", "list", "contacts"]);
         match self.call_json::<RemoveWire>(Operation::RemoveMembers, Method::DELETE, url, &query, None).await {
-            Ok(out) => Ok(out.removed_contacts),
+            Ok(out) => Ok(out.outcome(1)),
             // The contact was deleted meanwhile: it is not a member any more, which is what we wanted.
-            Err(GatewayError::Api { status: 404, message, .. }) if message.starts_with("contactId:") => Ok(0),
+            Err(GatewayError::Api { status: 404, message, .. }) if message.starts_with("contactId:") => {
+                Ok(WriteOutcome::default())
+            }
             Err(e) => Err(e),
         }
     }
@@ -577,34 +530,46 @@ impl Gateway {
     }
 }
 
-#[derive(Deserialize)]
-struct PageWire<T> {
-    contacts: Vec<T>,
-    total: u64,
+impl WriteOutcome {
+    pub fn merge(&mut self, other: WriteOutcome) {
+        self.done += other.done;
+        self.duplicate += other.duplicate;
+        self.invalid += other.invalid;
+        self.unconfirmed += other.unconfirmed;
+    }
 }
 
-#[derive(Deserialize)]
-struct ListPageWire {
-    lists: Vec<ListInfo>,
-    total: u64,
+/// What a scan reads: the contract's server-side filters and list membership.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanQuery {
+    /// `(name, value)` pairs such as `("region", "Lombardia")` or `("customFields.x.before", "2026-01-09")`.
+    pub filters: Vec<(String, String)>,
+    pub list_ids: Vec<ListId>,
+    pub not_list_ids: Vec<ListId>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct AddWire {
-    #[serde(default)]
-    added_contacts: u64,
-    #[serde(default)]
-    duplicate_contacts: u64,
-    #[serde(default)]
-    invalid_contacts: u64,
+    added_contacts: Option<u64>,
+    duplicate_contacts: Option<u64>,
+    invalid_contacts: Option<u64>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RemoveWire {
-    #[serde(default)]
-    removed_contacts: u64,
+    removed_contacts: Option<u64>,
+}
+
+impl RemoveWire {
+    /// Removing a non-member removes nothing, so fewer than sent is fine; no count at all is not.
+    fn outcome(&self, sent: u64) -> WriteOutcome {
+        match self.removed_contacts {
+            Some(n) => WriteOutcome { done: n, ..WriteOutcome::default() },
+            None => WriteOutcome { unconfirmed: sent, ..WriteOutcome::default() },
+        }
+    }
 }
 
 /// Oldest first (by creation time, then id), so "the" list of a name is stable.

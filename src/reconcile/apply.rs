@@ -5,13 +5,27 @@
 use tokio_util::sync::CancellationToken;
 
 use super::{Plan, ReconcileError};
-use crate::gateway::{Gateway, MAX_BATCH};
+use crate::gateway::{Gateway, MAX_BATCH, WriteOutcome};
 use crate::ids::ListId;
 
+/// What the gateway confirmed of the adds and the removals.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Applied {
-    pub added: u64,
-    pub removed: u64,
+    pub added: WriteOutcome,
+    pub removed: WriteOutcome,
+}
+
+impl Applied {
+    /// Why the writes are not known to have happened, if they are not.
+    pub fn unconfirmed(&self) -> Option<String> {
+        let (adds, removals) = (self.added.unconfirmed, self.removed.unconfirmed);
+        (adds + removals > 0).then(|| {
+            format!(
+                "the gateway did not confirm {adds} add(s) and {removals} removal(s) (its answers lacked the counts or \
+                 they did not add up); the next run reads the list again"
+            )
+        })
+    }
 }
 
 pub async fn apply(
@@ -26,7 +40,7 @@ pub async fn apply(
             return Err((done, ReconcileError::Interrupted));
         }
         match gw.add_members(list, batch).await {
-            Ok(out) => done.added += out.added,
+            Ok(out) => done.added.merge(out),
             Err(e) => return Err((done, e.into())),
         }
     }
@@ -35,7 +49,7 @@ pub async fn apply(
             return Err((done, ReconcileError::Interrupted));
         }
         match gw.remove_members(list, batch).await {
-            Ok(n) => done.removed += n,
+            Ok(out) => done.removed.merge(out),
             Err(e) => return Err((done, e.into())),
         }
     }

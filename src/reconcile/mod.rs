@@ -48,21 +48,37 @@ impl fmt::Display for Trigger {
     }
 }
 
+/// How a rule's run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
+    /// Everything planned was done and confirmed.
     Ok,
+    /// A guard held the removals (adds were applied).
     Held,
+    /// Nothing was decided or the writes stopped on an error.
     Failed,
+    /// The writes went through but the gateway did not confirm all of them.
+    Partial,
+    /// Shutdown stopped the run; the next run converges.
+    Interrupted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Held => "held",
+            Self::Failed => "failed",
+            Self::Partial => "partial",
+            Self::Interrupted => "interrupted",
+        }
+    }
 }
 
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Ok => "ok",
-            Self::Held => "held",
-            Self::Failed => "failed",
-        })
+        f.write_str(self.as_str())
     }
 }
 
@@ -76,6 +92,13 @@ pub enum ReconcileError {
     Internal(String),
     #[error("interrupted by shutdown; the next run converges")]
     Interrupted,
+}
+
+impl ReconcileError {
+    /// Shutdown, not a fault.
+    pub fn is_interrupted(&self) -> bool {
+        matches!(self, Self::Interrupted | Self::Gateway(GatewayError::Cancelled { .. }))
+    }
 }
 
 /// How the candidates of a pass were read.
@@ -169,6 +192,12 @@ struct Slot {
 impl Reconciler {
     /// Runs one pass over `req.rules`; every rule gets a report, failed or not.
     pub async fn run_pass(&self, req: PassRequest) -> PassReport {
+        // Every request of the pass ends when `cancel` fires, however the Reconciler was built.
+        let linked = Self { gateway: self.gateway.cancelled_by(self.cancel.clone()), ..self.clone() };
+        linked.pass(req).await
+    }
+
+    async fn pass(&self, req: PassRequest) -> PassReport {
         let started = Instant::now();
         let started_at = crate::state::now();
         let today = req.today.unwrap_or_else(|| Date(chrono::Utc::now().with_timezone(&self.time_zone).date_naive()));
@@ -228,8 +257,8 @@ impl Reconciler {
         report
     }
 
-    /// Every list of the account in one request, when several rules need a lookup and the account
-    /// has at most one page of lists; `None` means "look each name up".
+    /// Every list of the account (a complete directory read), when several rules need a lookup;
+    /// `None` means "look each name up".
     async fn list_directory(&self, slots: &[Slot], meter: &Arc<Meter>) -> Option<Vec<ListInfo>> {
         let unbound = slots
             .iter()
@@ -238,9 +267,8 @@ impl Reconciler {
         if unbound < 2 {
             return None;
         }
-        match self.gateway.metered(meter.clone()).lists_page(None, 0).await {
-            Ok((lists, total)) if lists.len() as u64 >= total => Some(lists),
-            Ok(_) => None,
+        match self.gateway.metered(meter.clone()).lists(None).await {
+            Ok(lists) => Some(lists),
             Err(e) => {
                 tracing::debug!(error = %e, "listing all lists failed; looking each name up instead");
                 None
@@ -308,23 +336,39 @@ impl Reconciler {
             }
             None => slot.gateway.find_lists(&rule.list).await?,
         };
-        if found.len() > 1 {
-            tracing::warn!(rule = %rule.name, list = %rule.list, count = found.len(), list_id = %found[0].id,
-                "several lists carry this exact name; using the oldest");
-        }
-        let (id, created) = match found.into_iter().next() {
-            Some(list) => (list.id, false),
+        let (id, created) = match found.first() {
+            Some(_) => (Self::oldest_of(rule, found), false),
             None if dry_run => return Ok((None, true)),
             None => {
                 let list = slot.gateway.create_list(&rule.list, &rule.description).await?;
                 tracing::info!(rule = %rule.name, list = %rule.list, list_id = %list.id, "created the rule's list");
-                (list.id, true)
+                // Another segsync may have created the same list meanwhile: read the directory
+                // again and bind the oldest of that name, so a segment is never split.
+                let mut again = slot.gateway.find_lists(&rule.list).await?;
+                if !again.iter().any(|l| l.id == list.id) {
+                    again.push(list.clone());
+                    sort_oldest_first(&mut again);
+                }
+                let oldest = Self::oldest_of(rule, again);
+                let created = oldest == list.id;
+                (oldest, created)
             }
         };
         if !dry_run {
             self.state.bind(&self.endpoint, &rule.name, &rule.list, &id)?;
         }
         Ok((Some(id), created))
+    }
+
+    /// The oldest of the lists carrying the rule's exact name (`found` is sorted oldest first),
+    /// with a warning naming every id when there are several.
+    fn oldest_of(rule: &Rule, found: Vec<ListInfo>) -> ListId {
+        if found.len() > 1 {
+            let ids: Vec<&str> = found.iter().map(|l| l.id.as_str()).collect();
+            tracing::warn!(rule = %rule.name, list = %rule.list, list_id = %found[0].id, list_ids = %ids.join(","),
+                "several lists carry this exact name; using the oldest and writing only to it");
+        }
+        found.into_iter().next().map(|l| l.id).unwrap_or_else(|| ListId::from(""))
     }
 
     /// Evaluates the candidates of the `live` slots, read the `read` way, into each slot.
@@ -367,6 +411,11 @@ impl Reconciler {
                     for ((&i, part), in_filter) in indexes.iter().zip(found.per_target).zip(found.in_filter) {
                         slots[i].eval.merge(part);
                         slots[i].in_filter = in_filter;
+                    }
+                }
+                Err(e) if e.is_interrupted() => {
+                    for &i in &indexes {
+                        slots[i].error = Some(ReconcileError::Interrupted);
                     }
                 }
                 Err(e) => {
@@ -476,7 +525,7 @@ impl Reconciler {
             duration: Duration::ZERO,
         };
         if let Some(e) = slot.error {
-            report.outcome = Outcome::Failed;
+            report.outcome = if e.is_interrupted() { Outcome::Interrupted } else { Outcome::Failed };
             report.detail = Some(e.to_string());
         } else {
             // Sorting a million ids is real CPU work: off the async workers.
@@ -488,17 +537,19 @@ impl Reconciler {
                 report.outcome = Outcome::Failed;
                 report.detail = Some(why.clone());
             } else if let (Some(list), false) = (&slot.list, req.dry_run) {
-                match apply::apply(&slot.gateway, list, &report.plan, &self.cancel).await {
-                    Ok(done) => {
-                        report.added = done.added;
-                        report.removed = done.removed;
-                    }
-                    Err((done, e)) => {
-                        report.added = done.added;
-                        report.removed = done.removed;
-                        report.outcome = Outcome::Failed;
-                        report.detail = Some(e.to_string());
-                    }
+                let (done, error) = match apply::apply(&slot.gateway, list, &report.plan, &self.cancel).await {
+                    Ok(done) => (done, None),
+                    Err((done, e)) => (done, Some(e)),
+                };
+                report.added = done.added.done;
+                report.removed = done.removed.done;
+                if let Some(e) = error {
+                    report.outcome = if e.is_interrupted() { Outcome::Interrupted } else { Outcome::Failed };
+                    report.detail = Some(e.to_string());
+                } else if let Some(why) = done.unconfirmed() {
+                    tracing::warn!(rule = %rule.name, list_id = %list, detail = %why, "the gateway did not confirm every write");
+                    report.outcome = Outcome::Partial;
+                    report.detail = Some(why);
                 }
             }
             if report.outcome == Outcome::Ok
@@ -575,7 +626,7 @@ impl Reconciler {
         }
         match r.outcome {
             Outcome::Ok => summary!(info),
-            Outcome::Held => summary!(warn),
+            Outcome::Held | Outcome::Partial | Outcome::Interrupted => summary!(warn),
             Outcome::Failed => summary!(error),
         }
     }

@@ -52,20 +52,16 @@ pub async fn members(
         move |records: Vec<ContactRecord>| {
             let mut part = Evaluation::default();
             for record in records {
-                let id = record.id;
+                let id = record.id.clone();
                 // add_only never removes, so its members need no verdict.
                 if rule_for_work.mode == Mode::Mirror {
                     part.evaluated += 1;
-                    let map = record.fields;
-                    let verdict = if rule_for_work.filter.is_empty()
-                        || map
-                            .read_lock::<rhai::Map>()
-                            .is_some_and(|m| rule_for_work.filter.iter().all(|f| f.passes(&m)))
-                    {
+                    // A member the FILTER cannot judge is an evaluation error (kept), exactly as a
+                    // field `matches` cannot read; only a clear "no" can remove it.
+                    let verdict = match rule_for_work.filter_verdict(&record) {
                         // The member's last use: hand the record over instead of cloning it.
-                        rule_for_work.call_matches(&engine, map, today)
-                    } else {
-                        Ok(false)
+                        Ok(true) => rule_for_work.call_matches(&engine, record.fields, today),
+                        other => other,
                     };
                     match verdict {
                         Ok(true) => part.matched += 1,

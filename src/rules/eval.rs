@@ -39,15 +39,36 @@ impl From<Box<EvalAltResult>> for EvalError {
 }
 
 impl Rule {
-    /// Whether the contact passes `FILTER`, judged as the server judges it.
+    /// Whether the contact passes `FILTER`, judged as the server judges it. A record the filter
+    /// cannot judge (a filtered field missing, null or of another type) is an error, exactly as
+    /// reading that field inside `matches` would be.
+    pub fn filter_verdict(&self, contact: &ContactRecord) -> Result<bool, EvalError> {
+        if self.filter.is_empty() {
+            return Ok(true);
+        }
+        let Some(map) = contact.map() else {
+            return Err(EvalError { message: "the contact is not an object".into(), line: 0, col: 0 });
+        };
+        for term in &self.filter {
+            match term.judge(&map) {
+                Ok(true) => {}
+                Ok(false) => return Ok(false),
+                Err(message) => return Err(EvalError { message, line: 0, col: 0 }),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether a contact that is not a member is worth evaluating: the server's filter would have
+    /// returned it. A record the filter cannot judge is one the server would not return.
     pub fn passes_filter(&self, contact: &ContactRecord) -> bool {
-        self.filter.is_empty() || contact.map().is_some_and(|m| self.filter.iter().all(|f| f.passes(&m)))
+        matches!(self.filter_verdict(contact), Ok(true))
     }
 
     /// Whether `contact` belongs to the segment: it passes `FILTER` (as the server would judge
     /// it) and `matches` returns `true`. `today` is the run's frozen date.
     pub fn evaluate(&self, engine: &Engine, contact: &ContactRecord, today: Date) -> Result<bool, EvalError> {
-        if !self.passes_filter(contact) {
+        if !self.filter_verdict(contact)? {
             return Ok(false);
         }
         self.call_matches(engine, contact.fields.clone(), today)

@@ -47,35 +47,70 @@ impl FilterTerm {
         }
     }
 
-    /// The server's semantics, applied to a record: strings exactly, numbers numerically.
-    pub fn passes(&self, record: &Map) -> bool {
-        let custom = |field: &str| {
-            record.get("customFields").and_then(|c| c.read_lock::<Map>()).and_then(|m| m.get(field).cloned())
+    /// The server's semantics, applied to a record: strings exactly, numbers numerically, dates
+    /// by day. A record that lacks the field, holds null there, or holds a value of another kind
+    /// cannot be judged: that is an error (the contact is kept as it is), never "does not match".
+    pub fn judge(&self, record: &Map) -> Result<bool, String> {
+        let key = self.query_pair().0;
+        let value = match self {
+            Self::Standard { field, .. } => record.get(field.as_str()).cloned(),
+            Self::Custom { field, .. } | Self::Before { field, .. } => match record.get("customFields") {
+                None => None,
+                Some(c) => match c.read_lock::<Map>() {
+                    Some(m) => m.get(field.as_str()).cloned(),
+                    None => return Err(format!("FILTER {key}: customFields is {}, not a map", kind(c))),
+                },
+            },
         };
+        let Some(value) = value else {
+            return Err(format!("FILTER {key}: the record has no such field"));
+        };
+        if value.is_unit() {
+            return Err(format!("FILTER {key}: the field is null"));
+        }
+        let mismatch = || format!("FILTER {key}: the field holds {}, which this filter cannot compare", kind(&value));
         match self {
-            Self::Standard { field, value } => record.get(field.as_str()).is_some_and(|v| text_equals(v, value)),
-            Self::Custom { field, value } => custom(field).is_some_and(|v| text_equals(&v, value)),
-            Self::Before { field, date } => custom(field)
-                .and_then(|v| v.into_immutable_string().ok())
-                .is_some_and(|s| s.get(..10).is_some_and(|day| day < date.as_str())),
+            Self::Standard { value: want, .. } => match value.read_lock::<rhai::ImmutableString>() {
+                Some(s) => Ok(s.as_str() == want),
+                None => Err(mismatch()),
+            },
+            Self::Custom { value: want, .. } => text_equals(&value, want).ok_or_else(mismatch),
+            Self::Before { date, .. } => {
+                let Some(text) = value.read_lock::<rhai::ImmutableString>() else { return Err(mismatch()) };
+                let day = text.get(..10).filter(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok());
+                match day {
+                    Some(day) => Ok(day < date.as_str()),
+                    None => Err(format!("FILTER {key}: the field holds {text:?}, not an ISO date")),
+                }
+            }
         }
     }
 }
 
-fn text_equals(v: &Dynamic, want: &str) -> bool {
+fn kind(v: &Dynamic) -> String {
+    if v.is_string() { format!("the text {v:?}") } else { format!("{} {v}", v.type_name()) }
+}
+
+/// Exact equality with the filter's text: strings as text, numbers numerically, booleans as
+/// `true`/`false`; `None` when the two are not of comparable kinds.
+fn text_equals(v: &Dynamic, want: &str) -> Option<bool> {
     if let Some(s) = v.read_lock::<rhai::ImmutableString>() {
-        return s.as_str() == want;
+        return Some(s.as_str() == want);
     }
     if let Ok(i) = v.as_int() {
-        return want.parse::<f64>().is_ok_and(|w| w == i as f64);
+        return want.parse::<f64>().ok().map(|w| w == i as f64);
     }
     if let Ok(f) = v.as_float() {
-        return want.parse::<f64>().is_ok_and(|w| w == f);
+        return want.parse::<f64>().ok().map(|w| w == f);
     }
     if let Ok(b) = v.as_bool() {
-        return want == if b { "true" } else { "false" };
+        return match want {
+            "true" => Some(b),
+            "false" => Some(!b),
+            _ => None,
+        };
     }
-    false
+    None
 }
 
 #[cfg(test)]
@@ -86,19 +121,37 @@ mod tests {
         serde_json::from_str::<rhai::Dynamic>(json).expect("json").try_cast::<Map>().expect("map")
     }
 
+    fn passes(term: &FilterTerm, r: &Map) -> bool {
+        term.judge(r).expect("judgeable")
+    }
+
     // Client-side filtering agrees with the server's semantics on strings, numbers and dates.
     #[test]
     fn passes_like_the_server() {
         let r = record(
             r#"{"region":"Lombardia","customFields":{"totalSpent":6800,"lastPurchaseDate":"2025-12-01","vip":true}}"#,
         );
-        assert!(FilterTerm::parse("region", "Lombardia").expect("ok").passes(&r));
-        assert!(!FilterTerm::parse("region", "lombardia").expect("ok").passes(&r));
-        assert!(FilterTerm::parse("customFields.totalSpent", "6800.0").expect("ok").passes(&r));
-        assert!(FilterTerm::parse("customFields.vip", "true").expect("ok").passes(&r));
-        assert!(FilterTerm::parse("customFields.lastPurchaseDate.before", "2026-01-09").expect("ok").passes(&r));
-        assert!(!FilterTerm::parse("customFields.lastPurchaseDate.before", "2025-12-01").expect("ok").passes(&r));
-        assert!(!FilterTerm::parse("city", "Milano").expect("ok").passes(&r), "a missing field never passes");
+        let t = |k: &str, v: &str| FilterTerm::parse(k, v).expect("ok");
+        assert!(passes(&t("region", "Lombardia"), &r));
+        assert!(!passes(&t("region", "lombardia"), &r));
+        assert!(passes(&t("customFields.totalSpent", "6800.0"), &r));
+        assert!(passes(&t("customFields.vip", "true"), &r));
+        assert!(passes(&t("customFields.lastPurchaseDate.before", "2026-01-09"), &r));
+        assert!(!passes(&t("customFields.lastPurchaseDate.before", "2025-12-01"), &r));
+    }
+
+    // A missing, null or differently typed field cannot be judged: an error naming the filter, never false.
+    #[test]
+    fn unjudgeable_records_are_errors() {
+        let t = |k: &str, v: &str| FilterTerm::parse(k, v).expect("ok");
+        let sparse = record(r#"{"id":"c1","region":null,"city":7,"customFields":{"d":"soon","n":5}}"#);
+        let err = t("email", "a@b.c").judge(&sparse).expect_err("missing");
+        assert!(err.contains("FILTER email") && err.contains("no such field"), "{err}");
+        assert!(t("region", "Lombardia").judge(&sparse).expect_err("null").contains("null"));
+        assert!(t("city", "Milano").judge(&sparse).expect_err("number").contains("i64 7"));
+        assert!(t("customFields.d.before", "2026-01-01").judge(&sparse).expect_err("not a date").contains("soon"));
+        assert!(t("customFields.n", "five").judge(&sparse).is_err());
+        assert!(t("customFields.x", "1").judge(&record(r#"{"id":"c2"}"#)).is_err());
     }
 
     // Keys the API would refuse are refused at load time, naming the key.

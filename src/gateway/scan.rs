@@ -1,0 +1,336 @@
+//! Paged reads: contacts, a list's members and the list directory all come through one reader.
+//!
+//! The reader trusts nothing a page says about other pages. `total` is only a hint for how far
+//! ahead to fetch, never a size: at most `concurrency` pages are in flight, whatever it claims.
+//! A read ends on its first short or empty page, and is then checked as a whole: pages fetched
+//! beyond the end must be empty, the distinct records seen must agree with the first page's
+//! `total` (within the churn a live account explains), and no record may repeat a whole page
+//! (a server that ignores the offset). A read that fails a check is an error, never a silent
+//! partial result, so nothing downstream can decide anything on it.
+
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use reqwest::Method;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::{Gateway, GatewayError, ListInfo, Operation, Pagination};
+use crate::contact::Record;
+
+/// More records than this in one read is not an account, it is a broken or hostile server: the
+/// read fails at once instead of holding ever more ids (16 bytes each) in memory.
+pub const MAX_RECORDS_PER_READ: u64 = 50_000_000;
+
+/// A record a paged read can de-duplicate: anything deserializable with an id.
+pub trait Keyed: DeserializeOwned + Send + 'static {
+    fn key(&self) -> Option<String>;
+}
+
+impl<T: Record> Keyed for T {
+    fn key(&self) -> Option<String> {
+        self.contact_id().map(|id| id.as_str().to_owned())
+    }
+}
+
+impl Keyed for ListInfo {
+    fn key(&self) -> Option<String> {
+        Some(self.id.as_str().to_owned())
+    }
+}
+
+/// One page of a read: its records, de-duplicated against the pages before it (or what the
+/// caller's page work made of them), and the server's count of all matches as of this page.
+#[derive(Debug)]
+pub struct Page<R> {
+    pub records: R,
+    pub total: u64,
+}
+
+/// A read in progress: pages arrive in order; dropping it stops the requests.
+pub struct Scan<R> {
+    rx: mpsc::Receiver<Result<Page<R>, GatewayError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<R> Scan<R> {
+    /// The next page, `None` after the last one; an error ends the read.
+    pub async fn next(&mut self) -> Option<Result<Page<R>, GatewayError>> {
+        self.rx.recv().await
+    }
+}
+
+impl<R> Drop for Scan<R> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a paged read asks for.
+pub(super) struct Request {
+    pub op: Operation,
+    pub path: &'static [&'static str],
+    pub filters: Vec<(String, String)>,
+}
+
+/// The churn a live account explains between the pages of one read: 1 % of the total, plus 2.
+/// More than that and the read is not trusted.
+pub fn churn_margin(total: u64) -> u64 {
+    total / 100 + 2
+}
+
+/// The `contacts` (or `lists`) of one page and the announced total.
+#[derive(Deserialize)]
+struct PageWire<T> {
+    #[serde(alias = "lists")]
+    contacts: Vec<T>,
+    total: u64,
+}
+
+/// The ids a read has returned, as 64-bit keyed hashes: a 1M-contact read costs 16 MB, not 60. A
+/// collision (about 1 in 10^7 per million-record read, new keys every read) only drops a
+/// duplicate-looking record from this one read, which can never remove anything.
+struct Seen {
+    hasher: RandomState,
+    ids: std::sync::Mutex<HashSet<u64>>,
+}
+
+impl Seen {
+    /// Keeps the records not seen before; a full later page with nothing new means `offset` is ignored.
+    fn fresh<T: Keyed>(&self, op: Operation, offset: u64, records: Vec<T>) -> Result<Vec<T>, GatewayError> {
+        let before = records.len();
+        let mut fresh = Vec::with_capacity(before);
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        for r in records {
+            let Some(id) = r.key() else {
+                return Err(GatewayError::Decode { op, message: format!("a record at offset {offset} has no id") });
+            };
+            if ids.insert(self.hasher.hash_one(id.as_str())) {
+                fresh.push(r);
+            }
+        }
+        if offset > 0 && before > 0 && fresh.is_empty() {
+            return Err(GatewayError::OffsetIgnored { op, offset });
+        }
+        Ok(fresh)
+    }
+}
+
+/// A page as fetched: the raw count (before de-duplication) decides where the read ends.
+struct Fetched<R> {
+    offset: u64,
+    raw: usize,
+    fresh: usize,
+    page: Page<R>,
+}
+
+impl Gateway {
+    /// Starts a paged read of `req`; each page's records go through `work` on the blocking thread
+    /// that parsed them, and the stream yields `work`'s results in page order.
+    pub(super) fn paged<T: Keyed, R: Send + 'static>(
+        &self,
+        req: Request,
+        work: impl Fn(Vec<T>) -> R + Send + Sync + 'static,
+    ) -> Scan<R> {
+        let (tx, rx) = mpsc::channel(self.inner.concurrency + 1);
+        let this = self.clone();
+        let task = tokio::spawn(async move { this.produce(req, Arc::new(work), tx).await });
+        Scan { rx, task }
+    }
+
+    /// Fetches the page at `offset`, then parses, de-duplicates and works it on a blocking thread.
+    async fn fetch_page<T: Keyed, R: Send + 'static>(
+        &self,
+        req: &Request,
+        offset: u64,
+        seen: &Arc<Seen>,
+        work: &Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
+    ) -> Result<Fetched<R>, GatewayError> {
+        let op = req.op;
+        let mut query: Vec<(&str, String)> = req.filters.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let limit = u64::from(self.inner.page_size);
+        query.push(("limit", limit.to_string()));
+        match self.inner.pagination {
+            Pagination::Offset => query.push(("offset", offset.to_string())),
+            Pagination::Page => query.push(("page", (offset / limit).to_string())),
+        }
+        let bytes = self.call(op, Method::GET, self.url(req.path), &query, None, true).await?;
+        let (seen, work) = (seen.clone(), work.clone());
+        tokio::task::spawn_blocking(move || {
+            let wire: PageWire<T> =
+                serde_json::from_slice(&bytes).map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
+            let raw = wire.contacts.len();
+            let fresh = seen.fresh(op, offset, wire.contacts)?;
+            let n = fresh.len();
+            Ok(Fetched { offset, raw, fresh: n, page: Page { records: work(fresh), total: wire.total } })
+        })
+        .await
+        .map_err(|e| GatewayError::Decode { op, message: e.to_string() })?
+    }
+
+    async fn produce<T: Keyed, R: Send + 'static>(
+        self,
+        req: Request,
+        work: Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
+        tx: mpsc::Sender<Result<Page<R>, GatewayError>>,
+    ) {
+        let mut read = Read::new(req.op, u64::from(self.inner.page_size));
+        let seen = Arc::new(Seen { hasher: RandomState::new(), ids: std::sync::Mutex::new(HashSet::new()) });
+        let mut in_flight = FuturesOrdered::new();
+        let mut next_offset = 0u64;
+        loop {
+            // Keep up to `concurrency` pages in flight, but only where the first page's total says
+            // there are records; past it, one page at a time until a short or empty one.
+            while read.end.is_none() && in_flight.len() < self.inner.concurrency {
+                let ahead = read.first_total.is_some_and(|total| next_offset < total);
+                if !(ahead || in_flight.is_empty()) {
+                    break;
+                }
+                in_flight.push_back(self.fetch_page(&req, next_offset, &seen, &work));
+                next_offset += read.limit;
+            }
+            let Some(result) = in_flight.next().await else { break };
+            let outcome = result.and_then(|fetched| read.accept(fetched));
+            match outcome {
+                Ok(Some(page)) => {
+                    if tx.send(Ok(page)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            }
+        }
+        if let Err(e) = read.finish() {
+            let _ = tx.send(Err(e)).await;
+        }
+    }
+}
+
+/// The checks of one paged read, page by page and at its end.
+struct Read {
+    op: Operation,
+    limit: u64,
+    first_total: Option<u64>,
+    distinct: u64,
+    /// The offset of the first short or empty page: the end of the read.
+    end: Option<u64>,
+}
+
+impl Read {
+    fn new(op: Operation, limit: u64) -> Self {
+        Self { op, limit, first_total: None, distinct: 0, end: None }
+    }
+
+    fn inconsistent(&self, message: String) -> GatewayError {
+        GatewayError::Inconsistent { op: self.op, message }
+    }
+
+    /// Checks one page (in order); `Some` is a page to hand on, `None` an empty page past the end.
+    fn accept<R>(&mut self, fetched: Fetched<R>) -> Result<Option<Page<R>>, GatewayError> {
+        let Fetched { offset, raw, fresh, page } = fetched;
+        if let Some(end) = self.end {
+            if raw > 0 {
+                return Err(self.inconsistent(format!(
+                    "the page at offset {end} was the last (short or empty), yet the page at offset {offset} \
+                     returned {raw} record(s)"
+                )));
+            }
+            return Ok(None);
+        }
+        let first = *self.first_total.get_or_insert(page.total);
+        if first > MAX_RECORDS_PER_READ {
+            return Err(self.inconsistent(format!(
+                "the first page announces {first} records, more than segsync reads in one pass \
+                 ({MAX_RECORDS_PER_READ})"
+            )));
+        }
+        let margin = churn_margin(first);
+        if page.total.abs_diff(first) > margin {
+            return Err(self.inconsistent(format!(
+                "the total changed from {first} to {} while reading (offset {offset}), more than churn explains",
+                page.total
+            )));
+        }
+        self.distinct += fresh as u64;
+        if self.distinct > first + margin {
+            return Err(self.inconsistent(format!(
+                "{} distinct records by offset {offset}, more than the {first} the first page announced",
+                self.distinct
+            )));
+        }
+        if (raw as u64) < self.limit {
+            self.end = Some(offset);
+        }
+        Ok(Some(page))
+    }
+
+    /// The whole read agrees with what its first page announced.
+    fn finish(&self) -> Result<(), GatewayError> {
+        let first = self.first_total.unwrap_or(0);
+        if self.distinct + churn_margin(first) < first {
+            return Err(self.inconsistent(format!(
+                "read {} distinct records, but the first page announced {first}; the server stopped short",
+                self.distinct
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetched(offset: u64, raw: usize, total: u64) -> Fetched<()> {
+        Fetched { offset, raw, fresh: raw, page: Page { records: (), total } }
+    }
+
+    // A read ends on its first short page and then accepts only empty pages.
+    #[test]
+    fn ends_on_the_first_short_page() {
+        let mut read = Read::new(Operation::ScanContacts, 100);
+        assert!(read.accept(fetched(0, 100, 150)).expect("ok").is_some());
+        assert!(read.accept(fetched(100, 50, 150)).expect("ok").is_some());
+        assert_eq!(read.end, Some(100));
+        assert!(read.accept(fetched(200, 0, 150)).expect("ok").is_none());
+        let err = read.accept(fetched(300, 3, 150)).expect_err("records past the end");
+        assert!(err.to_string().contains("offset 300 returned 3"), "{err}");
+    }
+
+    // A read that delivers fewer records than announced fails; within the churn margin it passes.
+    #[test]
+    fn short_reads_fail_beyond_the_margin() {
+        let mut read = Read::new(Operation::ScanContacts, 100);
+        for page in 0..10 {
+            read.accept(fetched(page * 100, 100, 3000)).expect("ok");
+        }
+        read.accept(fetched(1000, 0, 3000)).expect("ok");
+        let err = read.finish().expect_err("1000 of 3000");
+        assert!(err.to_string().contains("read 1000 distinct records, but the first page announced 3000"), "{err}");
+        // 100 announced: a margin of 3, so 97 delivered is churn and 96 is not.
+        let mut close = Read::new(Operation::ScanContacts, 100);
+        close.accept(fetched(0, 97, 100)).expect("ok");
+        close.finish().expect("3 missing of 100 is churn");
+        let mut short = Read::new(Operation::ScanContacts, 100);
+        short.accept(fetched(0, 96, 100)).expect("ok");
+        assert!(short.finish().is_err(), "4 missing of 100 is not churn");
+    }
+
+    // A total that moves more than churn explains, or an absurd one, fails at once.
+    #[test]
+    fn totals_are_checked() {
+        let mut read = Read::new(Operation::ScanContacts, 100);
+        read.accept(fetched(0, 100, 1000)).expect("ok");
+        assert!(read.accept(fetched(100, 100, 1500)).is_err());
+        let mut absurd = Read::new(Operation::ScanContacts, 100);
+        assert!(absurd.accept(fetched(0, 100, 1_000_000_000_000_000)).is_err());
+    }
+}
