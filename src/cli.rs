@@ -2,6 +2,14 @@
 //! documented exit codes. Printing results for people happens here and nowhere else.
 #![allow(clippy::print_stdout)]
 
+/// Prints one line for people, scrubbed of every secret the process has read: what is shown
+/// here includes the gateway's own words, and a server may echo the key back.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", crate::gateway::scrub(&format!($($arg)*)))
+    };
+}
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -136,9 +144,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Err(ConfigErrors(errors)) => {
             crate::logging::init(cli.log_format.unwrap_or_default());
             for e in &errors {
-                println!("{e}");
+                say!("{e}");
             }
-            println!("config: {} problem(s) in {}", errors.len(), cli.config.display());
+            say!("config: {} problem(s) in {}", errors.len(), cli.config.display());
             return Ok(Exit::Invalid);
         }
     };
@@ -177,13 +185,30 @@ pub fn load_rules(config: &Config) -> (rhai::Engine, RuleSet, Vec<RuleError>) {
 
 fn check(config: &Config) -> Exit {
     let mut problems = 0;
-    if let Err(e) = config.credentials() {
-        println!("{}:0:0: {e}", config.path.display());
+    // What `run` would refuse, `check` refuses too: a key it cannot send, a state it cannot write.
+    match config.credentials() {
+        Err(e) => {
+            say!("{}: {e}", config.path.display());
+            problems += 1;
+        }
+        Ok(credentials) if credentials.header().is_none() => {
+            say!(
+                "{}: the API key ({}) holds characters an HTTP header cannot carry (a line break or a control \
+                 character inside it?)",
+                config.path.display(),
+                config.key_source_name()
+            );
+            problems += 1;
+        }
+        Ok(_) => {}
+    }
+    if let Err(e) = crate::state::check_writable(&config.state_path) {
+        say!("{}: [state] path: {e}", config.path.display());
         problems += 1;
     }
     let (engine, set, errors) = load_rules(config);
     for e in &errors {
-        println!("{e}");
+        say!("{e}");
     }
     problems += errors.len();
     let mut passed = 0;
@@ -192,19 +217,19 @@ fn check(config: &Config) -> Exit {
             Ok(report) => {
                 passed += report.passed;
                 for f in &report.failures {
-                    println!("{f}");
+                    say!("{f}");
                 }
                 problems += report.failures.len();
             }
             Err(e) => {
-                println!("{e}");
+                say!("{e}");
                 problems += 1;
             }
         }
     }
     let names: Vec<&str> = set.rules.keys().map(RuleName::as_str).collect();
     if problems == 0 {
-        println!(
+        say!(
             "ok: config {}, {} rule(s) ({}), {passed} rule test(s) passed",
             config.path.display(),
             set.len(),
@@ -212,7 +237,7 @@ fn check(config: &Config) -> Exit {
         );
         Exit::Ok
     } else {
-        println!("check: {problems} problem(s); {} valid rule(s) ({})", set.len(), names.join(", "));
+        say!("check: {problems} problem(s); {} valid rule(s) ({})", set.len(), names.join(", "));
         Exit::Invalid
     }
 }
@@ -240,12 +265,12 @@ fn select(set: &RuleSet, names: &[String]) -> Result<Vec<Arc<rules::Rule>>, Stri
 fn load_selected(config: &Config, names: &[String]) -> Result<(rhai::Engine, Vec<Arc<rules::Rule>>, bool), Exit> {
     let (engine, set, errors) = load_rules(config);
     for e in &errors {
-        println!("{e}");
+        say!("{e}");
     }
     match select(&set, names) {
         Ok(selected) => Ok((engine, selected, errors.is_empty())),
         Err(e) => {
-            println!("{e}");
+            say!("{e}");
             Err(Exit::Invalid)
         }
     }
@@ -261,7 +286,7 @@ fn test(config: &Config, names: &[String]) -> anyhow::Result<Exit> {
         let report = match rules::fixtures::run(&engine, rule) {
             Ok(r) => r,
             Err(e) => {
-                println!("{e}");
+                say!("{e}");
                 failed += 1;
                 continue;
             }
@@ -270,16 +295,16 @@ fn test(config: &Config, names: &[String]) -> anyhow::Result<Exit> {
             untested.push(rule.name.as_str());
         }
         for f in &report.failures {
-            println!("FAIL {f}");
+            say!("FAIL {f}");
         }
-        println!("{}: {} passed, {} failed", rule.name, report.passed, report.failures.len());
+        say!("{}: {} passed, {} failed", rule.name, report.passed, report.failures.len());
         passed += report.passed;
         failed += report.failures.len();
     }
     if !untested.is_empty() {
-        println!("no tests for: {} (add rules/NAME.test.toml)", untested.join(", "));
+        say!("no tests for: {} (add rules/NAME.test.toml)", untested.join(", "));
     }
-    println!("{passed} passed, {failed} failed");
+    say!("{passed} passed, {failed} failed");
     Ok(if failed > 0 {
         Exit::Failure
     } else if all_valid {
@@ -295,9 +320,9 @@ async fn explain(config: &Config, rule_name: &str, contact_id: &str) -> anyhow::
         Ok(mut r) => r.remove(0),
         Err(e) => {
             for err in errors.iter().filter(|e| e.file.file_stem().is_some_and(|s| s == rule_name)) {
-                println!("{err}");
+                say!("{err}");
             }
-            println!("{e}");
+            say!("{e}");
             return Ok(Exit::Invalid);
         }
     };
@@ -306,10 +331,10 @@ async fn explain(config: &Config, rule_name: &str, contact_id: &str) -> anyhow::
     connection.close().await;
     let contact = fetched.with_context(|| format!("fetching contact {contact_id}"))?;
     let today = rules::Date(chrono::Utc::now().with_timezone(&config.time_zone).date_naive());
-    println!("rule      {} ({}, hash {})", rule.name, rule.path.display(), rule.short_hash());
-    println!("list      {}", rule.list);
-    println!("contact   {}", contact.id);
-    println!("today     {} ({})", today.0, config.time_zone);
+    say!("rule      {} ({}, hash {})", rule.name, rule.path.display(), rule.short_hash());
+    say!("list      {}", rule.list);
+    say!("contact   {}", contact.id);
+    say!("today     {} ({})", today.0, config.time_zone);
     let map = contact.map().map(|m| m.clone()).unwrap_or_default();
     for term in &rule.filter {
         let (key, value) = term.query_pair();
@@ -318,15 +343,15 @@ async fn explain(config: &Config, rule_name: &str, contact_id: &str) -> anyhow::
             Ok(false) => "FAILS".to_owned(),
             Err(e) => format!("CANNOT JUDGE ({e})"),
         };
-        println!("filter    {key} = {value:?}: {verdict} (contact has {})", show_field(&map, &key));
+        say!("filter    {key} = {value:?}: {verdict} (contact has {})", show_field(&map, &key));
     }
     for (path, value) in fields_read(&map, &rule.mentions) {
-        println!("reads     {path} = {value}");
+        say!("reads     {path} = {value}");
     }
     match rule.evaluate(&engine, &contact, today) {
-        Ok(true) => println!("answer    IN the segment: the list should hold this contact"),
-        Ok(false) => println!("answer    NOT in the segment: the list should not hold this contact"),
-        Err(e) => println!("answer    ERROR, so the contact is neither added nor removed: {e}"),
+        Ok(true) => say!("answer    IN the segment: the list should hold this contact"),
+        Ok(false) => say!("answer    NOT in the segment: the list should not hold this contact"),
+        Err(e) => say!("answer    ERROR, so the contact is neither added nor removed: {e}"),
     }
     Ok(Exit::Ok)
 }
@@ -409,11 +434,11 @@ async fn pass(config: &Config, names: &[String], mode: PassMode) -> anyhow::Resu
     match mode {
         PassMode::Plan { json: true } => {
             let rows: Vec<serde_json::Value> = report.rules.iter().map(plan_json).collect();
-            println!("{}", serde_json::to_string_pretty(&rows)?);
+            say!("{}", serde_json::to_string_pretty(&rows)?);
         }
         _ => print_pass(&report, dry_run),
     }
-    Ok(if report.any(Outcome::Failed) {
+    Ok(if report.any(Outcome::Failed) || report.any(Outcome::Partial) || report.any(Outcome::Interrupted) {
         Exit::Failure
     } else if report.any(Outcome::Held) {
         Exit::Held
@@ -433,7 +458,7 @@ async fn confirm_through_daemon(config: &Config, rules: &[Arc<rules::Rule>], pid
         state.approve(&rule.name, chrono::Duration::minutes(10))?;
     }
     let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
-    println!("segsync is running (pid {pid}); asked it to run {} once with removals allowed", names.join(", "));
+    say!("segsync is running (pid {pid}); asked it to run {} once with removals allowed", names.join(", "));
     let deadline = std::time::Instant::now() + Duration::from_secs(600);
     let mut worst = Exit::Ok;
     for rule in rules {
@@ -442,14 +467,14 @@ async fn confirm_through_daemon(config: &Config, rules: &[Arc<rules::Rule>], pid
                 break run;
             }
             if std::time::Instant::now() > deadline {
-                println!("{}: no run within 10 minutes; see `segsync status` and the daemon's log", rule.name);
+                say!("{}: no run within 10 minutes; see `segsync status` and the daemon's log", rule.name);
                 return Ok(Exit::Failure);
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
-        println!("{}: added {}, removed {}, outcome {} {}", run.rule, run.added, run.removed, run.outcome, run.detail);
+        say!("{}: added {}, removed {}, outcome {} {}", run.rule, run.added, run.removed, run.outcome, run.detail);
         worst = match (worst, run.outcome.as_str()) {
-            (_, "failed") | (Exit::Failure, _) => Exit::Failure,
+            (_, "failed" | "partial" | "interrupted") | (Exit::Failure, _) => Exit::Failure,
             (_, "held") | (Exit::Held, _) => Exit::Held,
             _ => Exit::Ok,
         };
@@ -482,20 +507,28 @@ fn plan_json(r: &RuleReport) -> serde_json::Value {
 
 fn print_pass(report: &PassReport, dry_run: bool) {
     for r in &report.rules {
+        // A rule that stopped before its list was resolved says so, not "would be created".
+        let stopped = matches!(r.outcome, Outcome::Failed | Outcome::Interrupted);
         let list = match (&r.list_id, r.list_created) {
+            (Some(id), true) if dry_run => format!("{id}, would be created"),
             (Some(id), true) => format!("{id}, created now"),
             (Some(id), false) => id.to_string(),
+            (None, _) if stopped => "list not resolved".into(),
             (None, _) => "would be created".into(),
         };
-        println!("{} → {:?} ({list}, {})", r.rule.name, r.rule.list, r.rule.mode);
-        println!(
-            "  members {}, scanned {}, matched {}, eval errors {}",
-            r.members_before, r.scanned, r.matched, r.eval_errors
-        );
-        if dry_run {
-            println!("  would add {}, would remove {}", r.plan.to_add.len(), r.plan.to_remove.len());
+        say!("{} → {:?} ({list}, {})", r.rule.name, r.rule.list, r.rule.mode);
+        if stopped && r.scanned == 0 && r.members_before == 0 {
+            say!("  nothing read");
         } else {
-            println!(
+            say!(
+                "  members {}, scanned {}, matched {}, eval errors {}",
+                r.members_before, r.scanned, r.matched, r.eval_errors
+            );
+        }
+        if dry_run {
+            say!("  would add {}, would remove {}", r.plan.to_add.len(), r.plan.to_remove.len());
+        } else {
+            say!(
                 "  added {}, removed {} (planned +{} / -{})",
                 r.added,
                 r.removed,
@@ -506,20 +539,28 @@ fn print_pass(report: &PassReport, dry_run: bool) {
         let more =
             |ids: &[ContactId]| if ids.len() > 5 { format!(" … (+{} more)", ids.len() - 5) } else { String::new() };
         if !r.plan.to_add.is_empty() {
-            println!("  add:    {}{}", sample(&r.plan.to_add, 5).join(", "), more(&r.plan.to_add));
+            say!("  add:    {}{}", sample(&r.plan.to_add, 5).join(", "), more(&r.plan.to_add));
         }
         if !r.plan.to_remove.is_empty() {
-            println!("  remove: {}{}", sample(&r.plan.to_remove, 5).join(", "), more(&r.plan.to_remove));
+            say!("  remove: {}{}", sample(&r.plan.to_remove, 5).join(", "), more(&r.plan.to_remove));
         }
         if let Some(e) = &r.first_error {
-            println!("  first evaluation error: {e}");
+            say!("  first evaluation error: {e}");
         }
-        println!("  outcome {}{}", r.outcome, r.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default());
+        say!("  outcome {}{}", r.outcome, r.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default());
     }
-    println!(
-        "{} {} rule(s) in {:.1} s, {} API request(s) ({})",
-        if dry_run { "planned" } else { "synced" },
+    let mut outcomes: Vec<String> = Vec::new();
+    for outcome in [Outcome::Ok, Outcome::Held, Outcome::Partial, Outcome::Failed, Outcome::Interrupted] {
+        let n = report.rules.iter().filter(|r| r.outcome == outcome).count();
+        if n > 0 {
+            outcomes.push(format!("{n} {outcome}"));
+        }
+    }
+    say!(
+        "{} {} rule(s) ({}) in {:.1} s, {} API request(s) ({})",
+        if dry_run { "planned" } else { "ran" },
         report.rules.len(),
+        outcomes.join(", "),
         report.duration.as_secs_f64(),
         report.usage.total_requests(),
         report.usage.requests.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
@@ -528,25 +569,25 @@ fn print_pass(report: &PassReport, dry_run: bool) {
 
 fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result<Exit> {
     if !config.state_path.exists() {
-        println!("no runs yet (no state database at {})", config.state_path.display());
+        say!("no runs yet (no state database at {})", config.state_path.display());
         return Ok(Exit::Ok);
     }
     let state = crate::state::State::open(&config.state_path)?;
     let rows = state.last_runs(runs.max(1))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        say!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(Exit::Ok);
     }
     if rows.is_empty() {
-        println!("no runs yet");
+        say!("no runs yet");
         return Ok(Exit::Ok);
     }
-    println!(
+    say!(
         "{:<22} {:<24} {:<8} {:>8} {:>8} {:>8} {:>9} {:>8}  detail",
         "rule", "finished", "trigger", "members", "added", "removed", "requests", "outcome"
     );
     for r in rows {
-        println!(
+        say!(
             "{:<22} {:<24} {:<8} {:>8} {:>8} {:>8} {:>9} {:>8}  {}",
             r.rule, r.finished_at, r.trigger, r.members_before, r.added, r.removed, r.api_requests, r.outcome, r.detail
         );

@@ -89,7 +89,12 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+        if self.line == 0 {
+            // No position is known: `file:0:0:` would send people looking for line 0.
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
+        }
     }
 }
 
@@ -270,7 +275,7 @@ const API_KEYS: [&str; 15] = [
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = crate::files::read_text(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 file: path.into(),
                 line: 0,
@@ -471,6 +476,16 @@ impl Config {
         })
     }
 
+    /// Where the key comes from, for messages (never the key).
+    pub fn key_source_name(&self) -> String {
+        match &self.api.endpoint {
+            Endpoint::Sandbox => "the sandbox's demo key".into(),
+            Endpoint::Remote { key: KeySource::Env(var), .. } => format!("environment variable {var}"),
+            Endpoint::Remote { key: KeySource::File(path), .. } => format!("file {}", path.display()),
+            Endpoint::Remote { key: KeySource::Credential(name), .. } => format!("systemd credential {name}"),
+        }
+    }
+
     /// Reads the secret from its source. Errors name the source, never the secret.
     pub fn credentials(&self) -> Result<Credentials, String> {
         let Endpoint::Remote { key, basic_user, .. } = &self.api.endpoint else {
@@ -480,14 +495,14 @@ impl Config {
             KeySource::Env(var) => {
                 std::env::var(var).map_err(|_| format!("the environment variable {var} (api.key_env) is not set"))?
             }
-            KeySource::File(path) => std::fs::read_to_string(path)
+            KeySource::File(path) => crate::files::read_text(path)
                 .map_err(|e| format!("cannot read the key file {} (api.key_file): {e}", path.display()))?,
             KeySource::Credential(name) => {
                 let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
                     format!("api.key_credential = {name:?} needs $CREDENTIALS_DIRECTORY, which systemd sets for LoadCredential=")
                 })?;
                 let path = Path::new(&dir).join(name);
-                std::fs::read_to_string(&path)
+                crate::files::read_text(&path)
                     .map_err(|e| format!("cannot read the credential {} (api.key_credential): {e}", path.display()))?
             }
         };

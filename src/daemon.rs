@@ -416,7 +416,7 @@ impl Daemon {
         let parts: Vec<String> =
             report.rules.iter().map(|r| format!("{} {} +{}/-{}", r.rule.name, r.outcome, r.added, r.removed)).collect();
         self.status = format!("last pass {now}: {}", parts.join(", "));
-        if report.any(Outcome::Failed) || report.any(Outcome::Held) {
+        if report.rules.iter().any(|r| r.outcome != Outcome::Ok) {
             self.status.push_str(" (see the log)");
         }
         notify(&[NotifyState::Status(&self.status_line())]);

@@ -5,7 +5,8 @@ pub mod cli; // clap subcommands and their exit codes
 pub mod config; // config.toml → validated Config
 pub mod contact; // the contact record both the gateway and the rules speak
 pub mod daemon;
-pub mod endpoint; // Config → a gateway: the real one or the bundled sandbox
+pub mod endpoint;
+pub mod files; // reading config, rule and key files without blocking // Config → a gateway: the real one or the bundled sandbox
 pub mod gateway; // the partner-gateway client: pagination, rate budget, retries
 pub mod ids; // ContactId, ListId, RuleName
 pub mod logging; // JSON or text logs, RUST_LOG filtering

@@ -15,8 +15,10 @@ fn main() -> ExitCode {
     match segsync::cli::run(cli) {
         Ok(code) => code.into(),
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "segsync failed");
-            eprintln!("error: {e:#}");
+            let message = format!("{e:#}");
+            let message = segsync::gateway::scrub(&message);
+            tracing::error!(error = %message, "segsync failed");
+            eprintln!("error: {message}");
             segsync::cli::Exit::Failure.into()
         }
     }

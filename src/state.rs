@@ -16,10 +16,12 @@ use crate::ids::{ListId, RuleName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("state database {path}: {source}")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
-    #[error("state lock {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    // The cause is part of the message and deliberately not a `#[source]`: an error chain
+    // printed whole (`{:#}`) would say it twice.
+    #[error("state database {path}: {cause}")]
+    Sqlite { path: PathBuf, cause: rusqlite::Error },
+    #[error("state lock {path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
     #[error(
         "another segsync (pid {pid}) is using the state file {path}; two instances would fight over the same lists. \
          Stop it first, or give this one its own [state] path (to confirm a held mass removal while it runs: \
@@ -28,6 +30,32 @@ pub enum StateError {
     Locked { path: PathBuf, pid: String },
     #[error("the state database {path} has schema version {found}, newer than this segsync understands ({known})")]
     TooNew { path: PathBuf, found: i64, known: i64 },
+}
+
+/// Whether the database at `db_path` could be created or opened for writing: its folder (or the
+/// nearest existing ancestor, which `lock` would create it in) is a folder this process can write.
+pub fn check_writable(db_path: &Path) -> Result<(), String> {
+    if db_path.is_dir() {
+        return Err(format!("{} is a folder, not a database file", db_path.display()));
+    }
+    let mut dir = db_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    while !dir.exists() {
+        match dir.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(parent) => dir = parent,
+            None => break,
+        }
+    }
+    if !dir.is_dir() {
+        return Err(format!("{} is not a folder, so {} cannot be created", dir.display(), db_path.display()));
+    }
+    let probe = dir.join(format!(".segsync-check-{}", std::process::id()));
+    match OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(format!("cannot write in {} ({e}), so {} cannot be created or updated", dir.display(), db_path.display())),
+    }
 }
 
 /// Holds the instance lock until dropped (the OS releases it if the process dies).
@@ -39,7 +67,7 @@ pub struct InstanceLock {
 /// Takes the lock file beside the database, or says who holds it.
 pub fn lock(db_path: &Path) -> Result<InstanceLock, StateError> {
     let path = lock_path(db_path);
-    let io = |source| StateError::Io { path: path.clone(), source };
+    let io = |cause| StateError::Io { path: path.clone(), cause };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
@@ -157,9 +185,9 @@ impl std::fmt::Debug for State {
 impl State {
     /// Opens (creating and migrating) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StateError> {
-        let sql = |source| StateError::Sqlite { path: path.into(), source };
+        let sql = |cause| StateError::Sqlite { path: path.into(), cause };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StateError::Io { path: path.into(), source })?;
+            std::fs::create_dir_all(dir).map_err(|cause| StateError::Io { path: path.into(), cause })?;
         }
         let mut conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
@@ -180,7 +208,7 @@ impl State {
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StateError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut conn).map_err(|source| StateError::Sqlite { path: self.path.clone(), source })
+        f(&mut conn).map_err(|cause| StateError::Sqlite { path: self.path.clone(), cause })
     }
 
     /// The list a rule's LIST name was bound to on this endpoint.

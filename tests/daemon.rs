@@ -314,8 +314,9 @@ async fn sigterm_mid_apply_then_restart_converges() {
     assert_eq!(daemon.wait_exit(15).await, 0);
     assert!(sent.elapsed() < Duration::from_secs(11), "stopped within the deadline");
     daemon.wait_for(1, "stopped", &[], 2).await;
-    let interrupted = daemon.events("rule run", &[("outcome", "failed")]);
+    let interrupted = daemon.events("rule run", &[("outcome", "interrupted")]);
     assert!(!interrupted.is_empty(), "interrupted runs are recorded and logged");
+    assert!(daemon.events("rule run", &[("outcome", "failed")]).is_empty(), "a shutdown is not a failure");
     drop(daemon);
 
     let restarted = Daemon::start(&config, &[]);
@@ -398,9 +399,11 @@ async fn shipped_config_runs_on_the_bundled_sandbox() {
         assert!(run["added"].as_u64().expect("added") > 0, "{run}");
     }
     let pass = daemon.wait_for(1, "pass finished", &[("trigger", "startup")], 5).await;
-    // 233 is the lower bound for the demo data; the churn may shift a page or a batch by one.
+    // 239 is the lower bound for the demo data: 200 pages and the empty page that ends the read,
+    // 27 add batches, 5 creates, the directory read and one re-read after each create (no list
+    // is ever split across two of one name). The churn may shift a page or a batch by one.
     let requests = pass[0]["api_requests"].as_u64().expect("api_requests");
-    assert!((233..=236).contains(&requests), "the first pass is at its lower bound: {}", pass[0]);
+    assert!((239..=242).contains(&requests), "the first pass is at its lower bound: {}", pass[0]);
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(30).await, 0);
     assert!(dir.path().join("segsync.db").exists(), "state beside the config");

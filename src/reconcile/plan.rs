@@ -90,12 +90,10 @@ pub fn plan(eval: &Evaluation, mode: Mode, guards: &Guards, allow_mass_removal: 
     let mut plan = Plan { to_add, to_remove, held: None, refused: None };
 
     if eval.evaluated > 0 && eval.errors as f64 > guards.max_error_share * eval.evaluated as f64 {
+        let (share, limit) = percents(eval.errors as f64 / eval.evaluated as f64, guards.max_error_share);
         plan.refused = Some(format!(
-            "the rule errored on {} of {} contacts ({:.1} %), above guards.max_error_share {:.1} %; nothing changed",
-            eval.errors,
-            eval.evaluated,
-            100.0 * eval.errors as f64 / eval.evaluated as f64,
-            100.0 * guards.max_error_share
+            "the rule errored on {} of {} contacts ({share} %), above guards.max_error_share {limit} %; nothing changed",
+            eval.errors, eval.evaluated,
         ));
         return plan;
     }
@@ -105,15 +103,27 @@ pub fn plan(eval: &Evaluation, mode: Mode, guards: &Guards, allow_mass_removal: 
         removing > guards.mass_removal_floor && removing as f64 > guards.max_removal_share * members as f64;
     let over_count = guards.max_removals.is_some_and(|max| removing > max);
     if (over_share || over_count) && !allow_mass_removal {
+        let share = if members == 0 { 1.0 } else { removing as f64 / members as f64 };
+        let (share, limit) = percents(share, guards.max_removal_share);
         plan.held = Some(format!(
-            "would remove {removing} of {members} members ({:.1} %), above the mass-removal guard ({:.0} %{}); \
+            "would remove {removing} of {members} members ({share} %), above the mass-removal guard ({limit} %{}); \
              confirm with `segsync sync RULE --allow-mass-removal`",
-            if members == 0 { 0.0 } else { 100.0 * removing as f64 / members as f64 },
-            100.0 * guards.max_removal_share,
             guards.max_removals.map(|m| format!(" or {m} members")).unwrap_or_default()
         ));
     }
     plan
+}
+
+/// Two shares as percentages, with as many decimals as it takes to tell them apart (at least one).
+fn percents(a: f64, b: f64) -> (String, String) {
+    let (a, b) = (100.0 * a, 100.0 * b);
+    for digits in 1..6 {
+        let (x, y) = (format!("{a:.digits$}"), format!("{b:.digits$}"));
+        if x != y {
+            return (x, y);
+        }
+    }
+    (format!("{a:.6}"), format!("{b:.6}"))
 }
 
 #[cfg(test)]
@@ -250,5 +260,13 @@ mod tests {
         assert!(p.removals_to_apply().is_empty());
         let p = Plan { refused: Some("x".into()), ..p };
         assert!(p.adds_to_apply().is_empty());
+    }
+
+    // Shares that differ are printed with enough digits to show it.
+    #[test]
+    fn percentages_show_the_difference() {
+        assert_eq!(percents(0.0102, 0.01), ("1.02".into(), "1.00".into()));
+        assert_eq!(percents(0.25, 0.2), ("25.0".into(), "20.0".into()));
+        assert_eq!(percents(0.010004, 0.01), ("1.0004".into(), "1.0000".into()));
     }
 }

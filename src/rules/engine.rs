@@ -78,8 +78,8 @@ fn register_dates(engine: &mut Engine, tz: Tz) {
     engine.register_get("month", |d: &mut Date| i64::from(chrono::Datelike::month(&d.0)));
     engine.register_get("day", |d: &mut Date| i64::from(chrono::Datelike::day(&d.0)));
     engine.register_fn("-", |a: Date, b: Date| (a.0 - b.0).num_days());
-    engine.register_fn("+", |a: Date, days: i64| Date(a.0 + chrono::Duration::days(days)));
-    engine.register_fn("-", |a: Date, days: i64| Date(a.0 - chrono::Duration::days(days)));
+    engine.register_fn("+", |a: Date, days: i64| shift(a, days));
+    engine.register_fn("-", |a: Date, days: i64| shift(a, days.checked_neg().unwrap_or(i64::MAX)));
     engine.register_fn("==", |a: Date, b: Date| a == b);
     engine.register_fn("!=", |a: Date, b: Date| a != b);
     engine.register_fn("<", |a: Date, b: Date| a < b);
@@ -101,6 +101,14 @@ fn register_dates(engine: &mut Engine, tz: Tz) {
             Err(format!("{name}() got () — is the field missing? Expected a date or an ISO date string").into())
         });
     }
+}
+
+/// `date ± days`, checked: a date outside the calendar is an error, never a panic.
+fn shift(d: Date, days: i64) -> Fallible<Date> {
+    chrono::TimeDelta::try_days(days)
+        .and_then(|delta| d.0.checked_add_signed(delta))
+        .map(Date)
+        .ok_or_else(|| format!("date {} + {days} days is outside the calendar", d.0).into())
 }
 
 /// `<`, `<=`, `>`, `>=` between a number and a non-number (or two different non-numbers) are
@@ -185,6 +193,16 @@ mod tests {
         assert!(err.contains("is the field missing"), "{err}");
         let err = eval(r#"days_since("last tuesday")"#, "2026-11-28").expect_err("bad date");
         assert!(err.contains("last tuesday"), "{err}");
+    }
+
+    // Date arithmetic that leaves the calendar is a Rhai error, not a panic.
+    #[test]
+    fn date_overflow_is_an_error() {
+        let err = eval("today() + 9999999999", "2026-11-28").expect_err("overflow");
+        assert!(err.contains("outside the calendar"), "{err}");
+        let err = eval("today() - 9223372036854775807", "2026-11-28").expect_err("overflow");
+        assert!(err.contains("outside the calendar"), "{err}");
+        assert_eq!(eval("(today() + 3).day", "2026-11-28").expect("ok").as_int(), Ok(1));
     }
 
     // The sandbox holds: loops are bounded, strings are bounded, eval and import do not exist.

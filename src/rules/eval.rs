@@ -38,6 +38,15 @@ impl From<Box<EvalAltResult>> for EvalError {
     }
 }
 
+/// The message a panic carried, if it was text.
+pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 impl Rule {
     /// Whether the contact passes `FILTER`, judged as the server judges it. A record the filter
     /// cannot judge (a filtered field missing, null or of another type) is an error, exactly as
@@ -78,8 +87,12 @@ impl Rule {
     /// caller hands over the contact: a clone, or the record itself for its last evaluation.
     pub fn call_matches(&self, engine: &Engine, fields: Dynamic, today: Date) -> Result<bool, EvalError> {
         let options = CallFnOptions::new().eval_ast(false).rewind_scope(true).with_tag(today);
-        let verdict =
-            engine.call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.ast, "matches", (fields,))?;
+        // A panic inside the engine or a helper is this contact's evaluation error, never the
+        // end of the thread that judges a whole page for every rule.
+        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.ast, "matches", (fields,))
+        }))
+        .map_err(|panic| EvalError { message: format!("the rule panicked: {}", panic_text(&panic)), line: 0, col: 0 })??;
         verdict.as_bool().map_err(|type_name| EvalError {
             message: format!("matches must return true or false, got {type_name} {verdict}"),
             line: 0,

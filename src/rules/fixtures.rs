@@ -64,8 +64,12 @@ pub fn fixture_path(rule_path: &Path) -> PathBuf {
 /// Runs the rule's tests; a missing fixture file is an empty report, a broken one an error.
 pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, RuleError> {
     let path = fixture_path(&rule.path);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(TestReport::default());
+    let text = match crate::files::read_text(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TestReport::default()),
+        Err(e) => {
+            return Err(RuleError { file: path.clone(), line: 0, col: 0, message: format!("cannot read: {e}") });
+        }
     };
     let fixture: FixtureFile = toml::from_str(&text).map_err(|e| {
         let (line, col) = e.span().map_or((0, 0), |s| line_col(&text, s.start));

@@ -21,6 +21,14 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<RuleError>) {
             .filter_map(Result::ok)
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "rhai") && !is_hidden(p))
+            .filter(|p| {
+                // Only regular files are read: a FIFO would block the daemon waiting for a writer.
+                let regular = crate::files::is_regular(p);
+                if !regular {
+                    tracing::warn!(file = %p.display(), "skipping a rules-folder entry that is not a regular file");
+                }
+                regular
+            })
             .collect(),
         Err(e) => {
             errors.push(RuleError {
@@ -50,7 +58,7 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<RuleError>) {
         for rule in rules {
             let others: Vec<String> =
                 rules.iter().filter(|o| o.name != rule.name).map(|o| o.path.display().to_string()).collect();
-            let (line, col) = const_position(&std::fs::read_to_string(&rule.path).unwrap_or_default(), "LIST");
+            let (line, col) = const_position(&crate::files::read_text(&rule.path).unwrap_or_default(), "LIST");
             errors.push(RuleError {
                 file: rule.path.clone(),
                 line,
@@ -72,11 +80,19 @@ fn is_hidden(p: &Path) -> bool {
     p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }
 
-/// Loads one rule file, or every problem found in it.
+/// Loads one rule file, or every problem found in it. A panic while loading (a bug in a helper
+/// the file's top level calls) is that file's error only.
 pub fn load_file(engine: &Engine, path: &Path) -> Result<Rule, Vec<RuleError>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_rule(engine, path))).unwrap_or_else(|panic| {
+        let message = format!("loading the rule panicked: {}", super::eval::panic_text(&panic));
+        Err(vec![RuleError { file: path.into(), line: 0, col: 0, message }])
+    })
+}
+
+fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<RuleError>> {
     let at = |line: usize, col: usize, message: String| RuleError { file: path.into(), line, col, message };
     let source =
-        std::fs::read_to_string(path).map_err(|e| vec![at(0, 0, format!("cannot read the rule file: {e}"))])?;
+        crate::files::read_text(path).map_err(|e| vec![at(0, 0, format!("cannot read the rule file: {e}"))])?;
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
     if stem.is_empty() || !stem.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(vec![at(0, 0, format!("rule file names may use letters, digits, '-' and '_' only, got {stem:?}"))]);
@@ -263,8 +279,16 @@ fn mentions(source: &str) -> Vec<String> {
             .map_or(bytes.len(), |n| start + n);
         if end > start && bytes[start].is_ascii_alphabetic() {
             let word = &source[start..end];
-            // A method call (`.len()`) is not a field.
-            if bytes.get(end) != Some(&b'(') && !words.iter().any(|w| w == word) {
+            // A method call (`.len()`) is not a field, but `.get("name")` reads the field `name`.
+            let word = if bytes.get(end) == Some(&b'(') {
+                match (word, source[end + 1..].trim_start().strip_prefix('"')) {
+                    ("get", Some(rest)) => rest.split('"').next().unwrap_or_default(),
+                    _ => "",
+                }
+            } else {
+                word
+            };
+            if !word.is_empty() && !words.iter().any(|w| w == word) {
                 words.push(word.to_owned());
             }
         }
