@@ -522,7 +522,10 @@ fn print_pass(report: &PassReport, dry_run: bool) {
         } else {
             say!(
                 "  members {}, scanned {}, matched {}, eval errors {}",
-                r.members_before, r.scanned, r.matched, r.eval_errors
+                r.members_before,
+                r.scanned,
+                r.matched,
+                r.eval_errors
             );
         }
         if dry_run {
@@ -584,12 +587,27 @@ fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result<Exit> {
     }
     say!(
         "{:<22} {:<24} {:<8} {:>8} {:>8} {:>8} {:>9} {:>8}  detail",
-        "rule", "finished", "trigger", "members", "added", "removed", "requests", "outcome"
+        "rule",
+        "finished",
+        "trigger",
+        "members",
+        "added",
+        "removed",
+        "requests",
+        "outcome"
     );
     for r in rows {
         say!(
             "{:<22} {:<24} {:<8} {:>8} {:>8} {:>8} {:>9} {:>8}  {}",
-            r.rule, r.finished_at, r.trigger, r.members_before, r.added, r.removed, r.api_requests, r.outcome, r.detail
+            r.rule,
+            r.finished_at,
+            r.trigger,
+            r.members_before,
+            r.added,
+            r.removed,
+            r.api_requests,
+            r.outcome,
+            r.detail
         );
     }
     Ok(Exit::Ok)

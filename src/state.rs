@@ -54,7 +54,11 @@ pub fn check_writable(db_path: &Path) -> Result<(), String> {
             let _ = std::fs::remove_file(&probe);
             Ok(())
         }
-        Err(e) => Err(format!("cannot write in {} ({e}), so {} cannot be created or updated", dir.display(), db_path.display())),
+        Err(e) => Err(format!(
+            "cannot write in {} ({e}), so {} cannot be created or updated",
+            dir.display(),
+            db_path.display()
+        )),
     }
 }
 

@@ -315,7 +315,11 @@ impl Gateway {
                     self.meter.throttled(op);
                     let wait = header.or_else(|| retry_after_body(&bytes)).unwrap_or(Duration::from_secs(1));
                     if wait > self.inner.max_retry_after {
-                        return Err(GatewayError::RetryAfterTooLong { op, asked: wait, cap: self.inner.max_retry_after });
+                        return Err(GatewayError::RetryAfterTooLong {
+                            op,
+                            asked: wait,
+                            cap: self.inner.max_retry_after,
+                        });
                     }
                     self.inner.pacer.pause_for(wait);
                     let error = GatewayError::Api { op, status: 429, message: error::api_message(&bytes), attempts };
@@ -452,8 +456,7 @@ impl Gateway {
             let sent = batch.len() as u64;
             match out.added_contacts {
                 Some(added) => {
-                    let (duplicate, invalid) =
-                        (out.duplicate_contacts.unwrap_or(0), out.invalid_contacts.unwrap_or(0));
+                    let (duplicate, invalid) = (out.duplicate_contacts.unwrap_or(0), out.invalid_contacts.unwrap_or(0));
                     total.done += added;
                     total.duplicate += duplicate;
                     total.invalid += invalid;

@@ -92,7 +92,11 @@ impl Rule {
         let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             engine.call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.ast, "matches", (fields,))
         }))
-        .map_err(|panic| EvalError { message: format!("the rule panicked: {}", panic_text(&panic)), line: 0, col: 0 })??;
+        .map_err(|panic| EvalError {
+            message: format!("the rule panicked: {}", panic_text(&panic)),
+            line: 0,
+            col: 0,
+        })??;
         verdict.as_bool().map_err(|type_name| EvalError {
             message: format!("matches must return true or false, got {type_name} {verdict}"),
             line: 0,

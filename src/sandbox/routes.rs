@@ -350,33 +350,46 @@ async fn delete_contact(State(shared): State<Arc<Shared>>, Path(id): Path<String
 async fn search_lists(State(shared): State<Arc<Shared>>, Query(pairs): Query<Vec<(String, String)>>) -> Response {
     let mut search = String::new();
     let mut limit = DEFAULT_PAGE;
-    let mut offset = 0;
+    let mut offset = None;
+    let mut page = None;
+    let number = |field: &str, v: &str| {
+        v.parse::<usize>().map_err(|_| {
+            fail(StatusCode::BAD_REQUEST, field, format!("{field} must be a non-negative integer, got {v:?}"))
+        })
+    };
     for (name, value) in &pairs {
-        match name.as_str() {
-            "search" => search = value.to_lowercase(),
-            "limit" => match value.parse::<usize>() {
-                Ok(n) if (1..=MAX_PAGE).contains(&n) => limit = n,
-                _ => {
-                    return fail(
+        let parsed = match name.as_str() {
+            "search" => {
+                search = value.to_lowercase();
+                Ok(())
+            }
+            "limit" => number("limit", value).and_then(|n| {
+                if (1..=MAX_PAGE).contains(&n) {
+                    limit = n;
+                    Ok(())
+                } else {
+                    Err(fail(
                         StatusCode::BAD_REQUEST,
                         "limit",
                         format!("limit must be between 1 and {MAX_PAGE}, got {value:?}"),
-                    );
+                    ))
                 }
-            },
-            "offset" => match value.parse::<usize>() {
-                Ok(n) => offset = n,
-                Err(_) => {
-                    return fail(
-                        StatusCode::BAD_REQUEST,
-                        "offset",
-                        format!("offset must be a non-negative integer, got {value:?}"),
-                    );
-                }
-            },
-            other => return fail(StatusCode::BAD_REQUEST, "filter", format!("Unknown filter field: {other}")),
+            }),
+            "offset" => number("offset", value).map(|n| offset = Some(n)),
+            "page" => number("page", value).map(|n| page = Some(n)),
+            other => Err(fail(StatusCode::BAD_REQUEST, "filter", format!("Unknown filter field: {other}"))),
+        };
+        if let Err(response) = parsed {
+            return response;
         }
     }
+    // The same dialects as the contact search: `page` always works; `offset` unless the sandbox
+    // plays a page-based server.
+    let offset = match (page, shared.config.ignore_offset) {
+        (Some(p), _) => p * limit,
+        (None, true) => 0,
+        (None, false) => offset.unwrap_or(0),
+    };
     let store = shared.store();
     let matching: Vec<_> = store.lists().iter().filter(|l| l.name.to_lowercase().contains(&search)).collect();
     let page: Vec<Value> = matching.iter().skip(offset).take(limit).map(|l| l.to_json()).collect();

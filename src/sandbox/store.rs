@@ -260,6 +260,14 @@ impl Store {
         self.list_by_id.get(id).map(|&i| &self.lists[i]).ok_or_else(|| StoreError::UnknownList(id.into()))
     }
 
+    /// The ids of a list's members, sorted (for tests that compare end states).
+    pub fn member_ids(&self, list_id: &str) -> Result<Vec<String>, StoreError> {
+        let list = self.list(list_id)?;
+        let mut ids: Vec<String> = list.members.iter().filter_map(|&s| self.slot(s).map(|c| c.id.clone())).collect();
+        ids.sort();
+        Ok(ids)
+    }
+
     pub fn lists(&self) -> &[ListRecord] {
         &self.lists
     }

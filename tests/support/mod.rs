@@ -1,6 +1,8 @@
 //! Shared test fixtures: the real sandbox started in-process on 127.0.0.1:0, and clients for it.
 #![allow(dead_code)]
 
+pub mod hostile;
+
 use std::time::Duration;
 
 use segsync::gateway::{ClientSettings, Credentials, Gateway, GatewayConfig, Secret};
