@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use segsync::config::Guards;
-use segsync::plan::Plan;
+use segsync::gateway::RatePlan;
 use segsync::reconcile::{PassReport, PassRequest, Reconciler, Trigger};
 use segsync::rules::{self, Date};
 use segsync::state::State;
@@ -36,7 +36,7 @@ struct Scenario {
     title: &'static str,
     contacts: u64,
     rule_dirs: &'static [&'static str],
-    plan: Plan,
+    plan: RatePlan,
 }
 
 const SCENARIOS: [Scenario; 3] = [
@@ -45,21 +45,21 @@ const SCENARIOS: [Scenario; 3] = [
         title: "S1 tourism board: 20,000 contacts, 5 shipped rules",
         contacts: 20_000,
         rule_dirs: &["rules"],
-        plan: Plan::Unlimited,
+        plan: RatePlan::Unlimited,
     },
     Scenario {
         name: "s2",
         title: "S2 scale: 1,000,000 contacts, 10 rules",
         contacts: 1_000_000,
         rule_dirs: &["rules", "benches/rules-s2"],
-        plan: Plan::Unlimited,
+        plan: RatePlan::Unlimited,
     },
     Scenario {
         name: "s3",
         title: "S3 rate-limited: S1 on the production plan (1,000/min, 50/s)",
         contacts: 20_000,
         rule_dirs: &["rules"],
-        plan: Plan::Production,
+        plan: RatePlan::Production,
     },
 ];
 

@@ -21,7 +21,7 @@ fn main() {
     let today = chrono::NaiveDate::from_ymd_opt(2026, 11, 28).expect("date");
     let n = 200_000;
     // Demo contacts exactly as the sandbox serves them.
-    let store = segsync::sandbox::generate(n, 42, today);
+    let store = segsync_sandbox::generate(n, 42, today);
     let texts: Vec<String> =
         store.contact_ids().map(|id| serde_json::to_string(store.get(id).expect("live")).expect("json")).collect();
     let bytes: usize = texts.iter().map(String::len).sum();

@@ -16,8 +16,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Instant;
 
 use segsync::contact::ContactRecord;
+use segsync::gateway::RatePlan;
 use segsync::gateway::ScanQuery;
-use segsync::plan::Plan;
 
 #[tokio::main]
 async fn main() {
@@ -65,7 +65,7 @@ async fn main() {
     );
 
     for concurrency in [1, 4] {
-        let gw = support::gateway(&sandbox.base_url, Plan::Unlimited, concurrency);
+        let gw = support::gateway(&sandbox.base_url, RatePlan::Unlimited, concurrency);
         support::reset_peak();
         let cpu = support::cpu_time();
         let t = Instant::now();
@@ -94,7 +94,7 @@ async fn main() {
     }
     // 100,000 contacts under the production plan: 1,000 requests at 1,000/min is a 60 s bound.
     let sandbox = support::SandboxChild::start(100_000, "production");
-    let gw = support::gateway(&sandbox.base_url, Plan::Production, 4);
+    let gw = support::gateway(&sandbox.base_url, RatePlan::Production, 4);
     let t = Instant::now();
     let mut scan = gw.scan::<ContactRecord>(&ScanQuery::default());
     let mut seen = 0;

@@ -25,10 +25,10 @@ use crate::contact::ContactRecord;
 use crate::endpoint::Connection;
 use crate::ids::{ContactId, RuleName};
 use crate::logging::LogFormat;
-use crate::plan::Plan;
 use crate::reconcile::{Outcome, PassReport, PassRequest, Reconciler, RuleReport, Trigger, sample};
 use crate::rules::{self, RuleError, RuleSet};
-use crate::sandbox::{Faults, Sandbox, SandboxConfig};
+use segsync_sandbox::RatePlan;
+use segsync_sandbox::{Faults, Sandbox, SandboxConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "segsync", version, about = "Keeps partner-gateway contact lists in sync with Rhai segment rules")]
@@ -100,8 +100,8 @@ pub struct SandboxArgs {
     #[arg(long, default_value = "sandbox-key")]
     pub api_key: String,
     /// Rate plan to enforce per key.
-    #[arg(long, default_value_t = Plan::Production)]
-    pub plan: Plan,
+    #[arg(long, default_value_t = RatePlan::Production)]
+    pub plan: RatePlan,
     /// Latency added to every API request, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,

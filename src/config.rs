@@ -14,10 +14,10 @@ use reqwest::Url;
 use toml::{Table, Value};
 
 use crate::gateway::{ClientSettings, Credentials, GatewayConfig, Pagination, Secret};
+use crate::gateway::{RateLimits, RatePlan};
 use crate::logging::LogFormat;
-use crate::plan::{Plan, RateLimits};
-use crate::sandbox::SandboxConfig;
 use crate::schedule::Schedule;
+use segsync_sandbox::SandboxConfig;
 
 /// The bundled sandbox, instead of a real gateway URL.
 pub const SANDBOX: &str = "sandbox";
@@ -46,7 +46,7 @@ pub enum KeySource {
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub endpoint: Endpoint,
-    pub plan: Plan,
+    pub plan: RatePlan,
     pub client: ClientSettings,
 }
 
@@ -272,6 +272,15 @@ const API_KEYS: [&str; 15] = [
     "pagination",
 ];
 
+/// The sandbox plays the plan the client paces for (its own copy of the same plans).
+fn sandbox_plan(plan: RatePlan) -> segsync_sandbox::RatePlan {
+    match plan {
+        RatePlan::Production => segsync_sandbox::RatePlan::Production,
+        RatePlan::Trial => segsync_sandbox::RatePlan::Trial,
+        RatePlan::Unlimited => segsync_sandbox::RatePlan::Unlimited,
+    }
+}
+
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
@@ -353,12 +362,12 @@ impl Config {
             }
         };
         let plans = [
-            ("production", Some(Plan::Production)),
-            ("trial", Some(Plan::Trial)),
-            ("unlimited", Some(Plan::Unlimited)),
+            ("production", Some(RatePlan::Production)),
+            ("trial", Some(RatePlan::Trial)),
+            ("unlimited", Some(RatePlan::Unlimited)),
             ("custom", None),
         ];
-        let plan = r.choice(api, "api", "plan", &plans).unwrap_or(Some(Plan::Production));
+        let plan = r.choice(api, "api", "plan", &plans).unwrap_or(Some(RatePlan::Production));
         let per_minute = r.integer(api, "api", "requests_per_minute", 1..=1_000_000);
         let per_second = r.integer(api, "api", "requests_per_second", 1..=100_000);
         let limits = match (plan, per_minute, per_second) {
@@ -399,7 +408,7 @@ impl Config {
                 .map_or(defaults.max_retry_after, |n| Duration::from_secs(n as u64)),
         };
         let api = ApiConfig {
-            plan: plan.unwrap_or(Plan::Production),
+            plan: plan.unwrap_or(RatePlan::Production),
             client,
             endpoint: endpoint.unwrap_or(Endpoint::Sandbox),
         };
@@ -452,7 +461,7 @@ impl Config {
             contacts: r.integer(sandbox, "sandbox", "contacts", 0..=5_000_000).unwrap_or(20_000) as u64,
             seed: r.integer(sandbox, "sandbox", "seed", 0..=i64::MAX).unwrap_or(42) as u64,
             churn_per_minute: r.integer(sandbox, "sandbox", "churn_per_minute", 0..=1_000_000).unwrap_or(0) as u32,
-            plan: api.plan,
+            plan: sandbox_plan(api.plan),
             ..SandboxConfig::default()
         };
 

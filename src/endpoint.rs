@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use crate::config::{Config, Endpoint};
 use crate::gateway::Gateway;
-use crate::sandbox::Sandbox;
+use segsync_sandbox::Sandbox;
 
 /// A gateway to talk to, and the sandbox behind it when there is one.
 pub struct Connection {

@@ -10,9 +10,7 @@ pub mod files; // reading config, rule and key files without blocking // Config 
 pub mod gateway; // the partner-gateway client: pagination, rate budget, retries
 pub mod ids; // ContactId, ListId, RuleName
 pub mod logging; // JSON or text logs, RUST_LOG filtering
-pub mod plan; // the gateway's published rate plans
 pub mod reconcile;
 pub mod rules; // Rhai rule files: load, validate, evaluate, test
-pub mod sandbox; // the bundled emulator of the gateway
 pub mod schedule; // cron schedules and rule-file watching
 pub mod state; // SQLite: bindings, run history, instance lock // plan (pure) and apply: making a list hold what its rule selects // `segsync run`: events, signals, reload, shutdown, systemd

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use segsync::sandbox::{Faults, Sandbox, SandboxConfig};
+use segsync_sandbox::{Faults, Sandbox, SandboxConfig};
 
 const KEY_VAR: &str = "SEGSYNC_TEST_API_KEY";
 

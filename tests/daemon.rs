@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use segsync::sandbox::{Faults, Sandbox, SandboxConfig};
+use segsync_sandbox::{Faults, Sandbox, SandboxConfig};
 use serde_json::Value;
 
 const KEY_VAR: &str = "SEGSYNC_TEST_API_KEY";
@@ -125,14 +125,14 @@ fn list_members(sandbox: &Sandbox, name: &str) -> usize {
     sandbox.with_store(|s| s.lists().iter().filter(|l| l.name == name).map(|l| l.contact_count()).sum())
 }
 
-fn count_where(sandbox: &Sandbox, pred: impl Fn(&segsync::sandbox::store::Contact) -> bool) -> usize {
+fn count_where(sandbox: &Sandbox, pred: impl Fn(&segsync_sandbox::store::Contact) -> bool) -> usize {
     sandbox.with_store(|s| {
         let ids: Vec<String> = s.contact_ids().map(str::to_owned).collect();
         ids.iter().filter(|id| s.get(id).is_some_and(&pred)).count()
     })
 }
 
-fn spent(c: &segsync::sandbox::store::Contact) -> f64 {
+fn spent(c: &segsync_sandbox::store::Contact) -> f64 {
     c.custom_fields.get("totalSpent").and_then(Value::as_f64).unwrap_or(0.0)
 }
 

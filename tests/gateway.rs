@@ -8,10 +8,10 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use segsync::gateway::RatePlan;
 use segsync::gateway::{Gateway, GatewayError, Meter, Operation, ScanQuery};
 use segsync::ids::ContactId;
-use segsync::plan::Plan;
-use segsync::sandbox::{Faults, SandboxConfig};
+use segsync_sandbox::{Faults, SandboxConfig};
 use serde_json::Value;
 use support::{gateway, start};
 
@@ -31,7 +31,7 @@ async fn scan_all(gw: &Gateway, query: &ScanQuery) -> Result<(Vec<String>, u64),
 #[tokio::test]
 async fn full_scan_returns_each_contact_once() {
     let sandbox = start(support::sandbox_config(20_000)).await;
-    let gw = gateway(&sandbox, Plan::Unlimited);
+    let gw = gateway(&sandbox, RatePlan::Unlimited);
     let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("scan");
     let unique: HashSet<_> = ids.iter().collect();
     assert_eq!(ids.len(), 20_000);
@@ -55,7 +55,7 @@ async fn full_scan_returns_each_contact_once() {
 #[tokio::test]
 async fn list_operations_round_trip() {
     let sandbox = start(support::sandbox_config(3_000)).await;
-    let gw = gateway(&sandbox, Plan::Unlimited);
+    let gw = gateway(&sandbox, RatePlan::Unlimited);
     assert!(gw.find_lists("VIP").await.expect("find").is_empty());
     let list = gw.create_list("VIP", "big spenders").await.expect("create");
     gw.create_list("VIP extra", "a longer name containing the first").await.expect("create");
@@ -90,7 +90,7 @@ async fn list_operations_round_trip() {
 async fn survives_a_bad_day() {
     let faults = Faults { latency: Duration::from_millis(2), error_rate: 0.06, throttle_rate: 0.03, drop_rate: 0.06 };
     let sandbox = start(SandboxConfig { faults, ..support::sandbox_config(6_000) }).await;
-    let base = gateway(&sandbox, Plan::Unlimited);
+    let base = gateway(&sandbox, RatePlan::Unlimited);
 
     let scan_meter = Arc::new(Meter::default());
     let gw = base.metered(scan_meter.clone());
@@ -121,8 +121,9 @@ async fn survives_a_bad_day() {
 // Under the trial plan the client paces itself: no 429 in steady state.
 #[tokio::test]
 async fn trial_plan_is_never_exceeded() {
-    let sandbox = start(SandboxConfig { plan: Plan::Trial, ..support::sandbox_config(1_500) }).await;
-    let gw = gateway(&sandbox, Plan::Trial);
+    let sandbox =
+        start(SandboxConfig { plan: segsync_sandbox::RatePlan::Trial, ..support::sandbox_config(1_500) }).await;
+    let gw = gateway(&sandbox, RatePlan::Trial);
     let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("scan");
     assert_eq!(ids.len(), 1_500);
     let stats = sandbox.stats();
@@ -136,14 +137,14 @@ async fn trial_plan_is_never_exceeded() {
 #[tokio::test]
 async fn server_ignoring_offset_is_detected() {
     let sandbox = start(SandboxConfig { ignore_offset: true, ..support::sandbox_config(5_000) }).await;
-    let gw = gateway(&sandbox, Plan::Unlimited);
+    let gw = gateway(&sandbox, RatePlan::Unlimited);
     let err = scan_all(&gw, &ScanQuery::default()).await.expect_err("must not loop or truncate");
     assert!(matches!(err, GatewayError::OffsetIgnored { offset: 100, .. }), "{err}");
     assert!(err.to_string().contains("pagination = \"page\""), "names the setting: {err}");
     assert!(sandbox.stats().count("GET /contacts") <= 6, "bounded: {:?}", sandbox.stats());
 
     // The setting the error names fixes it: the reference's `page` form reads everything once.
-    let mut config = support::gateway_config(&sandbox, Plan::Unlimited);
+    let mut config = support::gateway_config(&sandbox, RatePlan::Unlimited);
     config.settings.pagination = segsync::gateway::Pagination::Page;
     let gw = Gateway::new(config).expect("client");
     let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("page-based scan");
@@ -155,7 +156,7 @@ async fn server_ignoring_offset_is_detected() {
 #[tokio::test]
 async fn basic_credentials_work() {
     let sandbox = start(support::sandbox_config(300)).await;
-    let mut config = support::gateway_config(&sandbox, Plan::Unlimited);
+    let mut config = support::gateway_config(&sandbox, RatePlan::Unlimited);
     config.credentials = segsync::gateway::Credentials::Basic {
         user: "ops".into(),
         password: segsync::gateway::Secret::new(support::KEY),
@@ -170,7 +171,7 @@ async fn basic_credentials_work() {
 #[tokio::test]
 async fn falls_back_to_single_removal() {
     let sandbox = start(SandboxConfig { bulk_remove: false, ..support::sandbox_config(100) }).await;
-    let gw = gateway(&sandbox, Plan::Unlimited);
+    let gw = gateway(&sandbox, RatePlan::Unlimited);
     let list = gw.create_list("L", "").await.expect("create");
     let ids: Vec<ContactId> = (1..=30).map(|i| ContactId::from(format!("cnt-{i:06}"))).collect();
     gw.add_members(&list.id, &ids).await.expect("add");
@@ -206,7 +207,7 @@ async fn wrong_key_fails_once_and_keys_stay_secret() {
     let _guard = tracing::subscriber::set_default(_guard);
 
     let sandbox = start(support::sandbox_config(500)).await;
-    let mut config = support::gateway_config(&sandbox, Plan::Unlimited);
+    let mut config = support::gateway_config(&sandbox, RatePlan::Unlimited);
     let wrong = "wrong-key-77c1e0";
     config.credentials = segsync::gateway::Credentials::ApiKey(segsync::gateway::Secret::new(wrong));
     let gw = Gateway::new(config.clone()).expect("client");
@@ -215,7 +216,7 @@ async fn wrong_key_fails_once_and_keys_stay_secret() {
     assert_eq!(sandbox.stats().total, 1, "no retry storm");
 
     // A good key through a faulty server, with every log level on.
-    let right = gateway(&sandbox, Plan::Unlimited);
+    let right = gateway(&sandbox, RatePlan::Unlimited);
     let _ = scan_all(&right, &ScanQuery::default()).await.expect("scan");
     let text = format!("{err} {err:?} {gw:?} {config:?}");
     let logs = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf8");

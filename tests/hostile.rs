@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use segsync::sandbox::{Sandbox, SandboxConfig};
+use segsync_sandbox::{Sandbox, SandboxConfig};
 use serde_json::{Value, json};
 use support::hostile::{Behaviour, Hostile, Recorder, endless_body};
 

@@ -12,9 +12,9 @@ use chrono::NaiveDate;
 use segsync::config::Guards;
 use segsync::reconcile::{Outcome, PassReport, PassRequest, ReadKind, Reconciler, Trigger};
 use segsync::rules::{self, Date, Rule};
-use segsync::sandbox::store::Contact;
-use segsync::sandbox::{Faults, Sandbox, SandboxConfig};
 use segsync::state::State;
+use segsync_sandbox::store::Contact;
+use segsync_sandbox::{Faults, Sandbox, SandboxConfig};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +36,7 @@ async fn world(config: SandboxConfig, rules_dir: &Path) -> World {
     let (set, errors) = rules::load_dir(&engine, rules_dir);
     assert!(errors.is_empty(), "{errors:?}");
     let reconciler = Reconciler {
-        gateway: support::gateway(&sandbox, segsync::plan::Plan::Unlimited),
+        gateway: support::gateway(&sandbox, segsync::gateway::RatePlan::Unlimited),
         engine: Arc::new(engine),
         state: State::open(&dir.path().join("segsync.db")).expect("state"),
         endpoint: sandbox.base_url(),
@@ -73,7 +73,7 @@ impl World {
         self.sandbox.with_store(|s| {
             let lists: Vec<_> = s.lists().iter().filter(|l| l.name == name).map(|l| l.id.clone()).collect();
             assert_eq!(lists.len(), 1, "exactly one list named {name:?}");
-            let q = segsync::sandbox::store::ContactQuery { list_ids: lists, ..Default::default() };
+            let q = segsync_sandbox::store::ContactQuery { list_ids: lists, ..Default::default() };
             let slots = s.search(&q).expect("search");
             slots.iter().filter_map(|&i| s.slot(i)).map(|c| c.id.clone()).collect()
         })

@@ -6,8 +6,8 @@ mod support;
 use std::collections::HashSet;
 
 use reqwest::StatusCode;
-use segsync::plan::Plan;
-use segsync::sandbox::SandboxConfig;
+use segsync_sandbox::RatePlan;
+use segsync_sandbox::SandboxConfig;
 use serde_json::{Value, json};
 use support::{KEY, http, start};
 
@@ -17,7 +17,7 @@ struct Api {
 }
 
 impl Api {
-    fn new(sandbox: &segsync::sandbox::Sandbox) -> Self {
+    fn new(sandbox: &segsync_sandbox::Sandbox) -> Self {
         Self { base: format!("{}/partner-gateway/v1", sandbox.base_url()), http: http() }
     }
 
@@ -369,7 +369,7 @@ async fn basic_auth() {
 // The trial plan answers 429 with retryAfter and rate headers once 10 requests land in a second.
 #[tokio::test]
 async fn rate_limit_by_plan() {
-    let sandbox = start(SandboxConfig { plan: Plan::Trial, ..support::sandbox_config(10) }).await;
+    let sandbox = start(SandboxConfig { plan: RatePlan::Trial, ..support::sandbox_config(10) }).await;
     let url = format!("{}/partner-gateway/v1/contacts?limit=1", sandbox.base_url());
     let mut statuses = Vec::new();
     let mut last = None;
@@ -390,7 +390,7 @@ async fn rate_limit_by_plan() {
     sandbox.shutdown().await;
 
     // The unlimited plan never throttles.
-    let open = start(SandboxConfig { plan: Plan::Unlimited, ..support::sandbox_config(10) }).await;
+    let open = start(SandboxConfig { plan: RatePlan::Unlimited, ..support::sandbox_config(10) }).await;
     let url = format!("{}/partner-gateway/v1/contacts?limit=1", open.base_url());
     for _ in 0..200 {
         let resp = http().get(&url).header("X-Api-Key", KEY).send().await.expect("sent");
@@ -404,7 +404,7 @@ async fn rate_limit_by_plan() {
 async fn same_seed_same_contacts() {
     let a = start(support::sandbox_config(300)).await;
     let b = start(support::sandbox_config(300)).await;
-    let page = |s: &segsync::sandbox::Sandbox| {
+    let page = |s: &segsync_sandbox::Sandbox| {
         let url = format!("{}/partner-gateway/v1/contacts?limit=100&offset=200", s.base_url());
         async move { http().get(url).header("X-Api-Key", KEY).send().await.expect("sent").text().await.expect("body") }
     };

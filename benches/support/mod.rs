@@ -91,7 +91,7 @@ pub fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-pub fn gateway(base_url: &str, plan: segsync::plan::Plan, concurrency: usize) -> segsync::gateway::Gateway {
+pub fn gateway(base_url: &str, plan: segsync::gateway::RatePlan, concurrency: usize) -> segsync::gateway::Gateway {
     segsync::gateway::Gateway::new(segsync::gateway::GatewayConfig {
         base_url: base_url.parse().expect("url"),
         credentials: segsync::gateway::Credentials::ApiKey(segsync::gateway::Secret::new(KEY)),

@@ -13,6 +13,7 @@ mod auth;
 mod error;
 mod meter;
 mod pacer;
+mod rate_plan;
 mod scan;
 
 use std::future::Future;
@@ -33,11 +34,11 @@ pub use auth::{Credentials, Secret, scrub};
 pub use error::{GatewayError, Operation};
 pub use meter::{Meter, Usage};
 pub use pacer::Pacer;
+pub use rate_plan::{RateLimits, RatePlan};
 pub use scan::{Keyed, MAX_RECORDS_PER_READ, Page, Scan, churn_margin};
 
 use crate::contact::Record;
 use crate::ids::{ContactId, ListId};
-use crate::plan::RateLimits;
 
 /// The contract's limits on one call.
 pub const MAX_PAGE_SIZE: u32 = 100;
@@ -78,7 +79,7 @@ impl Default for ClientSettings {
     /// bodies up to 16 MiB (a page of 100 contacts is tens of KB), 429 waits up to 10 minutes.
     fn default() -> Self {
         Self {
-            limits: crate::plan::Plan::Production.limits(),
+            limits: RatePlan::Production.limits(),
             page_size: MAX_PAGE_SIZE,
             timeout: Duration::from_secs(30),
             max_retries: 5,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::plan::RateLimits;
+use super::RateLimits;
 
 #[derive(Debug)]
 pub struct Pacer {

@@ -5,9 +5,9 @@ pub mod hostile;
 
 use std::time::Duration;
 
+use segsync::gateway::RatePlan;
 use segsync::gateway::{ClientSettings, Credentials, Gateway, GatewayConfig, Secret};
-use segsync::plan::Plan;
-use segsync::sandbox::{Sandbox, SandboxConfig};
+use segsync_sandbox::{Sandbox, SandboxConfig};
 
 pub const KEY: &str = "test-key-5f2a9c";
 
@@ -24,7 +24,7 @@ pub async fn start(config: SandboxConfig) -> Sandbox {
     Sandbox::start(config, "127.0.0.1:0".parse().expect("addr")).await.expect("sandbox starts")
 }
 
-pub fn gateway_config(sandbox: &Sandbox, plan: Plan) -> GatewayConfig {
+pub fn gateway_config(sandbox: &Sandbox, plan: RatePlan) -> GatewayConfig {
     GatewayConfig {
         base_url: sandbox.base_url().parse().expect("url"),
         credentials: Credentials::ApiKey(Secret::new(sandbox.api_key())),
@@ -37,7 +37,7 @@ pub fn gateway_config(sandbox: &Sandbox, plan: Plan) -> GatewayConfig {
     }
 }
 
-pub fn gateway(sandbox: &Sandbox, plan: Plan) -> Gateway {
+pub fn gateway(sandbox: &Sandbox, plan: RatePlan) -> Gateway {
     Gateway::new(gateway_config(sandbox, plan)).expect("client builds")
 }
 

@@ -2,11 +2,13 @@
 //! the benchmarks. Started in-process on `127.0.0.1:0` or standalone by `segsync sandbox`.
 //!
 //! It must not be mistaken for the real service: `/_sandbox/stats` and the fault knobs exist only
-//! here. It shares no code with the client (`gateway`), so each checks the other.
+//! here. It is a crate of its own that does not depend on segsync, so its independence from the
+//! client — the reason it can check the client — is enforced by the build, not by convention.
 
 mod churn;
 pub mod demo;
 pub mod limits;
+pub mod rate_plan;
 mod routes;
 pub mod store;
 
@@ -20,8 +22,8 @@ use rand::rngs::SmallRng;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::plan::Plan;
 pub use limits::{Faults, Stats};
+pub use rate_plan::{RateLimits, RatePlan};
 pub use routes::API_PREFIX;
 use store::Store;
 
@@ -33,7 +35,7 @@ pub struct SandboxConfig {
     /// The day demo purchase dates are relative to; `None` means today (UTC).
     pub today: Option<NaiveDate>,
     pub api_key: String,
-    pub plan: Plan,
+    pub plan: RatePlan,
     pub faults: Faults,
     pub churn_per_minute: u32,
     /// Play a server of the reference's page-based kind, which ignores `offset` (`page` still works).
@@ -49,7 +51,7 @@ impl Default for SandboxConfig {
             seed: 42,
             today: None,
             api_key: "sandbox-key".into(),
-            plan: Plan::Unlimited,
+            plan: RatePlan::Unlimited,
             faults: Faults::default(),
             churn_per_minute: 0,
             ignore_offset: false,

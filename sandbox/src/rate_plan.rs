@@ -1,5 +1,5 @@
-//! The partner gateway's published rate plans (per API key), shared by the client's pacer and the
-//! sandbox's limiter so that both read the same numbers.
+//! The rate plans the sandbox plays (per API key), as the gateway's reference publishes them. The
+//! client keeps its own copy: the sandbox shares no code with it, so each checks the other.
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,14 +15,14 @@ pub struct RateLimits {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Plan {
+pub enum RatePlan {
     #[default]
     Production,
     Trial,
     Unlimited,
 }
 
-impl Plan {
+impl RatePlan {
     /// The documented limits; `None` for the sandbox-only unlimited plan.
     pub fn limits(self) -> Option<RateLimits> {
         match self {
@@ -33,7 +33,7 @@ impl Plan {
     }
 }
 
-impl FromStr for Plan {
+impl FromStr for RatePlan {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -46,7 +46,7 @@ impl FromStr for Plan {
     }
 }
 
-impl fmt::Display for Plan {
+impl fmt::Display for RatePlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Production => "production",

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::plan::RateLimits;
+use crate::rate_plan::RateLimits;
 
 /// Sliding-window log of one key's accepted requests.
 #[derive(Default)]
