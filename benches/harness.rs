@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use segsync::config::Guards;
 use segsync::gateway::RatePlan;
-use segsync::reconcile::{PassReport, PassRequest, Reconciler, Trigger};
+use segsync::ids::Account;
+use segsync::reconcile::{PassReport, PassRequest, Parts, Reconciler, Trigger};
 use segsync::rules::{self, Date};
 use segsync::state::State;
 use tokio_util::sync::CancellationToken;
@@ -124,15 +125,15 @@ async fn run(s: &Scenario) {
     let engine = rules::engine::build(chrono_tz::Europe::Rome);
     let (set, errors) = rules::load_dir(&engine, &rules_dir);
     assert!(errors.is_empty(), "{errors:?}");
-    let reconciler = Reconciler {
+    let reconciler = Reconciler::new(Parts {
         gateway: support::gateway(&sandbox.base_url, s.plan, 4),
+        account: Account::remote(&sandbox.base_url),
         engine: Arc::new(engine),
         state: State::open(&dir.path().join("segsync.db")).expect("state"),
-        endpoint: sandbox.base_url.clone(),
         guards: Guards { max_removal_share: 1.0, max_removals: None, max_error_share: 0.01, mass_removal_floor: 10 },
         time_zone: chrono_tz::Europe::Rome,
         cancel: CancellationToken::new(),
-    };
+    });
     let today = Date(chrono::Utc::now().with_timezone(&chrono_tz::Europe::Rome).date_naive());
     let mut rows = Vec::new();
     for (index, pass) in ["first sync", "after 1 % churn", "no change"].into_iter().enumerate() {

@@ -5,7 +5,6 @@
 //! The only module that reads the environment or the config file.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use chrono_tz::Tz;
 use reqwest::Url;
 use toml::{Table, Value};
 
+use crate::diagnostic::Diagnostic;
 use crate::gateway::{ClientSettings, Credentials, GatewayConfig, Pagination, Secret};
 use crate::gateway::{RateLimits, RatePlan};
 use crate::logging::LogFormat;
@@ -78,42 +78,22 @@ pub struct Config {
     pub sandbox: SandboxConfig,
 }
 
-/// One problem in the config file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub line: usize,
-    pub col: usize,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.line == 0 {
-            // No position is known: `file:0:0:` would send people looking for line 0.
-            write!(f, "{}: {}", self.file.display(), self.message)
-        } else {
-            write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
-        }
-    }
-}
-
 /// Every problem found in one read of the file.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
-pub struct ConfigErrors(pub Vec<ConfigError>);
+pub struct ConfigErrors(pub Vec<Diagnostic>);
 
 /// Reads values out of one table, remembering which keys were read so the rest are unknown.
 struct Reader<'a> {
     file: &'a Path,
     spans: HashMap<String, (usize, usize)>,
-    errors: Vec<ConfigError>,
+    errors: Vec<Diagnostic>,
 }
 
 impl Reader<'_> {
     fn error(&mut self, key: &str, message: String) {
         let (line, col) = self.spans.get(key).copied().unwrap_or((1, 1));
-        self.errors.push(ConfigError { file: self.file.into(), line, col, message });
+        self.errors.push(Diagnostic { file: self.file.into(), line, col, message });
     }
 
     /// The table `[name]`, checking that it has only `allowed` keys.
@@ -240,7 +220,7 @@ fn key_spans(text: &str) -> HashMap<String, (usize, usize)> {
         for (key, value) in table.iter() {
             let path =
                 if prefix.is_empty() { key.get_ref().to_string() } else { format!("{prefix}.{}", key.get_ref()) };
-            out.insert(path.clone(), crate::rules::fixtures::line_col(text, key.span().start));
+            out.insert(path.clone(), crate::diagnostic::line_col(text, key.span().start));
             if let toml::de::DeValue::Table(inner) = value.get_ref() {
                 walk(text, &path, inner, out);
             }
@@ -285,7 +265,7 @@ impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let text = crate::files::read_text(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
+            ConfigErrors(vec![Diagnostic {
                 file: path.into(),
                 line: 0,
                 col: 0,
@@ -297,8 +277,8 @@ impl Config {
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigErrors> {
         let root: Table = toml::from_str(text).map_err(|e| {
-            let (line, col) = e.span().map_or((0, 0), |s| crate::rules::fixtures::line_col(text, s.start));
-            ConfigErrors(vec![ConfigError { file: path.into(), line, col, message: e.message().trim().to_owned() }])
+            let (line, col) = e.span().map_or((0, 0), |s| crate::diagnostic::line_col(text, s.start));
+            ConfigErrors(vec![Diagnostic { file: path.into(), line, col, message: e.message().trim().to_owned() }])
         })?;
         let mut r = Reader { file: path, spans: key_spans(text), errors: Vec::new() };
         for key in root.keys() {
@@ -457,12 +437,15 @@ impl Config {
             .unwrap_or_default();
 
         let sandbox = r.section(&root, "sandbox", &["contacts", "seed", "churn_per_minute"]);
+        let defaults = SandboxConfig::default();
         let sandbox = SandboxConfig {
-            contacts: r.integer(sandbox, "sandbox", "contacts", 0..=5_000_000).unwrap_or(20_000) as u64,
-            seed: r.integer(sandbox, "sandbox", "seed", 0..=i64::MAX).unwrap_or(42) as u64,
-            churn_per_minute: r.integer(sandbox, "sandbox", "churn_per_minute", 0..=1_000_000).unwrap_or(0) as u32,
+            contacts: r.integer(sandbox, "sandbox", "contacts", 0..=5_000_000).map_or(defaults.contacts, |n| n as u64),
+            seed: r.integer(sandbox, "sandbox", "seed", 0..=i64::MAX).map_or(defaults.seed, |n| n as u64),
+            churn_per_minute: r
+                .integer(sandbox, "sandbox", "churn_per_minute", 0..=1_000_000)
+                .map_or(defaults.churn_per_minute, |n| n as u32),
             plan: sandbox_plan(api.plan),
-            ..SandboxConfig::default()
+            ..defaults
         };
 
         if !r.errors.is_empty() {

@@ -18,11 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigErrors};
-use crate::endpoint::Connection;
+use crate::connection::Connection;
 use crate::ids::RuleName;
-use crate::reconcile::{Outcome, PassReport, PassRequest, Reconciler, Trigger};
-use crate::rules::{self, Rule, RuleError, RuleSet};
+use crate::reconcile::{Outcome, Parts, PassReport, PassRequest, Reconciler, Trigger};
+use crate::rules::{self, Rule, Diagnostic, RuleSet};
 use crate::schedule::watch::RulesWatcher;
+use crate::signals::{Signal, Signals};
 use crate::schedule::{Clock, CronTable, timer, watch as rules_watch};
 use crate::state::{InstanceLock, State};
 
@@ -117,7 +118,7 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     daemon.start_pending();
 
     if daemon.connection.sandbox.is_some()
-        && let Err(e) = daemon.state.forget_other_sandboxes(&daemon.connection.endpoint)
+        && let Err(e) = daemon.state.forget_other_sandboxes(&daemon.connection.account)
     {
         tracing::warn!(error = %e, "could not forget the bindings of earlier sandboxes");
     }
@@ -162,7 +163,7 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
 
 /// Loads the rules folder on a blocking thread (compiling runs each file's top level in Rhai).
 /// `None` if the load itself broke; the caller then keeps what runs.
-async fn load_rules(engine: &Arc<Engine>, dir: &std::path::Path) -> Option<(RuleSet, Vec<RuleError>)> {
+async fn load_rules(engine: &Arc<Engine>, dir: &std::path::Path) -> Option<(RuleSet, Vec<Diagnostic>)> {
     let (engine, dir) = (engine.clone(), dir.to_path_buf());
     match tokio::task::spawn_blocking(move || rules::load_dir(&engine, &dir)).await {
         Ok(loaded) => Some(loaded),
@@ -174,16 +175,14 @@ async fn load_rules(engine: &Arc<Engine>, dir: &std::path::Path) -> Option<(Rule
 }
 
 fn spawn_signals(tx: mpsc::UnboundedSender<Event>, stop: CancellationToken) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut signals = Signals::install(true).context("installing the signal handlers")?;
     tokio::spawn(async move {
         loop {
             let event = tokio::select! {
-                _ = hup.recv() => Event::Reload,
-                _ = term.recv() => Event::Shutdown,
-                _ = int.recv() => Event::Shutdown,
+                signal = signals.next() => match signal {
+                    Signal::Reload => Event::Reload,
+                    Signal::Stop => Event::Shutdown,
+                },
                 _ = stop.cancelled() => Event::Shutdown,
             };
             let last = matches!(event, Event::Shutdown);
@@ -201,7 +200,7 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
-fn log_rejected(errors: &[RuleError]) {
+fn log_rejected(errors: &[Diagnostic]) {
     for e in errors {
         tracing::error!(file = %e.file.display(), line = e.line, col = e.col, error = %e.message, "rule rejected");
     }
@@ -209,21 +208,21 @@ fn log_rejected(errors: &[RuleError]) {
 
 impl Daemon {
     fn reconciler(&self) -> Reconciler {
-        Reconciler {
+        Reconciler::new(Parts {
             gateway: self.connection.gateway.clone(),
+            account: self.connection.account.clone(),
             engine: self.engine.clone(),
             state: self.state.clone(),
-            endpoint: self.connection.endpoint.clone(),
             guards: self.config.guards.clone(),
             time_zone: self.config.time_zone,
             cancel: self.apply_cancel.clone(),
-        }
+        })
     }
 
     /// Replaces the running rules with `loaded`: new and changed rules run now (with `trigger`),
     /// unchanged ones keep running as they are, a rule whose file no longer compiles keeps its last
     /// good version, and a deleted rule stops being scheduled (its list is left as it is).
-    fn apply_rules(&mut self, loaded: RuleSet, errors: Vec<RuleError>, trigger: Trigger, clock: timer::Clock) {
+    fn apply_rules(&mut self, loaded: RuleSet, errors: Vec<Diagnostic>, trigger: Trigger, clock: timer::Clock) {
         log_rejected(&errors);
         let broken: HashSet<String> =
             errors.iter().filter_map(|e| e.file.file_stem().and_then(|s| s.to_str()).map(str::to_owned)).collect();
@@ -354,7 +353,7 @@ impl Daemon {
                 crate::gateway::Gateway::new(config.gateway(base, credentials)).map_err(anyhow::Error::msg)?;
         } else {
             let fresh = Connection::open(config).await?;
-            tracing::info!(endpoint = %fresh.endpoint, "connected to a new endpoint");
+            tracing::info!(endpoint = %fresh.account, "connected to a new endpoint");
             self.retired.push(std::mem::replace(&mut self.connection, fresh));
         }
         Ok(())

@@ -1,16 +1,36 @@
 //! segsync keeps contact lists on the Qlara / LORA partner gateway in sync with segment rules
-//! written in Rhai. The modules, in reading order:
+//! written in Rhai. The modules, in reading order (blank lines keep rustfmt from sorting them):
+//! what segsync handles, how a rule decides, how the gateway is spoken to, how a pass reconciles,
+//! how the daemon runs passes, and the edges where configuration, files and people come in.
+
+pub mod ids; // ContactId, ListId, RuleName, Account
+
+pub mod contact; // the contact record both the gateway and the rules speak
+
+pub mod rules; // Rhai rule files: load, validate, evaluate, test; knows nothing of HTTP
+
+pub mod gateway; // the partner-gateway client: paged reads, rate budget, retries, writes
+
+pub mod run; // a run's trigger and outcome
+
+pub mod reconcile; // one pass: bind lists, read, plan (pure), guard, apply, report
+
+pub mod state; // SQLite: bindings, run history, estimates, instance lock
+
+pub mod schedule; // cron schedules and rule-file watching; producers only report
+
+pub mod daemon; // `segsync run`: events, reload, shutdown, systemd
+
+pub mod signals; // SIGHUP, SIGTERM, SIGINT as values
+
+pub mod diagnostic; // a problem in a file people write, with its position
+
+pub mod config; // config.toml → validated Config
+
+pub mod files; // reading config, rule and key files without blocking
+
+pub mod connection; // Config → a gateway: the real one or the bundled sandbox
+
+pub mod logging; // JSON or text logs, RUST_LOG filtering, secrets scrubbed
 
 pub mod cli; // clap subcommands and their exit codes
-pub mod config; // config.toml → validated Config
-pub mod contact; // the contact record both the gateway and the rules speak
-pub mod daemon;
-pub mod endpoint;
-pub mod files; // reading config, rule and key files without blocking // Config → a gateway: the real one or the bundled sandbox
-pub mod gateway; // the partner-gateway client: pagination, rate budget, retries
-pub mod ids; // ContactId, ListId, RuleName
-pub mod logging; // JSON or text logs, RUST_LOG filtering
-pub mod reconcile;
-pub mod rules; // Rhai rule files: load, validate, evaluate, test
-pub mod schedule; // cron schedules and rule-file watching
-pub mod state; // SQLite: bindings, run history, instance lock // plan (pure) and apply: making a list hold what its rule selects // `segsync run`: events, signals, reload, shutdown, systemd

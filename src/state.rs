@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use crate::ids::{ListId, RuleName};
+use crate::ids::{Account, ListId, RuleName};
+use crate::run::{Outcome, Trigger};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -102,9 +103,9 @@ fn lock_path(db_path: &Path) -> PathBuf {
 /// One finished (or interrupted) rule run, as stored and as `segsync status` shows it.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct RunRecord {
-    pub rule: String,
-    pub list_id: String,
-    pub trigger: String,
+    pub rule: RuleName,
+    pub list_id: Option<ListId>,
+    pub trigger: Trigger,
     pub rule_hash: String,
     pub started_at: String,
     pub finished_at: String,
@@ -117,8 +118,8 @@ pub struct RunRecord {
     pub api_requests: u64,
     pub retries: u64,
     pub duration_ms: u64,
-    pub outcome: String,
-    pub detail: String,
+    pub outcome: Outcome,
+    pub detail: Option<String>,
 }
 
 const SCHEMA_VERSION: i64 = 2;
@@ -216,11 +217,11 @@ impl State {
     }
 
     /// The list a rule's LIST name was bound to on this endpoint.
-    pub fn binding(&self, endpoint: &str, rule: &RuleName, list_name: &str) -> Result<Option<ListId>, StateError> {
+    pub fn binding(&self, account: &Account, rule: &RuleName, list_name: &str) -> Result<Option<ListId>, StateError> {
         self.with(|c| {
             c.query_row(
                 "SELECT list_id FROM binding WHERE endpoint = ?1 AND rule = ?2 AND list_name = ?3",
-                params![endpoint, rule.as_str(), list_name],
+                params![account.as_str(), rule.as_str(), list_name],
                 |r| r.get::<_, String>(0),
             )
             .optional()
@@ -231,27 +232,27 @@ impl State {
     /// The list the rule was last bound to under another LIST name, if any (to log a rename).
     pub fn other_binding(
         &self,
-        endpoint: &str,
+        account: &Account,
         rule: &RuleName,
         list_name: &str,
     ) -> Result<Option<(String, ListId)>, StateError> {
         self.with(|c| {
             c.query_row(
                 "SELECT list_name, list_id FROM binding WHERE endpoint = ?1 AND rule = ?2 AND list_name <> ?3 ORDER BY bound_at DESC LIMIT 1",
-                params![endpoint, rule.as_str(), list_name],
+                params![account.as_str(), rule.as_str(), list_name],
                 |r| Ok((r.get::<_, String>(0)?, ListId::from(r.get::<_, String>(1)?))),
             )
             .optional()
         })
     }
 
-    pub fn bind(&self, endpoint: &str, rule: &RuleName, list_name: &str, list: &ListId) -> Result<(), StateError> {
+    pub fn bind(&self, account: &Account, rule: &RuleName, list_name: &str, list: &ListId) -> Result<(), StateError> {
         let now = now();
         self.with(|c| {
             c.execute(
                 "INSERT INTO binding (endpoint, rule, list_name, list_id, bound_at) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (endpoint, rule, list_name) DO UPDATE SET list_id = excluded.list_id, bound_at = excluded.bound_at",
-                params![endpoint, rule.as_str(), list_name, list.as_str(), now],
+                params![account.as_str(), rule.as_str(), list_name, list.as_str(), now],
             )
             .map(drop)
         })
@@ -266,16 +267,16 @@ impl State {
                                   added, removed, eval_errors, api_requests, retries, duration_ms, outcome, detail)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
                 params![
-                    run.rule, run.list_id, run.trigger, run.rule_hash, run.started_at, run.finished_at,
-                    run.scanned as i64, run.matched as i64, run.members_before as i64, run.added as i64,
-                    run.removed as i64, run.eval_errors as i64, run.api_requests as i64, run.retries as i64,
-                    run.duration_ms as i64, run.outcome, run.detail
+                    run.rule.as_str(), run.list_id.as_ref().map_or("", |l| l.as_str()), run.trigger, run.rule_hash,
+                    run.started_at, run.finished_at, run.scanned as i64, run.matched as i64, run.members_before as i64,
+                    run.added as i64, run.removed as i64, run.eval_errors as i64, run.api_requests as i64,
+                    run.retries as i64, run.duration_ms as i64, run.outcome, run.detail.as_deref().unwrap_or("")
                 ],
             )?;
             tx.execute(
                 "DELETE FROM run WHERE rule = ?1 AND id < (SELECT MIN(id) FROM
                     (SELECT id FROM run WHERE rule = ?1 ORDER BY id DESC LIMIT ?2))",
-                params![run.rule, KEEP_RUNS],
+                params![run.rule.as_str(), KEEP_RUNS],
             )?;
             tx.commit()
         })
@@ -314,14 +315,15 @@ impl State {
 
     /// The newest run of `rule` that finished after `after` (RFC 3339), if any.
     pub fn run_finished_after(&self, rule: &RuleName, after: &str) -> Result<Option<RunRecord>, StateError> {
-        Ok(self.last_runs(1)?.into_iter().find(|r| r.rule == rule.as_str() && r.finished_at.as_str() > after))
+        Ok(self.last_runs(1)?.into_iter().find(|r| &r.rule == rule && r.finished_at.as_str() > after))
     }
 
     /// Forgets bindings and estimates of earlier bundled-sandbox instances (their lists are gone).
-    pub fn forget_other_sandboxes(&self, current: &str) -> Result<(), StateError> {
+    pub fn forget_other_sandboxes(&self, current: &Account) -> Result<(), StateError> {
+        let pattern = format!("{}%", Account::SANDBOX_PREFIX);
         self.with(|c| {
-            c.execute("DELETE FROM binding WHERE endpoint LIKE 'sandbox@%' AND endpoint <> ?1", params![current])?;
-            c.execute("DELETE FROM estimate WHERE endpoint LIKE 'sandbox@%' AND endpoint <> ?1", params![current])?;
+            c.execute("DELETE FROM binding WHERE endpoint LIKE ?1 AND endpoint <> ?2", params![pattern, current.as_str()])?;
+            c.execute("DELETE FROM estimate WHERE endpoint LIKE ?1 AND endpoint <> ?2", params![pattern, current.as_str()])?;
             Ok(())
         })
     }
@@ -336,9 +338,13 @@ impl State {
                  WHERE n <= ?1 ORDER BY rule, n",
             )?;
             let rows = stmt.query_map(params![per_rule as i64], |r| {
+                // Absent values are stored as empty text (the columns predate `Option`).
+                let text = |i: usize| -> rusqlite::Result<Option<String>> {
+                    r.get::<_, String>(i).map(|s| (!s.is_empty()).then_some(s))
+                };
                 Ok(RunRecord {
-                    rule: r.get(0)?,
-                    list_id: r.get(1)?,
+                    rule: RuleName::from(r.get::<_, String>(0)?),
+                    list_id: text(1)?.map(ListId::from),
                     trigger: r.get(2)?,
                     rule_hash: r.get(3)?,
                     started_at: r.get(4)?,
@@ -353,44 +359,62 @@ impl State {
                     retries: r.get::<_, i64>(13)? as u64,
                     duration_ms: r.get::<_, i64>(14)? as u64,
                     outcome: r.get(15)?,
-                    detail: r.get(16)?,
+                    detail: text(16)?,
                 })
             })?;
             rows.collect()
         })
     }
 
-    /// A count the read planner saw last time (e.g. the number of contacts).
-    pub fn estimate(&self, endpoint: &str, key: &str) -> Result<Option<u64>, StateError> {
+    /// A count the read planner saw last time.
+    pub fn estimate(&self, account: &Account, what: &Estimate) -> Result<Option<u64>, StateError> {
+        let key = what.key();
         self.with(|c| {
-            c.query_row("SELECT value FROM estimate WHERE endpoint = ?1 AND key = ?2", params![endpoint, key], |r| {
-                r.get::<_, i64>(0)
-            })
+            c.query_row(
+                "SELECT value FROM estimate WHERE endpoint = ?1 AND key = ?2",
+                params![account.as_str(), key],
+                |r| r.get::<_, i64>(0),
+            )
             .optional()
         })
         .map(|v| v.map(|v| v as u64))
     }
 
-    pub fn set_estimate(&self, endpoint: &str, key: &str, value: u64) -> Result<(), StateError> {
-        self.set_estimates(endpoint, &[(key.to_owned(), value)])
-    }
-
     /// Stores several counts in one transaction.
-    pub fn set_estimates(&self, endpoint: &str, values: &[(String, u64)]) -> Result<(), StateError> {
+    pub fn set_estimates(&self, account: &Account, values: &[(Estimate, u64)]) -> Result<(), StateError> {
         if values.is_empty() {
             return Ok(());
         }
         self.with(|c| {
             let tx = c.transaction()?;
-            for (key, value) in values {
+            for (what, value) in values {
                 tx.execute(
                     "INSERT INTO estimate (endpoint, key, value) VALUES (?1, ?2, ?3)
                      ON CONFLICT (endpoint, key) DO UPDATE SET value = excluded.value",
-                    params![endpoint, key, *value as i64],
+                    params![account.as_str(), what.key(), *value as i64],
                 )?;
             }
             tx.commit()
         })
+    }
+}
+
+/// A count the read planner remembers between passes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Estimate {
+    /// Every contact of the account.
+    Contacts,
+    /// The non-members passing a rule's FILTER (the size of its own read).
+    Candidates(RuleName),
+}
+
+impl Estimate {
+    /// The key it is stored under (the column's format since schema 1).
+    fn key(&self) -> String {
+        match self {
+            Self::Contacts => "contacts".into(),
+            Self::Candidates(rule) => format!("candidates:{rule}"),
+        }
     }
 }
 
@@ -408,23 +432,33 @@ mod tests {
     fn round_trips_across_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("state/segsync.db");
+        let e = Account::remote("https://e.example/api");
         {
             let state = State::open(&path).expect("open");
-            state.bind("e", &RuleName::from("vip"), "VIP", &ListId::from("list-1")).expect("bind");
+            state.bind(&e, &RuleName::from("vip"), "VIP", &ListId::from("list-1")).expect("bind");
             state
-                .record_run(&RunRecord { rule: "vip".into(), outcome: "ok".into(), added: 3, ..RunRecord::default() })
+                .record_run(&RunRecord {
+                    rule: "vip".into(),
+                    trigger: Trigger::Cron,
+                    outcome: Outcome::Held,
+                    added: 3,
+                    ..RunRecord::default()
+                })
                 .expect("run");
-            state.set_estimate("e", "contacts", 20_000).expect("estimate");
+            state.set_estimates(&e, &[(Estimate::Contacts, 20_000)]).expect("estimate");
         }
         let state = State::open(&path).expect("reopen");
-        assert_eq!(state.binding("e", &RuleName::from("vip"), "VIP").expect("read"), Some(ListId::from("list-1")));
-        assert_eq!(state.binding("other", &RuleName::from("vip"), "VIP").expect("read"), None);
+        assert_eq!(state.binding(&e, &RuleName::from("vip"), "VIP").expect("read"), Some(ListId::from("list-1")));
+        let other = Account::remote("https://other.example/api");
+        assert_eq!(state.binding(&other, &RuleName::from("vip"), "VIP").expect("read"), None);
         assert_eq!(
-            state.other_binding("e", &RuleName::from("vip"), "VIP 2").expect("read"),
+            state.other_binding(&e, &RuleName::from("vip"), "VIP 2").expect("read"),
             Some(("VIP".into(), ListId::from("list-1")))
         );
-        assert_eq!(state.last_runs(5).expect("runs")[0].added, 3);
-        assert_eq!(state.estimate("e", "contacts").expect("estimate"), Some(20_000));
+        let run = &state.last_runs(5).expect("runs")[0];
+        assert_eq!((run.added, run.trigger, run.outcome, &run.list_id, &run.detail), (3, Trigger::Cron, Outcome::Held, &None, &None));
+        assert_eq!(state.estimate(&e, &Estimate::Contacts).expect("estimate"), Some(20_000));
+        assert_eq!(state.estimate(&e, &Estimate::Candidates(RuleName::from("vip"))).expect("estimate"), None);
     }
 
     // Old runs are pruned per rule; approvals are taken once and expire.
@@ -441,7 +475,7 @@ mod tests {
             .expect("count");
         assert_eq!(count, KEEP_RUNS);
         assert_eq!(
-            state.last_runs(1).expect("runs").iter().find(|r| r.rule == "vip").expect("vip").added,
+            state.last_runs(1).expect("runs").iter().find(|r| r.rule.as_str() == "vip").expect("vip").added,
             KEEP_RUNS as u64 + 4
         );
 

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use chrono::NaiveDate;
 use segsync::config::Guards;
-use segsync::reconcile::{Outcome, PassReport, PassRequest, ReadKind, Reconciler, Trigger};
+use segsync::ids::Account;
+use segsync::reconcile::{Outcome, PassReport, PassRequest, ReadKind, Parts, Reconciler, Trigger};
 use segsync::rules::{self, Date, Rule};
 use segsync::state::State;
 use segsync_sandbox::store::Contact;
@@ -35,15 +36,15 @@ async fn world(config: SandboxConfig, rules_dir: &Path) -> World {
     let engine = rules::engine::build(chrono_tz::Europe::Rome);
     let (set, errors) = rules::load_dir(&engine, rules_dir);
     assert!(errors.is_empty(), "{errors:?}");
-    let reconciler = Reconciler {
+    let reconciler = Reconciler::new(Parts {
         gateway: support::gateway(&sandbox, segsync::gateway::RatePlan::Unlimited),
+        account: Account::remote(&sandbox.base_url()),
         engine: Arc::new(engine),
         state: State::open(&dir.path().join("segsync.db")).expect("state"),
-        endpoint: sandbox.base_url(),
         guards: guards(),
         time_zone: chrono_tz::Europe::Rome,
         cancel: CancellationToken::new(),
-    };
+    });
     World { sandbox, reconciler, rules: set.iter().cloned().collect(), _dir: dir }
 }
 
@@ -248,7 +249,7 @@ async fn evaluation_errors_never_remove() {
     std::fs::write(&rule, "const LIST = \"Loyal\";\nconst FILTER = #{ region: \"Molise\" };\nfn matches(c) { true }\n")
         .expect("write");
     let mut w = world(support::sandbox_config(4_000), dir.path()).await;
-    w.reconciler.guards.max_error_share = 1.0;
+    w.reconciler = w.reconciler.clone().with_guards(Guards { max_error_share: 1.0, ..guards() });
     w.sync().await;
     let members: Vec<String> = w.members("Loyal").into_iter().collect();
     assert!(members.len() >= 6, "{members:?}");
@@ -274,7 +275,7 @@ async fn evaluation_errors_never_remove() {
     assert!(!now.contains(&members[2]) && !now.contains(&members[3]), "failing contacts leave");
 
     // Above the error-share guard, the rule changes nothing at all.
-    w.reconciler.guards.max_error_share = 0.01;
+    w.reconciler = w.reconciler.clone().with_guards(Guards { max_error_share: 0.01, ..guards() });
     let engine = rules::engine::build(chrono_tz::Europe::Rome);
     std::fs::write(&rule, "const LIST = \"Loyal\";\nconst FILTER = #{ region: \"Molise\" };\nfn matches(c) { c.customFields.totalSpent > 500.0 }\n").expect("write");
     let strict = Arc::new(rules::load_file(&engine, &rule).expect("valid"));

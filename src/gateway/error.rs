@@ -6,7 +6,8 @@ use std::time::Duration;
 use super::auth::scrub;
 
 /// The client's operations, as they appear in errors, logs and request counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Operation {
     ScanContacts,
     ReadMembers,

@@ -25,7 +25,7 @@ pub struct Meter {
 /// What a run cost, by operation.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {
-    pub requests: BTreeMap<&'static str, u64>,
+    pub requests: BTreeMap<Operation, u64>,
     pub retries: u64,
     pub throttled: u64,
     pub waited_ms: u64,
@@ -37,7 +37,17 @@ impl Usage {
     }
 
     pub fn requests_of(&self, op: Operation) -> u64 {
-        self.requests.get(op.as_str()).copied().unwrap_or(0)
+        self.requests.get(&op).copied().unwrap_or(0)
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn absorb(&mut self, other: &Usage) {
+        for (op, n) in &other.requests {
+            *self.requests.entry(*op).or_default() += n;
+        }
+        self.retries += other.retries;
+        self.throttled += other.throttled;
+        self.waited_ms += other.waited_ms;
     }
 }
 
@@ -68,7 +78,7 @@ impl Meter {
             let c = self.of(op);
             let n = c.requests.load(Ordering::Relaxed);
             if n > 0 {
-                usage.requests.insert(op.as_str(), n);
+                usage.requests.insert(op, n);
             }
             usage.retries += c.retries.load(Ordering::Relaxed);
             usage.throttled += c.throttled.load(Ordering::Relaxed);

@@ -28,12 +28,7 @@ impl From<Box<EvalAltResult>> for EvalError {
     fn from(e: Box<EvalAltResult>) -> Self {
         let inner = e.unwrap_inner();
         let pos = if inner.position().is_none() { e.position() } else { inner.position() };
-        let mut message = inner.to_string();
-        if let Some(i) = message.rfind(" (line ")
-            && message.ends_with(')')
-        {
-            message.truncate(i);
-        }
+        let message = crate::diagnostic::without_rhai_position(inner.to_string());
         Self { message, line: pos.line().unwrap_or(0), col: pos.position().unwrap_or(0) }
     }
 }

@@ -15,7 +15,7 @@ use chrono::NaiveDate;
 use rhai::Engine;
 use serde::Deserialize;
 
-use super::{Date, Rule, RuleError};
+use super::{Date, Rule, Diagnostic};
 use crate::contact::ContactRecord;
 
 #[derive(Debug, Deserialize)]
@@ -62,20 +62,20 @@ pub fn fixture_path(rule_path: &Path) -> PathBuf {
 }
 
 /// Runs the rule's tests; a missing fixture file is an empty report, a broken one an error.
-pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, RuleError> {
+pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, Diagnostic> {
     let path = fixture_path(&rule.path);
     let text = match crate::files::read_text(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TestReport::default()),
         Err(e) => {
-            return Err(RuleError { file: path.clone(), line: 0, col: 0, message: format!("cannot read: {e}") });
+            return Err(Diagnostic { file: path.clone(), line: 0, col: 0, message: format!("cannot read: {e}") });
         }
     };
     let fixture: FixtureFile = toml::from_str(&text).map_err(|e| {
-        let (line, col) = e.span().map_or((0, 0), |s| line_col(&text, s.start));
-        RuleError { file: path.clone(), line, col, message: e.message().to_owned() }
+        let (line, col) = e.span().map_or((0, 0), |s| crate::diagnostic::line_col(&text, s.start));
+        Diagnostic { file: path.clone(), line, col, message: e.message().to_owned() }
     })?;
-    let today = NaiveDate::parse_from_str(&fixture.today, "%Y-%m-%d").map_err(|_| RuleError {
+    let today = NaiveDate::parse_from_str(&fixture.today, "%Y-%m-%d").map_err(|_| Diagnostic {
         file: path.clone(),
         line: 1,
         col: 1,
@@ -122,10 +122,3 @@ pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, RuleError> {
     Ok(report)
 }
 
-/// 1-based line and column of a byte offset.
-pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
-    (line, col)
-}

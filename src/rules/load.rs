@@ -9,12 +9,12 @@ use std::sync::Arc;
 use rhai::{Dynamic, Engine, Map, Position, Scope};
 use sha2::{Digest, Sha256};
 
-use super::{FilterTerm, Mode, Rule, RuleError, RuleSet};
+use super::{FilterTerm, Mode, Rule, Diagnostic, RuleSet};
 use crate::ids::RuleName;
 use crate::schedule::Schedule;
 
 /// Loads every `*.rhai` file of `dir`: the good rules, and the errors of the others.
-pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<RuleError>) {
+pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<Diagnostic>) {
     let mut errors = Vec::new();
     let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
@@ -31,7 +31,7 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<RuleError>) {
             })
             .collect(),
         Err(e) => {
-            errors.push(RuleError {
+            errors.push(Diagnostic {
                 file: dir.into(),
                 line: 0,
                 col: 0,
@@ -59,7 +59,7 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<RuleError>) {
             let others: Vec<String> =
                 rules.iter().filter(|o| o.name != rule.name).map(|o| o.path.display().to_string()).collect();
             let (line, col) = const_position(&crate::files::read_text(&rule.path).unwrap_or_default(), "LIST");
-            errors.push(RuleError {
+            errors.push(Diagnostic {
                 file: rule.path.clone(),
                 line,
                 col,
@@ -82,15 +82,15 @@ fn is_hidden(p: &Path) -> bool {
 
 /// Loads one rule file, or every problem found in it. A panic while loading (a bug in a helper
 /// the file's top level calls) is that file's error only.
-pub fn load_file(engine: &Engine, path: &Path) -> Result<Rule, Vec<RuleError>> {
+pub fn load_file(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_rule(engine, path))).unwrap_or_else(|panic| {
         let message = format!("loading the rule panicked: {}", super::eval::panic_text(&panic));
-        Err(vec![RuleError { file: path.into(), line: 0, col: 0, message }])
+        Err(vec![Diagnostic { file: path.into(), line: 0, col: 0, message }])
     })
 }
 
-fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<RuleError>> {
-    let at = |line: usize, col: usize, message: String| RuleError { file: path.into(), line, col, message };
+fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
+    let at = |line: usize, col: usize, message: String| Diagnostic { file: path.into(), line, col, message };
     let source =
         crate::files::read_text(path).map_err(|e| vec![at(0, 0, format!("cannot read the rule file: {e}"))])?;
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
@@ -106,7 +106,7 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<RuleError>> {
         .map_err(|e| vec![at_pos(path, e.position(), format!("at load: {}", e.unwrap_inner()))])?;
 
     let mut errors = Vec::new();
-    let setting = |errors: &mut Vec<RuleError>, name: &str, message: String| {
+    let setting = |errors: &mut Vec<Diagnostic>, name: &str, message: String| {
         let (line, col) = const_position(&source, name);
         errors.push(at(line, col, message));
     };
@@ -204,13 +204,9 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<RuleError>> {
     })
 }
 
-fn at_pos(path: &Path, pos: Position, message: String) -> RuleError {
-    // Rhai appends " (line L, position C)" to some messages; the position already says it.
-    let message = match message.rfind(" (line ") {
-        Some(i) if message.ends_with(')') => message[..i].to_owned(),
-        _ => message,
-    };
-    RuleError { file: path.into(), line: pos.line().unwrap_or(0), col: pos.position().unwrap_or(0), message }
+fn at_pos(path: &Path, pos: Position, message: String) -> Diagnostic {
+    let message = crate::diagnostic::without_rhai_position(message);
+    Diagnostic { file: path.into(), line: pos.line().unwrap_or(0), col: pos.position().unwrap_or(0), message }
 }
 
 /// `FILTER = #{ region: "Lombardia", "customFields.x.before": "2026-01-09" }`; a nested
@@ -304,7 +300,7 @@ pub(super) fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    fn load(src: &str) -> Result<Rule, Vec<RuleError>> {
+    fn load(src: &str) -> Result<Rule, Vec<Diagnostic>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("r.rhai");
         std::fs::write(&path, src).expect("write");

@@ -19,6 +19,8 @@ pub use eval::EvalError;
 pub use filter::FilterTerm;
 pub use load::{load_dir, load_file};
 
+pub use crate::diagnostic::Diagnostic;
+
 use crate::ids::RuleName;
 use crate::schedule::Schedule;
 
@@ -80,27 +82,6 @@ impl Rule {
     }
 }
 
-/// A problem in a rule file (or its test file), with its position when one is known.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuleError {
-    pub file: PathBuf,
-    pub line: usize,
-    pub col: usize,
-    pub message: String,
-}
-
-impl fmt::Display for RuleError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.line == 0 {
-            // No position is known: `file:0:0:` would send people looking for line 0.
-            write!(f, "{}: {}", self.file.display(), self.message)
-        } else {
-            write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)
-        }
-    }
-}
-
-impl std::error::Error for RuleError {}
 
 /// The loaded rules, by name.
 #[derive(Debug, Clone, Default)]

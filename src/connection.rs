@@ -1,20 +1,18 @@
 //! Connects a [`Config`] to a gateway: the real one, or the bundled sandbox started in-process
 //! with the configured demo data. The one place that decides which.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::Context;
 
 use crate::config::{Config, Endpoint};
 use crate::gateway::Gateway;
+use crate::ids::Account;
 use segsync_sandbox::Sandbox;
 
 /// A gateway to talk to, and the sandbox behind it when there is one.
 pub struct Connection {
     pub gateway: Gateway,
-    /// Names the account for state bindings: the base URL, or a fresh name per sandbox start
-    /// (a new sandbox has none of the old one's lists).
-    pub endpoint: String,
+    /// The account the state's bindings belong to.
+    pub account: Account,
     pub sandbox: Option<Sandbox>,
 }
 
@@ -28,7 +26,6 @@ impl Connection {
                     .context("starting the bundled sandbox")?;
                 let base = sandbox.base_url().parse().context("the sandbox URL")?;
                 let gateway = Gateway::new(config.gateway(base, credentials)).map_err(anyhow::Error::msg)?;
-                let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
                 tracing::info!(
                     base_url = %sandbox.base_url(),
                     contacts = config.sandbox.contacts,
@@ -36,12 +33,12 @@ impl Connection {
                     plan = %config.api.plan,
                     "bundled sandbox started"
                 );
-                Ok(Self { gateway, endpoint: format!("sandbox@{nanos}"), sandbox: Some(sandbox) })
+                Ok(Self { gateway, account: Account::sandbox_started_now(), sandbox: Some(sandbox) })
             }
             Endpoint::Remote { base_url, .. } => {
                 let gateway =
                     Gateway::new(config.gateway(base_url.clone(), credentials)).map_err(anyhow::Error::msg)?;
-                Ok(Self { gateway, endpoint: base_url.to_string(), sandbox: None })
+                Ok(Self { gateway, account: Account::remote(base_url.as_str()), sandbox: None })
             }
         }
     }

@@ -1,0 +1,213 @@
+//! The command line: one subcommand per user task, each a thin call into the library, and the
+//! documented exit codes. Printing results for people happens here and nowhere else.
+//!
+//! `mod.rs` holds the arguments, the low-level args → settings step and the exit codes; each
+//! subcommand lives in its own file.
+#![allow(clippy::print_stdout)]
+
+/// Prints one line for people, scrubbed of every secret the process has read: what is shown
+/// here includes the gateway's own words, and a server may echo the key back.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", crate::gateway::scrub(&format!($($arg)*)))
+    };
+}
+
+mod check;
+mod explain;
+mod pass;
+mod sandbox;
+mod show;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use segsync_sandbox::{RatePlan, SandboxConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigErrors};
+use crate::logging::LogFormat;
+use crate::run::Outcome;
+
+#[derive(Debug, Parser)]
+#[command(name = "segsync", version, about = "Keeps partner-gateway contact lists in sync with Rhai segment rules")]
+pub struct Cli {
+    /// Log format: auto (JSON unless stderr is a terminal), json or text. Overrides [log] format.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// The configuration file.
+    #[arg(long, global = true, default_value = "config.toml")]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The daemon: run every rule now, then on its schedule and whenever its file changes.
+    Run,
+    /// Validate config.toml and every rule, and run the rule tests (no network); non-zero on any problem.
+    Check,
+    /// Run rule unit tests (rules/NAME.test.toml beside rules/NAME.rhai).
+    Test {
+        /// Rules to test (default: all).
+        rules: Vec<String>,
+    },
+    /// Fetch one contact and show why it is or is not in RULE's segment.
+    Explain { rule: String, contact_id: String },
+    /// Dry run: per rule, what a sync would add and remove (with a sample of ids); changes nothing.
+    Plan {
+        /// Rules to plan (default: all).
+        rules: Vec<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One reconcile pass now, then exit (exit 4 if a guard held a change, 1 if a rule failed).
+    Sync {
+        /// Rules to sync (default: all).
+        rules: Vec<String>,
+        /// Confirm, once, removals the mass-removal guard would hold.
+        #[arg(long)]
+        allow_mass_removal: bool,
+    },
+    /// The last runs per rule: when, trigger, added, removed, outcome.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Runs to show per rule.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+    },
+    /// Serve the bundled emulator of the partner-gateway API on localhost, seeded with demo contacts.
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SandboxArgs {
+    /// Address to listen on (loopback only is sensible).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Number of demo contacts to generate.
+    #[arg(long, default_value_t = SandboxConfig::default().contacts)]
+    pub contacts: u64,
+    /// Seed of the demo data: the same seed gives the same contacts.
+    #[arg(long, default_value_t = SandboxConfig::default().seed)]
+    pub seed: u64,
+    /// The API key clients must send (X-Api-Key, or as the Basic password).
+    #[arg(long, default_value_t = SandboxConfig::default().api_key)]
+    pub api_key: String,
+    /// Rate plan to enforce per key.
+    #[arg(long, default_value_t = RatePlan::Production)]
+    pub plan: RatePlan,
+    /// Latency added to every API request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Share of API requests that fail (split evenly: 500, 429, dropped connection), 0.0 to 1.0.
+    #[arg(long, default_value_t = 0.0)]
+    pub fault_rate: f64,
+    /// Contacts changed per minute (purchases, moves, sign-ups, deletions).
+    #[arg(long, default_value_t = SandboxConfig::default().churn_per_minute)]
+    pub churn_per_minute: u32,
+}
+
+/// Exit codes, documented in the README: the one table every command uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Everything done.
+    Ok = 0,
+    /// A runtime failure: the API, the state database, a failed, partial or interrupted rule run,
+    /// a failed rule test.
+    Failure = 1,
+    /// Wrong command-line usage (clap's own code).
+    Usage = 2,
+    /// Invalid config.toml or rules.
+    Invalid = 3,
+    /// A guard held a change (mass removal); nothing failed.
+    Held = 4,
+}
+
+impl Exit {
+    /// The exit code for runs that ended so: any failure wins over a held change.
+    pub fn for_outcomes(outcomes: impl IntoIterator<Item = Outcome>) -> Self {
+        let mut exit = Self::Ok;
+        for outcome in outcomes {
+            let this = match outcome {
+                Outcome::Ok => Self::Ok,
+                Outcome::Held => Self::Held,
+                Outcome::Failed | Outcome::Partial | Outcome::Interrupted => Self::Failure,
+            };
+            // A failure outranks a held change, which outranks success.
+            if this == Self::Failure || (this == Self::Held && exit == Self::Ok) {
+                exit = this;
+            }
+        }
+        exit
+    }
+
+    /// `Invalid` instead of `Ok` when some rule files were broken (the rest ran fine).
+    pub(super) fn unless_invalid(self, all_valid: bool) -> Self {
+        if self == Self::Ok && !all_valid { Self::Invalid } else { self }
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e as u8)
+    }
+}
+
+impl Cli {
+    /// The log format: `--log-format`, else the config's `[log] format`, else auto.
+    fn log_format(&self, config: Option<&Config>) -> LogFormat {
+        self.log_format.or(config.map(|c| c.log_format)).unwrap_or_default()
+    }
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<Exit> {
+    if let Command::Sandbox(args) = &cli.command {
+        crate::logging::init(cli.log_format(None));
+        return runtime()?.block_on(sandbox::serve(args.clone()));
+    }
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(ConfigErrors(errors)) => {
+            crate::logging::init(cli.log_format(None));
+            for e in &errors {
+                say!("{e}");
+            }
+            say!("config: {} problem(s) in {}", errors.len(), cli.config.display());
+            return Ok(Exit::Invalid);
+        }
+    };
+    crate::logging::init(cli.log_format(Some(&config)));
+    match cli.command {
+        Command::Run => {
+            runtime()?.block_on(crate::daemon::run(
+                config,
+                crate::schedule::Clock::System,
+                CancellationToken::new(),
+            ))?;
+            Ok(Exit::Ok)
+        }
+        Command::Check => Ok(check::check(&config)),
+        Command::Test { rules } => Ok(check::test(&config, &rules)),
+        Command::Explain { rule, contact_id } => runtime()?.block_on(explain::explain(&config, &rule, &contact_id)),
+        Command::Plan { rules, json } => {
+            runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Plan { json }))
+        }
+        Command::Sync { rules, allow_mass_removal } => {
+            runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Sync { allow_mass_removal }))
+        }
+        Command::Status { json, runs } => show::status(&config, json, runs),
+        Command::Sandbox(_) => unreachable!("handled above"),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}

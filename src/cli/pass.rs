@@ -1,0 +1,108 @@
+//! `plan` and `sync`: one pass over the selected rules, dry or real, and handing a confirmation
+//! to a running daemon.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Exit;
+use super::check::load_selected;
+use super::show::{plan_json, print_pass};
+use crate::config::Config;
+use crate::connection::Connection;
+use crate::reconcile::{Parts, PassRequest, Reconciler, Trigger};
+use crate::rules::Rule;
+
+/// Which of the two pass commands.
+pub(super) enum Mode {
+    Plan { json: bool },
+    Sync { allow_mass_removal: bool },
+}
+
+/// `plan` and `sync`: one pass over the selected rules, dry or real.
+pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyhow::Result<Exit> {
+    let (engine, selected, all_valid) = match load_selected(config, names) {
+        Ok(loaded) => loaded,
+        Err(code) => return Ok(code),
+    };
+    let dry_run = matches!(mode, Mode::Plan { .. });
+    let allow_mass_removal = matches!(mode, Mode::Sync { allow_mass_removal: true });
+    // Only a writer needs the instance lock; a dry run may look while the daemon works.
+    let _lock = if dry_run {
+        None
+    } else {
+        match crate::state::lock(&config.state_path) {
+            Ok(lock) => Some(lock),
+            // The daemon holds the state: hand it the confirmation instead of fighting it.
+            Err(crate::state::StateError::Locked { pid, .. }) if allow_mass_removal && !names.is_empty() => {
+                return confirm_through_daemon(config, &selected, &pid).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let state = crate::state::State::open(&config.state_path)?;
+    let connection = Connection::open(config).await?;
+    let reconciler = Reconciler::new(Parts {
+        gateway: connection.gateway.clone(),
+        account: connection.account.clone(),
+        engine: Arc::new(engine),
+        state,
+        guards: config.guards.clone(),
+        time_zone: config.time_zone,
+        cancel: CancellationToken::new(),
+    });
+    let cancel = reconciler.cancel_token().clone();
+    let stop = tokio::spawn(async move {
+        crate::signals::stop_requested().await;
+        cancel.cancel();
+    });
+    let request = PassRequest { rules: selected, trigger: Trigger::Manual, dry_run, allow_mass_removal, today: None };
+    let report = reconciler.run_pass(request).await;
+    stop.abort();
+    connection.close().await;
+    match mode {
+        Mode::Plan { json: true } => {
+            let rows: Vec<serde_json::Value> = report.rules.iter().map(plan_json).collect();
+            say!("{}", serde_json::to_string_pretty(&rows)?);
+        }
+        _ => print_pass(&report, dry_run),
+    }
+    Ok(Exit::for_outcomes(report.rules.iter().map(|r| r.outcome)).unless_invalid(all_valid))
+}
+
+/// `sync RULE --allow-mass-removal` while the daemon runs: records the confirmation for the daemon,
+/// then waits for its run of each rule and reports the outcome.
+async fn confirm_through_daemon(config: &Config, rules: &[Arc<Rule>], pid: &str) -> anyhow::Result<Exit> {
+    let state = crate::state::State::open(&config.state_path)?;
+    let since = crate::state::now();
+    for rule in rules {
+        state.approve(&rule.name, chrono::Duration::minutes(10))?;
+    }
+    let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+    say!("segsync is running (pid {pid}); asked it to run {} once with removals allowed", names.join(", "));
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let mut outcomes = Vec::new();
+    for rule in rules {
+        let run = loop {
+            if let Some(run) = state.run_finished_after(&rule.name, &since)? {
+                break run;
+            }
+            if std::time::Instant::now() > deadline {
+                say!("{}: no run within 10 minutes; see `segsync status` and the daemon's log", rule.name);
+                return Ok(Exit::Failure);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        say!(
+            "{}: added {}, removed {}, outcome {} {}",
+            run.rule,
+            run.added,
+            run.removed,
+            run.outcome,
+            run.detail.as_deref().unwrap_or("")
+        );
+        outcomes.push(run.outcome);
+    }
+    Ok(Exit::for_outcomes(outcomes))
+}

@@ -1,0 +1,136 @@
+//! Binding each rule to its list, and reading the list's members.
+//!
+//! A rule's list is its remembered binding, else the oldest list of that exact name found by a
+//! complete directory read, else a new one. After creating a list the directory is read again, so
+//! two segsyncs that created the same name at once both bind the oldest and never split a segment.
+
+use std::sync::Arc;
+
+use super::{ReconcileError, Reconciler, Slot, read};
+use crate::gateway::{ListInfo, Meter, sort_oldest_first};
+use crate::ids::ListId;
+use crate::rules::{Date, Rule};
+
+impl Reconciler {
+    /// Every list of the account (a complete directory read), when several rules need a lookup;
+    /// `None` means "look each name up".
+    pub(super) async fn list_directory(&self, slots: &[Slot], meter: &Arc<Meter>) -> Option<Vec<ListInfo>> {
+        let unbound = slots
+            .iter()
+            .filter(|s| !matches!(self.state.binding(&self.account, &s.rule.name, &s.rule.list), Ok(Some(_))))
+            .count();
+        if unbound < 2 {
+            return None;
+        }
+        match self.gateway.metered(meter.clone()).lists(None).await {
+            Ok(lists) => Some(lists),
+            Err(e) => {
+                tracing::debug!(error = %e, "listing all lists failed; looking each name up instead");
+                None
+            }
+        }
+    }
+
+    /// Binds the slot's rule to its list (creating it when none exists), then reads and judges
+    /// the list's members on their own records. Any failure is recorded in the slot.
+    pub(super) async fn bind_and_read_members(
+        &self,
+        slot: &mut Slot,
+        dry_run: bool,
+        today: Date,
+        directory: Option<&[ListInfo]>,
+    ) {
+        let result = async {
+            let (list, created) = self.bind_list(slot, dry_run, directory).await?;
+            slot.list = list.clone();
+            slot.created = created;
+            let Some(list) = list.filter(|_| !created) else { return Ok(()) };
+            match read::members(&self.cancel, &slot.gateway, &self.engine, &slot.rule, &list, today).await {
+                Ok(eval) => {
+                    slot.eval = eval;
+                    Ok(())
+                }
+                Err(ReconcileError::Gateway(e)) if e.is_unknown_list() => {
+                    tracing::warn!(rule = %slot.rule.name, list_id = %list, list = %slot.rule.list, "the rule's list no longer exists on the gateway; binding it again");
+                    let (list, created) = self.find_or_create(slot, dry_run, None).await?;
+                    slot.list = list;
+                    slot.created = created;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            slot.error = Some(e);
+        }
+    }
+
+    /// The rule's list: its binding, else an existing list of that exact name, else a new one.
+    async fn bind_list(
+        &self,
+        slot: &Slot,
+        dry_run: bool,
+        directory: Option<&[ListInfo]>,
+    ) -> Result<(Option<ListId>, bool), ReconcileError> {
+        let rule = &slot.rule;
+        if let Some(id) = self.state.binding(&self.account, &rule.name, &rule.list)? {
+            return Ok((Some(id), false));
+        }
+        if let Some((old_name, old_id)) = self.state.other_binding(&self.account, &rule.name, &rule.list)? {
+            tracing::info!(rule = %rule.name, old_list = %old_name, old_list_id = %old_id, list = %rule.list,
+                "the rule's LIST changed; binding the new list and leaving the old one untouched");
+        }
+        self.find_or_create(slot, dry_run, directory).await
+    }
+
+    async fn find_or_create(
+        &self,
+        slot: &Slot,
+        dry_run: bool,
+        directory: Option<&[ListInfo]>,
+    ) -> Result<(Option<ListId>, bool), ReconcileError> {
+        let rule = &slot.rule;
+        let found = match directory {
+            Some(all) => {
+                let mut named: Vec<ListInfo> = all.iter().filter(|l| l.name == rule.list).cloned().collect();
+                sort_oldest_first(&mut named);
+                named
+            }
+            None => slot.gateway.find_lists(&rule.list).await?,
+        };
+        let (id, created) = match found.first() {
+            Some(_) => (Self::oldest_of(rule, found), false),
+            None if dry_run => return Ok((None, true)),
+            None => {
+                let list = slot.gateway.create_list(&rule.list, &rule.description).await?;
+                tracing::info!(rule = %rule.name, list = %rule.list, list_id = %list.id, "created the rule's list");
+                // Another segsync may have created the same list meanwhile: read the directory
+                // again and bind the oldest of that name, so a segment is never split.
+                let mut again = slot.gateway.find_lists(&rule.list).await?;
+                if !again.iter().any(|l| l.id == list.id) {
+                    again.push(list.clone());
+                    sort_oldest_first(&mut again);
+                }
+                let oldest = Self::oldest_of(rule, again);
+                let created = oldest == list.id;
+                (oldest, created)
+            }
+        };
+        if !dry_run {
+            self.state.bind(&self.account, &rule.name, &rule.list, &id)?;
+        }
+        Ok((Some(id), created))
+    }
+
+    /// The oldest of the lists carrying the rule's exact name (`found` is sorted oldest first),
+    /// with a warning naming every id when there are several.
+    fn oldest_of(rule: &Rule, found: Vec<ListInfo>) -> ListId {
+        if found.len() > 1 {
+            let ids: Vec<&str> = found.iter().map(|l| l.id.as_str()).collect();
+            tracing::warn!(rule = %rule.name, list = %rule.list, list_id = %found[0].id, list_ids = %ids.join(","),
+                "several lists carry this exact name; using the oldest and writing only to it");
+        }
+        found.into_iter().next().map(|l| l.id).unwrap_or_else(|| ListId::from(""))
+    }
+}
