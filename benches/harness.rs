@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use segsync::config::Guards;
 use segsync::gateway::RatePlan;
 use segsync::ids::Account;
-use segsync::reconcile::{PassReport, PassRequest, Parts, Reconciler, Trigger};
+use segsync::reconcile::{Parts, PassReport, PassRequest, Reconciler, Trigger};
 use segsync::rules::{self, Date};
 use segsync::state::State;
 use tokio_util::sync::CancellationToken;

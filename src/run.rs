@@ -76,7 +76,6 @@ impl fmt::Display for Outcome {
     }
 }
 
-
 /// Both enums are stored as their names; reading a name this version does not know is an error.
 macro_rules! stored_as_name {
     ($($t:ty),*) => {$(

@@ -198,14 +198,18 @@ impl State {
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sql)?;
-        if version > SCHEMA_VERSION {
-            return Err(StateError::TooNew { path: path.into(), found: version, known: SCHEMA_VERSION });
-        }
-        for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            let tx = conn.transaction().map_err(sql)?;
+        // Each migration reads the version and applies the next step inside one write transaction
+        // (`BEGIN IMMEDIATE`), so two processes opening a new database at once (the daemon starting
+        // while `segsync status` looks) never both apply the same step.
+        loop {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(sql)?;
+            let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sql)?;
+            if version > SCHEMA_VERSION {
+                return Err(StateError::TooNew { path: path.into(), found: version, known: SCHEMA_VERSION });
+            }
+            let Some(migration) = MIGRATIONS.get(version as usize) else { break };
             tx.execute_batch(migration).map_err(sql)?;
-            tx.pragma_update(None, "user_version", i as i64 + 1).map_err(sql)?;
+            tx.pragma_update(None, "user_version", version + 1).map_err(sql)?;
             tx.commit().map_err(sql)?;
         }
         Ok(Self { conn: Arc::new(Mutex::new(conn)), path: path.into() })
@@ -322,8 +326,14 @@ impl State {
     pub fn forget_other_sandboxes(&self, current: &Account) -> Result<(), StateError> {
         let pattern = format!("{}%", Account::SANDBOX_PREFIX);
         self.with(|c| {
-            c.execute("DELETE FROM binding WHERE endpoint LIKE ?1 AND endpoint <> ?2", params![pattern, current.as_str()])?;
-            c.execute("DELETE FROM estimate WHERE endpoint LIKE ?1 AND endpoint <> ?2", params![pattern, current.as_str()])?;
+            c.execute(
+                "DELETE FROM binding WHERE endpoint LIKE ?1 AND endpoint <> ?2",
+                params![pattern, current.as_str()],
+            )?;
+            c.execute(
+                "DELETE FROM estimate WHERE endpoint LIKE ?1 AND endpoint <> ?2",
+                params![pattern, current.as_str()],
+            )?;
             Ok(())
         })
     }
@@ -456,9 +466,28 @@ mod tests {
             Some(("VIP".into(), ListId::from("list-1")))
         );
         let run = &state.last_runs(5).expect("runs")[0];
-        assert_eq!((run.added, run.trigger, run.outcome, &run.list_id, &run.detail), (3, Trigger::Cron, Outcome::Held, &None, &None));
+        assert_eq!(
+            (run.added, run.trigger, run.outcome, &run.list_id, &run.detail),
+            (3, Trigger::Cron, Outcome::Held, &None, &None)
+        );
         assert_eq!(state.estimate(&e, &Estimate::Contacts).expect("estimate"), Some(20_000));
         assert_eq!(state.estimate(&e, &Estimate::Candidates(RuleName::from("vip"))).expect("estimate"), None);
+    }
+
+    // Several processes opening a new database at once all succeed (no step is applied twice).
+    #[test]
+    fn concurrent_first_opens_migrate_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("segsync.db");
+        let opens: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || State::open(&path).map(drop).map_err(|e| e.to_string()))
+            })
+            .collect();
+        for open in opens {
+            assert_eq!(open.join().expect("thread"), Ok(()));
+        }
     }
 
     // Old runs are pruned per rule; approvals are taken once and expire.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use segsync_sandbox::{Faults, Sandbox, SandboxConfig};
 
-const KEY_VAR: &str = "SEGSYNC_TEST_API_KEY";
+use support::KEY_VAR;
 
 fn segsync() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_segsync"));
@@ -20,11 +20,7 @@ fn segsync() -> Command {
 /// A config folder with the shipped rules, pointing at `base_url` (or the bundled sandbox).
 fn setup(base_url: Option<&str>) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(dir.path().join("rules")).expect("mkdir");
-    for entry in std::fs::read_dir("rules").expect("shipped rules") {
-        let path = entry.expect("entry").path();
-        std::fs::copy(&path, dir.path().join("rules").join(path.file_name().expect("name"))).expect("copy");
-    }
+    support::copy_shipped_rules(dir.path(), |text| text);
     let api = match base_url {
         Some(url) => format!("base_url = \"{url}\"\nkey_env = \"{KEY_VAR}\"\nplan = \"unlimited\"\nmax_retries = 2\n"),
         None => "base_url = \"sandbox\"\nplan = \"unlimited\"\n".into(),
@@ -138,14 +134,7 @@ async fn killed_sync_converges_without_duplicates() {
     assert_eq!(lists.len(), 5, "no duplicate lists: {lists:?}");
     let total: usize = lists.iter().map(|l| l.1).sum();
     assert!(total > partial, "the second sync finished the job ({partial} → {total})");
-    let expected_vip = sandbox.with_store(|s| {
-        let ids: Vec<String> = s.contact_ids().map(str::to_owned).collect();
-        ids.iter()
-            .filter(|id| {
-                s.get(id).and_then(|c| c.custom_fields.get("totalSpent")?.as_f64()).is_some_and(|v| v > 5000.0)
-            })
-            .count()
-    });
+    let expected_vip = support::ids_where(&sandbox, |c| support::spent(c).is_some_and(|v| v > 5000.0)).len();
     assert!(lists.contains(&("VIP - Spend > 5000 EUR".to_owned(), expected_vip)), "{lists:?}");
 
     let before = sandbox.stats();
@@ -228,14 +217,7 @@ async fn plan_is_dry_and_explain_explains() {
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is exactly the plan's JSON");
     let vip = rows.as_array().expect("rows").iter().find(|r| r["rule"] == "vip").expect("vip row");
     assert_eq!(vip["list_exists"], false);
-    let vip_ids = sandbox.with_store(|s| {
-        let ids: Vec<String> = s.contact_ids().map(str::to_owned).collect();
-        ids.into_iter()
-            .filter(|id| {
-                s.get(id).and_then(|c| c.custom_fields.get("totalSpent")?.as_f64()).is_some_and(|v| v > 5000.0)
-            })
-            .collect::<Vec<_>>()
-    });
+    let vip_ids = support::ids_where(&sandbox, |c| support::spent(c).is_some_and(|v| v > 5000.0));
     assert_eq!(vip["to_add"].as_u64(), Some(vip_ids.len() as u64));
 
     let id = vip_ids[0].clone();

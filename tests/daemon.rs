@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use segsync_sandbox::{Faults, Sandbox, SandboxConfig};
 use serde_json::Value;
 
-const KEY_VAR: &str = "SEGSYNC_TEST_API_KEY";
+use support::KEY_VAR;
 
 struct Daemon {
     child: Child,
@@ -96,15 +96,7 @@ impl Drop for Daemon {
 /// A config folder with the shipped rules, pointing at the sandbox, cron far away (no surprises).
 fn setup(sandbox: &Sandbox, extra: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(dir.path().join("rules")).expect("mkdir");
-    for entry in std::fs::read_dir("rules").expect("shipped rules") {
-        let path = entry.expect("entry").path();
-        if path.extension().is_some_and(|x| x == "rhai") {
-            let text =
-                std::fs::read_to_string(&path).expect("read").replace("const SCHEDULE = \"0 */5 * * * *\";\n", "");
-            std::fs::write(dir.path().join("rules").join(path.file_name().expect("name")), text).expect("write");
-        }
-    }
+    support::copy_shipped_rules(dir.path(), |text| text.replace("const SCHEDULE = \"0 */5 * * * *\";\n", ""));
     let config = dir.path().join("config.toml");
     write_config(&config, &sandbox.base_url(), extra);
     (dir, config)
@@ -133,7 +125,7 @@ fn count_where(sandbox: &Sandbox, pred: impl Fn(&segsync_sandbox::store::Contact
 }
 
 fn spent(c: &segsync_sandbox::store::Contact) -> f64 {
-    c.custom_fields.get("totalSpent").and_then(Value::as_f64).unwrap_or(0.0)
+    support::spent(c).unwrap_or(0.0)
 }
 
 // Startup runs every rule; an edit runs the rule at once; an invalid edit keeps the old rule and logs
@@ -372,10 +364,9 @@ async fn systemd_notifications() {
     let reloading = index(&|m| m.contains("RELOADING=1")).expect("RELOADING=1");
     assert!(got[reloading].contains("MONOTONIC_USEC="), "{got:?}");
     assert!(got[reloading..].iter().any(|m| m.contains("READY=1")), "READY=1 after the reload: {got:?}");
-    assert!(
-        got.last().expect("messages").contains("STOPPING=1") || got.iter().any(|m| m.contains("STOPPING=1")),
-        "{got:?}"
-    );
+    // STOPPING=1 comes after the reload's READY=1: the shutdown is the last state change.
+    let stopping = index(&|m| m.contains("STOPPING=1")).expect("STOPPING=1");
+    assert!(stopping > reloading, "{got:?}");
     drop(daemon);
     sandbox.shutdown().await;
 }
@@ -386,11 +377,7 @@ async fn systemd_notifications() {
 async fn shipped_config_runs_on_the_bundled_sandbox() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::copy("config.toml", dir.path().join("config.toml")).expect("copy config");
-    std::fs::create_dir(dir.path().join("rules")).expect("mkdir");
-    for entry in std::fs::read_dir("rules").expect("shipped rules") {
-        let path = entry.expect("entry").path();
-        std::fs::copy(&path, dir.path().join("rules").join(path.file_name().expect("name"))).expect("copy");
-    }
+    support::copy_shipped_rules(dir.path(), |text| text);
     let mut daemon = Daemon::start(&dir.path().join("config.toml"), &[]);
     daemon.wait_for(1, "bundled sandbox started", &[], 30).await;
     let runs = daemon.wait_for(5, "rule run", &[("trigger", "startup")], 90).await;
@@ -407,4 +394,64 @@ async fn shipped_config_runs_on_the_bundled_sandbox() {
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(30).await, 0);
     assert!(dir.path().join("segsync.db").exists(), "state beside the config");
+}
+
+/// Every run the state database holds, all rules, newest first within a rule.
+fn runs_in(db: &Path) -> Vec<segsync::state::RunRecord> {
+    segsync::state::State::open(db).and_then(|s| s.last_runs(100)).unwrap_or_default()
+}
+
+// The real event loop, in-process, on a clock set just before the spring DST switch in Rome: a rule
+// scheduled at 03:00 fires at 01:00 UTC (02:00 CET does not exist that night), through the timer, the
+// event loop and a pass; a rule due at 04:00 does not fire; the stop token ends the loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cron_fires_through_the_loop_across_dst() {
+    let sandbox = support::start(support::sandbox_config(300)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("rules")).expect("mkdir");
+    let rule = |list: &str, schedule: &str| {
+        format!("const LIST = \"{list}\";\nconst SCHEDULE = \"{schedule}\";\nfn matches(c) {{ true }}\n")
+    };
+    std::fs::write(dir.path().join("rules/at3.rhai"), rule("At three", "0 0 3 * * *")).expect("write");
+    std::fs::write(dir.path().join("rules/at4.rhai"), rule("At four", "0 0 4 * * *")).expect("write");
+    let config_path = dir.path().join("config.toml");
+    write_config(&config_path, &sandbox.base_url(), "[daemon]\nwatch_rules = false\n");
+    // SAFETY of the environment: the key variable is read by this process's config only.
+    let config = {
+        let text = std::fs::read_to_string(&config_path).expect("read").replace(
+            &format!("key_env = \"{KEY_VAR}\""),
+            &format!("key_file = \"{}\"", dir.path().join("key").display()),
+        );
+        std::fs::write(dir.path().join("key"), support::KEY).expect("key");
+        std::fs::write(&config_path, text).expect("write");
+        segsync::config::Config::load(&config_path).expect("config")
+    };
+    // 01:59:57 CET; three seconds later it is 03:00:00 CEST.
+    let base = chrono::DateTime::parse_from_rfc3339("2026-03-29T00:59:57Z").expect("time").to_utc();
+    let clock = segsync::schedule::Clock::tokio_at(base);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut daemon = tokio::spawn(segsync::daemon::run(config, clock, stop.clone()));
+
+    let db = dir.path().join("segsync.db");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let cron_run = loop {
+        let runs = runs_in(&db);
+        if let Some(run) = runs.iter().find(|r| r.trigger == segsync::run::Trigger::Cron) {
+            break run.clone();
+        }
+        if daemon.is_finished() {
+            panic!("the daemon ended early: {:?}", (&mut daemon).await);
+        }
+        assert!(Instant::now() < deadline, "no cron run within 30 s: {runs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(cron_run.rule.as_str(), "at3", "{cron_run:?}");
+    assert_eq!(cron_run.outcome, segsync::run::Outcome::Ok, "{cron_run:?}");
+    let runs = runs_in(&db);
+    assert_eq!(runs.iter().filter(|r| r.trigger == segsync::run::Trigger::Startup).count(), 2, "{runs:?}");
+    assert!(!runs.iter().any(|r| r.rule.as_str() == "at4" && r.trigger == segsync::run::Trigger::Cron), "{runs:?}");
+    stop.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(10), daemon).await.expect("stops").expect("joins");
+    assert!(ended.is_ok(), "{ended:?}");
+    sandbox.shutdown().await;
 }

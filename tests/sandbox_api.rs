@@ -241,7 +241,7 @@ fn urlencode(s: &str) -> String {
 
 // Lists: search, create, add (both forms, batch cap), bulk and single removal, 404s.
 #[tokio::test]
-async fn list_endpoints() {
+async fn lists_search_create_add_and_remove_in_both_forms() {
     let sandbox = start(support::sandbox_config(1_200)).await;
     let api = Api::new(&sandbox);
     let (status, body) =
@@ -301,7 +301,7 @@ async fn list_endpoints() {
 
 // Contacts: create, get, update (custom fields merge), delete (also leaves every list).
 #[tokio::test]
-async fn contact_endpoints() {
+async fn contacts_are_read_created_updated_and_deleted() {
     let sandbox = start(support::sandbox_config(100)).await;
     let api = Api::new(&sandbox);
     let (status, body) =
@@ -353,7 +353,7 @@ async fn contact_endpoints() {
 
 // Basic auth with the key as password works; a wrong key is refused.
 #[tokio::test]
-async fn basic_auth() {
+async fn basic_auth_with_the_key_as_password_is_accepted() {
     use base64::Engine as _;
     let sandbox = start(support::sandbox_config(10)).await;
     let url = format!("{}/partner-gateway/v1/contacts?limit=1", sandbox.base_url());
@@ -368,7 +368,7 @@ async fn basic_auth() {
 
 // The trial plan answers 429 with retryAfter and rate headers once 10 requests land in a second.
 #[tokio::test]
-async fn rate_limit_by_plan() {
+async fn each_plan_throttles_at_its_own_limits() {
     let sandbox = start(SandboxConfig { plan: RatePlan::Trial, ..support::sandbox_config(10) }).await;
     let url = format!("{}/partner-gateway/v1/contacts?limit=1", sandbox.base_url());
     let mut statuses = Vec::new();

@@ -197,9 +197,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Check => Ok(check::check(&config)),
         Command::Test { rules } => Ok(check::test(&config, &rules)),
         Command::Explain { rule, contact_id } => runtime()?.block_on(explain::explain(&config, &rule, &contact_id)),
-        Command::Plan { rules, json } => {
-            runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Plan { json }))
-        }
+        Command::Plan { rules, json } => runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Plan { json })),
         Command::Sync { rules, allow_mass_removal } => {
             runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Sync { allow_mass_removal }))
         }

@@ -23,8 +23,8 @@ use crate::config::Guards;
 use crate::gateway::{Gateway, GatewayError, Meter, Usage};
 use crate::ids::{Account, ListId};
 use crate::rules::{Date, Rule};
-use crate::state::{State, StateError};
 pub use crate::run::{Outcome, Trigger};
+use crate::state::{State, StateError};
 pub use plan::{Evaluation, Plan};
 pub use report::sample;
 

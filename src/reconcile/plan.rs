@@ -186,7 +186,7 @@ mod tests {
 
     // The planner's decisions, table-driven: sorted output, guards, modes.
     #[test]
-    fn decisions() {
+    fn plans_are_sorted_guarded_and_follow_the_mode() {
         let cases = [
             Case { name: "empty list fills, sorted", matching: &["c", "a", "b", "a"], add: &["a", "b", "c"], ..BASE },
             Case {

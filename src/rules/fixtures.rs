@@ -15,7 +15,7 @@ use chrono::NaiveDate;
 use rhai::Engine;
 use serde::Deserialize;
 
-use super::{Date, Rule, Diagnostic};
+use super::{Date, Diagnostic, Rule};
 use crate::contact::ContactRecord;
 
 #[derive(Debug, Deserialize)]
@@ -121,4 +121,3 @@ pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, Diagnostic> {
     }
     Ok(report)
 }
-

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rhai::{Dynamic, Engine, Map, Position, Scope};
 use sha2::{Digest, Sha256};
 
-use super::{FilterTerm, Mode, Rule, Diagnostic, RuleSet};
+use super::{Diagnostic, FilterTerm, Mode, Rule, RuleSet};
 use crate::ids::RuleName;
 use crate::schedule::Schedule;
 

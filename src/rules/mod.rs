@@ -82,7 +82,6 @@ impl Rule {
     }
 }
 
-
 /// The loaded rules, by name.
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {

@@ -45,3 +45,31 @@ pub fn gateway(sandbox: &Sandbox, plan: RatePlan) -> Gateway {
 pub fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
+
+/// The environment variable the tests' configs read the key from.
+pub const KEY_VAR: &str = "SEGSYNC_TEST_API_KEY";
+
+/// Copies the shipped `rules/` (rule files and their tests) into `dir/rules`, each through `edit`.
+pub fn copy_shipped_rules(dir: &std::path::Path, edit: impl Fn(String) -> String) {
+    std::fs::create_dir_all(dir.join("rules")).expect("mkdir rules");
+    for entry in std::fs::read_dir("rules").expect("shipped rules") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("read a shipped rule");
+        std::fs::write(dir.join("rules").join(path.file_name().expect("name")), edit(text)).expect("write");
+    }
+}
+
+/// A contact's recorded spend, if it has one.
+pub fn spent(c: &segsync_sandbox::store::Contact) -> Option<f64> {
+    c.custom_fields.get("totalSpent").and_then(serde_json::Value::as_f64)
+}
+
+/// The ids of the sandbox's contacts that `pred` selects, sorted.
+pub fn ids_where(sandbox: &Sandbox, pred: impl Fn(&segsync_sandbox::store::Contact) -> bool) -> Vec<String> {
+    sandbox.with_store(|s| {
+        let mut ids: Vec<String> =
+            s.contact_ids().filter(|id| s.get(id).is_some_and(&pred)).map(str::to_owned).collect();
+        ids.sort();
+        ids
+    })
+}

@@ -6,6 +6,8 @@
 //! run per rule at a time; triggers during a run coalesce into one follow-up run; rules due
 //! together share one pass (and so one contact scan).
 
+mod diff;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,10 +23,10 @@ use crate::config::{Config, ConfigErrors};
 use crate::connection::Connection;
 use crate::ids::RuleName;
 use crate::reconcile::{Outcome, Parts, PassReport, PassRequest, Reconciler, Trigger};
-use crate::rules::{self, Rule, Diagnostic, RuleSet};
+use crate::rules::{self, Diagnostic, Rule, RuleSet};
 use crate::schedule::watch::RulesWatcher;
-use crate::signals::{Signal, Signals};
 use crate::schedule::{Clock, CronTable, timer, watch as rules_watch};
+use crate::signals::{Signal, Signals};
 use crate::state::{InstanceLock, State};
 
 /// Everything that can make the daemon act.
@@ -224,36 +226,18 @@ impl Daemon {
     /// good version, and a deleted rule stops being scheduled (its list is left as it is).
     fn apply_rules(&mut self, loaded: RuleSet, errors: Vec<Diagnostic>, trigger: Trigger, clock: timer::Clock) {
         log_rejected(&errors);
-        let broken: HashSet<String> =
-            errors.iter().filter_map(|e| e.file.file_stem().and_then(|s| s.to_str()).map(str::to_owned)).collect();
-        let mut next: BTreeMap<RuleName, Arc<Rule>> = BTreeMap::new();
-        for (name, rule) in loaded.rules {
-            match self.rules.get(&name) {
-                Some(old) if old.hash == rule.hash && trigger != Trigger::Reload => {
-                    next.insert(name, old.clone());
-                }
-                Some(old) if old.hash == rule.hash => {
-                    next.insert(name, rule);
-                }
-                _ => {
-                    self.pending.insert(name.clone(), trigger);
-                    next.insert(name, rule);
-                }
-            }
+        let change = diff::diff(&self.rules, loaded, &errors, trigger == Trigger::Reload);
+        for name in &change.to_run {
+            self.pending.insert(name.clone(), trigger);
         }
-        for (name, old) in &self.rules.rules {
-            if next.contains_key(name) {
-                continue;
-            }
-            if broken.contains(name.as_str()) && old.path.exists() {
-                tracing::warn!(rule = %name, rule_hash = %old.short_hash(), "the rule file has errors; keeping its last good version running");
-                next.insert(name.clone(), old.clone());
-            } else {
-                tracing::info!(rule = %name, list = %old.list, "rule removed: no longer scheduled; its list is left as it is");
-                self.pending.remove(name);
-            }
+        for old in &change.kept_broken {
+            tracing::warn!(rule = %old.name, rule_hash = %old.short_hash(), "the rule file has errors; keeping its last good version running");
         }
-        self.rules = RuleSet { rules: next };
+        for old in &change.removed {
+            tracing::info!(rule = %old.name, list = %old.list, "rule removed: no longer scheduled; its list is left as it is");
+            self.pending.remove(&old.name);
+        }
+        self.rules = change.next;
         let table = CronTable {
             entries: self
                 .rules
