@@ -78,6 +78,22 @@ pub struct Config {
     pub sandbox: SandboxConfig,
 }
 
+/// Why the API key could not be read. Names where it was looked for, never what it is.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("the environment variable {var} (api.key_env) is not set")]
+    EnvUnset { var: String },
+    #[error(
+        "api.key_credential = {name:?} needs $CREDENTIALS_DIRECTORY, which systemd sets for LoadCredential= \
+         (run it from the unit, or set the variable to a folder holding a file named {name:?})"
+    )]
+    NoCredentialsDirectory { name: String },
+    #[error("cannot read the key from {source_name}: {cause}")]
+    Unreadable { source_name: String, cause: std::io::Error },
+    #[error("the key from {source_name} is empty")]
+    Empty { source_name: String },
+}
+
 /// Every problem found in one read of the file.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
@@ -472,39 +488,36 @@ impl Config {
     pub fn key_source_name(&self) -> String {
         match &self.api.endpoint {
             Endpoint::Sandbox => "the sandbox's demo key".into(),
-            Endpoint::Remote { key: KeySource::Env(var), .. } => format!("environment variable {var}"),
-            Endpoint::Remote { key: KeySource::File(path), .. } => format!("file {}", path.display()),
-            Endpoint::Remote { key: KeySource::Credential(name), .. } => format!("systemd credential {name}"),
+            Endpoint::Remote { key: KeySource::Env(var), .. } => format!("environment variable {var} (api.key_env)"),
+            Endpoint::Remote { key: KeySource::File(path), .. } => format!("file {} (api.key_file)", path.display()),
+            Endpoint::Remote { key: KeySource::Credential(name), .. } => {
+                format!("systemd credential {name} (api.key_credential)")
+            }
         }
     }
 
     /// Reads the secret from its source. Errors name the source, never the secret.
-    pub fn credentials(&self) -> Result<Credentials, String> {
+    pub fn credentials(&self) -> Result<Credentials, KeyError> {
         let Endpoint::Remote { key, basic_user, .. } = &self.api.endpoint else {
             return Ok(Credentials::ApiKey(Secret::new(self.sandbox.api_key.clone())));
         };
         let secret = match key {
-            KeySource::Env(var) => {
-                std::env::var(var).map_err(|_| format!("the environment variable {var} (api.key_env) is not set"))?
-            }
+            KeySource::Env(var) => std::env::var(var).map_err(|_| KeyError::EnvUnset { var: var.clone() })?,
             KeySource::File(path) => crate::files::read_text(path)
-                .map_err(|e| format!("cannot read the key file {} (api.key_file): {e}", path.display()))?,
+                .map_err(|cause| KeyError::Unreadable { source_name: self.key_source_name(), cause })?,
             KeySource::Credential(name) => {
-                let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| {
-                    format!("api.key_credential = {name:?} needs $CREDENTIALS_DIRECTORY, which systemd sets for LoadCredential=")
-                })?;
+                let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+                    .ok_or_else(|| KeyError::NoCredentialsDirectory { name: name.clone() })?;
                 let path = Path::new(&dir).join(name);
-                crate::files::read_text(&path)
-                    .map_err(|e| format!("cannot read the credential {} (api.key_credential): {e}", path.display()))?
+                crate::files::read_text(&path).map_err(|cause| KeyError::Unreadable {
+                    source_name: format!("systemd credential {name} ({}, from $CREDENTIALS_DIRECTORY)", path.display()),
+                    cause,
+                })?
             }
         };
         let secret = secret.trim().to_owned();
         if secret.is_empty() {
-            return Err(match key {
-                KeySource::Env(var) => format!("the environment variable {var} (api.key_env) is empty"),
-                KeySource::File(path) => format!("the key file {} (api.key_file) is empty", path.display()),
-                KeySource::Credential(name) => format!("the credential {name} (api.key_credential) is empty"),
-            });
+            return Err(KeyError::Empty { source_name: self.key_source_name() });
         }
         Ok(match basic_user {
             Some(user) => Credentials::Basic { user: user.clone(), password: Secret::new(secret) },

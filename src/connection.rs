@@ -18,14 +18,14 @@ pub struct Connection {
 
 impl Connection {
     pub async fn open(config: &Config) -> anyhow::Result<Self> {
-        let credentials = config.credentials().map_err(anyhow::Error::msg)?;
+        let credentials = config.credentials()?;
         match &config.api.endpoint {
             Endpoint::Sandbox => {
                 let sandbox = Sandbox::start(config.sandbox.clone(), "127.0.0.1:0".parse()?)
                     .await
                     .context("starting the bundled sandbox")?;
                 let base = sandbox.base_url().parse().context("the sandbox URL")?;
-                let gateway = Gateway::new(config.gateway(base, credentials)).map_err(anyhow::Error::msg)?;
+                let gateway = Gateway::new(config.gateway(base, credentials))?;
                 tracing::info!(
                     base_url = %sandbox.base_url(),
                     contacts = config.sandbox.contacts,
@@ -36,8 +36,7 @@ impl Connection {
                 Ok(Self { gateway, account: Account::sandbox_started_now(), sandbox: Some(sandbox) })
             }
             Endpoint::Remote { base_url, .. } => {
-                let gateway =
-                    Gateway::new(config.gateway(base_url.clone(), credentials)).map_err(anyhow::Error::msg)?;
+                let gateway = Gateway::new(config.gateway(base_url.clone(), credentials))?;
                 Ok(Self { gateway, account: Account::remote(base_url.as_str()), sandbox: None })
             }
         }

@@ -325,7 +325,7 @@ impl Daemon {
             _ => false,
         };
         if same_endpoint {
-            let credentials = config.credentials().map_err(anyhow::Error::msg)?;
+            let credentials = config.credentials()?;
             let base = match &self.connection.sandbox {
                 Some(sandbox) => sandbox.base_url().parse()?,
                 None => match &config.api.endpoint {
@@ -333,8 +333,7 @@ impl Daemon {
                     crate::config::Endpoint::Sandbox => anyhow::bail!("the bundled sandbox is not running"),
                 },
             };
-            self.connection.gateway =
-                crate::gateway::Gateway::new(config.gateway(base, credentials)).map_err(anyhow::Error::msg)?;
+            self.connection.gateway = crate::gateway::Gateway::new(config.gateway(base, credentials))?;
         } else {
             let fresh = Connection::open(config).await?;
             tracing::info!(endpoint = %fresh.account, "connected to a new endpoint");

@@ -88,6 +88,9 @@ pub enum GatewayError {
         asked.as_secs(), cap.as_secs()
     )]
     RetryAfterTooLong { op: Operation, asked: Duration, cap: Duration },
+    /// The client could not be built (credentials that cannot be sent, a base URL without a path).
+    #[error("{}", scrub(message))]
+    Setup { message: String },
     /// Shutdown was requested while this call waited or was in flight.
     #[error("{op}: interrupted by shutdown")]
     Cancelled { op: Operation },
@@ -109,6 +112,7 @@ impl GatewayError {
             | Self::Redirect { .. }
             | Self::TooLarge { .. }
             | Self::RetryAfterTooLong { .. }
+            | Self::Setup { .. }
             | Self::Cancelled { .. } => false,
         }
     }

@@ -173,11 +173,12 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: GatewayConfig) -> Result<Self, String> {
+    pub fn new(config: GatewayConfig) -> Result<Self, GatewayError> {
+        let setup = |message: String| GatewayError::Setup { message };
         let auth = config
             .credentials
             .header()
-            .ok_or("the API credentials contain characters not allowed in an HTTP header")?;
+            .ok_or_else(|| setup("the API credentials contain characters not allowed in an HTTP header".into()))?;
         let http = reqwest::Client::builder()
             .user_agent(concat!("segsync/", env!("CARGO_PKG_VERSION")))
             // A redirect is answered, never followed: the key goes to the configured origin only.
@@ -188,10 +189,10 @@ impl Gateway {
             .pool_max_idle_per_host(config.settings.concurrency.max(1) * 2)
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| format!("building the HTTP client: {e}"))?;
+            .map_err(|e| setup(format!("building the HTTP client: {e}")))?;
         let mut root = config.base_url.clone();
         root.path_segments_mut()
-            .map_err(|()| format!("the base URL {} cannot carry a path", config.base_url))?
+            .map_err(|()| setup(format!("the base URL {} cannot carry a path", config.base_url)))?
             .pop_if_empty()
             .extend(["partner-gateway", "v1"]);
         Ok(Self {
