@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono_tz::Tz;
 use reqwest::Url;
-use toml::{Table, Value};
+use toml::Value;
 
 use crate::diagnostic::Diagnostic;
 use crate::gateway::{ClientSettings, Credentials, GatewayConfig, Pagination, Secret};
@@ -99,7 +99,148 @@ pub enum KeyError {
 #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigErrors(pub Vec<Diagnostic>);
 
-/// Reads values out of one table, remembering which keys were read so the rest are unknown.
+/// config.toml as written: the one declaration of its sections and keys. Serde reports every key
+/// not declared here (`serde_ignored`), so the accepted keys and the read keys cannot drift apart.
+/// Every value is read as a TOML value and checked by [`Reader`], so one wrong value never hides
+/// the others: every problem is reported at once.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RawConfig {
+    api: RawApi,
+    rules: RawRules,
+    state: RawState,
+    guards: RawGuards,
+    daemon: RawDaemon,
+    log: RawLog,
+    sandbox: RawSandbox,
+}
+
+/// A key as written: absent, or any TOML value (its type is checked by [`Reader`]).
+type Raw = Option<Value>;
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RawApi {
+    base_url: Raw,
+    key_env: Raw,
+    key_file: Raw,
+    key_credential: Raw,
+    basic_user: Raw,
+    plan: Raw,
+    requests_per_minute: Raw,
+    requests_per_second: Raw,
+    page_size: Raw,
+    timeout_secs: Raw,
+    max_retries: Raw,
+    concurrency: Raw,
+    pagination: Raw,
+    max_response_bytes: Raw,
+    max_retry_after_secs: Raw,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RawRules {
+    dir: Raw,
+    default_schedule: Raw,
+    time_zone: Raw,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RawState {
+    path: Raw,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RawGuards {
+    max_removal_share: Raw,
+    max_removals: Raw,
+    max_error_share: Raw,
+    mass_removal_floor: Raw,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RawDaemon {
+    shutdown_timeout_secs: Raw,
+    watch_rules: Raw,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RawLog {
+    format: Raw,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RawSandbox {
+    contacts: Raw,
+    seed: Raw,
+    churn_per_minute: Raw,
+}
+
+/// Every key config.toml accepts, as `section.key`, from the declaration above (for the README's
+/// table and its test).
+pub fn accepted_keys() -> Vec<String> {
+    let mut keys = Vec::new();
+    for (section, fields) in [
+        ("api", field_names::<RawApi>()),
+        ("rules", field_names::<RawRules>()),
+        ("state", field_names::<RawState>()),
+        ("guards", field_names::<RawGuards>()),
+        ("daemon", field_names::<RawDaemon>()),
+        ("log", field_names::<RawLog>()),
+        ("sandbox", field_names::<RawSandbox>()),
+    ] {
+        keys.extend(fields.iter().map(|f| format!("{section}.{f}")));
+    }
+    keys
+}
+
+/// The field names serde would accept for `T`, asked of its `Deserialize` impl itself.
+fn field_names<'de, T: serde::Deserialize<'de>>() -> &'static [&'static str] {
+    struct Names(&'static [&'static str]);
+    #[derive(Debug)]
+    struct Done(&'static [&'static str]);
+    impl std::fmt::Display for Done {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("field names collected")
+        }
+    }
+    impl std::error::Error for Done {}
+    impl serde::de::Error for Done {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Done(&[])
+        }
+    }
+    impl<'de> serde::Deserializer<'de> for Names {
+        type Error = Done;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Done> {
+            Err(Done(self.0))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Done> {
+            Err(Done(fields))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    match T::deserialize(Names(&[])) {
+        Err(Done(fields)) => fields,
+        Ok(_) => &[],
+    }
+}
+
+/// Checks values and collects every problem, each at its key's position.
 struct Reader<'a> {
     file: &'a Path,
     spans: HashMap<String, (usize, usize)>,
@@ -112,118 +253,65 @@ impl Reader<'_> {
         self.errors.push(Diagnostic { file: self.file.into(), line, col, message });
     }
 
-    /// The table `[name]`, checking that it has only `allowed` keys.
-    fn section<'t>(&mut self, root: &'t Table, name: &str, allowed: &[&str]) -> Option<&'t Table> {
-        match root.get(name) {
-            None => None,
-            Some(Value::Table(t)) => {
-                for key in t.keys() {
-                    if !allowed.contains(&key.as_str()) {
-                        self.error(
-                            &format!("{name}.{key}"),
-                            format!("unknown key `{key}` in [{name}] (known keys: {})", allowed.join(", ")),
-                        );
-                    }
-                }
-                Some(t)
-            }
-            Some(other) => {
-                self.error(name, format!("`{name}` must be a table [{name}], got {}", other.type_str()));
-                None
-            }
-        }
-    }
-
-    fn get<'t>(&self, table: Option<&'t Table>, key: &str) -> Option<&'t Value> {
-        table.and_then(|t| t.get(key))
-    }
-
-    fn string(&mut self, table: Option<&Table>, section: &str, key: &str) -> Option<String> {
-        match self.get(table, key)? {
+    fn string(&mut self, value: &Raw, key: &str) -> Option<String> {
+        match value.as_ref()? {
             Value::String(s) => Some(s.clone()),
             other => {
-                self.error(
-                    &format!("{section}.{key}"),
-                    format!("{section}.{key} must be a string, got {} {other}", other.type_str()),
-                );
+                self.error(key, format!("{key} must be a string, got {} {other}", other.type_str()));
                 None
             }
         }
     }
 
-    fn integer(
-        &mut self,
-        table: Option<&Table>,
-        section: &str,
-        key: &str,
-        range: std::ops::RangeInclusive<i64>,
-    ) -> Option<i64> {
-        match self.get(table, key)? {
+    fn integer(&mut self, value: &Raw, key: &str, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
+        match value.as_ref()? {
             Value::Integer(i) if range.contains(i) => Some(*i),
             Value::Integer(i) => {
-                self.error(
-                    &format!("{section}.{key}"),
-                    format!("{section}.{key} must be between {} and {}, got {i}", range.start(), range.end()),
-                );
+                self.error(key, format!("{key} must be between {} and {}, got {i}", range.start(), range.end()));
                 None
             }
             other => {
-                self.error(
-                    &format!("{section}.{key}"),
-                    format!("{section}.{key} must be an integer, got {} {other}", other.type_str()),
-                );
+                self.error(key, format!("{key} must be an integer, got {} {other}", other.type_str()));
                 None
             }
         }
     }
 
-    fn share(&mut self, table: Option<&Table>, section: &str, key: &str) -> Option<f64> {
-        let v = match self.get(table, key)? {
+    fn share(&mut self, value: &Raw, key: &str) -> Option<f64> {
+        let v = match value.as_ref()? {
             Value::Float(f) => *f,
             Value::Integer(i) => *i as f64,
             other => {
-                self.error(
-                    &format!("{section}.{key}"),
-                    format!("{section}.{key} must be a number between 0 and 1, got {} {other}", other.type_str()),
-                );
+                self.error(key, format!("{key} must be a number between 0 and 1, got {} {other}", other.type_str()));
                 return None;
             }
         };
         if (0.0..=1.0).contains(&v) {
             Some(v)
         } else {
-            self.error(
-                &format!("{section}.{key}"),
-                format!("{section}.{key} must be between 0 and 1 (a share, 0.2 = 20 %), got {v}"),
-            );
+            self.error(key, format!("{key} must be between 0 and 1 (a share, 0.2 = 20 %), got {v}"));
             None
         }
     }
 
-    fn boolean(&mut self, table: Option<&Table>, section: &str, key: &str) -> Option<bool> {
-        match self.get(table, key)? {
+    fn boolean(&mut self, value: &Raw, key: &str) -> Option<bool> {
+        match value.as_ref()? {
             Value::Boolean(b) => Some(*b),
             other => {
-                self.error(
-                    &format!("{section}.{key}"),
-                    format!("{section}.{key} must be true or false, got {} {other}", other.type_str()),
-                );
+                self.error(key, format!("{key} must be true or false, got {} {other}", other.type_str()));
                 None
             }
         }
     }
 
-    /// A string key whose value must be one of `choices`.
-    fn choice<T: Copy>(&mut self, table: Option<&Table>, section: &str, key: &str, choices: &[(&str, T)]) -> Option<T> {
-        let s = self.string(table, section, key)?;
+    /// A string whose value must be one of `choices`.
+    fn choice<T: Copy>(&mut self, value: &Raw, key: &str, choices: &[(&str, T)]) -> Option<T> {
+        let s = self.string(value, key)?;
         match choices.iter().find(|(name, _)| *name == s) {
             Some((_, v)) => Some(*v),
             None => {
                 let names: Vec<&str> = choices.iter().map(|c| c.0).collect();
-                self.error(
-                    &format!("{section}.{key}"),
-                    format!("{section}.{key} must be one of {}, got {s:?}", names.join(", ")),
-                );
+                self.error(key, format!("{key} must be one of {}, got {s:?}", names.join(", ")));
                 None
             }
         }
@@ -249,25 +337,6 @@ fn key_spans(text: &str) -> HashMap<String, (usize, usize)> {
     out
 }
 
-const SECTIONS: [&str; 7] = ["api", "rules", "state", "guards", "daemon", "log", "sandbox"];
-const API_KEYS: [&str; 15] = [
-    "base_url",
-    "key_env",
-    "key_file",
-    "key_credential",
-    "max_response_bytes",
-    "max_retry_after_secs",
-    "basic_user",
-    "plan",
-    "requests_per_minute",
-    "requests_per_second",
-    "page_size",
-    "timeout_secs",
-    "max_retries",
-    "concurrency",
-    "pagination",
-];
-
 /// The sandbox plays the plan the client paces for (its own copy of the same plans).
 fn sandbox_plan(plan: RatePlan) -> segsync_sandbox::RatePlan {
     match plan {
@@ -292,31 +361,41 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigErrors> {
-        let root: Table = toml::from_str(text).map_err(|e| {
+        let at = |e: &toml::de::Error| {
             let (line, col) = e.span().map_or((0, 0), |s| crate::diagnostic::line_col(text, s.start));
             ConfigErrors(vec![Diagnostic { file: path.into(), line, col, message: e.message().trim().to_owned() }])
-        })?;
+        };
+        let document = toml::Deserializer::parse(text).map_err(|e| at(&e))?;
+        let mut unknown = Vec::new();
+        let raw: RawConfig =
+            serde_ignored::deserialize(document, |key| unknown.push(key.to_string())).map_err(|e| at(&e))?;
         let mut r = Reader { file: path, spans: key_spans(text), errors: Vec::new() };
-        for key in root.keys() {
-            if !SECTIONS.contains(&key.as_str()) {
-                r.error(
-                    key,
-                    format!(
-                        "unknown section or key `{key}` (known: {})",
-                        SECTIONS.map(|s| format!("[{s}]")).join(", ")
-                    ),
-                );
-            }
+        for key in unknown {
+            let message = match key.split_once('.') {
+                Some((section, name)) => {
+                    let known: Vec<String> = accepted_keys()
+                        .into_iter()
+                        .filter_map(|k| k.strip_prefix(&format!("{section}.")).map(str::to_owned))
+                        .collect();
+                    format!("unknown key `{name}` in [{section}] (known keys: {})", known.join(", "))
+                }
+                None => format!(
+                    "unknown section or key `{key}` (known: {})",
+                    ["api", "rules", "state", "guards", "daemon", "log", "sandbox"]
+                        .map(|s| format!("[{s}]"))
+                        .join(", ")
+                ),
+            };
+            r.error(&key, message);
         }
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let relative = |p: String| if Path::new(&p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
 
-        let api = r.section(&root, "api", &API_KEYS);
-        let base_url = r.string(api, "api", "base_url").unwrap_or_else(|| SANDBOX.into());
-        let key_env = r.string(api, "api", "key_env");
-        let key_file = r.string(api, "api", "key_file");
-        let key_credential = r.string(api, "api", "key_credential");
-        let basic_user = r.string(api, "api", "basic_user");
+        let base_url = r.string(&raw.api.base_url, "api.base_url").unwrap_or_else(|| SANDBOX.into());
+        let key_env = r.string(&raw.api.key_env, "api.key_env");
+        let key_file = r.string(&raw.api.key_file, "api.key_file");
+        let key_credential = r.string(&raw.api.key_credential, "api.key_credential");
+        let basic_user = r.string(&raw.api.basic_user, "api.basic_user");
         let endpoint = if base_url == SANDBOX {
             Some(Endpoint::Sandbox)
         } else {
@@ -363,9 +442,9 @@ impl Config {
             ("unlimited", Some(RatePlan::Unlimited)),
             ("custom", None),
         ];
-        let plan = r.choice(api, "api", "plan", &plans).unwrap_or(Some(RatePlan::Production));
-        let per_minute = r.integer(api, "api", "requests_per_minute", 1..=1_000_000);
-        let per_second = r.integer(api, "api", "requests_per_second", 1..=100_000);
+        let plan = r.choice(&raw.api.plan, "api.plan", &plans).unwrap_or(Some(RatePlan::Production));
+        let per_minute = r.integer(&raw.api.requests_per_minute, "api.requests_per_minute", 1..=1_000_000);
+        let per_second = r.integer(&raw.api.requests_per_second, "api.requests_per_second", 1..=100_000);
         let limits = match (plan, per_minute, per_second) {
             (None, Some(m), Some(s)) => Some(RateLimits { per_minute: m as u32, per_second: s as u32 }),
             (None, _, _) => {
@@ -387,20 +466,28 @@ impl Config {
         let defaults = ClientSettings::default();
         let client = ClientSettings {
             limits,
-            page_size: r.integer(api, "api", "page_size", 1..=100).map_or(defaults.page_size, |n| n as u32),
+            page_size: r.integer(&raw.api.page_size, "api.page_size", 1..=100).map_or(defaults.page_size, |n| n as u32),
             timeout: r
-                .integer(api, "api", "timeout_secs", 1..=600)
+                .integer(&raw.api.timeout_secs, "api.timeout_secs", 1..=600)
                 .map_or(defaults.timeout, |n| Duration::from_secs(n as u64)),
-            max_retries: r.integer(api, "api", "max_retries", 0..=20).map_or(defaults.max_retries, |n| n as u32),
-            concurrency: r.integer(api, "api", "concurrency", 1..=32).map_or(defaults.concurrency, |n| n as usize),
+            max_retries: r
+                .integer(&raw.api.max_retries, "api.max_retries", 0..=20)
+                .map_or(defaults.max_retries, |n| n as u32),
+            concurrency: r
+                .integer(&raw.api.concurrency, "api.concurrency", 1..=32)
+                .map_or(defaults.concurrency, |n| n as usize),
             pagination: r
-                .choice(api, "api", "pagination", &[("offset", Pagination::Offset), ("page", Pagination::Page)])
+                .choice(
+                    &raw.api.pagination,
+                    "api.pagination",
+                    &[("offset", Pagination::Offset), ("page", Pagination::Page)],
+                )
                 .unwrap_or(defaults.pagination),
             max_response_bytes: r
-                .integer(api, "api", "max_response_bytes", 65_536..=1_073_741_824)
+                .integer(&raw.api.max_response_bytes, "api.max_response_bytes", 65_536..=1_073_741_824)
                 .map_or(defaults.max_response_bytes, |n| n as u64),
             max_retry_after: r
-                .integer(api, "api", "max_retry_after_secs", 1..=86_400)
+                .integer(&raw.api.max_retry_after_secs, "api.max_retry_after_secs", 1..=86_400)
                 .map_or(defaults.max_retry_after, |n| Duration::from_secs(n as u64)),
         };
         let api = ApiConfig {
@@ -409,14 +496,14 @@ impl Config {
             endpoint: endpoint.unwrap_or(Endpoint::Sandbox),
         };
 
-        let rules = r.section(&root, "rules", &["dir", "default_schedule", "time_zone"]);
-        let rules_dir = relative(r.string(rules, "rules", "dir").unwrap_or_else(|| "rules".into()));
-        let schedule_text = r.string(rules, "rules", "default_schedule").unwrap_or_else(|| "0 */15 * * * *".into());
+        let rules_dir = relative(r.string(&raw.rules.dir, "rules.dir").unwrap_or_else(|| "rules".into()));
+        let schedule_text =
+            r.string(&raw.rules.default_schedule, "rules.default_schedule").unwrap_or_else(|| "0 */15 * * * *".into());
         let default_schedule = Schedule::parse(&schedule_text).unwrap_or_else(|e| {
             r.error("rules.default_schedule", format!("rules.default_schedule: {e}"));
             Schedule::parse("0 */15 * * * *").unwrap_or_else(|_| unreachable!("a constant, valid expression"))
         });
-        let tz_text = r.string(rules, "rules", "time_zone").unwrap_or_else(|| "UTC".into());
+        let tz_text = r.string(&raw.rules.time_zone, "rules.time_zone").unwrap_or_else(|| "UTC".into());
         let time_zone = tz_text.parse::<Tz>().unwrap_or_else(|_| {
             r.error(
                 "rules.time_zone",
@@ -425,40 +512,38 @@ impl Config {
             Tz::UTC
         });
 
-        let state = r.section(&root, "state", &["path"]);
-        let state_path = relative(r.string(state, "state", "path").unwrap_or_else(|| "segsync.db".into()));
+        let state_path = relative(r.string(&raw.state.path, "state.path").unwrap_or_else(|| "segsync.db".into()));
 
-        let guards =
-            r.section(&root, "guards", &["max_removal_share", "max_removals", "max_error_share", "mass_removal_floor"]);
         let guards = Guards {
-            max_removal_share: r.share(guards, "guards", "max_removal_share").unwrap_or(0.20),
-            max_removals: r.integer(guards, "guards", "max_removals", 0..=i64::MAX).map(|n| n as u64),
-            max_error_share: r.share(guards, "guards", "max_error_share").unwrap_or(0.01),
-            mass_removal_floor: r.integer(guards, "guards", "mass_removal_floor", 0..=i64::MAX).unwrap_or(10) as u64,
+            max_removal_share: r.share(&raw.guards.max_removal_share, "guards.max_removal_share").unwrap_or(0.20),
+            max_removals: r.integer(&raw.guards.max_removals, "guards.max_removals", 0..=i64::MAX).map(|n| n as u64),
+            max_error_share: r.share(&raw.guards.max_error_share, "guards.max_error_share").unwrap_or(0.01),
+            mass_removal_floor: r
+                .integer(&raw.guards.mass_removal_floor, "guards.mass_removal_floor", 0..=i64::MAX)
+                .unwrap_or(10) as u64,
         };
 
-        let daemon = r.section(&root, "daemon", &["shutdown_timeout_secs", "watch_rules"]);
-        let shutdown_timeout =
-            Duration::from_secs(r.integer(daemon, "daemon", "shutdown_timeout_secs", 1..=3600).unwrap_or(30) as u64);
-        let watch_rules = r.boolean(daemon, "daemon", "watch_rules").unwrap_or(true);
+        let shutdown_timeout = Duration::from_secs(
+            r.integer(&raw.daemon.shutdown_timeout_secs, "daemon.shutdown_timeout_secs", 1..=3600).unwrap_or(30) as u64,
+        );
+        let watch_rules = r.boolean(&raw.daemon.watch_rules, "daemon.watch_rules").unwrap_or(true);
 
-        let log = r.section(&root, "log", &["format"]);
         let log_format = r
             .choice(
-                log,
-                "log",
-                "format",
+                &raw.log.format,
+                "log.format",
                 &[("auto", LogFormat::Auto), ("json", LogFormat::Json), ("text", LogFormat::Text)],
             )
             .unwrap_or_default();
 
-        let sandbox = r.section(&root, "sandbox", &["contacts", "seed", "churn_per_minute"]);
         let defaults = SandboxConfig::default();
         let sandbox = SandboxConfig {
-            contacts: r.integer(sandbox, "sandbox", "contacts", 0..=5_000_000).map_or(defaults.contacts, |n| n as u64),
-            seed: r.integer(sandbox, "sandbox", "seed", 0..=i64::MAX).map_or(defaults.seed, |n| n as u64),
+            contacts: r
+                .integer(&raw.sandbox.contacts, "sandbox.contacts", 0..=5_000_000)
+                .map_or(defaults.contacts, |n| n as u64),
+            seed: r.integer(&raw.sandbox.seed, "sandbox.seed", 0..=i64::MAX).map_or(defaults.seed, |n| n as u64),
             churn_per_minute: r
-                .integer(sandbox, "sandbox", "churn_per_minute", 0..=1_000_000)
+                .integer(&raw.sandbox.churn_per_minute, "sandbox.churn_per_minute", 0..=1_000_000)
                 .map_or(defaults.churn_per_minute, |n| n as u32),
             plan: sandbox_plan(api.plan),
             ..defaults
