@@ -20,7 +20,7 @@ fn segsync() -> Command {
 /// A config folder with the shipped rules, pointing at `base_url` (or the bundled sandbox).
 fn setup(base_url: Option<&str>) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
-    support::copy_shipped_rules(dir.path(), |text| text);
+    support::copy_shipped_rules(dir.path(), true, |text| text);
     let api = match base_url {
         Some(url) => format!("base_url = \"{url}\"\nkey_env = \"{KEY_VAR}\"\nplan = \"unlimited\"\nmax_retries = 2\n"),
         None => "base_url = \"sandbox\"\nplan = \"unlimited\"\n".into(),
@@ -60,7 +60,8 @@ fn shipped_config_and_rules_check_clean() {
     assert!(out.contains("ok: config"), "{out}");
 }
 
-// `check` names a broken rule as file:line:col and exits 3; a bad config key too.
+// `check` names a broken rule as file:line:col: a warning for the start gate (the daemon runs the
+// other rules), exit 3 with --strict; a bad config key fails both; no usable rule at all fails the gate.
 #[test]
 fn check_reports_broken_rule_and_config() {
     let (dir, config) = setup(None);
@@ -70,9 +71,27 @@ fn check_reports_broken_rule_and_config() {
     )
     .expect("write");
     let (code, out) = run(segsync().arg("check").arg("--config").arg(&config));
+    assert_eq!(code, 0, "the gate lets the daemon run the good rules: {out}");
+    assert!(out.contains("warning: ") && out.contains("broken.rhai:4:1: "), "{out}");
+    let (code, out) = run(segsync().args(["check", "--strict"]).arg("--config").arg(&config));
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("broken.rhai:4:1: "), "{out}");
     assert!(out.contains("5 valid rule(s)"), "the others still load: {out}");
+
+    // A rule whose own tests fail is refused like a broken one, naming the failing case.
+    std::fs::write(dir.path().join("rules/vip.rhai"), "const LIST = \"VIP\";\nfn matches(c) { false }\n")
+        .expect("write");
+    let (code, out) = run(segsync().args(["check", "--strict"]).arg("--config").arg(&config));
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("vip.rhai: its test") && out.contains("expected true, got false"), "{out}");
+    assert!(out.contains("4 valid rule(s)"), "{out}");
+
+    for entry in std::fs::read_dir(dir.path().join("rules")).expect("rules") {
+        std::fs::remove_file(entry.expect("entry").path()).expect("remove");
+    }
+    let (code, out) = run(segsync().arg("check").arg("--config").arg(&config));
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("no usable rule"), "{out}");
 
     std::fs::write(&config, "[api]\nbase_url = \"sandbox\"\npage_sise = 10\n").expect("write");
     let (code, out) = run(segsync().arg("check").arg("--config").arg(&config));
@@ -171,6 +190,8 @@ async fn sync_exit_codes_and_status() {
         .await
         .expect("join");
     assert_eq!(code, 0, "{out}");
+    // The stricter rule would fail the shipped tests (a rule failing its tests is not run): drop them.
+    std::fs::remove_file(dir.path().join("rules/vip.test.toml")).expect("remove the tests");
     std::fs::write(
         dir.path().join("rules/vip.rhai"),
         "const LIST = \"VIP - Spend > 5000 EUR\";\nfn matches(c) { c.customFields.totalSpent > 50000.0 }\n",

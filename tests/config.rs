@@ -59,7 +59,7 @@ fn check(config: &std::path::Path, credentials: Option<&std::path::Path>) -> (i3
 #[test]
 fn key_credential_reads_the_systemd_credential() {
     let dir = tempfile::tempdir().expect("tempdir");
-    support::copy_shipped_rules(dir.path(), |text| text);
+    support::copy_shipped_rules(dir.path(), true, |text| text);
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,

@@ -96,7 +96,7 @@ impl Drop for Daemon {
 /// A config folder with the shipped rules, pointing at the sandbox, cron far away (no surprises).
 fn setup(sandbox: &Sandbox, extra: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
-    support::copy_shipped_rules(dir.path(), |text| text.replace("const SCHEDULE = \"0 */5 * * * *\";\n", ""));
+    support::copy_shipped_rules(dir.path(), false, |text| text.replace("const SCHEDULE = \"0 */5 * * * *\";\n", ""));
     let config = dir.path().join("config.toml");
     write_config(&config, &sandbox.base_url(), extra);
     (dir, config)
@@ -377,7 +377,7 @@ async fn systemd_notifications() {
 async fn shipped_config_runs_on_the_bundled_sandbox() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::copy("config.toml", dir.path().join("config.toml")).expect("copy config");
-    support::copy_shipped_rules(dir.path(), |text| text);
+    support::copy_shipped_rules(dir.path(), true, |text| text);
     let mut daemon = Daemon::start(&dir.path().join("config.toml"), &[]);
     daemon.wait_for(1, "bundled sandbox started", &[], 30).await;
     let runs = daemon.wait_for(5, "rule run", &[("trigger", "startup")], 90).await;

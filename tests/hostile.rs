@@ -466,7 +466,7 @@ async fn rules_that_overflow_dates_fail_alone() {
     let site = Site::new(&[("geo", GEO), ("later", in_const), ("overflow", in_matches)]);
     let sandbox = support::start(support::sandbox_config(500)).await;
     let config = site.config("config.toml", &sandbox.base_url(), "");
-    let ran = run(&["check"], &config).await;
+    let ran = run(&["check", "--strict"], &config).await;
     assert_eq!(ran.code, 3, "{}", ran.out);
     assert!(ran.out.contains("later.rhai:2:") && ran.out.contains("outside the calendar"), "{}", ran.out);
     assert!(ran.out.contains("2 valid rule(s) (geo, overflow)"), "{}", ran.out);
@@ -545,7 +545,7 @@ async fn bulk_removal_fallback_serves_every_rule() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shipped_rules_fill_lists_on_sparse_data() {
     let dir = tempfile::tempdir().expect("tempdir");
-    support::copy_shipped_rules(dir.path(), |text| text);
+    support::copy_shipped_rules(dir.path(), true, |text| text);
     let sandbox = support::start(support::sandbox_config(6000)).await;
     let sparse = sandbox.with_store(|s| {
         let ids: Vec<String> = s.contact_ids().step_by(100).map(str::to_owned).collect();

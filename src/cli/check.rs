@@ -7,20 +7,29 @@ use crate::config::Config;
 use crate::ids::RuleName;
 use crate::rules::{self, Diagnostic, Rule, RuleSet};
 
-/// Loads the rules of `config` with the one engine.
-pub(super) fn load_rules(config: &Config) -> (rhai::Engine, RuleSet, Vec<Diagnostic>) {
+/// Loads the rules of `config` with the one engine: as the daemon does (rules whose own tests
+/// fail are refused) when `tested`, else every rule that compiles (for `test` and `explain`).
+pub(super) fn load_rules(config: &Config, tested: bool) -> (rhai::Engine, RuleSet, Vec<Diagnostic>) {
     let engine = rules::engine::build(config.time_zone);
-    let (set, errors) = rules::load_dir(&engine, &config.rules_dir);
+    let (set, errors) = if tested {
+        let (set, errors, _) = rules::load_tested(&engine, &config.rules_dir);
+        (set, errors)
+    } else {
+        rules::load_dir(&engine, &config.rules_dir)
+    };
     (engine, set, errors)
 }
 
-pub(super) fn check(config: &Config) -> Exit {
-    let mut problems = 0;
-    // What `run` would refuse, `check` refuses too: a key it cannot send, a state it cannot write.
+/// The start gate and `check --strict`. Without `--strict` it refuses what `run` would refuse — an
+/// unreadable key, a state it cannot write, no usable rule at all — and reports broken rules and
+/// failing rule tests as warnings (the daemon runs the good rules, as it would). With `--strict`
+/// every problem fails it.
+pub(super) fn check(config: &Config, strict: bool) -> Exit {
+    let mut fatal = 0;
     match config.credentials() {
         Err(e) => {
             say!("{}: {e}", config.path.display());
-            problems += 1;
+            fatal += 1;
         }
         Ok(credentials) if credentials.header().is_none() => {
             say!(
@@ -29,42 +38,41 @@ pub(super) fn check(config: &Config) -> Exit {
                 config.path.display(),
                 config.key_source_name()
             );
-            problems += 1;
+            fatal += 1;
         }
         Ok(_) => {}
     }
     if let Err(e) = crate::state::check_writable(&config.state_path) {
         say!("{}: [state] path: {e}", config.path.display());
-        problems += 1;
+        fatal += 1;
     }
-    let (engine, set, errors) = load_rules(config);
+    let engine = rules::engine::build(config.time_zone);
+    let (set, errors, passed) = rules::load_tested(&engine, &config.rules_dir);
+    let label = if strict { "" } else { "warning: " };
     for e in &errors {
-        say!("{e}");
+        say!("{label}{e}");
     }
-    problems += errors.len();
-    let mut passed = 0;
-    for rule in set.iter() {
-        match rules::fixtures::run(&engine, rule) {
-            Ok(report) => {
-                passed += report.passed;
-                for f in &report.failures {
-                    say!("{f}");
-                }
-                problems += report.failures.len();
-            }
-            Err(e) => {
-                say!("{e}");
-                problems += 1;
-            }
-        }
+    if set.is_empty() {
+        say!(
+            "{}: no usable rule in {}; segsync run would refuse to start",
+            config.path.display(),
+            config.rules_dir.display()
+        );
+        fatal += 1;
     }
     let names: Vec<&str> = set.rules.keys().map(RuleName::as_str).collect();
+    let problems = fatal + if strict { errors.len() } else { 0 };
     if problems == 0 {
         say!(
-            "ok: config {}, {} rule(s) ({}), {passed} rule test(s) passed",
+            "ok: config {}, {} rule(s) ({}), {passed} rule test(s) passed{}",
             config.path.display(),
             set.len(),
-            names.join(", ")
+            names.join(", "),
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!("; {} rule problem(s) above, not run", errors.len())
+            }
         );
         Exit::Ok
     } else {
@@ -93,8 +101,12 @@ pub(super) fn select(set: &RuleSet, names: &[String]) -> Result<Vec<Arc<Rule>>, 
 
 /// Loads the rules, prints the broken ones, and picks the named ones (all when none are named);
 /// `Err` is the exit code when a named rule is not among the valid ones.
-pub(super) fn load_selected(config: &Config, names: &[String]) -> Result<(rhai::Engine, Vec<Arc<Rule>>, bool), Exit> {
-    let (engine, set, errors) = load_rules(config);
+pub(super) fn load_selected(
+    config: &Config,
+    names: &[String],
+    tested: bool,
+) -> Result<(rhai::Engine, Vec<Arc<Rule>>, bool), Exit> {
+    let (engine, set, errors) = load_rules(config, tested);
     for e in &errors {
         say!("{e}");
     }
@@ -108,7 +120,7 @@ pub(super) fn load_selected(config: &Config, names: &[String]) -> Result<(rhai::
 }
 
 pub(super) fn test(config: &Config, names: &[String]) -> Exit {
-    let (engine, selected, all_valid) = match load_selected(config, names) {
+    let (engine, selected, all_valid) = match load_selected(config, names, false) {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };

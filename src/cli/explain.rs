@@ -11,7 +11,7 @@ use crate::ids::ContactId;
 use crate::rules;
 
 pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str) -> anyhow::Result<Exit> {
-    let (engine, set, errors) = load_rules(config);
+    let (engine, set, errors) = load_rules(config, false);
     let rule = match select(&set, &[rule_name.to_owned()]) {
         Ok(mut r) => r.remove(0),
         Err(e) => {

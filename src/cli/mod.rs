@@ -49,8 +49,13 @@ pub struct Cli {
 pub enum Command {
     /// The daemon: run every rule now, then on its schedule and whenever its file changes.
     Run,
-    /// Validate config.toml and every rule, and run the rule tests (no network); non-zero on any problem.
-    Check,
+    /// The start gate: validate config.toml, the key, the state path and every rule (with its tests);
+    /// no network. Fails on what `run` would refuse; broken rules are warnings unless --strict.
+    Check {
+        /// Fail on any problem, broken rules and failing rule tests included (for CI and people).
+        #[arg(long)]
+        strict: bool,
+    },
     /// Run rule unit tests (rules/NAME.test.toml beside rules/NAME.rhai).
     Test {
         /// Rules to test (default: all).
@@ -194,7 +199,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             ))?;
             Ok(Exit::Ok)
         }
-        Command::Check => Ok(check::check(&config)),
+        Command::Check { strict } => Ok(check::check(&config, strict)),
         Command::Test { rules } => Ok(check::test(&config, &rules)),
         Command::Explain { rule, contact_id } => runtime()?.block_on(explain::explain(&config, &rule, &contact_id)),
         Command::Plan { rules, json } => runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Plan { json })),

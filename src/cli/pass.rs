@@ -22,7 +22,7 @@ pub(super) enum Mode {
 
 /// `plan` and `sync`: one pass over the selected rules, dry or real.
 pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyhow::Result<Exit> {
-    let (engine, selected, all_valid) = match load_selected(config, names) {
+    let (engine, selected, all_valid) = match load_selected(config, names, true) {
         Ok(loaded) => loaded,
         Err(code) => return Ok(code),
     };

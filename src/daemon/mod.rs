@@ -107,8 +107,13 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
         status: String::new(),
     };
 
-    // Startup is a reload from nothing.
+    // Startup is a rules reload from nothing. With no usable rule at all there is nothing to run:
+    // refuse to start, as `segsync check` (the unit's start gate) does.
     if let Some((loaded, errors)) = load_rules(&daemon.engine, &daemon.config.rules_dir).await {
+        if loaded.is_empty() {
+            log_rejected(&errors);
+            anyhow::bail!("no usable rule in {}; nothing to run", daemon.config.rules_dir.display());
+        }
         daemon.apply_rules(loaded, errors, Trigger::Startup, clock);
     }
     daemon.start_watcher();
@@ -163,12 +168,13 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     Ok(())
 }
 
-/// Loads the rules folder on a blocking thread (compiling runs each file's top level in Rhai).
+/// Loads the rules folder on a blocking thread (compiling runs each file's top level in Rhai), and
+/// runs each rule's own tests: a rule that fails them is refused like a syntax error.
 /// `None` if the load itself broke; the caller then keeps what runs.
 async fn load_rules(engine: &Arc<Engine>, dir: &std::path::Path) -> Option<(RuleSet, Vec<Diagnostic>)> {
     let (engine, dir) = (engine.clone(), dir.to_path_buf());
-    match tokio::task::spawn_blocking(move || rules::load_dir(&engine, &dir)).await {
-        Ok(loaded) => Some(loaded),
+    match tokio::task::spawn_blocking(move || rules::load_tested(&engine, &dir)).await {
+        Ok((set, errors, _)) => Some((set, errors)),
         Err(e) => {
             tracing::error!(error = %e, "loading the rules failed; keeping the running rules");
             None

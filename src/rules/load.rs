@@ -76,6 +76,32 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<Diagnostic>) {
     (RuleSet { rules }, errors)
 }
 
+/// Loads the folder like [`load_dir`], then runs each rule's own tests (`NAME.test.toml`): a rule
+/// whose tests fail, or whose test file is broken, is refused like a syntax error, its
+/// diagnostic naming the rule file and the failing case. What the daemon runs has passed its tests.
+/// Returns the rules, the problems, and how many rule tests passed.
+pub fn load_tested(engine: &Engine, dir: &Path) -> (RuleSet, Vec<Diagnostic>, usize) {
+    let (set, mut errors) = load_dir(engine, dir);
+    let mut passed = 0;
+    let mut rules = std::collections::BTreeMap::new();
+    for (name, rule) in set.rules {
+        match super::fixtures::run(engine, &rule) {
+            Ok(report) if report.failures.is_empty() => {
+                passed += report.passed;
+                rules.insert(name, rule);
+            }
+            Ok(report) => {
+                let test_file = report.file.as_deref().unwrap_or(&rule.path).display().to_string();
+                for failure in report.failures {
+                    errors.push(Diagnostic::whole_file(&rule.path, format!("its test {test_file} fails: {failure}")));
+                }
+            }
+            Err(e) => errors.push(Diagnostic::whole_file(&rule.path, format!("its test file is broken: {e}"))),
+        }
+    }
+    (RuleSet { rules }, errors, passed)
+}
+
 fn is_hidden(p: &Path) -> bool {
     p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub use engine::Date;
 pub use eval::EvalError;
 pub use filter::FilterTerm;
-pub use load::{load_dir, load_file};
+pub use load::{load_dir, load_file, load_tested};
 
 pub use crate::diagnostic::Diagnostic;
 

@@ -49,11 +49,15 @@ pub fn http() -> reqwest::Client {
 /// The environment variable the tests' configs read the key from.
 pub const KEY_VAR: &str = "SEGSYNC_TEST_API_KEY";
 
-/// Copies the shipped `rules/` (rule files and their tests) into `dir/rules`, each through `edit`.
-pub fn copy_shipped_rules(dir: &std::path::Path, edit: impl Fn(String) -> String) {
+/// Copies the shipped `rules/` into `dir/rules` (with their tests when `with_tests`), each file
+/// through `edit`.
+pub fn copy_shipped_rules(dir: &std::path::Path, with_tests: bool, edit: impl Fn(String) -> String) {
     std::fs::create_dir_all(dir.join("rules")).expect("mkdir rules");
     for entry in std::fs::read_dir("rules").expect("shipped rules") {
         let path = entry.expect("entry").path();
+        if !with_tests && !path.extension().is_some_and(|x| x == "rhai") {
+            continue;
+        }
         let text = std::fs::read_to_string(&path).expect("read a shipped rule");
         std::fs::write(dir.join("rules").join(path.file_name().expect("name")), edit(text)).expect("write");
     }
