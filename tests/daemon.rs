@@ -182,6 +182,31 @@ async fn rule_files_drive_runs() {
     sandbox.shutdown().await;
 }
 
+// An edit that breaks the rule's own tests (rules/NAME.test.toml) is rejected like a syntax error: the
+// log names the failing case and the last good version keeps running, with no run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_failing_its_tests_is_rejected() {
+    let sandbox = support::start(support::sandbox_config(1_000)).await;
+    let (dir, config) = setup(&sandbox, "");
+    std::fs::copy("rules/vip.test.toml", dir.path().join("rules/vip.test.toml")).expect("copy the tests");
+    let daemon = Daemon::start(&config, &[]);
+    daemon.wait_for(5, "rule run", &[("trigger", "startup"), ("outcome", "ok")], 60).await;
+    let members = list_members(&sandbox, "VIP - Spend > 5000 EUR");
+    std::fs::write(
+        dir.path().join("rules/vip.rhai"),
+        "const LIST = \"VIP - Spend > 5000 EUR\";\nfn matches(c) { c.customFields.totalSpent > 50000.0 }\n",
+    )
+    .expect("edit");
+    let rejected = daemon.wait_for(1, "rule rejected", &[], 30).await;
+    let error = rejected[0]["error"].as_str().expect("error");
+    assert!(error.contains("spent 6,800 EUR") && error.contains("expected true, got false"), "{}", rejected[0]);
+    daemon.wait_for(1, "the rule file has errors; keeping its last good version running", &[("rule", "vip")], 5).await;
+    assert!(daemon.events("rule run", &[("rule", "vip"), ("trigger", "file")]).is_empty(), "no run for it");
+    assert_eq!(list_members(&sandbox, "VIP - Spend > 5000 EUR"), members);
+    drop(daemon);
+    sandbox.shutdown().await;
+}
+
 // SIGHUP with a valid config reloads (a changed rule runs with trigger reload); with an invalid one
 // the daemon keeps running on the old config and still reacts afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ fn staged() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     for (unit, as_name) in [("segsync.service", "segsync.service"), ("segsync@.service", "segsync@demo.service")] {
         let text = std::fs::read_to_string(Path::new("systemd").join(unit)).expect("unit");
-        std::fs::write(dir.path().join(as_name), text.replace("/usr/local/bin/segsync", env!("CARGO_BIN_EXE_segsync")))
+        std::fs::write(dir.path().join(as_name), text.replace("/usr/bin/segsync", env!("CARGO_BIN_EXE_segsync")))
             .expect("write");
     }
     dir
@@ -56,8 +56,8 @@ fn units_wire_the_product() {
         let text = std::fs::read_to_string(Path::new("systemd").join(unit)).expect("unit");
         for needle in [
             "Type=notify",
-            "ExecStartPre=/usr/local/bin/segsync check",
-            "ExecReload=/usr/local/bin/segsync check",
+            "ExecStartPre=/usr/bin/segsync check",
+            "ExecReload=/usr/bin/segsync check",
             "ExecReload=/bin/kill -HUP $MAINPID",
             "Restart=on-failure",
             "WatchdogSec=",

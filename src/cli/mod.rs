@@ -33,7 +33,11 @@ use crate::logging::LogFormat;
 use crate::run::Outcome;
 
 #[derive(Debug, Parser)]
-#[command(name = "segsync", version, about = "Keeps partner-gateway contact lists in sync with Rhai segment rules")]
+#[command(
+    name = "segsync",
+    version = env!("SEGSYNC_VERSION"),
+    about = "Keeps partner-gateway contact lists in sync with Rhai segment rules"
+)]
 pub struct Cli {
     /// Log format: auto (JSON unless stderr is a terminal), json or text. Overrides [log] format.
     #[arg(long, global = true, value_enum)]
@@ -90,6 +94,11 @@ pub enum Command {
     },
     /// Serve the bundled emulator of the partner-gateway API on localhost, seeded with demo contacts.
     Sandbox(SandboxArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -174,6 +183,21 @@ impl Cli {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<Exit> {
+    // Commands that need no config.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "segsync", &mut std::io::stdout());
+            return Ok(Exit::Ok);
+        }
+        Command::Man => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut std::io::stdout())
+                .context("writing the man page")?;
+            return Ok(Exit::Ok);
+        }
+        _ => {}
+    }
     if let Command::Sandbox(args) = &cli.command {
         crate::logging::init(cli.log_format(None));
         return runtime()?.block_on(sandbox::serve(args.clone()));
@@ -207,7 +231,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Sync { allow_mass_removal }))
         }
         Command::Status { json, runs } => show::status(&config, json, runs),
-        Command::Sandbox(_) => unreachable!("handled above"),
+        Command::Sandbox(_) | Command::Completions { .. } | Command::Man => unreachable!("handled above"),
     }
 }
 
