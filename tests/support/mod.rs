@@ -55,7 +55,8 @@ pub fn copy_shipped_rules(dir: &std::path::Path, with_tests: bool, edit: impl Fn
     std::fs::create_dir_all(dir.join("rules")).expect("mkdir rules");
     for entry in std::fs::read_dir("rules").expect("shipped rules") {
         let path = entry.expect("entry").path();
-        if !with_tests && !path.extension().is_some_and(|x| x == "rhai") {
+        let is_rule = path.extension().is_some_and(|x| x == "rhai");
+        if !with_tests && !is_rule {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("read a shipped rule");
