@@ -151,6 +151,7 @@ async fn run(s: &Scenario) {
             dry_run: false,
             allow_mass_removal: true,
             today: Some(today),
+            progress: None,
         };
         let report = reconciler.run_pass(request).await;
         let wall = started.elapsed();

@@ -76,6 +76,16 @@ pub struct Config {
     pub watch_rules: bool,
     pub log_format: LogFormat,
     pub sandbox: SandboxConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the Prometheus endpoint and the health check of `segsync run` (off by default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    /// Where `/metrics` and `/healthz` are served; `None` when off.
+    pub listen: Option<std::net::SocketAddr>,
+    /// A rule is overdue when its last success is older than this many schedule intervals.
+    pub overdue_factor: f64,
 }
 
 /// Why the API key could not be read. Names where it was looked for, never what it is.
@@ -113,6 +123,7 @@ struct RawConfig {
     daemon: RawDaemon,
     log: RawLog,
     sandbox: RawSandbox,
+    metrics: RawMetrics,
 }
 
 /// A key as written: absent, or any TOML value (its type is checked by [`Reader`]).
@@ -176,6 +187,13 @@ struct RawLog {
 
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(default)]
+struct RawMetrics {
+    listen: Raw,
+    overdue_factor: Raw,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
 struct RawSandbox {
     contacts: Raw,
     seed: Raw,
@@ -194,6 +212,7 @@ pub fn accepted_keys() -> Vec<String> {
         ("daemon", field_names::<RawDaemon>()),
         ("log", field_names::<RawLog>()),
         ("sandbox", field_names::<RawSandbox>()),
+        ("metrics", field_names::<RawMetrics>()),
     ] {
         keys.extend(fields.iter().map(|f| format!("{section}.{f}")));
     }
@@ -381,7 +400,7 @@ impl Config {
                 }
                 None => format!(
                     "unknown section or key `{key}` (known: {})",
-                    ["api", "rules", "state", "guards", "daemon", "log", "sandbox"]
+                    ["api", "rules", "state", "guards", "daemon", "log", "sandbox", "metrics"]
                         .map(|s| format!("[{s}]"))
                         .join(", ")
                 ),
@@ -549,6 +568,31 @@ impl Config {
             ..defaults
         };
 
+        let listen = r.string(&raw.metrics.listen, "metrics.listen").and_then(|text| {
+            // A bare port (or ":port") means loopback: metrics are not published by accident.
+            let port_only = text.trim_start_matches(':').parse::<u16>().ok();
+            match port_only.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))).or_else(|| text.parse().ok()) {
+                Some(addr) => Some(addr),
+                None => {
+                    r.error("metrics.listen", format!("metrics.listen must be \"HOST:PORT\" or a port, got {text:?}"));
+                    None
+                }
+            }
+        });
+        let overdue_factor = match raw.metrics.overdue_factor.as_ref() {
+            None => 3.0,
+            Some(Value::Float(f)) if *f >= 1.0 => *f,
+            Some(Value::Integer(i)) if *i >= 1 => *i as f64,
+            Some(other) => {
+                r.error(
+                    "metrics.overdue_factor",
+                    format!("metrics.overdue_factor must be a number of at least 1, got {other}"),
+                );
+                3.0
+            }
+        };
+        let metrics = MetricsConfig { listen, overdue_factor };
+
         if !r.errors.is_empty() {
             let mut errors = r.errors;
             errors.sort_by_key(|e| (e.line, e.col));
@@ -566,6 +610,7 @@ impl Config {
             watch_rules,
             log_format,
             sandbox,
+            metrics,
         })
     }
 

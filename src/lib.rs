@@ -23,6 +23,8 @@ pub mod daemon; // `segsync run`: events, reload, shutdown, systemd
 
 pub mod signals; // SIGHUP, SIGTERM, SIGINT as values
 
+pub mod metrics; // Prometheus metrics and /healthz of the daemon
+
 pub mod diagnostic; // a problem in a file people write, with its position
 
 pub mod config; // config.toml → validated Config

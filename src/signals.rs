@@ -53,7 +53,7 @@ pub async fn stop_requested() {
     match Signals::install(false) {
         Ok(mut signals) => while signals.next().await != Signal::Stop {},
         Err(e) => {
-            tracing::warn!(error = %e, "cannot install signal handlers; SIGTERM ends the process at once");
+            tracing::warn!(error = %e, "state warning");
             std::future::pending::<()>().await;
         }
     }

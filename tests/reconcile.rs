@@ -65,6 +65,7 @@ impl World {
                 dry_run: false,
                 allow_mass_removal,
                 today: Some(today()),
+                progress: None,
             })
             .await
     }

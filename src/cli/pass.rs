@@ -1,9 +1,11 @@
 //! `plan` and `sync`: one pass over the selected rules, dry or real, and handing a confirmation
 //! to a running daemon.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
 
 use super::Exit;
@@ -11,7 +13,7 @@ use super::check::load_selected;
 use super::show::{plan_json, print_pass};
 use crate::config::Config;
 use crate::connection::Connection;
-use crate::reconcile::{Parts, PassRequest, Reconciler, Trigger};
+use crate::reconcile::{Parts, PassRequest, Progress, ProgressSink, Reconciler, Trigger};
 use crate::rules::Rule;
 
 /// Which of the two pass commands.
@@ -57,8 +59,29 @@ pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyho
         crate::signals::stop_requested().await;
         cancel.cancel();
     });
-    let request = PassRequest { rules: selected, trigger: Trigger::Manual, dry_run, allow_mass_removal, today: None };
+    // A progress bar on a terminal, never when stderr is a file, a pipe or the journal.
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} requests")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    });
+    let progress = bar.clone().map(|bar| -> ProgressSink {
+        Arc::new(move |p: &Progress| {
+            bar.set_length(p.estimated_requests.unwrap_or(p.api_requests).max(p.api_requests));
+            bar.set_position(p.api_requests);
+            let eta = p.eta_s.map(|s| format!(", ETA {s} s")).unwrap_or_default();
+            bar.set_message(format!("{}: {} contacts{eta}", p.stage, p.contacts));
+        })
+    });
+    let request = PassRequest { dry_run, allow_mass_removal, progress, ..PassRequest::new(selected, Trigger::Manual) };
     let report = reconciler.run_pass(request).await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     stop.abort();
     connection.close().await;
     match mode {

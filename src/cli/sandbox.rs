@@ -28,7 +28,7 @@ pub(super) async fn serve(args: SandboxArgs) -> anyhow::Result<Exit> {
         contacts = args.contacts,
         plan = %args.plan,
         generate_ms = started.elapsed().as_millis() as u64,
-        "sandbox ready (stats at /_sandbox/stats)"
+        "sandbox ready"
     );
     let cancel = CancellationToken::new();
     let stop = cancel.clone();

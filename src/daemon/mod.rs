@@ -22,7 +22,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ConfigErrors};
 use crate::connection::Connection;
 use crate::ids::RuleName;
-use crate::reconcile::{Outcome, Parts, PassReport, PassRequest, Reconciler, Trigger};
+use crate::metrics::{Health, Metrics};
+use crate::reconcile::{Outcome, Parts, PassReport, PassRequest, Progress, ProgressSink, Reconciler, Trigger};
 use crate::rules::{self, Diagnostic, Rule, RuleSet};
 use crate::schedule::watch::RulesWatcher;
 use crate::schedule::{Clock, CronTable, timer, watch as rules_watch};
@@ -74,6 +75,8 @@ struct Daemon {
     apply_cancel: CancellationToken,
     watcher: Option<RulesWatcher>,
     status: String,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (or `stop`), then shuts down within the configured deadline.
@@ -87,6 +90,7 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     let state = State::open(&config.state_path)?;
     let connection = Connection::open(&config).await?;
     let (table, table_rx) = watch::channel(CronTable::default());
+    let daemon_overdue_factor = config.metrics.overdue_factor;
     let producers = CancellationToken::new();
     let mut daemon = Daemon {
         engine: Arc::new(rules::engine::build(config.time_zone)),
@@ -105,7 +109,15 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
         apply_cancel: CancellationToken::new(),
         watcher: None,
         status: String::new(),
+        metrics: Arc::new(Metrics::new()),
+        health: Arc::new(Health::new(daemon_overdue_factor)),
     };
+    if let Some(listen) = daemon.config.metrics.listen {
+        let bound = crate::metrics::serve(listen, daemon.metrics.clone(), daemon.health.clone(), producers.clone())
+            .await
+            .with_context(|| format!("serving metrics on {listen} ([metrics] listen)"))?;
+        tracing::info!(listen = %bound, "metrics served");
+    }
 
     // Startup is a rules reload from nothing. With no usable rule at all there is nothing to run:
     // refuse to start, as `segsync check` (the unit's start gate) does.
@@ -127,13 +139,14 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     if daemon.connection.sandbox.is_some()
         && let Err(e) = daemon.state.forget_other_sandboxes(&daemon.connection.account)
     {
-        tracing::warn!(error = %e, "could not forget the bindings of earlier sandboxes");
+        tracing::warn!(error = %e, "state warning");
     }
     let watchdog = sd_notify::watchdog_enabled();
     let mut approvals = tokio::time::interval(APPROVAL_POLL);
     let mut rescan = tokio::time::interval_at(tokio::time::Instant::now() + RESCAN, RESCAN);
     let mut watchdog_tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
     loop {
+        daemon.health.beat();
         tokio::select! {
             event = rx.recv() => {
                 let Some(event) = event else { break };
@@ -176,7 +189,7 @@ async fn load_rules(engine: &Arc<Engine>, dir: &std::path::Path) -> Option<(Rule
     match tokio::task::spawn_blocking(move || rules::load_tested(&engine, &dir)).await {
         Ok((set, errors, _)) => Some((set, errors)),
         Err(e) => {
-            tracing::error!(error = %e, "loading the rules failed; keeping the running rules");
+            tracing::error!(error = %e, "reload failed");
             None
         }
     }
@@ -204,13 +217,14 @@ fn spawn_signals(tx: mpsc::UnboundedSender<Event>, stop: CancellationToken) -> a
 
 fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!(error = %e, "could not notify systemd");
+        tracing::warn!(error = %e, "notify failed");
     }
 }
 
 fn log_rejected(errors: &[Diagnostic]) {
     for e in errors {
-        tracing::error!(file = %e.file.display(), line = e.line, col = e.col, error = %e.message, "rule rejected");
+        let rule = e.file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        tracing::error!(rule, file = %e.file.display(), line = e.line, col = e.col, error = %e.message, "rule rejected");
     }
 }
 
@@ -237,10 +251,10 @@ impl Daemon {
             self.pending.insert(name.clone(), trigger);
         }
         for old in &change.kept_broken {
-            tracing::warn!(rule = %old.name, rule_hash = %old.short_hash(), "the rule file has errors; keeping its last good version running");
+            tracing::warn!(rule = %old.name, rule_hash = %old.short_hash(), "rule kept");
         }
         for old in &change.removed {
-            tracing::info!(rule = %old.name, list = %old.list, "rule removed: no longer scheduled; its list is left as it is");
+            tracing::info!(rule = %old.name, list = %old.list, "rule removed");
             self.pending.remove(&old.name);
         }
         self.rules = change.next;
@@ -252,7 +266,13 @@ impl Daemon {
                 .collect(),
             tz: Some(self.config.time_zone),
         };
-        let next_runs = table.next_after(clock.now());
+        let now = clock.now();
+        let next_runs = table.next_after(now);
+        self.health.set_rules(next_runs.iter().filter_map(|(name, next)| {
+            let after = table.entries.get(name)?.next_after(*next, self.config.time_zone)?;
+            Some((name.clone(), (after - *next).to_std().ok()?))
+        }));
+        self.metrics.rules(self.rules.rules.keys(), errors.len());
         for rule in self.rules.iter().filter(|r| self.pending.get(&r.name) == Some(&trigger)) {
             tracing::info!(
                 rule = %rule.name,
@@ -277,7 +297,7 @@ impl Daemon {
             let _ = tx.send(Event::RulesChanged);
         }) {
             Ok(w) => self.watcher = Some(w),
-            Err(e) => tracing::warn!(error = %e, "not watching the rules folder; use SIGHUP to reload rules"),
+            Err(e) => tracing::warn!(error = %e, "rules not watched"),
         }
     }
 
@@ -293,11 +313,17 @@ impl Daemon {
                 for e in &errors {
                     tracing::error!(file = %e.file.display(), line = e.line, col = e.col, error = %e.message, "config rejected");
                 }
-                tracing::error!(problems = errors.len(), "reload failed: keeping the running configuration and rules");
+                tracing::error!(error = format!("{} problem(s) in the config", errors.len()), "reload failed");
             }
             Ok(config) => {
                 if config.state_path != self.config.state_path {
-                    tracing::warn!(path = %config.state_path.display(), "[state] path changes need a restart; keeping the open database");
+                    tracing::warn!(
+                        error = format!(
+                            "[state] path changes to {} need a restart; keeping the open database",
+                            config.state_path.display()
+                        ),
+                        "state warning"
+                    );
                 }
                 match self.reconnect(&config).await {
                     Ok(()) => {
@@ -310,10 +336,7 @@ impl Daemon {
                         self.start_watcher();
                         tracing::info!(rules = self.rules.len(), "reloaded");
                     }
-                    Err(e) => tracing::error!(
-                        error = format!("{e:#}"),
-                        "reload failed: keeping the running configuration and rules"
-                    ),
+                    Err(e) => tracing::error!(error = format!("{e:#}"), "reload failed"),
                 }
             }
         }
@@ -342,7 +365,7 @@ impl Daemon {
             self.connection.gateway = crate::gateway::Gateway::new(config.gateway(base, credentials))?;
         } else {
             let fresh = Connection::open(config).await?;
-            tracing::info!(endpoint = %fresh.account, "connected to a new endpoint");
+            tracing::info!(account = %fresh.account, "account changed");
             self.retired.push(std::mem::replace(&mut self.connection, fresh));
         }
         Ok(())
@@ -354,17 +377,17 @@ impl Daemon {
         let names = match self.state.take_approvals() {
             Ok(names) => names,
             Err(e) => {
-                tracing::warn!(error = %e, "could not read confirmations from the state database");
+                tracing::warn!(error = %e, "state warning");
                 return;
             }
         };
         for name in names {
             if self.rules.get(&name).is_some() {
-                tracing::info!(rule = %name, "mass removal confirmed by the operator; running the rule once with it allowed");
+                tracing::info!(rule = %name, "removal confirmed");
                 self.approved.insert(name.clone());
                 self.pending.insert(name, Trigger::Manual);
             } else {
-                tracing::warn!(rule = %name, "a confirmation names a rule that is not loaded; ignored");
+                tracing::warn!(rule = %name, "confirmation ignored");
             }
         }
     }
@@ -388,7 +411,18 @@ impl Daemon {
             self.running.extend(rules.iter().map(|r| r.name.clone()));
             let reconciler = self.reconciler();
             let tx = self.tx.clone();
-            let request = PassRequest { rules, trigger, dry_run: false, allow_mass_removal, today: None };
+            let rule_count = rules.len();
+            let status: ProgressSink = Arc::new(move |p: &Progress| {
+                let eta = p.eta_s.map(|s| format!(", ETA {s} s")).unwrap_or_default();
+                let of = p.estimated_requests.map(|e| format!(" of ~{e}")).unwrap_or_default();
+                let line = format!(
+                    "pass ({trigger}, {rule_count} rule(s)) {}: {} request(s){of}, {} contact(s) read, {} × 429{eta}",
+                    p.stage, p.api_requests, p.contacts, p.throttled
+                );
+                notify(&[NotifyState::Status(&line)]);
+            });
+            let request =
+                PassRequest { allow_mass_removal, progress: Some(status), ..PassRequest::new(rules, trigger) };
             self.tracker.spawn(async move {
                 let report = reconciler.run_pass(request).await;
                 let _ = tx.send(Event::PassDone(report));
@@ -397,8 +431,13 @@ impl Daemon {
     }
 
     fn pass_done(&mut self, report: &PassReport) {
+        let finished = chrono::Utc::now();
+        self.metrics.observe(report, finished);
         for r in &report.rules {
             self.running.remove(&r.rule.name);
+            if r.outcome == Outcome::Ok {
+                self.health.succeeded(&r.rule.name, finished);
+            }
         }
         let now = chrono::Utc::now().with_timezone(&self.config.time_zone).format("%H:%M:%S");
         let parts: Vec<String> =
@@ -431,7 +470,7 @@ impl Daemon {
         self.apply_cancel.cancel();
         self.tracker.close();
         if tokio::time::timeout(self.config.shutdown_timeout, self.tracker.wait()).await.is_err() {
-            tracing::warn!("in-flight runs did not finish within the shutdown deadline; the next start converges");
+            tracing::warn!("shutdown deadline passed");
         }
         self.connection.close().await;
         for c in self.retired {

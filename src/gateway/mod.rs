@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use auth::{Credentials, Secret, scrub};
 pub use error::{GatewayError, Operation};
-pub use meter::{Meter, Usage};
+pub use meter::{Meter, StatusClass, Usage};
 pub use pacer::Pacer;
 pub use rate_plan::{RateLimits, RatePlan};
 pub use scan::{Keyed, MAX_RECORDS_PER_READ, Page, Scan, churn_margin};
@@ -234,6 +234,11 @@ impl Gateway {
         self.inner.page_size
     }
 
+    /// The sustained rate the pacer allows, in requests per second (`None`: unpaced).
+    pub fn sustained_rate(&self) -> Option<f64> {
+        self.inner.pacer.rate()
+    }
+
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.inner.root.clone();
         if let Ok(mut path) = url.path_segments_mut() {
@@ -310,6 +315,13 @@ impl Gateway {
             self.meter.request(op);
             let attempts = failures + throttled + 1;
             let outcome = self.unless_cancelled(op, self.attempt(op, &method, &url, query, body)).await?;
+            let class = match &outcome {
+                Ok((status, _, _)) => StatusClass::of(status.as_u16()),
+                Err(GatewayError::Redirect { .. }) => StatusClass::Redirect,
+                Err(GatewayError::TooLarge { .. }) => StatusClass::Success,
+                Err(_) => StatusClass::NoAnswer,
+            };
+            self.meter.answered(op, class);
             let error = match outcome {
                 Ok((status, _, bytes)) if status.is_success() => return Ok(bytes),
                 Ok((StatusCode::TOO_MANY_REQUESTS, header, bytes)) => {
@@ -329,9 +341,9 @@ impl Gateway {
                         return Err(error);
                     }
                     if wait >= NOTABLE_WAIT {
-                        tracing::info!(op = %op, wait_ms = wait.as_millis() as u64, "rate limited by the gateway; pausing all requests as it asks");
+                        tracing::info!(op = %op, wait_ms = wait.as_millis() as u64, "rate limited");
                     } else {
-                        tracing::debug!(op = %op, wait_ms = wait.as_millis() as u64, "rate limited by the gateway; pausing all requests");
+                        tracing::debug!(op = %op, wait_ms = wait.as_millis() as u64, "rate limited");
                     }
                     self.meter.retry(op);
                     continue;
@@ -491,7 +503,7 @@ impl Gateway {
                             tracing::warn!(
                                 status = e.status().unwrap_or_default(),
                                 error = %e,
-                                "the gateway refused the bulk removal form; removing one contact at a time from now on"
+                                "bulk removal refused"
                             );
                         }
                         Err(e) => return Err(e),

@@ -45,6 +45,11 @@ impl Pacer {
         Self { interval, tolerance: interval * (burst - 1), state: Mutex::new(State { tat: now, paused_until: now }) }
     }
 
+    /// The sustained rate in requests per second, `None` when unpaced.
+    pub fn rate(&self) -> Option<f64> {
+        (!self.interval.is_zero()).then(|| 1.0 / self.interval.as_secs_f64())
+    }
+
     /// Waits for a slot; returns how long it waited.
     pub async fn acquire(&self) -> Duration {
         let start = Instant::now();

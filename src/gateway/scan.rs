@@ -159,11 +159,12 @@ impl Gateway {
             Pagination::Page => query.push(("page", (offset / limit).to_string())),
         }
         let bytes = self.call(op, Method::GET, self.url(req.path), &query, None, true).await?;
-        let (seen, work) = (seen.clone(), work.clone());
+        let (seen, work, meter) = (seen.clone(), work.clone(), self.meter.clone());
         tokio::task::spawn_blocking(move || {
             let wire: PageWire<T> =
                 serde_json::from_slice(&bytes).map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
             let raw = wire.contacts.len();
+            meter.records(op, raw as u64);
             let fresh = seen.fresh(op, offset, wire.contacts)?;
             let n = fresh.len();
             Ok(Fetched { offset, raw, fresh: n, page: Page { records: work(fresh), total: wire.total } })

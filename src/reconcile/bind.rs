@@ -51,7 +51,7 @@ impl Reconciler {
                     Ok(())
                 }
                 Err(ReconcileError::Gateway(e)) if e.is_unknown_list() => {
-                    tracing::warn!(rule = %slot.rule.name, list_id = %list, list = %slot.rule.list, "the rule's list no longer exists on the gateway; binding it again");
+                    tracing::warn!(rule = %slot.rule.name, list_id = %list, list = %slot.rule.list, "list gone");
                     let (list, created) = self.find_or_create(slot, dry_run, None).await?;
                     slot.list = list;
                     slot.created = created;
@@ -78,8 +78,7 @@ impl Reconciler {
             return Ok((Some(id), false));
         }
         if let Some((old_name, old_id)) = self.state.other_binding(&self.account, &rule.name, &rule.list)? {
-            tracing::info!(rule = %rule.name, old_list = %old_name, old_list_id = %old_id, list = %rule.list,
-                "the rule's LIST changed; binding the new list and leaving the old one untouched");
+            tracing::info!(rule = %rule.name, old_list = %old_name, old_list_id = %old_id, list = %rule.list, "list changed");
         }
         self.find_or_create(slot, dry_run, directory).await
     }
@@ -104,7 +103,7 @@ impl Reconciler {
             None if dry_run => return Ok((None, true)),
             None => {
                 let list = slot.gateway.create_list(&rule.list, &rule.description).await?;
-                tracing::info!(rule = %rule.name, list = %rule.list, list_id = %list.id, "created the rule's list");
+                tracing::info!(rule = %rule.name, list = %rule.list, list_id = %list.id, "list created");
                 // Another segsync may have created the same list meanwhile: read the directory
                 // again and bind the oldest of that name, so a segment is never split.
                 let mut again = slot.gateway.find_lists(&rule.list).await?;
@@ -129,7 +128,7 @@ impl Reconciler {
         if found.len() > 1 {
             let ids: Vec<&str> = found.iter().map(|l| l.id.as_str()).collect();
             tracing::warn!(rule = %rule.name, list = %rule.list, list_id = %found[0].id, list_ids = %ids.join(","),
-                "several lists carry this exact name; using the oldest and writing only to it");
+                "list duplicates");
         }
         found.into_iter().next().map(|l| l.id).unwrap_or_else(|| ListId::from(""))
     }

@@ -6,6 +6,7 @@
 mod apply;
 mod bind;
 pub mod plan;
+mod progress;
 mod read;
 mod read_plan;
 mod report;
@@ -26,6 +27,7 @@ use crate::rules::{Date, Rule};
 pub use crate::run::{Outcome, Trigger};
 use crate::state::{State, StateError};
 pub use plan::{Evaluation, Plan};
+pub use progress::{Progress, ProgressSink};
 pub use report::sample;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,16 @@ pub enum ReadKind {
     OwnRead,
 }
 
+impl ReadKind {
+    /// As logs and JSON output name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SharedScan => "shared_scan",
+            Self::OwnRead => "own_read",
+        }
+    }
+}
+
 /// Everything a pass needs; cheap to clone.
 #[derive(Clone)]
 pub struct Reconciler {
@@ -77,7 +89,7 @@ pub struct Reconciler {
     cancel: CancellationToken,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PassRequest {
     pub rules: Vec<Arc<Rule>>,
     pub trigger: Trigger,
@@ -86,6 +98,15 @@ pub struct PassRequest {
     pub allow_mass_removal: bool,
     /// The run's frozen "today"; `None` means today in the configured time zone.
     pub today: Option<Date>,
+    /// Told of the pass's progress every second (the systemd status line, a progress bar).
+    pub progress: Option<ProgressSink>,
+}
+
+impl PassRequest {
+    /// A pass over `rules`, writing, with no progress sink.
+    pub fn new(rules: Vec<Arc<Rule>>, trigger: Trigger) -> Self {
+        Self { rules, trigger, dry_run: false, allow_mass_removal: false, today: None, progress: None }
+    }
 }
 
 /// The result of one rule's run.
@@ -195,6 +216,20 @@ impl Reconciler {
             })
             .collect();
 
+        let shared_meter = Arc::new(Meter::default());
+        let (predicted, estimated) = self.predict(&req.rules);
+        let mut meters: Vec<Arc<Meter>> = slots.iter().map(|s| s.meter.clone()).collect();
+        meters.extend([pass_meter.clone(), shared_meter.clone()]);
+        let reporter = progress::Reporter::start(
+            req.trigger,
+            req.rules.len(),
+            predicted.as_str(),
+            estimated,
+            self.gateway.sustained_rate(),
+            meters,
+            req.progress.clone(),
+        );
+
         // 1. Bind each rule to its list and judge the current members on their own records.
         let directory = self.list_directory(&slots, &pass_meter).await;
         join_all(
@@ -205,8 +240,8 @@ impl Reconciler {
         // 2. Read candidates: one shared scan, or each rule's own filtered read of non-members.
         let live: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].error.is_none()).collect();
         let read = self.choose_read(&slots, &live);
-        let shared_meter = Arc::new(Meter::default());
         self.read_candidates(&mut slots, &live, read, &shared_meter, today).await;
+        reporter.writing();
 
         // 3. Plan, guard and apply each rule; one rule's failure is not another's.
         let shared_usage = shared_meter.usage();
@@ -220,14 +255,16 @@ impl Reconciler {
         for report in &reports {
             self.record(report, req.trigger, &started_at, req.dry_run).await;
         }
+        drop(reporter);
         let report = PassReport { rules: reports, read, usage, duration: started.elapsed() };
         tracing::info!(
             trigger = %req.trigger,
             rules = report.rules.len(),
-            read_plan = ?read,
+            read_plan = read.as_str(),
             api_requests = report.usage.total_requests(),
             requests = %serde_json::to_string(&report.usage.requests).unwrap_or_default(),
             retries = report.usage.retries,
+            throttled = report.usage.throttled,
             duration_ms = report.duration.as_millis() as u64,
             dry_run = req.dry_run,
             "pass finished"
@@ -287,7 +324,7 @@ impl Reconciler {
                     report.outcome = if e.is_interrupted() { Outcome::Interrupted } else { Outcome::Failed };
                     report.detail = Some(e.to_string());
                 } else if let Some(why) = done.unconfirmed() {
-                    tracing::warn!(rule = %rule.name, list_id = %list, detail = %why, "the gateway did not confirm every write");
+                    tracing::warn!(rule = %rule.name, list_id = %list, detail = %why, "writes unconfirmed");
                     report.outcome = Outcome::Partial;
                     report.detail = Some(why);
                 }

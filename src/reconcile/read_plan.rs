@@ -10,10 +10,44 @@ use futures_util::future::join_all;
 use super::{ReadKind, ReconcileError, Reconciler, Slot, read};
 use crate::gateway::{Meter, ScanQuery};
 use crate::ids::ContactId;
-use crate::rules::Date;
+use crate::rules::{Date, Rule};
 use crate::state::Estimate;
 
 impl Reconciler {
+    /// Before a pass: the read plan the remembered counts predict and the requests the pass should
+    /// cost (members, candidates and list lookups; writes are not known yet). `None` when the
+    /// account's size is not known yet (the first pass).
+    pub(super) fn predict(&self, rules: &[Arc<Rule>]) -> (ReadKind, Option<u64>) {
+        let page = u64::from(self.gateway.page_size());
+        let pages = |n: u64| n.div_ceil(page).max(1);
+        let Some(contacts) = self.state.estimate(&self.account, &Estimate::Contacts).ok().flatten() else {
+            return (ReadKind::SharedScan, None);
+        };
+        let last = self.state.last_runs(1).unwrap_or_default();
+        let (mut member_pages, mut unbound, mut own) = (0, 0, 0);
+        for rule in rules {
+            let members = last
+                .iter()
+                .find(|r| r.rule == rule.name)
+                .map_or(0, |r| (r.members_before + r.added).saturating_sub(r.removed));
+            match self.state.binding(&self.account, &rule.name, &rule.list) {
+                Ok(Some(_)) => member_pages += pages(members),
+                _ => unbound += 1,
+            }
+            own += if rule.filter.is_empty() {
+                pages(contacts.saturating_sub(members))
+            } else {
+                let key = Estimate::Candidates(rule.name.clone());
+                pages(self.state.estimate(&self.account, &key).ok().flatten().unwrap_or(0))
+            };
+        }
+        // A shared scan ends on an empty page when the count is a multiple of the page.
+        let scan = pages(contacts) + u64::from(contacts % page == 0);
+        let (kind, candidates) = if own > scan { (ReadKind::SharedScan, scan) } else { (ReadKind::OwnRead, own) };
+        let lookups = u64::from(unbound >= 2) + 2 * unbound;
+        (kind, Some(member_pages + candidates + lookups))
+    }
+
     /// Evaluates the candidates of the `live` slots, read the `read` way, into each slot.
     pub(super) async fn read_candidates(
         &self,
@@ -72,8 +106,8 @@ impl Reconciler {
         let (state, account) = (self.state.clone(), self.account.clone());
         match tokio::task::spawn_blocking(move || state.set_estimates(&account, &estimates)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not store the read-planning estimates"),
-            Err(e) => tracing::warn!(error = %e, "could not store the read-planning estimates"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "estimates not stored"),
+            Err(e) => tracing::warn!(error = %e, "estimates not stored"),
         }
     }
 

@@ -33,14 +33,14 @@ impl Reconciler {
         let stored = record.clone();
         match tokio::task::spawn_blocking(move || state.record_run(&stored)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(rule = %record.rule, error = %e, "could not record the run"),
-            Err(e) => tracing::error!(rule = %record.rule, error = %e, "could not record the run"),
+            Ok(Err(e)) => tracing::error!(rule = %record.rule, error = %e, "run not recorded"),
+            Err(e) => tracing::error!(rule = %record.rule, error = %e, "run not recorded"),
         }
         macro_rules! summary {
             ($level:ident) => {
                 tracing::$level!(
                     rule = %record.rule,
-                    list_id = record.list_id.as_ref().map_or("", |l| l.as_str()),
+                    list_id = record.list_id.as_ref().map(|l| l.as_str()),
                     trigger = %record.trigger,
                     rule_hash = %record.rule_hash,
                     scanned = record.scanned,
@@ -51,13 +51,13 @@ impl Reconciler {
                     to_add = r.plan.to_add.len(),
                     to_remove = r.plan.to_remove.len(),
                     eval_errors = record.eval_errors,
-                    first_eval_error = r.first_error.as_deref().unwrap_or(""),
+                    first_eval_error = r.first_error.as_deref(),
                     api_requests = record.api_requests,
                     retries = record.retries,
-                    read_plan = ?r.read,
+                    read_plan = r.read.as_str(),
                     duration_ms = record.duration_ms,
                     outcome = %record.outcome,
-                    detail = record.detail.as_deref().unwrap_or(""),
+                    detail = record.detail.as_deref(),
                     "rule run"
                 )
             };

@@ -25,7 +25,7 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<Diagnostic>) {
                 // Only regular files are read: a FIFO would block the daemon waiting for a writer.
                 let regular = crate::files::is_regular(p);
                 if !regular {
-                    tracing::warn!(file = %p.display(), "skipping a rules-folder entry that is not a regular file");
+                    tracing::warn!(file = %p.display(), "rules folder entry skipped");
                 }
                 regular
             })

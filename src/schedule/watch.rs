@@ -31,7 +31,7 @@ pub fn watch(dir: &Path, debounce: Duration, on_change: impl Fn() + Send + 'stat
         }
         Err(errors) => {
             for e in errors {
-                tracing::warn!(error = %e, "watching the rules folder");
+                tracing::warn!(error = %e, "rules not watched");
             }
         }
     })

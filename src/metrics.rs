@@ -1,0 +1,346 @@
+//! Prometheus metrics and the health check of `segsync run`, served on `[metrics] listen`.
+//!
+//! The daemon feeds every finished pass into [`Metrics::observe`]; the loop beats [`Health`] on
+//! every turn. `/metrics` is the Prometheus text exposition (prometheus-client), `/healthz` answers
+//! 200 while the loop is alive and no rule is overdue, 503 with a JSON reason otherwise.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::Operation;
+use crate::ids::RuleName;
+use crate::reconcile::PassReport;
+use crate::run::Outcome;
+
+type Labels = Vec<(String, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn rule(name: &RuleName) -> Labels {
+    vec![("rule".into(), name.to_string())]
+}
+
+fn op(op: Operation) -> Labels {
+    vec![("op".into(), op.as_str().into())]
+}
+
+/// Every metric segsync exposes.
+pub struct Metrics {
+    registry: Registry,
+    last_run: Family<Labels, FloatGauge>,
+    last_success: Family<Labels, FloatGauge>,
+    outcome: Family<Labels, Gauge>,
+    members: Family<Labels, Gauge>,
+    added: Family<Labels, Counter>,
+    removed: Family<Labels, Counter>,
+    eval_errors: Family<Labels, Gauge>,
+    held: Family<Labels, Gauge>,
+    requests: Family<Labels, Counter>,
+    retries: Family<Labels, Counter>,
+    throttled: Family<Labels, Counter>,
+    rate_limit_wait: Family<Labels, Counter<f64, AtomicU64>>,
+    pass_duration: Histogram,
+    rules_loaded: Gauge,
+    rules_rejected: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("segsync");
+        let m = Self {
+            last_run: Family::default(),
+            last_success: Family::default(),
+            outcome: Family::default(),
+            members: Family::default(),
+            added: Family::default(),
+            removed: Family::default(),
+            eval_errors: Family::default(),
+            held: Family::default(),
+            requests: Family::default(),
+            retries: Family::default(),
+            throttled: Family::default(),
+            rate_limit_wait: Family::default(),
+            pass_duration: Histogram::new(exponential_buckets(0.25, 2.0, 14)),
+            rules_loaded: Gauge::default(),
+            rules_rejected: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "rule_last_run_timestamp_seconds",
+            "When the rule last ran (any outcome)",
+            m.last_run.clone(),
+        );
+        registry.register(
+            "rule_last_success_timestamp_seconds",
+            "When the rule last ran with outcome ok",
+            m.last_success.clone(),
+        );
+        registry.register(
+            "rule_outcome",
+            "1 for the outcome of the rule's last run, 0 for the others",
+            m.outcome.clone(),
+        );
+        registry.register("rule_members", "Members of the rule's list after its last run", m.members.clone());
+        registry.register("rule_added", "Members added to the rule's list", m.added.clone());
+        registry.register("rule_removed", "Members removed from the rule's list", m.removed.clone());
+        registry.register(
+            "rule_eval_errors",
+            "Contacts the rule could not judge in its last run",
+            m.eval_errors.clone(),
+        );
+        registry.register("rule_held", "1 while the rule's removals are held by a guard", m.held.clone());
+        registry.register("api_requests", "API requests by operation and status class", m.requests.clone());
+        registry.register("api_retries", "Retried API requests by operation", m.retries.clone());
+        registry.register("api_throttled", "429 answers by operation", m.throttled.clone());
+        registry.register(
+            "rate_limit_wait_seconds",
+            "Time spent waiting on the rate limit, by operation",
+            m.rate_limit_wait.clone(),
+        );
+        registry.register("pass_duration_seconds", "Duration of a reconcile pass", m.pass_duration.clone());
+        registry.register("rules_loaded", "Rules running", m.rules_loaded.clone());
+        registry.register(
+            "rules_rejected",
+            "Rule files refused at the last load (errors or failing tests)",
+            m.rules_rejected.clone(),
+        );
+        registry.register(
+            "build",
+            "The running segsync",
+            Info::new(vec![("version".to_owned(), env!("SEGSYNC_VERSION").to_owned())]),
+        );
+        // Counters exist from the start (at 0), so `rate()` and alerts see them before the first 429.
+        for operation in Operation::ALL {
+            let _ = m.retries.get_or_create(&op(operation));
+            let _ = m.throttled.get_or_create(&op(operation));
+            let _ = m.rate_limit_wait.get_or_create(&op(operation));
+        }
+        Self { registry, ..m }
+    }
+
+    /// Counts a finished pass (dry runs are not counted).
+    pub fn observe(&self, report: &PassReport, finished: DateTime<Utc>) {
+        let now = finished.timestamp_millis() as f64 / 1000.0;
+        for r in &report.rules {
+            let labels = rule(&r.rule.name);
+            self.last_run.get_or_create(&labels).set(now);
+            if r.outcome == Outcome::Ok {
+                self.last_success.get_or_create(&labels).set(now);
+            }
+            for outcome in Outcome::ALL {
+                let mut l = labels.clone();
+                l.push(("outcome".into(), outcome.as_str().into()));
+                self.outcome.get_or_create(&l).set(i64::from(outcome == r.outcome));
+            }
+            if r.list_id.is_some() {
+                let after = (r.members_before + r.added).saturating_sub(r.removed);
+                self.members.get_or_create(&labels).set(after as i64);
+            }
+            self.added.get_or_create(&labels).inc_by(r.added);
+            self.removed.get_or_create(&labels).inc_by(r.removed);
+            self.eval_errors.get_or_create(&labels).set(r.eval_errors as i64);
+            self.held.get_or_create(&labels).set(i64::from(r.outcome == Outcome::Held));
+        }
+        let usage = &report.usage;
+        for ((operation, class), n) in &usage.statuses {
+            let mut l = op(*operation);
+            l.push(("class".into(), class.as_str().into()));
+            self.requests.get_or_create(&l).inc_by(*n);
+        }
+        for (operation, n) in &usage.retries_by_op {
+            self.retries.get_or_create(&op(*operation)).inc_by(*n);
+        }
+        for (operation, n) in &usage.throttled_by_op {
+            self.throttled.get_or_create(&op(*operation)).inc_by(*n);
+        }
+        for (operation, ms) in &usage.waited_ms_by_op {
+            self.rate_limit_wait.get_or_create(&op(*operation)).inc_by(*ms as f64 / 1000.0);
+        }
+        self.pass_duration.observe(report.duration.as_secs_f64());
+    }
+
+    /// The rules running and refused after a load; each running rule's counters start at 0.
+    pub fn rules<'a>(&self, loaded: impl IntoIterator<Item = &'a RuleName>, rejected: usize) {
+        let mut count = 0;
+        for name in loaded {
+            let labels = rule(name);
+            let _ = self.added.get_or_create(&labels);
+            let _ = self.removed.get_or_create(&labels);
+            count += 1;
+        }
+        self.rules_loaded.set(count);
+        self.rules_rejected.set(rejected as i64);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What `/healthz` judges: the loop's heartbeat, and each rule's last success against its schedule.
+pub struct Health {
+    started: DateTime<Utc>,
+    heartbeat: AtomicI64,
+    /// A rule is overdue when its last success is older than this many of its schedule's intervals.
+    overdue_factor: f64,
+    rules: Mutex<BTreeMap<RuleName, RuleHealth>>,
+}
+
+/// A rule's schedule interval and last success, as `/healthz` sees them.
+#[derive(Debug, Clone)]
+pub struct RuleHealth {
+    pub interval: Duration,
+    pub last_success: Option<DateTime<Utc>>,
+}
+
+/// How stale the loop's heartbeat may be (the loop beats at least every 2 s).
+const HEARTBEAT_STALE: i64 = 30;
+
+impl Health {
+    pub fn new(overdue_factor: f64) -> Self {
+        let now = Utc::now();
+        Self {
+            started: now,
+            heartbeat: AtomicI64::new(now.timestamp()),
+            overdue_factor,
+            rules: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The event loop is alive.
+    pub fn beat(&self) {
+        self.heartbeat.store(Utc::now().timestamp(), Ordering::Relaxed);
+    }
+
+    /// The rules and their schedule intervals after a load (last successes are kept).
+    pub fn set_rules(&self, intervals: impl IntoIterator<Item = (RuleName, Duration)>) {
+        let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        let old = std::mem::take(&mut *rules);
+        for (name, interval) in intervals {
+            let last_success = old.get(&name).and_then(|h| h.last_success);
+            rules.insert(name, RuleHealth { interval, last_success });
+        }
+    }
+
+    /// A rule ran with outcome ok.
+    pub fn succeeded(&self, name: &RuleName, at: DateTime<Utc>) {
+        if let Some(h) = self.rules.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
+            h.last_success = Some(at);
+        }
+    }
+
+    /// `None` when healthy, else the reasons.
+    pub fn problems(&self, now: DateTime<Utc>) -> Option<serde_json::Value> {
+        let mut reasons = Vec::new();
+        let silent = now.timestamp() - self.heartbeat.load(Ordering::Relaxed);
+        if silent > HEARTBEAT_STALE {
+            reasons.push(serde_json::json!({"problem": "event loop stalled", "silent_s": silent}));
+        }
+        for (name, h) in self.rules.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let allowed =
+                chrono::Duration::from_std(h.interval.mul_f64(self.overdue_factor)).unwrap_or(chrono::Duration::MAX);
+            let since = h.last_success.unwrap_or(self.started);
+            if now - since > allowed {
+                reasons.push(serde_json::json!({
+                    "problem": "rule overdue",
+                    "rule": name,
+                    "last_success": h.last_success.map(|t| t.to_rfc3339()),
+                    "allowed_s": allowed.num_seconds(),
+                }));
+            }
+        }
+        (!reasons.is_empty()).then(|| serde_json::json!({"status": "unhealthy", "problems": reasons}))
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `listen` until `cancel`.
+pub async fn serve(
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let health = health.clone();
+                async move { healthz(&health) }
+            }),
+        );
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move { cancel.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::warn!(error = %e, "state warning");
+        }
+    });
+    Ok(bound)
+}
+
+fn healthz(health: &Health) -> Response {
+    match health.problems(Utc::now()) {
+        None => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))).into_response(),
+        Some(reasons) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(reasons)).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A rule is overdue once its last success is older than the factor times its interval.
+    #[test]
+    fn overdue_rules_make_the_check_fail() {
+        let health = Health::new(3.0);
+        health.set_rules([(RuleName::from("vip"), Duration::from_secs(60))]);
+        let overdue = |at: DateTime<Utc>| -> Vec<String> {
+            let Some(p) = health.problems(at) else { return Vec::new() };
+            let list = p["problems"].as_array().cloned().unwrap_or_default();
+            list.iter().filter(|x| x["problem"] == "rule overdue").map(|x| x["rule"].to_string()).collect()
+        };
+        let now = Utc::now();
+        assert!(health.problems(now).is_none(), "just started");
+        health.succeeded(&RuleName::from("vip"), now);
+        assert!(overdue(now + chrono::Duration::seconds(179)).is_empty());
+        assert_eq!(overdue(now + chrono::Duration::seconds(181)), ["\"vip\""]);
+        // A loop that stops beating is reported too.
+        let stalled = health.problems(now + chrono::Duration::seconds(60)).expect("stalled");
+        assert_eq!(stalled["problems"][0]["problem"], "event loop stalled", "{stalled}");
+    }
+}

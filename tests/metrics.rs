@@ -1,0 +1,163 @@
+//! `[metrics] listen`: the daemon's Prometheus endpoint scraped during and after a pass and checked
+//! against the pass's own summary events, `/healthz`, and the shipped alert rules.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use segsync_sandbox::{Faults, SandboxConfig};
+use serde_json::Value;
+
+/// A free loopback port (bound and released; the daemon binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// The value of the sample `name{labels}` in a scrape (labels in any order, all given must match).
+fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+        let matches = metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        matches.then(|| value.parse().ok()).flatten()
+    })
+}
+
+fn sum(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+async fn get(url: &str) -> (u16, String) {
+    match support::http().get(url).send().await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+// During a pass the endpoint answers and counts requests; after it, every per-rule value and the
+// request total equal what the pass's own `rule run` and `pass finished` events say; /healthz is 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrape_matches_the_pass_summary() {
+    let faults = Faults { latency: Duration::from_millis(40), ..Faults::default() };
+    let sandbox = support::start(SandboxConfig { faults, ..support::sandbox_config(3_000) }).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    support::copy_shipped_rules(dir.path(), false, |t| t.replace("const SCHEDULE = \"0 */5 * * * *\";\n", ""));
+    let port = free_port();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\nbase_url = \"{}\"\nkey_env = \"{}\"\nplan = \"unlimited\"\n[rules]\ndefault_schedule = \"0 0 3 1 1 *\"\n\
+             [metrics]\nlisten = \"{port}\"\n",
+            sandbox.base_url(),
+            support::KEY_VAR
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_segsync"))
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&config)
+        .env(support::KEY_VAR, support::KEY)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let logs: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = logs.clone();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                sink.lock().expect("lock").push(v);
+            }
+        }
+    });
+    let base = format!("http://127.0.0.1:{port}");
+    let events = |message: &str| -> Vec<Value> {
+        logs.lock().expect("lock").iter().filter(|v| v["message"] == message).cloned().collect()
+    };
+
+    // During the pass: requests are counted before the summaries exist.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let during = loop {
+        let (status, text) = get(&format!("{base}/metrics")).await;
+        if status == 200 && events("pass finished").is_empty() {
+            if sum(&text, "segsync_api_requests_total") > 0.0 {
+                break Some(text);
+            }
+        } else if !events("pass finished").is_empty() {
+            break None;
+        }
+        assert!(Instant::now() < deadline, "no scrape during the pass");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    while events("pass finished").is_empty() {
+        assert!(Instant::now() < deadline, "the first pass never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let during = during.expect("a scrape while the pass ran (the sandbox's latency makes it last about a second)");
+    assert_eq!(sample(&during, "segsync_rules_loaded", &[]), Some(5.0), "{during}");
+    assert!(during.contains("segsync_api_throttled_total{op=\"scan_contacts\"} 0"), "zero-initialised: {during}");
+
+    let (status, after) = get(&format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    let pass = &events("pass finished")[0];
+    assert_eq!(sum(&after, "segsync_api_requests_total"), pass["api_requests"].as_f64().expect("requests"), "{after}");
+    for run in events("rule run") {
+        let rule = run["rule"].as_str().expect("rule");
+        let labels = [("rule", rule)];
+        assert_eq!(sample(&after, "segsync_rule_added_total", &labels), run["added"].as_f64(), "{rule}: {after}");
+        assert_eq!(sample(&after, "segsync_rule_removed_total", &labels), run["removed"].as_f64());
+        let members = run["members_before"].as_f64().expect("members") + run["added"].as_f64().expect("added")
+            - run["removed"].as_f64().expect("removed");
+        assert_eq!(sample(&after, "segsync_rule_members", &labels), Some(members), "{rule}");
+        assert_eq!(sample(&after, "segsync_rule_eval_errors", &labels), run["eval_errors"].as_f64());
+        assert_eq!(sample(&after, "segsync_rule_outcome", &[("rule", rule), ("outcome", "ok")]), Some(1.0));
+        assert_eq!(sample(&after, "segsync_rule_held", &labels), Some(0.0));
+        assert!(sample(&after, "segsync_rule_last_success_timestamp_seconds", &labels).is_some_and(|t| t > 1.7e9));
+    }
+    assert_eq!(sample(&after, "segsync_pass_duration_seconds_count", &[]), Some(1.0), "{after}");
+    assert!(after.contains("segsync_build_info{version=\""), "{after}");
+    let (status, body) = get(&format!("{base}/healthz")).await;
+    assert_eq!(status, 200, "{body}");
+    check_alert_rules(&after);
+
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("kill");
+    let status = child.wait().expect("exit");
+    assert_eq!(status.code(), Some(0));
+    sandbox.shutdown().await;
+}
+
+/// The shipped alert rules are well-formed Prometheus rule groups, and every segsync metric they use
+/// is one `scrape` (a daemon's, after a pass) exposes.
+fn check_alert_rules(scrape: &str) {
+    let text = std::fs::read_to_string("monitoring/alerts.yml").expect("monitoring/alerts.yml");
+    let doc: serde_norway::Value = serde_norway::from_str(&text).expect("valid YAML");
+    let exposed: Vec<&str> =
+        scrape.lines().filter_map(|l| l.strip_prefix("# TYPE ").and_then(|t| t.split_whitespace().next())).collect();
+    let mut alerts = 0;
+    for group in doc["groups"].as_sequence().expect("groups") {
+        assert!(group["name"].as_str().is_some());
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let name = rule["alert"].as_str().expect("alert name");
+            let expr = rule["expr"].as_str().expect("expr");
+            assert!(rule["labels"]["severity"].as_str().is_some(), "{name} has a severity");
+            assert!(rule["annotations"]["summary"].as_str().is_some(), "{name} has a summary");
+            let words = expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+            for word in words.filter(|w| w.starts_with("segsync_")) {
+                let base = word.trim_end_matches("_total").trim_end_matches("_count").trim_end_matches("_bucket");
+                assert!(exposed.contains(&base), "{name} uses {word}, which the daemon does not expose: {exposed:?}");
+            }
+            alerts += 1;
+        }
+    }
+    assert!(alerts >= 5);
+}
