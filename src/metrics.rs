@@ -22,7 +22,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::Operation;
+use crate::gateway::{Operation, PROCESS, Usage};
 use crate::ids::RuleName;
 use crate::reconcile::PassReport;
 use crate::run::Outcome;
@@ -56,6 +56,8 @@ pub struct Metrics {
     pass_duration: Histogram,
     rules_loaded: Gauge,
     rules_rejected: Gauge,
+    /// The process-wide request counts as of the last scrape (counters advance by the difference).
+    synced: Mutex<Usage>,
 }
 
 impl Metrics {
@@ -77,6 +79,7 @@ impl Metrics {
             pass_duration: Histogram::new(exponential_buckets(0.25, 2.0, 14)),
             rules_loaded: Gauge::default(),
             rules_rejected: Gauge::default(),
+            synced: Mutex::new(Usage::default()),
             registry: Registry::default(),
         };
         registry.register(
@@ -132,7 +135,7 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// Counts a finished pass (dry runs are not counted).
+    /// Records a finished pass's per-rule results and duration (requests are counted live).
     pub fn observe(&self, report: &PassReport, finished: DateTime<Utc>) {
         let now = finished.timestamp_millis() as f64 / 1000.0;
         for r in &report.rules {
@@ -155,21 +158,6 @@ impl Metrics {
             self.eval_errors.get_or_create(&labels).set(r.eval_errors as i64);
             self.held.get_or_create(&labels).set(i64::from(r.outcome == Outcome::Held));
         }
-        let usage = &report.usage;
-        for ((operation, class), n) in &usage.statuses {
-            let mut l = op(*operation);
-            l.push(("class".into(), class.as_str().into()));
-            self.requests.get_or_create(&l).inc_by(*n);
-        }
-        for (operation, n) in &usage.retries_by_op {
-            self.retries.get_or_create(&op(*operation)).inc_by(*n);
-        }
-        for (operation, n) in &usage.throttled_by_op {
-            self.throttled.get_or_create(&op(*operation)).inc_by(*n);
-        }
-        for (operation, ms) in &usage.waited_ms_by_op {
-            self.rate_limit_wait.get_or_create(&op(*operation)).inc_by(*ms as f64 / 1000.0);
-        }
         self.pass_duration.observe(report.duration.as_secs_f64());
     }
 
@@ -186,8 +174,32 @@ impl Metrics {
         self.rules_rejected.set(rejected as i64);
     }
 
+    /// Advances the request counters to the process-wide counts (live, during a pass too).
+    fn sync_requests(&self) {
+        let now = PROCESS.usage();
+        let mut synced = self.synced.lock().unwrap_or_else(|p| p.into_inner());
+        let delta = |new: u64, old: Option<&u64>| new.saturating_sub(old.copied().unwrap_or(0));
+        for ((operation, class), n) in &now.statuses {
+            let mut l = op(*operation);
+            l.push(("class".into(), class.as_str().into()));
+            self.requests.get_or_create(&l).inc_by(delta(*n, synced.statuses.get(&(*operation, *class))));
+        }
+        for (operation, n) in &now.retries_by_op {
+            self.retries.get_or_create(&op(*operation)).inc_by(delta(*n, synced.retries_by_op.get(operation)));
+        }
+        for (operation, n) in &now.throttled_by_op {
+            self.throttled.get_or_create(&op(*operation)).inc_by(delta(*n, synced.throttled_by_op.get(operation)));
+        }
+        for (operation, ms) in &now.waited_ms_by_op {
+            let waited = delta(*ms, synced.waited_ms_by_op.get(operation));
+            self.rate_limit_wait.get_or_create(&op(*operation)).inc_by(waited as f64 / 1000.0);
+        }
+        *synced = now;
+    }
+
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        self.sync_requests();
         let mut text = String::new();
         if encode(&mut text, &self.registry).is_err() {
             text.clear();

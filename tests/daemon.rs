@@ -90,6 +90,10 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Every event the daemon logged is in the documented schema (checked unless already failing).
+        if !std::thread::panicking() {
+            support::assert_log_schema(self.logs.lock().expect("lock").iter());
+        }
     }
 }
 

@@ -119,7 +119,10 @@ async fn run_with(mut cmd: Command, limit: Duration, signal: Option<(&'static st
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let text = format!("{}{}", out.join().unwrap_or_default(), err.join().unwrap_or_default());
+        let err = err.join().unwrap_or_default();
+        let logs: Vec<serde_json::Value> = err.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        support::assert_log_schema(&logs);
+        let text = format!("{}{err}", out.join().unwrap_or_default());
         Ran { code, out: text, peak_mb: peak_kb / 1024, elapsed: started.elapsed() }
     })
     .await
@@ -380,7 +383,7 @@ async fn fifo_in_the_rules_folder_blocks_nothing() {
     let config = site.config("config.toml", &sandbox.base_url(), "");
     let ran = run_with(segsync(&["check"], &config), Duration::from_secs(20), None).await;
     assert_eq!(ran.code, 0, "{}", ran.out);
-    assert!(ran.out.contains("not a regular file"), "{}", ran.out);
+    assert!(ran.out.contains("\"message\":\"rules folder entry skipped\""), "{}", ran.out);
     assert!(ran.out.contains("zz.rhai"), "{}", ran.out);
     let ran =
         run_with(segsync(&["run"], &config), Duration::from_secs(30), Some(("TERM", Duration::from_secs(4)))).await;

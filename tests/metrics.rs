@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 use segsync_sandbox::{Faults, SandboxConfig};
 use serde_json::Value;
 
+/// The daemon, killed if the test fails before stopping it.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A free loopback port (bound and released; the daemon binds it right after).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
@@ -61,18 +71,20 @@ async fn scrape_matches_the_pass_summary() {
         ),
     )
     .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_segsync"))
-        .args(["run", "--log-format", "json", "--config"])
-        .arg(&config)
-        .env(support::KEY_VAR, support::KEY)
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_segsync"))
+            .args(["run", "--log-format", "json", "--config"])
+            .arg(&config)
+            .env(support::KEY_VAR, support::KEY)
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
     let logs: Arc<Mutex<Vec<Value>>> = Arc::default();
     let sink = logs.clone();
-    let stderr = child.stderr.take().expect("stderr");
+    let stderr = child.0.stderr.take().expect("stderr");
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Ok(v) = serde_json::from_str::<Value>(&line) {
@@ -130,8 +142,8 @@ async fn scrape_matches_the_pass_summary() {
     assert_eq!(status, 200, "{body}");
     check_alert_rules(&after);
 
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("kill");
-    let status = child.wait().expect("exit");
+    Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status().expect("kill");
+    let status = child.0.wait().expect("exit");
     assert_eq!(status.code(), Some(0));
     sandbox.shutdown().await;
 }

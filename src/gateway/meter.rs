@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::error::Operation;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
     requests: AtomicU64,
     retries: AtomicU64,
@@ -59,9 +59,31 @@ impl StatusClass {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Meter {
     ops: [Counters; Operation::ALL.len()],
+}
+
+/// Every request this process made, whichever run or client made it: what `/metrics` counts, live.
+pub static PROCESS: Meter = Meter::new();
+
+impl Counters {
+    const fn new() -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
+            waited_us: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            statuses: [const { AtomicU64::new(0) }; StatusClass::ALL.len()],
+        }
+    }
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// What a run cost, by operation.
@@ -119,6 +141,10 @@ impl Usage {
 }
 
 impl Meter {
+    pub const fn new() -> Self {
+        Self { ops: [const { Counters::new() }; Operation::ALL.len()] }
+    }
+
     fn of(&self, op: Operation) -> &Counters {
         &self.ops[op as usize]
     }

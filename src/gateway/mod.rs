@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use auth::{Credentials, Secret, scrub};
 pub use error::{GatewayError, Operation};
-pub use meter::{Meter, StatusClass, Usage};
+pub use meter::{Meter, PROCESS, StatusClass, Usage};
 pub use pacer::Pacer;
 pub use rate_plan::{RateLimits, RatePlan};
 pub use scan::{Keyed, MAX_RECORDS_PER_READ, Page, Scan, churn_margin};
@@ -230,6 +230,12 @@ impl Gateway {
         self.meter.usage()
     }
 
+    /// Counts in this handle's meter and in the process-wide one.
+    fn count(&self, f: impl Fn(&Meter)) {
+        f(&self.meter);
+        f(&PROCESS);
+    }
+
     pub fn page_size(&self) -> u32 {
         self.inner.page_size
     }
@@ -311,8 +317,8 @@ impl Gateway {
         let mut throttled = 0u32;
         loop {
             let waited = self.unless_cancelled(op, self.inner.pacer.acquire()).await?;
-            self.meter.waited(op, waited);
-            self.meter.request(op);
+            self.count(|m| m.waited(op, waited));
+            self.count(|m| m.request(op));
             let attempts = failures + throttled + 1;
             let outcome = self.unless_cancelled(op, self.attempt(op, &method, &url, query, body)).await?;
             let class = match &outcome {
@@ -321,12 +327,12 @@ impl Gateway {
                 Err(GatewayError::TooLarge { .. }) => StatusClass::Success,
                 Err(_) => StatusClass::NoAnswer,
             };
-            self.meter.answered(op, class);
+            self.count(|m| m.answered(op, class));
             let error = match outcome {
                 Ok((status, _, bytes)) if status.is_success() => return Ok(bytes),
                 Ok((StatusCode::TOO_MANY_REQUESTS, header, bytes)) => {
                     throttled += 1;
-                    self.meter.throttled(op);
+                    self.count(|m| m.throttled(op));
                     let wait = header.or_else(|| retry_after_body(&bytes)).unwrap_or(Duration::from_secs(1));
                     if wait > self.inner.max_retry_after {
                         return Err(GatewayError::RetryAfterTooLong {
@@ -345,7 +351,7 @@ impl Gateway {
                     } else {
                         tracing::debug!(op = %op, wait_ms = wait.as_millis() as u64, "rate limited");
                     }
-                    self.meter.retry(op);
+                    self.count(|m| m.retry(op));
                     continue;
                 }
                 Ok((status, _, bytes)) => {
@@ -359,7 +365,7 @@ impl Gateway {
             failures += 1;
             let delay = backoff(failures);
             tracing::debug!(op = %op, error = %error, delay_ms = delay.as_millis() as u64, "retrying");
-            self.meter.retry(op);
+            self.count(|m| m.retry(op));
             self.unless_cancelled(op, tokio::time::sleep(delay)).await?;
         }
     }
@@ -444,7 +450,7 @@ impl Gateway {
                     if let Some(list) = self.find_lists(name).await?.into_iter().next() {
                         return Ok(list);
                     }
-                    self.meter.retry(Operation::CreateList);
+                    self.count(|m| m.retry(Operation::CreateList));
                     self.unless_cancelled(Operation::CreateList, tokio::time::sleep(backoff(failures))).await?;
                 }
                 Err(e) => return Err(e),

@@ -165,6 +165,7 @@ impl Gateway {
                 serde_json::from_slice(&bytes).map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
             let raw = wire.contacts.len();
             meter.records(op, raw as u64);
+            super::PROCESS.records(op, raw as u64);
             let fresh = seen.fresh(op, offset, wire.contacts)?;
             let n = fresh.len();
             Ok(Fetched { offset, raw, fresh: n, page: Page { records: work(fresh), total: wire.total } })

@@ -78,3 +78,25 @@ pub fn ids_where(sandbox: &Sandbox, pred: impl Fn(&segsync_sandbox::store::Conta
         ids
     })
 }
+
+/// Asserts that every JSON log line is an event of the documented schema (`logging::SCHEMA`,
+/// which README's event table is tested against) with only its declared fields, and that every
+/// declared field is present (absent values are `null`).
+pub fn assert_log_schema<'a>(lines: impl IntoIterator<Item = &'a serde_json::Value>) {
+    for line in lines {
+        let message = line["message"].as_str().unwrap_or_else(|| panic!("no message: {line}"));
+        let level = line["level"].as_str().unwrap_or_default();
+        if level == "DEBUG" || level == "TRACE" {
+            continue;
+        }
+        let fields =
+            segsync::logging::fields_of(message).unwrap_or_else(|| panic!("undocumented event {message:?}: {line}"));
+        let object = line.as_object().expect("an object");
+        for key in object.keys().filter(|k| !["timestamp", "level", "message"].contains(&k.as_str())) {
+            assert!(fields.iter().any(|(f, _)| f == key), "undocumented field {key:?} of {message:?}: {line}");
+        }
+        for (field, _) in fields {
+            assert!(object.contains_key(*field), "{message:?} lacks {field:?} (absent values are null): {line}");
+        }
+    }
+}
