@@ -73,8 +73,8 @@ pub const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
     ("reloaded", &[("rules", Integer)]),
     ("account changed", &[("account", Text)]),
     ("metrics served", &[("listen", Text)]),
-    ("removal confirmed", &[("rule", Text)]),
-    ("confirmation ignored", &[("rule", Text)]),
+    ("run requested", &[("rule", Text), ("allow_mass_removal", Bool)]),
+    ("run request ignored", &[("rule", Text)]),
     (
         "pass started",
         &[

@@ -120,14 +120,16 @@ pub struct RunRecord {
     pub duration_ms: u64,
     pub outcome: Outcome,
     pub detail: Option<String>,
+    /// Removals the plan held or made.
+    pub to_remove: u64,
 }
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Runs kept per rule; older ones are pruned as new ones are recorded.
 const KEEP_RUNS: i64 = 1000;
 
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     r"
     CREATE TABLE binding (
         endpoint  TEXT NOT NULL,
@@ -171,6 +173,17 @@ const MIGRATIONS: [&str; 2] = [
         requested_at TEXT NOT NULL,
         expires_at   TEXT NOT NULL
     );
+",
+    // What the daemon runs (for `status`), removals a held run planned, and run requests that do
+    // not confirm a mass removal (`sync RULE` while the daemon runs).
+    r"
+    CREATE TABLE loaded (
+        rule      TEXT PRIMARY KEY,
+        rule_hash TEXT NOT NULL,
+        loaded_at TEXT NOT NULL
+    );
+    ALTER TABLE run ADD COLUMN to_remove INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE approval ADD COLUMN allow_mass_removal INTEGER NOT NULL DEFAULT 1;
 ",
 ];
 
@@ -268,13 +281,14 @@ impl State {
             let tx = c.transaction()?;
             tx.execute(
                 "INSERT INTO run (rule, list_id, trigger, rule_hash, started_at, finished_at, scanned, matched, members_before,
-                                  added, removed, eval_errors, api_requests, retries, duration_ms, outcome, detail)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                                  added, removed, eval_errors, api_requests, retries, duration_ms, outcome, detail, to_remove)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
                 params![
                     run.rule.as_str(), run.list_id.as_ref().map_or("", |l| l.as_str()), run.trigger, run.rule_hash,
                     run.started_at, run.finished_at, run.scanned as i64, run.matched as i64, run.members_before as i64,
                     run.added as i64, run.removed as i64, run.eval_errors as i64, run.api_requests as i64,
-                    run.retries as i64, run.duration_ms as i64, run.outcome, run.detail.as_deref().unwrap_or("")
+                    run.retries as i64, run.duration_ms as i64, run.outcome, run.detail.as_deref().unwrap_or(""),
+                    run.to_remove as i64
                 ],
             )?;
             tx.execute(
@@ -287,33 +301,84 @@ impl State {
     }
 
     /// Records an operator's one-time confirmation of a held mass removal, for the running daemon.
-    pub fn approve(&self, rule: &RuleName, ttl: chrono::Duration) -> Result<(), StateError> {
+    /// Asks the running daemon to run `rule` once now, allowed to apply a held mass removal when
+    /// `allow_mass_removal` (an operator's confirmation), within `ttl`.
+    pub fn request_run(
+        &self,
+        rule: &RuleName,
+        allow_mass_removal: bool,
+        ttl: chrono::Duration,
+    ) -> Result<(), StateError> {
         let now = chrono::Utc::now();
         let expires = (now + ttl).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let requested = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         self.with(|c| {
             c.execute(
-                "INSERT INTO approval (rule, requested_at, expires_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (rule) DO UPDATE SET requested_at = excluded.requested_at, expires_at = excluded.expires_at",
-                params![rule.as_str(), requested, expires],
+                "INSERT INTO approval (rule, requested_at, expires_at, allow_mass_removal) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (rule) DO UPDATE SET requested_at = excluded.requested_at, expires_at = excluded.expires_at,
+                 allow_mass_removal = max(approval.allow_mass_removal, excluded.allow_mass_removal)",
+                params![rule.as_str(), requested, expires, allow_mass_removal],
             )
             .map(drop)
         })
     }
 
-    /// Takes (and deletes) the confirmations that have not expired.
-    pub fn take_approvals(&self) -> Result<Vec<RuleName>, StateError> {
+    /// A confirmation of a held mass removal for the running daemon.
+    pub fn approve(&self, rule: &RuleName, ttl: chrono::Duration) -> Result<(), StateError> {
+        self.request_run(rule, true, ttl)
+    }
+
+    /// Takes (and deletes) the run requests that have not expired: each rule, and whether the run
+    /// may apply a held mass removal.
+    pub fn take_run_requests(&self) -> Result<Vec<(RuleName, bool)>, StateError> {
         let now = now();
         self.with(|c| {
             let tx = c.transaction()?;
-            let names = {
-                let mut stmt = tx.prepare("SELECT rule FROM approval WHERE expires_at > ?1 ORDER BY rule")?;
-                let rows = stmt.query_map(params![now], |r| r.get::<_, String>(0))?;
-                rows.collect::<rusqlite::Result<Vec<String>>>()?
+            let requests = {
+                let mut stmt =
+                    tx.prepare("SELECT rule, allow_mass_removal FROM approval WHERE expires_at > ?1 ORDER BY rule")?;
+                let rows = stmt.query_map(params![now], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
+                rows.collect::<rusqlite::Result<Vec<(String, bool)>>>()?
             };
             tx.execute("DELETE FROM approval", [])?;
             tx.commit()?;
-            Ok(names.into_iter().map(RuleName::from).collect())
+            Ok(requests.into_iter().map(|(rule, allow)| (RuleName::from(rule), allow)).collect())
+        })
+    }
+
+    /// Withdraws the run requests for `rules` still waiting; returns how many were waiting.
+    pub fn withdraw_run_requests(&self, rules: &[RuleName]) -> Result<usize, StateError> {
+        self.with(|c| {
+            let mut n = 0;
+            for rule in rules {
+                n += c.execute("DELETE FROM approval WHERE rule = ?1", params![rule.as_str()])?;
+            }
+            Ok(n)
+        })
+    }
+
+    /// Records the rules the daemon runs now, replacing the previous set (for `status`).
+    pub fn set_loaded(&self, rules: &[(RuleName, String)]) -> Result<(), StateError> {
+        let now = now();
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM loaded", [])?;
+            for (rule, hash) in rules {
+                tx.execute(
+                    "INSERT INTO loaded (rule, rule_hash, loaded_at) VALUES (?1, ?2, ?3)",
+                    params![rule.as_str(), hash, now],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    /// The rules the daemon last said it runs, with their content hashes.
+    pub fn loaded(&self) -> Result<Vec<(RuleName, String)>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT rule, rule_hash FROM loaded ORDER BY rule")?;
+            let rows = stmt.query_map([], |r| Ok((RuleName::from(r.get::<_, String>(0)?), r.get::<_, String>(1)?)))?;
+            rows.collect()
         })
     }
 
@@ -343,7 +408,7 @@ impl State {
         self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT rule, list_id, trigger, rule_hash, started_at, finished_at, scanned, matched, members_before, added,
-                        removed, eval_errors, api_requests, retries, duration_ms, outcome, detail
+                        removed, eval_errors, api_requests, retries, duration_ms, outcome, detail, to_remove
                  FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY rule ORDER BY id DESC) AS n FROM run)
                  WHERE n <= ?1 ORDER BY rule, n",
             )?;
@@ -370,6 +435,7 @@ impl State {
                     duration_ms: r.get::<_, i64>(14)? as u64,
                     outcome: r.get(15)?,
                     detail: text(16)?,
+                    to_remove: r.get::<_, i64>(17)? as u64,
                 })
             })?;
             rows.collect()
@@ -510,8 +576,12 @@ mod tests {
 
         state.approve(&RuleName::from("vip"), chrono::Duration::hours(1)).expect("approve");
         state.approve(&RuleName::from("old"), chrono::Duration::seconds(-1)).expect("approve");
-        assert_eq!(state.take_approvals().expect("take"), [RuleName::from("vip")]);
-        assert!(state.take_approvals().expect("take").is_empty(), "taken once");
+        state.request_run(&RuleName::from("geo"), false, chrono::Duration::hours(1)).expect("request");
+        assert_eq!(
+            state.take_run_requests().expect("take"),
+            [(RuleName::from("geo"), false), (RuleName::from("vip"), true)]
+        );
+        assert!(state.take_run_requests().expect("take").is_empty(), "taken once");
     }
 
     // A second instance on the same state file is refused with a message naming the holder.

@@ -216,9 +216,132 @@ async fn sync_exit_codes_and_status() {
     .await
     .expect("join");
     assert_eq!(code, 0, "{out}");
-    assert_eq!(out.lines().filter(|l| l.starts_with("vip ")).count(), 3, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("vip ")).count(), 1, "one row per rule: {out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("  20")).count(), 3, "vip's three runs: {out}");
     assert!(out.contains("held"), "{out}");
+    assert!(out.contains("daemon: not running"), "{out}");
     sandbox.shutdown().await;
+}
+
+// `status --json` is always JSON with a schema version: on a fresh install (no state yet) every rule
+// on disk with no run and exit 0; with a held run, the held removals and exit 4; `--runs 0` lists none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_answers_is_everything_fine() {
+    let sandbox = support::start(support::sandbox_config(2_000)).await;
+    let (dir, config) = setup(Some(&sandbox.base_url()));
+    let status = |config: PathBuf| async move {
+        tokio::task::spawn_blocking(move || {
+            let out = segsync()
+                .args(["status", "--json", "--runs", "0"])
+                .arg("--config")
+                .arg(&config)
+                .output()
+                .expect("runs");
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("always JSON");
+            (out.status.code().unwrap_or(-1), doc)
+        })
+        .await
+        .expect("join")
+    };
+    let (code, doc) = status(config.clone()).await;
+    assert_eq!(code, 0, "{doc}");
+    assert_eq!(doc["schema_version"], 1);
+    assert_eq!(doc["daemon"]["running"], false);
+    let rules = doc["rules"].as_array().expect("rules");
+    assert_eq!(rules.len(), 5, "{doc}");
+    assert!(rules.iter().all(|r| r["outcome"].is_null() && r["next_run"].is_string()), "{doc}");
+
+    let c = config.clone();
+    let (code, out) = tokio::task::spawn_blocking(move || run(segsync().args(["sync", "vip"]).arg("--config").arg(&c)))
+        .await
+        .expect("join");
+    assert_eq!(code, 0, "{out}");
+    std::fs::remove_file(dir.path().join("rules/vip.test.toml")).expect("remove the tests");
+    std::fs::write(
+        dir.path().join("rules/vip.rhai"),
+        "const LIST = \"VIP - Spend > 5000 EUR\";\nfn matches(c) { c.customFields.totalSpent > 50000.0 }\n",
+    )
+    .expect("write");
+    let c = config.clone();
+    let (code, out) = tokio::task::spawn_blocking(move || run(segsync().args(["sync", "vip"]).arg("--config").arg(&c)))
+        .await
+        .expect("join");
+    assert_eq!(code, 4, "{out}");
+    let (code, doc) = status(config.clone()).await;
+    assert_eq!(code, 4, "held removals make status fail: {doc}");
+    let vip = doc["rules"].as_array().expect("rules").iter().find(|r| r["rule"] == "vip").expect("vip").clone();
+    assert_eq!(vip["outcome"], "held", "{vip}");
+    assert!(vip["held_removals"].as_u64().is_some_and(|n| n > 0), "{vip}");
+    assert_eq!(vip["runs"].as_array().map(Vec::len), Some(0), "--runs 0 lists none");
+    assert_eq!(vip["file"], serde_json::Value::Null, "no daemon, no running version");
+    sandbox.shutdown().await;
+}
+
+// One exit-code table: a missing key variable is 3 in check and plan alike; an unknown rule is a
+// usage error (2); `plan --detailed-exitcode` is 5 when changes are pending and 0 when there are none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_agree_across_commands() {
+    let sandbox = support::start(support::sandbox_config(1_000)).await;
+    let (_dir, config) = setup(Some(&sandbox.base_url()));
+    let c = config.clone();
+    let codes = tokio::task::spawn_blocking(move || {
+        let without_key = |args: &[&str]| run(segsync().args(args).arg("--config").arg(&c).env_remove(KEY_VAR));
+        let with_key = |args: &[&str]| run(segsync().args(args).arg("--config").arg(&c));
+        (
+            without_key(&["check"]),
+            without_key(&["plan"]),
+            with_key(&["plan", "nosuchrule"]),
+            with_key(&["plan", "vip", "--detailed-exitcode"]),
+            with_key(&["sync", "vip"]),
+            with_key(&["plan", "vip", "--detailed-exitcode"]),
+        )
+    })
+    .await
+    .expect("join");
+    assert_eq!(codes.0.0, 3, "{}", codes.0.1);
+    assert_eq!(codes.1.0, 3, "{}", codes.1.1);
+    assert!(codes.1.1.contains(KEY_VAR), "{}", codes.1.1);
+    assert_eq!(codes.2.0, 2, "{}", codes.2.1);
+    assert!(codes.2.1.contains("no valid rule named \"nosuchrule\""), "{}", codes.2.1);
+    assert_eq!(codes.3.0, 5, "a new list and its members are pending: {}", codes.3.1);
+    assert_eq!(codes.4.0, 0, "{}", codes.4.1);
+    assert_eq!(codes.5.0, 0, "nothing left to do: {}", codes.5.1);
+    sandbox.shutdown().await;
+}
+
+// `check --json`, `check --verbose` (next firings), `test --json` and `test --junit FILE` for CI.
+#[test]
+fn check_and_test_speak_json_and_junit() {
+    let (dir, config) = setup(None);
+    std::fs::write(
+        dir.path().join("rules/bad-cron.rhai"),
+        "const LIST = \"C\";\nconst SCHEDULE = \"0 0 30 2 *\";\nfn matches(c) { true }\n",
+    )
+    .expect("write");
+    let out = segsync().args(["check", "--json"]).arg("--config").arg(&config).output().expect("runs");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(out.status.code(), Some(0), "{doc}");
+    assert_eq!(doc["ok"], true);
+    let problem = &doc["problems"][0];
+    assert_eq!(problem["severity"], "warning", "{doc}");
+    assert!(problem["message"].as_str().expect("message").contains("never fires"), "{doc}");
+    assert_eq!(problem["line"], 2, "{doc}");
+    assert_eq!(doc["rules"].as_array().map(Vec::len), Some(5));
+    assert_eq!(doc["rules"][0]["next_runs"].as_array().map(Vec::len), Some(3), "{doc}");
+
+    let (code, out) = run(segsync().args(["check", "--verbose"]).arg("--config").arg(&config));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().any(|l| l.starts_with("vip: 0 */5 * * * * → next ")), "{out}");
+
+    let junit = dir.path().join("junit.xml");
+    let out =
+        segsync().args(["test", "--json", "--junit"]).arg(&junit).arg("--config").arg(&config).output().expect("runs");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(doc["failed"], 0, "{doc}");
+    assert_eq!(doc["passed"], 21, "{doc}");
+    let xml = std::fs::read_to_string(&junit).expect("the JUnit report");
+    assert!(xml.contains("<testsuite name=\"vip\" tests=\"6\" failures=\"0\""), "{xml}");
+    assert!(xml.contains("<testcase classname=\"vip\" name=\"exactly 5,000 EUR is not above\"/>"), "{xml}");
 }
 
 // `plan` writes nothing (not even a list); `explain` shows the fields the rule reads and the answer.
@@ -279,4 +402,37 @@ async fn sandbox_command_serves_the_api() {
     assert_eq!(body["total"], 250);
     child.kill().expect("kill");
     child.wait().expect("reaped");
+}
+
+// `sync` draws a progress bar on a terminal (a pty from `script`), and never when stderr is a pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_bar_only_on_a_terminal() {
+    let sandbox = support::start(support::sandbox_config(1_000)).await;
+    let (_dir, config) = setup(Some(&sandbox.base_url()));
+    // The trial plan paces the pass over a few seconds, so the bar has time to draw.
+    let text = std::fs::read_to_string(&config).expect("read").replace("plan = \"unlimited\"", "plan = \"trial\"");
+    std::fs::write(&config, text).expect("write");
+    let c = config.clone();
+    let (piped, tty) = tokio::task::spawn_blocking(move || {
+        let piped =
+            segsync().args(["sync", "vip", "--log-format", "text"]).arg("--config").arg(&c).output().expect("runs");
+        let line = format!("{} sync vip --log-format text --config {}", env!("CARGO_BIN_EXE_segsync"), c.display());
+        let tty = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env(KEY_VAR, support::KEY)
+            .stdin(Stdio::null())
+            .output()
+            .expect("script runs");
+        (piped, tty)
+    })
+    .await
+    .expect("join");
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert_eq!(piped.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains('\r') && !stderr.contains('\u{1b}'), "no bar, no colours on a pipe: {stderr:?}");
+    assert!(!stderr.contains("reading: "), "no progress message on a pipe: {stderr}");
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    assert_eq!(tty.status.code(), Some(0), "{screen}");
+    assert!(screen.contains("reading: ") && screen.contains(" requests"), "a bar on the terminal: {screen:?}");
+    sandbox.shutdown().await;
 }

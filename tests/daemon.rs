@@ -288,6 +288,86 @@ async fn held_removal_confirmed_while_running() {
     sandbox.shutdown().await;
 }
 
+// `sync RULE` while the daemon runs hands the run to the daemon and prints its outcome; `status`
+// shows the daemon running and the file on disk as the version it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_while_running_is_handed_to_the_daemon() {
+    let sandbox = support::start(support::sandbox_config(1_000)).await;
+    let (_dir, config) = setup(&sandbox, "");
+    let daemon = Daemon::start(&config, &[]);
+    daemon.wait_for(5, "rule run", &[("trigger", "startup"), ("outcome", "ok")], 60).await;
+    let c = config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_segsync"))
+            .args(["sync", "geo-veneto", "--config"])
+            .arg(&c)
+            .env(KEY_VAR, support::KEY)
+            .output()
+            .expect("runs")
+    })
+    .await
+    .expect("join");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("asked it to run geo-veneto once"), "{text}");
+    assert!(text.contains("geo-veneto: added 0, removed 0, outcome ok"), "{text}");
+    daemon.wait_for(1, "run requested", &[("rule", "geo-veneto")], 5).await;
+    daemon.wait_for(1, "rule run", &[("rule", "geo-veneto"), ("trigger", "manual")], 5).await;
+
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_segsync"))
+            .args(["status", "--json", "--config"])
+            .arg(&config)
+            .output()
+            .expect("runs")
+    })
+    .await
+    .expect("join");
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(out.status.code(), Some(0), "{doc}");
+    assert_eq!(doc["daemon"]["running"], true, "{doc}");
+    let rules = doc["rules"].as_array().expect("rules");
+    assert!(rules.iter().all(|r| r["file"] == "running"), "{doc}");
+    drop(daemon);
+    sandbox.shutdown().await;
+}
+
+// A long pass reports itself: `pass started`, `pass progress` every 10 s with the contacts read and
+// an ETA, and the same progress on the systemd status line while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_passes_report_progress() {
+    let sandbox = support::start(support::sandbox_config(2_000)).await;
+    // The trial plan paces the client at ~1.6 requests/s: the first pass lasts well over 10 s.
+    let (dir, config) = setup(&sandbox, "");
+    let text = std::fs::read_to_string(&config).expect("read").replace("plan = \"unlimited\"", "plan = \"trial\"");
+    std::fs::write(&config, text).expect("write");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind");
+    socket.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let messages: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = messages.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(90) {
+            if let Ok(n) = socket.recv(&mut buf) {
+                sink.lock().expect("lock").push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    });
+    let daemon = Daemon::start(&config, &[("NOTIFY_SOCKET", socket_path.display().to_string())]);
+    let started = daemon.wait_for(1, "pass started", &[("trigger", "startup")], 20).await;
+    assert_eq!(started[0]["rules"], 5, "{}", started[0]);
+    let progress = daemon.wait_for(1, "pass progress", &[("trigger", "startup")], 30).await;
+    assert!(progress[0]["api_requests"].as_u64().is_some_and(|n| n > 0), "{}", progress[0]);
+    assert!(progress[0]["contacts"].as_u64().is_some_and(|n| n > 0), "{}", progress[0]);
+    let status = messages.lock().expect("lock").clone();
+    assert!(status.iter().any(|m| m.starts_with("STATUS=pass (startup, 5 rule(s)) ")), "{status:?}");
+    daemon.wait_for(1, "pass finished", &[("trigger", "startup")], 60).await;
+    drop(daemon);
+    sandbox.shutdown().await;
+}
+
 // Edits arriving while a rule runs coalesce: a burst of four edits gives at most one follow-up run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triggers_during_a_run_coalesce() {

@@ -20,65 +20,131 @@ pub(super) fn load_rules(config: &Config, tested: bool) -> (rhai::Engine, RuleSe
     (engine, set, errors)
 }
 
+/// How `check` and `test` print.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Output {
+    pub json: bool,
+    /// `check`: each rule's next firings too.
+    pub verbose: bool,
+}
+
+/// One problem `check` found.
+#[derive(Debug, serde::Serialize)]
+struct Problem {
+    /// `error` (fails the gate) or `warning` (a rule the daemon would not run; fails `--strict`).
+    severity: &'static str,
+    file: String,
+    line: Option<usize>,
+    col: Option<usize>,
+    message: String,
+}
+
+impl Problem {
+    fn of(severity: &'static str, d: &Diagnostic) -> Self {
+        let at = |n: usize| (n > 0).then_some(n);
+        Self {
+            severity,
+            file: d.file.display().to_string(),
+            line: at(d.line),
+            col: at(d.col),
+            message: d.message.clone(),
+        }
+    }
+}
+
 /// The start gate and `check --strict`. Without `--strict` it refuses what `run` would refuse — an
 /// unreadable key, a state it cannot write, no usable rule at all — and reports broken rules and
 /// failing rule tests as warnings (the daemon runs the good rules, as it would). With `--strict`
 /// every problem fails it.
-pub(super) fn check(config: &Config, strict: bool) -> Exit {
-    let mut fatal = 0;
+pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
+    let mut problems: Vec<Problem> = Vec::new();
+    let whole = |message: String| Diagnostic::whole_file(&config.path, message);
     match config.credentials() {
-        Err(e) => {
-            say!("{}: {e}", config.path.display());
-            fatal += 1;
-        }
-        Ok(credentials) if credentials.header().is_none() => {
-            say!(
-                "{}: the API key ({}) holds characters an HTTP header cannot carry (a line break or a control \
-                 character inside it?)",
-                config.path.display(),
+        Err(e) => problems.push(Problem::of("error", &whole(e.to_string()))),
+        Ok(credentials) if credentials.header().is_none() => problems.push(Problem::of(
+            "error",
+            &whole(format!(
+                "the API key ({}) holds characters an HTTP header cannot carry (a line break or a control character \
+                 inside it?)",
                 config.key_source_name()
-            );
-            fatal += 1;
-        }
+            )),
+        )),
         Ok(_) => {}
     }
     if let Err(e) = crate::state::check_writable(&config.state_path) {
-        say!("{}: [state] path: {e}", config.path.display());
-        fatal += 1;
+        problems.push(Problem::of("error", &whole(format!("[state] path: {e}"))));
     }
     let engine = rules::engine::build(config.time_zone);
     let (set, errors, passed) = rules::load_tested(&engine, &config.rules_dir);
-    let label = if strict { "" } else { "warning: " };
-    for e in &errors {
-        say!("{label}{e}");
-    }
+    let severity = if strict { "error" } else { "warning" };
+    problems.extend(errors.iter().map(|e| Problem::of(severity, e)));
     if set.is_empty() {
-        say!(
-            "{}: no usable rule in {}; segsync run would refuse to start",
-            config.path.display(),
-            config.rules_dir.display()
-        );
-        fatal += 1;
+        let message = format!("no usable rule in {}; segsync run would refuse to start", config.rules_dir.display());
+        problems.push(Problem::of("error", &whole(message)));
     }
-    let names: Vec<&str> = set.rules.keys().map(RuleName::as_str).collect();
-    let problems = fatal + if strict { errors.len() } else { 0 };
-    if problems == 0 {
-        say!(
-            "ok: config {}, {} rule(s) ({}), {passed} rule test(s) passed{}",
-            config.path.display(),
-            set.len(),
-            names.join(", "),
-            if errors.is_empty() {
-                String::new()
-            } else {
-                format!("; {} rule problem(s) above, not run", errors.len())
-            }
-        );
-        Exit::Ok
+    let failing = problems.iter().filter(|p| p.severity == "error").count();
+    let now = chrono::Utc::now();
+    let schedules: Vec<serde_json::Value> = set
+        .iter()
+        .map(|rule| {
+            let schedule = rule.schedule.clone().unwrap_or_else(|| config.default_schedule.clone());
+            let next: Vec<String> = schedule
+                .upcoming(now, config.time_zone, 3)
+                .into_iter()
+                .map(|t| t.with_timezone(&config.time_zone).to_rfc3339())
+                .collect();
+            serde_json::json!({ "rule": rule.name, "list": rule.list, "schedule": schedule.as_str(), "next_runs": next })
+        })
+        .collect();
+    if out.json {
+        let doc = serde_json::json!({
+            "ok": failing == 0,
+            "strict": strict,
+            "config": config.path.display().to_string(),
+            "problems": problems,
+            "rules": schedules,
+            "rule_tests_passed": passed,
+        });
+        say!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
-        say!("check: {problems} problem(s); {} valid rule(s) ({})", set.len(), names.join(", "));
-        Exit::Invalid
+        for (p, e) in problems.iter().zip(problems.iter().map(|p| p.severity)) {
+            let label = if e == "warning" { "warning: " } else { "" };
+            let d = Diagnostic {
+                file: p.file.clone().into(),
+                line: p.line.unwrap_or(0),
+                col: p.col.unwrap_or(0),
+                message: p.message.clone(),
+            };
+            say!("{label}{d}");
+        }
+        let names: Vec<&str> = set.rules.keys().map(RuleName::as_str).collect();
+        if failing == 0 {
+            let warnings = problems.len();
+            say!(
+                "ok: config {}, {} rule(s) ({}), {passed} rule test(s) passed{}",
+                config.path.display(),
+                set.len(),
+                names.join(", "),
+                if warnings == 0 { String::new() } else { format!("; {warnings} rule problem(s) above, not run") }
+            );
+        } else {
+            say!("check: {failing} problem(s); {} valid rule(s) ({})", set.len(), names.join(", "));
+        }
+        if out.verbose {
+            for s in &schedules {
+                say!(
+                    "{}: {} → next {}",
+                    s["rule"].as_str().unwrap_or_default(),
+                    s["schedule"].as_str().unwrap_or_default(),
+                    s["next_runs"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
+                        .unwrap_or_default()
+                );
+            }
+        }
     }
+    if failing == 0 { Exit::Ok } else { Exit::Invalid }
 }
 
 /// The rules named on the command line (all when none), or the names that do not exist.
@@ -105,48 +171,120 @@ pub(super) fn load_selected(
     config: &Config,
     names: &[String],
     tested: bool,
+    quiet: bool,
 ) -> Result<(rhai::Engine, Vec<Arc<Rule>>, bool), Exit> {
     let (engine, set, errors) = load_rules(config, tested);
-    for e in &errors {
+    for e in errors.iter().filter(|_| !quiet) {
         say!("{e}");
     }
     match select(&set, names) {
         Ok(selected) => Ok((engine, selected, errors.is_empty())),
         Err(e) => {
             say!("{e}");
-            Err(Exit::Invalid)
+            Err(Exit::Usage)
         }
     }
 }
 
-pub(super) fn test(config: &Config, names: &[String]) -> Exit {
-    let (engine, selected, all_valid) = match load_selected(config, names, false) {
+pub(super) fn test(config: &Config, names: &[String], out: Output, junit: Option<&std::path::Path>) -> Exit {
+    let (engine, selected, all_valid) = match load_selected(config, names, false, out.json) {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let (mut passed, mut failed, mut untested) = (0, 0, Vec::new());
+    let mut results = Vec::new();
     for rule in &selected {
         let report = match rules::fixtures::run(&engine, rule) {
             Ok(r) => r,
             Err(e) => {
-                say!("{e}");
+                let message = e.to_string();
+                if !out.json {
+                    say!("{message}");
+                }
                 failed += 1;
+                let cases = vec![("(the test file)".to_owned(), Some(message))];
+                results.push((
+                    rule.name.to_string(),
+                    None,
+                    rules::fixtures::TestReport { cases, ..Default::default() },
+                ));
                 continue;
             }
         };
         if report.file.is_none() {
-            untested.push(rule.name.as_str());
+            untested.push(rule.name.to_string());
         }
-        for f in &report.failures {
-            say!("FAIL {f}");
+        if !out.json {
+            for f in &report.failures {
+                say!("FAIL {f}");
+            }
+            say!("{}: {} passed, {} failed", rule.name, report.passed, report.failures.len());
         }
-        say!("{}: {} passed, {} failed", rule.name, report.passed, report.failures.len());
         passed += report.passed;
         failed += report.failures.len();
+        results.push((rule.name.to_string(), report.file.clone(), report));
     }
-    if !untested.is_empty() {
-        say!("no tests for: {} (add rules/NAME.test.toml)", untested.join(", "));
+    if out.json {
+        let rules: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(rule, file, r)| {
+                serde_json::json!({
+                    "rule": rule,
+                    "file": file.as_ref().map(|f| f.display().to_string()),
+                    "passed": r.cases.iter().filter(|c| c.1.is_none()).count(),
+                    "failures": r.cases.iter().filter_map(|c| c.1.clone()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({ "passed": passed, "failed": failed, "untested": untested, "rules": rules });
+        say!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    } else {
+        if !untested.is_empty() {
+            say!("no tests for: {} (add rules/NAME.test.toml)", untested.join(", "));
+        }
+        say!("{passed} passed, {failed} failed");
     }
-    say!("{passed} passed, {failed} failed");
+    if let Some(path) = junit
+        && let Err(e) = std::fs::write(path, junit_xml(&results))
+    {
+        say!("cannot write the JUnit report {}: {e}", path.display());
+        return Exit::Failure;
+    }
     if failed > 0 { Exit::Failure } else { Exit::Ok.unless_invalid(all_valid) }
+}
+
+/// The rule tests as a JUnit XML report (one test suite per rule, one test case per case), as CI
+/// systems read them.
+fn junit_xml(results: &[(String, Option<std::path::PathBuf>, rules::fixtures::TestReport)]) -> String {
+    fn esc(s: &str) -> String {
+        s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    }
+    let total: usize = results.iter().map(|r| r.2.cases.len()).sum();
+    let failures: usize = results.iter().map(|r| r.2.cases.iter().filter(|c| c.1.is_some()).count()).sum();
+    let mut xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"segsync rule tests\" tests=\"{total}\" failures=\"{failures}\">\n"
+    );
+    for (rule, file, report) in results {
+        let failed = report.cases.iter().filter(|c| c.1.is_some()).count();
+        let file = file.as_ref().map(|f| esc(&f.display().to_string())).unwrap_or_default();
+        xml.push_str(&format!(
+            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failed}\" file=\"{file}\">\n",
+            esc(rule),
+            report.cases.len()
+        ));
+        for (case, failure) in &report.cases {
+            match failure {
+                None => xml.push_str(&format!("    <testcase classname=\"{}\" name=\"{}\"/>\n", esc(rule), esc(case))),
+                Some(message) => xml.push_str(&format!(
+                    "    <testcase classname=\"{0}\" name=\"{1}\">\n      <failure message=\"{2}\">{2}</failure>\n    </testcase>\n",
+                    esc(rule),
+                    esc(case),
+                    esc(message)
+                )),
+            }
+        }
+        xml.push_str("  </testsuite>\n");
+    }
+    xml.push_str("</testsuites>\n");
+    xml
 }

@@ -59,11 +59,23 @@ pub enum Command {
         /// Fail on any problem, broken rules and failing rule tests included (for CI and people).
         #[arg(long)]
         strict: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also print each rule's schedule and its next three firings.
+        #[arg(long, short)]
+        verbose: bool,
     },
     /// Run rule unit tests (rules/NAME.test.toml beside rules/NAME.rhai).
     Test {
         /// Rules to test (default: all).
         rules: Vec<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also write a JUnit XML report to this file (for CI pipelines).
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
     },
     /// Fetch one contact and show why it is or is not in RULE's segment.
     Explain { rule: String, contact_id: String },
@@ -74,6 +86,9 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Exit 5 when changes are pending (0 only when there is nothing to do), as terraform's.
+        #[arg(long)]
+        detailed_exitcode: bool,
     },
     /// One reconcile pass now, then exit (exit 4 if a guard held a change, 1 if a rule failed).
     Sync {
@@ -85,11 +100,11 @@ pub enum Command {
     },
     /// The last runs per rule: when, trigger, added, removed, outcome.
     Status {
-        /// Print JSON instead of text.
+        /// Print JSON instead of text (always JSON, with a schema version).
         #[arg(long)]
         json: bool,
-        /// Runs to show per rule.
-        #[arg(long, default_value_t = 1)]
+        /// Past runs to list under each rule (0: none).
+        #[arg(long, default_value_t = 0)]
         runs: usize,
     },
     /// Serve the bundled emulator of the partner-gateway API on localhost, seeded with demo contacts.
@@ -143,6 +158,8 @@ pub enum Exit {
     Invalid = 3,
     /// A guard held a change (mass removal); nothing failed.
     Held = 4,
+    /// `plan --detailed-exitcode`: changes are pending.
+    Pending = 5,
 }
 
 impl Exit {
@@ -223,10 +240,14 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             ))?;
             Ok(Exit::Ok)
         }
-        Command::Check { strict } => Ok(check::check(&config, strict)),
-        Command::Test { rules } => Ok(check::test(&config, &rules)),
+        Command::Check { strict, json, verbose } => Ok(check::check(&config, strict, check::Output { json, verbose })),
+        Command::Test { rules, json, junit } => {
+            Ok(check::test(&config, &rules, check::Output { json, verbose: false }, junit.as_deref()))
+        }
         Command::Explain { rule, contact_id } => runtime()?.block_on(explain::explain(&config, &rule, &contact_id)),
-        Command::Plan { rules, json } => runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Plan { json })),
+        Command::Plan { rules, json, detailed_exitcode } => {
+            runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Plan { json, detailed_exitcode }))
+        }
         Command::Sync { rules, allow_mass_removal } => {
             runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Sync { allow_mass_removal }))
         }

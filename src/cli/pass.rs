@@ -18,16 +18,17 @@ use crate::rules::Rule;
 
 /// Which of the two pass commands.
 pub(super) enum Mode {
-    Plan { json: bool },
+    Plan { json: bool, detailed_exitcode: bool },
     Sync { allow_mass_removal: bool },
 }
 
 /// `plan` and `sync`: one pass over the selected rules, dry or real.
 pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyhow::Result<Exit> {
-    let (engine, selected, all_valid) = match load_selected(config, names, true) {
-        Ok(loaded) => loaded,
-        Err(code) => return Ok(code),
-    };
+    let (engine, selected, all_valid) =
+        match load_selected(config, names, true, matches!(mode, Mode::Plan { json: true, .. })) {
+            Ok(loaded) => loaded,
+            Err(code) => return Ok(code),
+        };
     let dry_run = matches!(mode, Mode::Plan { .. });
     let allow_mass_removal = matches!(mode, Mode::Sync { allow_mass_removal: true });
     // Only a writer needs the instance lock; a dry run may look while the daemon works.
@@ -36,13 +37,18 @@ pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyho
     } else {
         match crate::state::lock(&config.state_path) {
             Ok(lock) => Some(lock),
-            // The daemon holds the state: hand it the confirmation instead of fighting it.
-            Err(crate::state::StateError::Locked { pid, .. }) if allow_mass_removal && !names.is_empty() => {
-                return confirm_through_daemon(config, &selected, &pid).await;
+            // The daemon holds the state: hand it the run (and any confirmation) instead of fighting it.
+            Err(crate::state::StateError::Locked { pid, .. }) => {
+                return run_through_daemon(config, &selected, &pid, allow_mass_removal).await;
             }
             Err(e) => return Err(e.into()),
         }
     };
+    // A key that cannot be read is a configuration problem, the same code as in `check`.
+    if let Err(e) = config.credentials() {
+        say!("{}: {e}", config.path.display());
+        return Ok(Exit::Invalid);
+    }
     let state = crate::state::State::open(&config.state_path)?;
     let connection = Connection::open(config).await?;
     let reconciler = Reconciler::new(Parts {
@@ -85,25 +91,42 @@ pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyho
     stop.abort();
     connection.close().await;
     match mode {
-        Mode::Plan { json: true } => {
+        Mode::Plan { json: true, .. } => {
             let rows: Vec<serde_json::Value> = report.rules.iter().map(plan_json).collect();
             say!("{}", serde_json::to_string_pretty(&rows)?);
         }
         _ => print_pass(&report, dry_run),
     }
-    Ok(Exit::for_outcomes(report.rules.iter().map(|r| r.outcome)).unless_invalid(all_valid))
+    let exit = Exit::for_outcomes(report.rules.iter().map(|r| r.outcome)).unless_invalid(all_valid);
+    let pending = report.rules.iter().any(|r| !r.plan.is_empty() || (r.list_id.is_none() && r.list_created));
+    Ok(match mode {
+        Mode::Plan { detailed_exitcode: true, .. } if exit == Exit::Ok && pending => Exit::Pending,
+        _ => exit,
+    })
 }
 
-/// `sync RULE --allow-mass-removal` while the daemon runs: records the confirmation for the daemon,
-/// then waits for its run of each rule and reports the outcome.
-async fn confirm_through_daemon(config: &Config, rules: &[Arc<Rule>], pid: &str) -> anyhow::Result<Exit> {
+/// How long a run request may wait for the daemon to take it.
+const HANDOFF_WAIT: Duration = Duration::from_secs(6);
+
+/// `sync [RULE…] [--allow-mass-removal]` while the daemon runs: asks the daemon (through the state
+/// database) to run each rule once now, with the confirmation if given, then waits for its runs and
+/// reports their outcomes.
+async fn run_through_daemon(config: &Config, rules: &[Arc<Rule>], pid: &str, allow: bool) -> anyhow::Result<Exit> {
     let state = crate::state::State::open(&config.state_path)?;
     let since = crate::state::now();
     for rule in rules {
-        state.approve(&rule.name, chrono::Duration::minutes(10))?;
+        state.request_run(&rule.name, allow, chrono::Duration::minutes(10))?;
     }
     let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
-    say!("segsync is running (pid {pid}); asked it to run {} once with removals allowed", names.join(", "));
+    let how = if allow { " with removals allowed" } else { "" };
+    say!("segsync is running (pid {pid}); asked it to run {} once{how}", names.join(", "));
+    // A daemon takes requests every 2 s; a holder that does not (another `sync`) is refused.
+    tokio::time::sleep(HANDOFF_WAIT).await;
+    let requested: Vec<crate::ids::RuleName> = rules.iter().map(|r| r.name.clone()).collect();
+    if state.withdraw_run_requests(&requested)? > 0 {
+        let path = config.state_path.clone();
+        return Err(crate::state::StateError::Locked { path, pid: pid.to_owned() }.into());
+    }
     let deadline = std::time::Instant::now() + Duration::from_secs(600);
     let mut outcomes = Vec::new();
     for rule in rules {

@@ -3,7 +3,7 @@
 use super::Exit;
 use crate::config::Config;
 use crate::ids::ContactId;
-use crate::reconcile::{Outcome, PassReport, RuleReport, sample};
+use crate::reconcile::{Outcome, PassReport, RuleReport, Trigger, sample};
 
 pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
     serde_json::json!({
@@ -12,7 +12,8 @@ pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
         "list_id": r.list_id,
         "list_exists": r.list_id.is_some(),
         "mode": r.rule.mode,
-        "members": r.members_before,
+        "members_before": r.members_before,
+        "read_plan": r.read.as_str(),
         "scanned": r.scanned,
         "matched": r.matched,
         "eval_errors": r.eval_errors,
@@ -93,45 +94,181 @@ pub(super) fn print_pass(report: &PassReport, dry_run: bool) {
     );
 }
 
+/// The version of `status --json`'s shape; bumped when a field changes meaning or goes away.
+const STATUS_SCHEMA_VERSION: u32 = 1;
+
+/// One rule in `status`.
+#[derive(Debug, serde::Serialize)]
+struct RuleStatus {
+    rule: String,
+    list_id: Option<String>,
+    /// When the last run finished.
+    last_run: Option<String>,
+    trigger: Option<Trigger>,
+    outcome: Option<Outcome>,
+    /// Members of the list after the last run.
+    members: Option<u64>,
+    added: Option<u64>,
+    removed: Option<u64>,
+    detail: Option<String>,
+    last_success: Option<String>,
+    next_run: Option<String>,
+    /// `running` (the daemon runs this file as it is on disk), `changed` (the file changed since the
+    /// daemon loaded it), `broken` (the file does not load; its last good version runs), `not_loaded`,
+    /// `deleted` (the daemon runs a rule whose file is gone), or null when no daemon runs.
+    file: Option<&'static str>,
+    /// Removals a guard holds until `segsync sync RULE --allow-mass-removal`.
+    held_removals: u64,
+    /// No successful run for `overdue_factor` schedule intervals.
+    overdue: bool,
+    runs: Vec<crate::state::RunRecord>,
+}
+
+/// `status`: per rule, the last run, members, next run, whether the daemon runs the file on disk,
+/// held removals and overdue rules. Exit 0 when every rule's last run is ok; 1 when one failed, is
+/// partial or is overdue; 4 when one holds removals.
 pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result<Exit> {
-    if !config.state_path.exists() {
-        say!("no runs yet (no state database at {})", config.state_path.display());
-        return Ok(Exit::Ok);
+    let now = chrono::Utc::now();
+    let state = if config.state_path.exists() { Some(crate::state::State::open(&config.state_path)?) } else { None };
+    let daemon_pid = match &state {
+        Some(_) => match crate::state::lock(&config.state_path) {
+            Err(crate::state::StateError::Locked { pid, .. }) => Some(pid),
+            _ => None,
+        },
+        None => None,
+    };
+    let history = match &state {
+        Some(state) => state.last_runs(1000)?,
+        None => Vec::new(),
+    };
+    let loaded = match (&state, &daemon_pid) {
+        (Some(state), Some(_)) => state.loaded()?,
+        _ => Vec::new(),
+    };
+    let engine = crate::rules::engine::build(config.time_zone);
+    let (on_disk, broken, _) = crate::rules::load_tested(&engine, &config.rules_dir);
+    let broken: Vec<String> =
+        broken.iter().filter_map(|e| e.file.file_stem().and_then(|s| s.to_str()).map(str::to_owned)).collect();
+    let mut names: std::collections::BTreeSet<String> = on_disk.rules.keys().map(|n| n.to_string()).collect();
+    names.extend(history.iter().map(|r| r.rule.to_string()));
+    names.extend(loaded.iter().map(|(r, _)| r.to_string()));
+
+    let mut rows = Vec::new();
+    for name in names {
+        let rule_runs: Vec<&crate::state::RunRecord> = history.iter().filter(|r| r.rule.as_str() == name).collect();
+        let last = rule_runs.first().copied();
+        let last_success = rule_runs.iter().find(|r| r.outcome == Outcome::Ok).map(|r| r.finished_at.clone());
+        let disk = on_disk.get(&crate::ids::RuleName::from(name.as_str()));
+        let schedule = disk.map(|r| r.schedule.clone().unwrap_or_else(|| config.default_schedule.clone()));
+        let next_run = schedule.as_ref().and_then(|s| s.next_after(now, config.time_zone));
+        let interval = schedule.as_ref().and_then(|s| {
+            let first = s.next_after(now, config.time_zone)?;
+            (s.next_after(first, config.time_zone)? - first).to_std().ok()
+        });
+        let overdue = match (interval, &last_success) {
+            (Some(interval), Some(at)) => chrono::DateTime::parse_from_rfc3339(at).is_ok_and(|t| {
+                now - t.to_utc()
+                    > chrono::Duration::from_std(interval.mul_f64(config.metrics.overdue_factor))
+                        .unwrap_or(chrono::Duration::MAX)
+            }),
+            _ => false,
+        };
+        let running = loaded.iter().find(|(r, _)| r.as_str() == name).map(|(_, h)| h.as_str());
+        let file = daemon_pid.as_ref().map(|_| match (disk, running) {
+            (Some(d), Some(h)) if d.hash == h => "running",
+            (Some(_), Some(_)) => "changed",
+            (None, Some(_)) if broken.contains(&name) => "broken",
+            (None, Some(_)) => "deleted",
+            (_, None) => "not_loaded",
+        });
+        rows.push(RuleStatus {
+            rule: name.clone(),
+            list_id: last.and_then(|r| r.list_id.as_ref().map(|l| l.to_string())),
+            last_run: last.map(|r| r.finished_at.clone()),
+            trigger: last.map(|r| r.trigger),
+            outcome: last.map(|r| r.outcome),
+            members: last.map(|r| (r.members_before + r.added).saturating_sub(r.removed)),
+            added: last.map(|r| r.added),
+            removed: last.map(|r| r.removed),
+            detail: last.and_then(|r| r.detail.clone()),
+            last_success,
+            next_run: next_run.map(|t| t.with_timezone(&config.time_zone).to_rfc3339()),
+            file,
+            held_removals: last.filter(|r| r.outcome == Outcome::Held).map_or(0, |r| r.to_remove),
+            overdue,
+            runs: rule_runs.iter().take(runs).map(|r| (*r).clone()).collect(),
+        });
     }
-    let state = crate::state::State::open(&config.state_path)?;
-    let rows = state.last_runs(runs.max(1))?;
+    let mut outcomes: Vec<Outcome> =
+        rows.iter().filter_map(|r| r.outcome).filter(|o| *o != Outcome::Interrupted).collect();
+    if rows.iter().any(|r| r.overdue) {
+        outcomes.push(Outcome::Failed);
+    }
+    let exit = Exit::for_outcomes(outcomes);
     if json {
-        say!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(Exit::Ok);
+        let doc = serde_json::json!({
+            "schema_version": STATUS_SCHEMA_VERSION,
+            "daemon": { "running": daemon_pid.is_some(), "pid": daemon_pid },
+            "rules": rows,
+        });
+        say!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(exit);
+    }
+    match &daemon_pid {
+        Some(pid) => say!("daemon: running (pid {pid})"),
+        None => say!("daemon: not running"),
     }
     if rows.is_empty() {
-        say!("no runs yet");
-        return Ok(Exit::Ok);
+        say!("no rules and no runs yet");
+        return Ok(exit);
     }
     say!(
-        "{:<22} {:<24} {:<8} {:>8} {:>8} {:>8} {:>9} {:>8}  detail",
+        "{:<20} {:<25} {:<8} {:>8} {:>7} {:>7} {:<11} {:<25} {:<10}  detail",
         "rule",
-        "finished",
+        "last run",
         "trigger",
         "members",
         "added",
         "removed",
-        "requests",
-        "outcome"
+        "outcome",
+        "next run",
+        "file"
     );
-    for r in rows {
+    let dash = || "-".to_owned();
+    for r in &rows {
+        let mut outcome = r.outcome.map_or_else(dash, |o| o.to_string());
+        if r.overdue {
+            outcome.push_str(",overdue");
+        }
+        let detail = match (r.held_removals, &r.detail) {
+            (n, _) if n > 0 => format!("{n} removal(s) held: segsync sync {} --allow-mass-removal", r.rule),
+            (_, Some(d)) => d.clone(),
+            _ => String::new(),
+        };
         say!(
-            "{:<22} {:<24} {:<8} {:>8} {:>8} {:>8} {:>9} {:>8}  {}",
+            "{:<20} {:<25} {:<8} {:>8} {:>7} {:>7} {:<11} {:<25} {:<10}  {}",
             r.rule,
-            r.finished_at,
-            r.trigger,
-            r.members_before,
-            r.added,
-            r.removed,
-            r.api_requests,
-            r.outcome,
-            r.detail.as_deref().unwrap_or("")
+            r.last_run.clone().unwrap_or_else(dash),
+            r.trigger.map_or_else(dash, |t| t.to_string()),
+            r.members.map_or_else(dash, |m| m.to_string()),
+            r.added.map_or_else(dash, |m| m.to_string()),
+            r.removed.map_or_else(dash, |m| m.to_string()),
+            outcome,
+            r.next_run.clone().unwrap_or_else(dash),
+            r.file.unwrap_or("-"),
+            detail
         );
+        for run in &r.runs {
+            say!(
+                "  {} {:<8} +{} -{} {} {}",
+                run.finished_at,
+                run.trigger,
+                run.added,
+                run.removed,
+                run.outcome,
+                run.detail.as_deref().unwrap_or("")
+            );
+        }
     }
-    Ok(Exit::Ok)
+    Ok(exit)
 }

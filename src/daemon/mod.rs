@@ -258,6 +258,10 @@ impl Daemon {
             self.pending.remove(&old.name);
         }
         self.rules = change.next;
+        let loaded: Vec<(RuleName, String)> = self.rules.iter().map(|r| (r.name.clone(), r.hash.clone())).collect();
+        if let Err(e) = self.state.set_loaded(&loaded) {
+            tracing::warn!(error = %e, "state warning");
+        }
         let table = CronTable {
             entries: self
                 .rules
@@ -371,23 +375,25 @@ impl Daemon {
         Ok(())
     }
 
-    /// Operators' confirmations (`segsync sync RULE --allow-mass-removal` while we run): each
-    /// approved rule runs now, once, allowed to apply a held mass removal.
+    /// Operators' run requests (`segsync sync [RULE…] [--allow-mass-removal]` while we run): each
+    /// requested rule runs now, once; with a confirmation it may apply a held mass removal.
     fn take_approvals(&mut self) {
-        let names = match self.state.take_approvals() {
-            Ok(names) => names,
+        let requests = match self.state.take_run_requests() {
+            Ok(requests) => requests,
             Err(e) => {
                 tracing::warn!(error = %e, "state warning");
                 return;
             }
         };
-        for name in names {
+        for (name, allow_mass_removal) in requests {
             if self.rules.get(&name).is_some() {
-                tracing::info!(rule = %name, "removal confirmed");
-                self.approved.insert(name.clone());
+                tracing::info!(rule = %name, allow_mass_removal, "run requested");
+                if allow_mass_removal {
+                    self.approved.insert(name.clone());
+                }
                 self.pending.insert(name, Trigger::Manual);
             } else {
-                tracing::warn!(rule = %name, "confirmation ignored");
+                tracing::warn!(rule = %name, "run request ignored");
             }
         }
     }

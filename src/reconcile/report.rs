@@ -25,6 +25,7 @@ impl Reconciler {
             duration_ms: r.duration.as_millis() as u64,
             outcome: r.outcome,
             detail: r.detail.clone(),
+            to_remove: r.plan.to_remove.len() as u64,
         };
         if dry_run {
             return;

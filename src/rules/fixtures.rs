@@ -54,6 +54,8 @@ pub struct TestReport {
     pub passed: usize,
     /// One message per failed case: the case, the contact, the expected and the actual answer.
     pub failures: Vec<String>,
+    /// Every case by name, with its failure message if it failed (for JUnit reports).
+    pub cases: Vec<(String, Option<String>)>,
 }
 
 /// The fixture file of a rule, if it has one.
@@ -87,11 +89,9 @@ pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, Diagnostic> {
         let contact: ContactRecord = match serde_json::from_value(json.clone()) {
             Ok(c) => c,
             Err(e) => {
-                report.failures.push(format!(
-                    "{}: case {:?}: the contact is not valid: {e}",
-                    path.display(),
-                    case.name
-                ));
+                let failure = format!("{}: case {:?}: the contact is not valid: {e}", path.display(), case.name);
+                report.cases.push((case.name.clone(), Some(failure.clone())));
+                report.failures.push(failure);
                 continue;
             }
         };
@@ -103,6 +103,7 @@ pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, Diagnostic> {
         };
         if ok {
             report.passed += 1;
+            report.cases.push((case.name.clone(), None));
         } else {
             let expected = match case.expect {
                 Expect::Answer(b) => b.to_string(),
@@ -112,11 +113,13 @@ pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, Diagnostic> {
                 Ok(b) => b.to_string(),
                 Err(e) => format!("error: {e}"),
             };
-            report.failures.push(format!(
+            let failure = format!(
                 "{}: case {:?}: expected {expected}, got {got}\n    contact: {json}",
                 path.display(),
                 case.name
-            ));
+            );
+            report.cases.push((case.name.clone(), Some(failure.clone())));
+            report.failures.push(failure);
         }
     }
     Ok(report)

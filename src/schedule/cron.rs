@@ -27,8 +27,61 @@ impl PartialEq for Schedule {
 
 impl Schedule {
     pub fn parse(text: &str) -> Result<Self, String> {
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        if !text.trim_start().starts_with('@') {
+            if !(5..=6).contains(&fields.len()) {
+                return Err(format!(
+                    "{text:?} has {} fields; a schedule has 5 (minute hour day month weekday) or 6 (second first)",
+                    fields.len()
+                ));
+            }
+            // Names are accepted only where they mean something: days in the weekday field (the
+            // last), months in the month field (the one before it).
+            const DAYS: [&str; 7] = ["MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
+            const MONTHS: [&str; 12] =
+                ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"];
+            let n = fields.len();
+            let names = ["second", "minute", "hour", "day of month", "month", "day of week"];
+            let name_of = |i: usize| names[i + 6 - n];
+            for (i, field) in fields.iter().enumerate() {
+                let upper = field.to_ascii_uppercase();
+                if i != n - 1 && DAYS.iter().any(|d| upper.contains(d)) {
+                    return Err(format!(
+                        "{text:?}: day names ({field}) in the {} field; they belong in the last field (day of week)",
+                        name_of(i)
+                    ));
+                }
+                if i != n - 2 && MONTHS.iter().any(|m| upper.contains(m)) {
+                    return Err(format!(
+                        "{text:?}: month names ({field}) in the {} field; they belong in the month field",
+                        name_of(i)
+                    ));
+                }
+            }
+        }
         let cron = croner::Cron::from_str(text).map_err(|e| format!("invalid cron expression {text:?}: {e}"))?;
-        Ok(Self { text: text.to_owned(), cron })
+        let schedule = Self { text: text.to_owned(), cron };
+        // A schedule that never fires (February 30th) would leave a rule silently idle.
+        if schedule.next_after(Utc::now(), Tz::UTC).is_none() {
+            return Err(format!("{text:?} never fires (no such date)"));
+        }
+        Ok(schedule)
+    }
+
+    /// The next `n` firings after `after`, for people checking a schedule.
+    pub fn upcoming(&self, after: DateTime<Utc>, tz: Tz, n: usize) -> Vec<DateTime<Utc>> {
+        let mut out = Vec::with_capacity(n);
+        let mut t = after;
+        while out.len() < n {
+            match self.next_after(t, tz) {
+                Some(next) => {
+                    out.push(next);
+                    t = next;
+                }
+                None => break,
+            }
+        }
+        out
     }
 
     pub fn as_str(&self) -> &str {
@@ -91,5 +144,28 @@ mod tests {
         assert!(Schedule::parse("@hourly").is_ok());
         let err = Schedule::parse("every tuesday").expect_err("invalid");
         assert!(err.contains("every tuesday"), "{err}");
+        assert!(Schedule::parse("0 9 * * MON-FRI").is_ok(), "day names in the weekday field");
+        assert!(Schedule::parse("0 0 1 JAN,JUL *").is_ok(), "month names in the month field");
+    }
+
+    // Schedules that would never fire, or fire where nobody meant, are refused with the reason.
+    #[test]
+    fn refuses_misleading_schedules() {
+        let err = Schedule::parse("0 0 30 2 *").expect_err("February 30th");
+        assert!(err.contains("never fires"), "{err}");
+        let err = Schedule::parse("0 0 12 * * * 2027").expect_err("a year field");
+        assert!(err.contains("7 fields"), "{err}");
+        let err = Schedule::parse("0 */5 * * MON-FRI *").expect_err("days in the month field");
+        assert!(err.contains("day names (MON-FRI) in the month field"), "{err}");
+        let err = Schedule::parse("0 0 JAN * *").expect_err("months in the day field");
+        assert!(err.contains("month names (JAN) in the day of month field"), "{err}");
+    }
+
+    // The next firings are listed in order.
+    #[test]
+    fn upcoming_lists_the_next_firings() {
+        let s = Schedule::parse("0 6 * * *").expect("valid");
+        let next = s.upcoming(rome(2026, 3, 28, 12, 0), chrono_tz::Europe::Rome, 3);
+        assert_eq!(next, [rome(2026, 3, 29, 6, 0), rome(2026, 3, 30, 6, 0), rome(2026, 3, 31, 6, 0)]);
     }
 }
