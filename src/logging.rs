@@ -169,10 +169,10 @@ pub fn init(format: LogFormat) {
         && stderr_is_journal()
         && let Ok(journald) = tracing_journald::layer()
     {
-        let _ = tracing_subscriber::registry()
-            .with(filter)
-            .with(journald.with_syslog_identifier("segsync".into()))
-            .try_init();
+        // Fields under their own names (RULE=vip), not the crate's default `F_` prefix, so that
+        // `journalctl RULE=vip` works; levels become journald priorities.
+        let journald = journald.with_syslog_identifier("segsync".into()).with_field_prefix(None);
+        let _ = tracing_subscriber::registry().with(filter).with(journald).try_init();
         return;
     }
     let json = match format {
