@@ -155,7 +155,9 @@ impl Watch {
     }
 }
 
-/// Plays `unit` (installed under the package root) for `instance`, against `sandbox`.
+/// Plays `unit` (installed under the package root) for `instance`, against `sandbox`; prints a
+/// transcript (visible with `--nocapture`).
+#[allow(clippy::print_stdout)]
 fn play(installed: &Installed, unit: &str, instance: &str, sandbox_url: &str) {
     let text = std::fs::read_to_string(installed.at(&format!("/lib/systemd/system/{unit}"))).expect("installed unit");
     let rooted = installed.rooted(&text);
@@ -267,6 +269,14 @@ fn play(installed: &Installed, unit: &str, instance: &str, sandbox_url: &str) {
     assert!(notes[reloading..stopping].iter().any(|m| m.contains("READY=1")), "READY=1 after the reload: {notes:?}");
     let logs = watch.logs.lock().expect("lock").clone();
     assert!(!logs.iter().any(|l| l.contains(support::KEY)), "the key never reaches the log");
+    println!("== {unit_name}: notify socket");
+    for note in &notes {
+        println!("   {}", note.replace('\n', " "));
+    }
+    println!("== {unit_name}: events");
+    for line in logs.iter().filter(|l| !l.contains("\"rule loaded\"") && !l.contains("\"rule run\"")) {
+        println!("   {line}");
+    }
     let db = state.join("segsync.db");
     assert!(db.exists(), "state under STATE_DIRECTORY: no {db:?}; logs:\n{}", logs.join("\n"));
 }
