@@ -147,6 +147,7 @@ struct RawApi {
     pagination: Raw,
     max_response_bytes: Raw,
     max_retry_after_secs: Raw,
+    budget_share: Raw,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -508,6 +509,14 @@ impl Config {
             max_retry_after: r
                 .integer(&raw.api.max_retry_after_secs, "api.max_retry_after_secs", 1..=86_400)
                 .map_or(defaults.max_retry_after, |n| Duration::from_secs(n as u64)),
+            budget_share: match r.share(&raw.api.budget_share, "api.budget_share") {
+                Some(share) if share > 0.0 => share,
+                Some(_) => {
+                    r.error("api.budget_share", "api.budget_share must be above 0 (a share, 0.8 = 80 %)".into());
+                    defaults.budget_share
+                }
+                None => defaults.budget_share,
+            },
         };
         let api = ApiConfig {
             plan: plan.unwrap_or(RatePlan::Production),

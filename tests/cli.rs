@@ -409,8 +409,9 @@ async fn sandbox_command_serves_the_api() {
 async fn progress_bar_only_on_a_terminal() {
     let sandbox = support::start(support::sandbox_config(1_000)).await;
     let (_dir, config) = setup(Some(&sandbox.base_url()));
-    // The trial plan paces the pass over a few seconds, so the bar has time to draw.
-    let text = std::fs::read_to_string(&config).expect("read").replace("plan = \"unlimited\"", "plan = \"trial\"");
+    // A plan of 3 requests a second paces the pass over a few seconds, so the bar has time to draw.
+    let slow = "plan = \"custom\"\nrequests_per_minute = 600\nrequests_per_second = 3\nbudget_share = 1.0";
+    let text = std::fs::read_to_string(&config).expect("read").replace("plan = \"unlimited\"", slow);
     std::fs::write(&config, text).expect("write");
     let c = config.clone();
     let (piped, tty) = tokio::task::spawn_blocking(move || {

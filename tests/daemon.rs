@@ -337,9 +337,10 @@ async fn sync_while_running_is_handed_to_the_daemon() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_passes_report_progress() {
     let sandbox = support::start(support::sandbox_config(2_000)).await;
-    // The trial plan paces the client at ~1.6 requests/s: the first pass lasts well over 10 s.
+    // A plan of 3 requests a second: the first pass (~38 requests) lasts well over 10 s.
     let (dir, config) = setup(&sandbox, "");
-    let text = std::fs::read_to_string(&config).expect("read").replace("plan = \"unlimited\"", "plan = \"trial\"");
+    let slow = "plan = \"custom\"\nrequests_per_minute = 600\nrequests_per_second = 3\nbudget_share = 1.0";
+    let text = std::fs::read_to_string(&config).expect("read").replace("plan = \"unlimited\"", slow);
     std::fs::write(&config, text).expect("write");
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("bind");

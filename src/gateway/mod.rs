@@ -72,11 +72,15 @@ pub struct ClientSettings {
     pub max_response_bytes: u64,
     /// The longest 429 wait honoured; a server asking for more fails the call at once.
     pub max_retry_after: Duration,
+    /// The share of the plan's two windows segsync uses, leaving the rest to the account's other
+    /// software (the campaigns sending with the same key).
+    pub budget_share: f64,
 }
 
 impl Default for ClientSettings {
-    /// The production plan, pages of 100, 30 s timeouts, 5 retries, 4 pages in flight, offsets,
-    /// bodies up to 16 MiB (a page of 100 contacts is tens of KB), 429 waits up to 10 minutes.
+    /// The production plan at 80 % of its windows, pages of 100, 30 s timeouts, 5 retries, 4 pages
+    /// in flight, offsets, bodies up to 16 MiB (a page of 100 contacts is tens of KB), 429 waits up
+    /// to 10 minutes.
     fn default() -> Self {
         Self {
             limits: RatePlan::Production.limits(),
@@ -87,6 +91,7 @@ impl Default for ClientSettings {
             pagination: Pagination::Offset,
             max_response_bytes: 16 * 1024 * 1024,
             max_retry_after: Duration::from_secs(600),
+            budget_share: 0.8,
         }
     }
 }
@@ -200,7 +205,7 @@ impl Gateway {
                 http,
                 root,
                 auth,
-                pacer: Pacer::new(config.settings.limits),
+                pacer: Pacer::new(config.settings.limits, config.settings.budget_share),
                 page_size: config.settings.page_size.clamp(1, MAX_PAGE_SIZE),
                 max_retries: config.settings.max_retries,
                 concurrency: config.settings.concurrency.max(1),
@@ -240,9 +245,9 @@ impl Gateway {
         self.inner.page_size
     }
 
-    /// The sustained rate the pacer allows, in requests per second (`None`: unpaced).
-    pub fn sustained_rate(&self) -> Option<f64> {
-        self.inner.pacer.rate()
+    /// The least time `n` requests take under the rate plan (`None`: unpaced).
+    pub fn least_time(&self, n: u64) -> Option<Duration> {
+        self.inner.pacer.least_time(n)
     }
 
     fn url(&self, segments: &[&str]) -> Url {

@@ -225,7 +225,7 @@ impl Reconciler {
             req.rules.len(),
             predicted.as_str(),
             estimated,
-            self.gateway.sustained_rate(),
+            estimated.and_then(|n| self.gateway.least_time(n)),
             meters,
             req.progress.clone(),
         );

@@ -54,7 +54,7 @@ impl Reporter {
         rules: usize,
         read_plan: &str,
         estimated: Option<u64>,
-        plan_rate: Option<f64>,
+        plan_eta: Option<Duration>,
         meters: Vec<Arc<Meter>>,
         sink: Option<ProgressSink>,
     ) -> Self {
@@ -63,7 +63,7 @@ impl Reporter {
             rules,
             read_plan,
             estimated_requests = estimated,
-            eta_s = estimated.and_then(|e| eta(e, plan_rate)),
+            eta_s = plan_eta.map(|d| d.as_secs()),
             "pass started"
         );
         let stage = Arc::new(AtomicU8::new(READING));
@@ -88,7 +88,7 @@ impl Reporter {
                     api_requests: done,
                     throttled: usage.throttled,
                     estimated_requests: estimated,
-                    eta_s: estimated.and_then(|e| eta(e.saturating_sub(done), seen_rate.or(plan_rate))),
+                    eta_s: estimated.and_then(|e| eta(e.saturating_sub(done), seen_rate)),
                 };
                 if let Some(sink) = &sink {
                     sink(&progress);
