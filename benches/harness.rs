@@ -134,6 +134,7 @@ async fn run(s: &Scenario) {
         guards: Guards { max_removal_share: 1.0, max_removals: None, max_error_share: 0.01, mass_removal_floor: 10 },
         time_zone: chrono_tz::Europe::Rome,
         cancel: CancellationToken::new(),
+        verify_members_every: std::time::Duration::from_secs(86_400),
     });
     let today = Date(chrono::Utc::now().with_timezone(&chrono_tz::Europe::Rome).date_naive());
     let mut rows = Vec::new();

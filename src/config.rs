@@ -71,6 +71,8 @@ pub struct Config {
     pub default_schedule: Schedule,
     pub time_zone: Tz,
     pub state_path: PathBuf,
+    /// A list's cached members are read again after this long, however well the counts agree.
+    pub verify_members_every: Duration,
     pub guards: Guards,
     pub shutdown_timeout: Duration,
     pub watch_rules: bool,
@@ -162,6 +164,7 @@ struct RawRules {
 #[serde(default)]
 struct RawState {
     path: Raw,
+    verify_members_every: Raw,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -486,7 +489,9 @@ impl Config {
         let defaults = ClientSettings::default();
         let client = ClientSettings {
             limits,
-            page_size: r.integer(&raw.api.page_size, "api.page_size", 1..=100).map_or(defaults.page_size, |n| n as u32),
+            page_size: r
+                .integer(&raw.api.page_size, "api.page_size", 1..=1000)
+                .map_or(defaults.page_size, |n| n as u32),
             timeout: r
                 .integer(&raw.api.timeout_secs, "api.timeout_secs", 1..=600)
                 .map_or(defaults.timeout, |n| Duration::from_secs(n as u64)),
@@ -500,7 +505,7 @@ impl Config {
                 .choice(
                     &raw.api.pagination,
                     "api.pagination",
-                    &[("offset", Pagination::Offset), ("page", Pagination::Page)],
+                    &[("auto", None), ("offset", Some(Pagination::Offset)), ("page", Some(Pagination::Page))],
                 )
                 .unwrap_or(defaults.pagination),
             max_response_bytes: r
@@ -541,6 +546,23 @@ impl Config {
         });
 
         let state_path = relative(r.string(&raw.state.path, "state.path").unwrap_or_else(|| "segsync.db".into()));
+        let verify_members_every = r
+            .string(&raw.state.verify_members_every, "state.verify_members_every")
+            .and_then(|text| match crate::duration::parse(&text) {
+                Ok(d) if d >= Duration::from_secs(60) => Some(d),
+                Ok(_) => {
+                    r.error(
+                        "state.verify_members_every",
+                        format!("state.verify_members_every must be at least 1m, got {text:?}"),
+                    );
+                    None
+                }
+                Err(e) => {
+                    r.error("state.verify_members_every", format!("state.verify_members_every: {e}"));
+                    None
+                }
+            })
+            .unwrap_or(Duration::from_secs(24 * 3600));
 
         let guards = Guards {
             max_removal_share: r.share(&raw.guards.max_removal_share, "guards.max_removal_share").unwrap_or(0.20),
@@ -614,6 +636,7 @@ impl Config {
             default_schedule,
             time_zone,
             state_path,
+            verify_members_every,
             guards,
             shutdown_timeout,
             watch_rules,
@@ -687,12 +710,12 @@ mod tests {
     #[test]
     fn every_error_at_once() {
         let got = errors(
-            "[api]\nbase_url = \"ftp://x\"\npage_size = 1000\nshoe = 1\n[rules]\ntime_zone = \"Mars/Olympus\"\n[guards]\nmax_removal_share = 20\n[extra]\n",
+            "[api]\nbase_url = \"ftp://x\"\npage_size = 1001\nshoe = 1\n[rules]\ntime_zone = \"Mars/Olympus\"\n[guards]\nmax_removal_share = 20\n[extra]\n",
         );
         assert_eq!(got.len(), 7, "{got:#?}");
         assert!(got[0].starts_with("config.toml:2:1: api.base_url must be an http(s) URL"), "{got:#?}");
         assert!(got[1].contains("needs a key"), "{got:#?}");
-        assert!(got[2].starts_with("config.toml:3:1: api.page_size must be between 1 and 100, got 1000"), "{got:#?}");
+        assert!(got[2].starts_with("config.toml:3:1: api.page_size must be between 1 and 1000, got 1001"), "{got:#?}");
         assert!(got[3].starts_with("config.toml:4:1: unknown key `shoe` in [api]"), "{got:#?}");
         assert!(got[4].contains("Mars/Olympus"), "{got:#?}");
         assert!(got[5].contains("max_removal_share must be between 0 and 1"), "{got:#?}");

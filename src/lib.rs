@@ -3,7 +3,9 @@
 //! what segsync handles, how a rule decides, how the gateway is spoken to, how a pass reconciles,
 //! how the daemon runs passes, and the edges where configuration, files and people come in.
 
-pub mod ids; // ContactId, ListId, RuleName, Account
+pub mod ids; // ContactId, ListId, RuleName, Account, the compact ContactIdSet
+
+pub mod duration; // "24h", "7d": durations as people write them
 
 pub mod contact; // the contact record both the gateway and the rules speak
 
@@ -15,7 +17,7 @@ pub mod run; // a run's trigger and outcome
 
 pub mod reconcile; // one pass: bind lists, read, plan (pure), guard, apply, report
 
-pub mod state; // SQLite: bindings, run history, estimates, instance lock
+pub mod state; // SQLite: bindings, run history, estimates, membership cache, paging, instance lock
 
 pub mod schedule; // cron schedules and rule-file watching; producers only report
 

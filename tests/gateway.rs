@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use segsync::gateway::RatePlan;
-use segsync::gateway::{Gateway, GatewayError, Meter, Operation, ScanQuery};
+use segsync::gateway::{Endpoint, Gateway, GatewayError, Meter, Operation, Pagination, ScanQuery};
 use segsync::ids::ContactId;
 use segsync_sandbox::{Faults, SandboxConfig};
 use serde_json::Value;
@@ -36,8 +36,9 @@ async fn full_scan_returns_each_contact_once() {
     let unique: HashSet<_> = ids.iter().collect();
     assert_eq!(ids.len(), 20_000);
     assert_eq!(unique.len(), 20_000);
-    assert_eq!(gw.usage().requests_of(Operation::ScanContacts), 201);
-    assert_eq!(sandbox.stats().count("GET /contacts"), 201);
+    // One 400 to `limit=1000` teaches the seed's page size; 200 pages of 100 and the empty one.
+    assert_eq!(gw.usage().requests_of(Operation::ScanContacts), 202);
+    assert_eq!(sandbox.stats().count("GET /contacts"), 202);
 
     // Filters and notListIds narrow the read server-side.
     let (lombardia, _) =
@@ -99,7 +100,8 @@ async fn survives_a_bad_day() {
     assert_eq!(ids.len(), 6_000);
     let scan = scan_meter.usage();
     assert!(scan.retries > 0, "the faults must have hit something: {scan:?}");
-    assert_eq!(scan.requests_of(Operation::ScanContacts), 61 + scan.retries, "{scan:?}");
+    // The 400 that teaches the page size, 61 pages, and the retries.
+    assert_eq!(scan.requests_of(Operation::ScanContacts), 1 + 61 + scan.retries, "{scan:?}");
     assert_eq!(sandbox.stats().count("GET /contacts"), scan.requests_of(Operation::ScanContacts));
 
     let add_meter = Arc::new(Meter::default());
@@ -133,22 +135,52 @@ async fn trial_plan_is_never_exceeded() {
     sandbox.shutdown().await;
 }
 
-// A server that ignores `offset` produces the clear error within a bounded number of requests.
+// A server that ignores `offset` (the reference's page-based kind, pages of up to 1,000): with the
+// pagination left to detection it is switched to `page` and read whole, each contact once; pinned
+// to `offset` it is the clear error, within a bounded number of requests.
 #[tokio::test]
-async fn server_ignoring_offset_is_detected() {
-    let sandbox = start(SandboxConfig { ignore_offset: true, ..support::sandbox_config(5_000) }).await;
+async fn server_ignoring_offset_is_switched_to_pages() {
+    let sandbox = start(SandboxConfig { page_dialect: true, ..support::sandbox_config(5_000) }).await;
     let gw = gateway(&sandbox, RatePlan::Unlimited);
-    let err = scan_all(&gw, &ScanQuery::default()).await.expect_err("must not loop or truncate");
-    assert!(matches!(err, GatewayError::OffsetIgnored { offset: 100, .. }), "{err}");
-    assert!(err.to_string().contains("pagination = \"page\""), "names the setting: {err}");
-    assert!(sandbox.stats().count("GET /contacts") <= 6, "bounded: {:?}", sandbox.stats());
-
-    // The setting the error names fixes it: the reference's `page` form reads everything once.
-    let mut config = support::gateway_config(&sandbox, RatePlan::Unlimited);
-    config.settings.pagination = segsync::gateway::Pagination::Page;
-    let gw = Gateway::new(config).expect("client");
-    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("page-based scan");
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("detected and read by page");
+    assert_eq!(ids.len(), 5_000, "each contact once");
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 5_000);
+    let learned = gw.paging(Endpoint::Contacts);
+    assert_eq!((learned.page_size, learned.pagination), (1000, Pagination::Page), "pages of 1,000 by `page`");
+    // First page, up to 3 pages found ignoring `offset`, then pages 1..4 and the empty one.
+    let requests = sandbox.stats().count("GET /contacts");
+    assert!((6..=10).contains(&requests), "bounded: {requests}");
+    // The next read asks by page straight away: 5 full pages and the empty one.
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("second read");
+    assert_eq!(ids.len(), 5_000);
+    assert_eq!(sandbox.stats().count("GET /contacts"), requests + 6);
+
+    // Pinned to `offset`, the same server is an error naming the setting.
+    let mut config = support::gateway_config(&sandbox, RatePlan::Unlimited);
+    config.settings.pagination = Some(Pagination::Offset);
+    let before = sandbox.stats().count("GET /contacts");
+    let err = scan_all(&Gateway::new(config).expect("client"), &ScanQuery::default())
+        .await
+        .expect_err("must not loop or truncate");
+    assert!(matches!(err, GatewayError::PagingIgnored { offset: 1000, .. }), "{err}");
+    assert!(err.to_string().contains("pagination"), "names the setting: {err}");
+    assert!(sandbox.stats().count("GET /contacts") - before <= 5, "bounded: {:?}", sandbox.stats());
+    sandbox.shutdown().await;
+}
+
+// A seed-style server refuses `limit=1000` with a 400 naming `limit`: the client asks for 100 from
+// then on, having spent one request to learn it.
+#[tokio::test]
+async fn refused_large_pages_fall_back_to_the_seed_size() {
+    let sandbox = start(support::sandbox_config(1_500)).await;
+    let gw = gateway(&sandbox, RatePlan::Unlimited);
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("scan");
+    assert_eq!(ids.len(), 1_500);
+    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 100);
+    assert_eq!(sandbox.stats().count_outcome("GET /contacts", "400"), 1, "{:?}", sandbox.stats());
+    assert_eq!(sandbox.stats().count_outcome("GET /contacts", "200"), 16, "15 pages and the empty one");
+    scan_all(&gw, &ScanQuery::default()).await.expect("again");
+    assert_eq!(sandbox.stats().count_outcome("GET /contacts", "400"), 1, "learned once");
     sandbox.shutdown().await;
 }
 

@@ -194,7 +194,7 @@ async fn sparse_member_records_are_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_directory_is_read_whole_before_any_create() {
     let site = Site::new(&[("geo", GEO), ("vip", VIP)]);
-    let sandbox = support::start(SandboxConfig { ignore_offset: true, ..support::sandbox_config(2000) }).await;
+    let sandbox = support::start(SandboxConfig { page_dialect: true, ..support::sandbox_config(2000) }).await;
     // 150 older lists whose names contain the rule's: the rule's own list lands on the second page.
     sandbox.with_store(|s| {
         for n in 0..150 {
@@ -213,12 +213,20 @@ async fn list_directory_is_read_whole_before_any_create() {
     assert_eq!(ran.code, 0, "{}", ran.out);
     assert_eq!(lists(&sandbox), before, "no list created, no member lost");
 
-    // Read with offsets, the page-based server repeats its first page: the read fails, nothing is created.
+    // Pinned to offsets, the page-based server repeats its first page: the read fails, nothing is created.
     std::fs::remove_file(site.path("segsync.db")).expect("forget the bindings");
-    let offsets = site.config("offsets.toml", &sandbox.base_url(), "");
+    let offsets = site.config("offsets.toml", &sandbox.base_url(), "pagination = \"offset\"");
     let ran = run(&["sync"], &offsets).await;
     assert_eq!(ran.code, 1, "{}", ran.out);
     assert!(ran.out.contains("ignores `offset`"), "{}", ran.out);
+    assert_eq!(lists(&sandbox), before, "no list created, no member lost");
+
+    // Left to detection, the same server is switched to `page` (said once) and read whole.
+    std::fs::remove_file(site.path("segsync.db")).expect("forget the bindings");
+    let detected = site.config("detected.toml", &sandbox.base_url(), "");
+    let ran = run(&["sync"], &detected).await;
+    assert_eq!(ran.code, 0, "{}", ran.out);
+    assert!(ran.out.contains("paging learned"), "{}", ran.out);
     assert_eq!(lists(&sandbox), before, "no list created, no member lost");
     sandbox.shutdown().await;
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use chrono::NaiveDate;
 use segsync::config::Guards;
 use segsync::ids::Account;
-use segsync::reconcile::{Outcome, Parts, PassReport, PassRequest, ReadKind, Reconciler, Trigger};
+use segsync::reconcile::{MemberSource, Outcome, Parts, PassReport, PassRequest, ReadKind, Reconciler, Trigger};
 use segsync::rules::{self, Date, Rule};
 use segsync::state::State;
 use segsync_sandbox::store::Contact;
@@ -44,6 +44,7 @@ async fn world(config: SandboxConfig, rules_dir: &Path) -> World {
         guards: guards(),
         time_zone: chrono_tz::Europe::Rome,
         cancel: CancellationToken::new(),
+        verify_members_every: std::time::Duration::from_secs(86_400),
     });
     World { sandbox, reconciler, rules: set.iter().cloned().collect(), _dir: dir }
 }
@@ -138,8 +139,8 @@ async fn shipped_rules_sync_exactly() {
     assert_eq!(first.read, ReadKind::SharedScan, "the first pass knows no counts and must see everyone");
     check_all_shipped(&w);
     let stats = w.sandbox.stats();
-    // 200 pages and the empty page that ends the read.
-    assert_eq!(stats.count("GET /contacts"), 201, "one shared scan, no member reads of new lists: {stats:?}");
+    // One 400 that teaches the page size, 200 pages and the empty page that ends the read.
+    assert_eq!(stats.count("GET /contacts"), 202, "one shared scan, no member reads of new lists: {stats:?}");
     assert_eq!(stats.count("POST /contacts/list"), 5);
     let adds: u64 = first.rules.iter().map(|r| (r.plan.to_add.len() as u64).div_ceil(1000)).sum();
     assert_eq!(stats.count("POST /contacts/list/contacts"), adds);
@@ -161,6 +162,9 @@ async fn shipped_rules_sync_exactly() {
         .expect("a Lombard VIP");
     w.api(reqwest::Method::PUT, &format!("/contacts/{mover}"), json!({"region": "Veneto", "city": "Verona"})).await;
     let gone = w.members("Geo - Veneto").into_iter().next().expect("a Venetian");
+    let holding: Vec<String> =
+        w.rules.iter().filter(|r| w.members(&r.list).contains(&gone)).map(|r| r.name.to_string()).collect();
+    assert!(holding.contains(&"geo-veneto".to_owned()));
     w.api(reqwest::Method::DELETE, &format!("/contacts/{gone}"), Value::Null).await;
     let born = w
         .api(
@@ -187,6 +191,13 @@ async fn shipped_rules_sync_exactly() {
     );
     assert_eq!(by_rule("geo-emilia-romagna").plan.to_add[0].as_str(), born["id"].as_str().expect("id"));
     assert_eq!(by_rule("reengagement-90d").removed, 1, "the new VIP bought yesterday");
+    // The deleted contact left its lists by itself, so their counts no longer matched the cache:
+    // they alone were read again.
+    for r in &second.rules {
+        let expected =
+            if holding.contains(&r.rule.name.to_string()) { MemberSource::Read } else { MemberSource::Cache };
+        assert_eq!(r.members_from, expected, "{}", r.rule.name);
+    }
     let writes = w.sandbox.stats().since(&before).writes();
     assert_eq!(
         writes,
@@ -201,6 +212,11 @@ async fn shipped_rules_sync_exactly() {
     assert!(third.rules.iter().all(|r| r.outcome == Outcome::Ok && r.plan.is_empty()));
     let delta = w.sandbox.stats().since(&before);
     assert_eq!(delta.writes(), 0, "{delta:?}");
+    // Every list's members came from the cache: the scan (200 pages and the empty one) and the
+    // directory were the whole pass.
+    assert!(third.rules.iter().all(|r| r.members_from == MemberSource::Cache), "{third:#?}");
+    assert_eq!(delta.count("GET /contacts"), 201, "{delta:?}");
+    assert_eq!(delta.count("GET /contacts/list"), 1, "{delta:?}");
     check_all_shipped(&w);
     w.sandbox.shutdown().await;
 }

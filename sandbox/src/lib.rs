@@ -38,8 +38,9 @@ pub struct SandboxConfig {
     pub plan: RatePlan,
     pub faults: Faults,
     pub churn_per_minute: u32,
-    /// Play a server of the reference's page-based kind, which ignores `offset` (`page` still works).
-    pub ignore_offset: bool,
+    /// Play a server of the reference's page-based kind: it ignores `offset` (`page` still works)
+    /// and allows `limit` up to 1,000 (the seed's server: 100).
+    pub page_dialect: bool,
     /// Accept the reference's bulk removal body; `false` plays a seed-only server.
     pub bulk_remove: bool,
 }
@@ -54,7 +55,7 @@ impl Default for SandboxConfig {
             plan: RatePlan::Unlimited,
             faults: Faults::default(),
             churn_per_minute: 0,
-            ignore_offset: false,
+            page_dialect: false,
             bulk_remove: true,
         }
     }
@@ -76,6 +77,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// The largest `limit` a page may ask for.
+    fn max_page(&self) -> usize {
+        if self.config.page_dialect { routes::PAGE_DIALECT_MAX_PAGE } else { routes::SEED_MAX_PAGE }
+    }
+
     fn store(&self) -> MutexGuard<'_, Store> {
         lock(&self.store)
     }

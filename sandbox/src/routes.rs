@@ -24,7 +24,9 @@ use super::limits::{Admission, Injected};
 use super::store::{Contact, ContactQuery, Filter, SortKey, StdField, StoreError};
 
 pub const API_PREFIX: &str = "/api/partner-gateway/v1";
-const MAX_PAGE: usize = 100;
+/// The seed's page limit; a sandbox playing the reference's page-based server allows 1,000.
+pub(crate) const SEED_MAX_PAGE: usize = 100;
+pub(crate) const PAGE_DIALECT_MAX_PAGE: usize = 1000;
 const DEFAULT_PAGE: usize = 50;
 const MAX_BATCH: usize = 1000;
 
@@ -151,7 +153,10 @@ fn authenticate(expected: &str, headers: &HeaderMap) -> Result<String, Response>
 
 /// Parses `GET /contacts` parameters; any parameter the contract does not name is an unknown filter.
 /// The query, the page size, the `offset` and the offset a `page` parameter asks for (if any).
-fn parse_search(pairs: &[(String, String)]) -> Result<(ContactQuery, usize, usize, Option<usize>), Response> {
+fn parse_search(
+    pairs: &[(String, String)],
+    max_page: usize,
+) -> Result<(ContactQuery, usize, usize, Option<usize>), Response> {
     let mut query = ContactQuery::default();
     let mut limit = DEFAULT_PAGE;
     let mut offset = None;
@@ -166,8 +171,8 @@ fn parse_search(pairs: &[(String, String)]) -> Result<(ContactQuery, usize, usiz
         match name.as_str() {
             "limit" => {
                 limit = number("limit", value)?;
-                if !(1..=MAX_PAGE).contains(&limit) {
-                    return Err(bad("limit", format!("limit must be between 1 and {MAX_PAGE}, got {limit}")));
+                if !(1..=max_page).contains(&limit) {
+                    return Err(bad("limit", format!("limit must be between 1 and {max_page}, got {limit}")));
                 }
             }
             "offset" => offset = Some(number("offset", value)?),
@@ -221,12 +226,13 @@ fn split_ids(value: &str) -> impl Iterator<Item = String> + '_ {
 }
 
 async fn search_contacts(State(shared): State<Arc<Shared>>, Query(pairs): Query<Vec<(String, String)>>) -> Response {
-    let (query, limit, offset, page_offset) = match parse_search(&pairs) {
+    let (query, limit, offset, page_offset) = match parse_search(&pairs, shared.max_page()) {
         Ok(parsed) => parsed,
         Err(response) => return response,
     };
-    // A server of the reference's page-based kind ignores `offset` (it reads `page`): the sandbox can play one.
-    let offset = match (page_offset, shared.config.ignore_offset) {
+    // A server of the reference's page-based kind ignores `offset` (it reads `page`) and allows
+    // pages of 1,000: the sandbox can play one.
+    let offset = match (page_offset, shared.config.page_dialect) {
         (Some(from_page), _) => from_page,
         (None, true) => 0,
         (None, false) => offset,
@@ -364,14 +370,14 @@ async fn search_lists(State(shared): State<Arc<Shared>>, Query(pairs): Query<Vec
                 Ok(())
             }
             "limit" => number("limit", value).and_then(|n| {
-                if (1..=MAX_PAGE).contains(&n) {
+                if (1..=shared.max_page()).contains(&n) {
                     limit = n;
                     Ok(())
                 } else {
                     Err(fail(
                         StatusCode::BAD_REQUEST,
                         "limit",
-                        format!("limit must be between 1 and {MAX_PAGE}, got {value:?}"),
+                        format!("limit must be between 1 and {}, got {value:?}", shared.max_page()),
                     ))
                 }
             }),
@@ -385,7 +391,7 @@ async fn search_lists(State(shared): State<Arc<Shared>>, Query(pairs): Query<Vec
     }
     // The same dialects as the contact search: `page` always works; `offset` unless the sandbox
     // plays a page-based server.
-    let offset = match (page, shared.config.ignore_offset) {
+    let offset = match (page, shared.config.page_dialect) {
         (Some(p), _) => p * limit,
         (None, true) => 0,
         (None, false) => offset.unwrap_or(0),

@@ -97,6 +97,9 @@ pub enum Command {
         /// Confirm, once, removals the mass-removal guard would hold.
         #[arg(long)]
         allow_mass_removal: bool,
+        /// Read every list's members instead of trusting the membership cache.
+        #[arg(long)]
+        full: bool,
     },
     /// The last runs per rule: when, trigger, added, removed, outcome.
     Status {
@@ -142,6 +145,9 @@ pub struct SandboxArgs {
     /// Contacts changed per minute (purchases, moves, sign-ups, deletions).
     #[arg(long, default_value_t = SandboxConfig::default().churn_per_minute)]
     pub churn_per_minute: u32,
+    /// Play the reference's page-based server: `page` instead of `offset`, pages of up to 1,000.
+    #[arg(long)]
+    pub page_dialect: bool,
 }
 
 /// Exit codes, documented in the README: the one table every command uses.
@@ -248,8 +254,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Plan { rules, json, detailed_exitcode } => {
             runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Plan { json, detailed_exitcode }))
         }
-        Command::Sync { rules, allow_mass_removal } => {
-            runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Sync { allow_mass_removal }))
+        Command::Sync { rules, allow_mass_removal, full } => {
+            runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Sync { allow_mass_removal, full }))
         }
         Command::Status { json, runs } => show::status(&config, json, runs),
         Command::Sandbox(_) | Command::Completions { .. } | Command::Man => unreachable!("handled above"),

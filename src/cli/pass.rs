@@ -19,7 +19,7 @@ use crate::rules::Rule;
 /// Which of the two pass commands.
 pub(super) enum Mode {
     Plan { json: bool, detailed_exitcode: bool },
-    Sync { allow_mass_removal: bool },
+    Sync { allow_mass_removal: bool, full: bool },
 }
 
 /// `plan` and `sync`: one pass over the selected rules, dry or real.
@@ -30,7 +30,13 @@ pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyho
             Err(code) => return Ok(code),
         };
     let dry_run = matches!(mode, Mode::Plan { .. });
-    let allow_mass_removal = matches!(mode, Mode::Sync { allow_mass_removal: true });
+    let allow_mass_removal = matches!(mode, Mode::Sync { allow_mass_removal: true, .. });
+    // `--full`: the cache of these rules' lists is distrusted, so the pass (here, or the daemon's
+    // when it runs) reads their members.
+    if matches!(mode, Mode::Sync { full: true, .. }) {
+        let names: Vec<_> = selected.iter().map(|r| r.name.clone()).collect();
+        crate::state::State::open(&config.state_path)?.distrust_cache(&names)?;
+    }
     // Only a writer needs the instance lock; a dry run may look while the daemon works.
     let _lock = if dry_run {
         None
@@ -58,6 +64,7 @@ pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyho
         state,
         guards: config.guards.clone(),
         time_zone: config.time_zone,
+        verify_members_every: config.verify_members_every,
         cancel: CancellationToken::new(),
     });
     let cancel = reconciler.cancel_token().clone();

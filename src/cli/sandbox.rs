@@ -19,6 +19,7 @@ pub(super) async fn serve(args: SandboxArgs) -> anyhow::Result<Exit> {
         plan: args.plan,
         faults: Faults::split(args.fault_rate, Duration::from_millis(args.latency_ms)),
         churn_per_minute: args.churn_per_minute,
+        page_dialect: args.page_dialect,
         ..SandboxConfig::default()
     };
     let started = std::time::Instant::now();

@@ -14,6 +14,7 @@ pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
         "mode": r.rule.mode,
         "members_before": r.members_before,
         "read_plan": r.read.as_str(),
+        "members_from": r.members_from.as_str(),
         "scanned": r.scanned,
         "matched": r.matched,
         "eval_errors": r.eval_errors,

@@ -237,6 +237,7 @@ impl Daemon {
             state: self.state.clone(),
             guards: self.config.guards.clone(),
             time_zone: self.config.time_zone,
+            verify_members_every: self.config.verify_members_every,
             cancel: self.apply_cancel.clone(),
         })
     }

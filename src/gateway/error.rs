@@ -3,6 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::Pagination;
 use super::auth::scrub;
 
 /// The client's operations, as they appear in errors, logs and request counts.
@@ -61,12 +62,17 @@ pub enum GatewayError {
     /// An answer that does not follow the contract.
     #[error("{op}: unexpected response from the gateway: {}", scrub(message))]
     Decode { op: Operation, message: String },
-    /// The same contacts came back for a later offset: the server ignores `offset`.
+    /// The same contacts came back for a later page: the server ignores how pages were addressed.
     #[error(
         "{op}: the gateway returned the same records for offset {offset} as for an earlier page, so it ignores \
-         `offset`; set `pagination = \"page\"` under [api] in config.toml"
+         `{}`; {}",
+        pagination.as_str(),
+        match pagination {
+            Pagination::Offset => "set `pagination = \"page\"` (or remove the `pagination` setting) under [api] in config.toml",
+            Pagination::Page => "it pages neither by `page` nor (as pinned or learned before) by `offset`",
+        }
     )]
-    OffsetIgnored { op: Operation, offset: u64 },
+    PagingIgnored { op: Operation, offset: u64, pagination: Pagination },
     /// A paged read whose pages disagree with each other or with the total they announce; the
     /// read is incomplete or unbounded, so nothing may be decided on it.
     #[error("{op}: the gateway's pages are inconsistent, so this read is not trusted: {}", scrub(message))]
@@ -107,7 +113,7 @@ impl GatewayError {
             Self::Transport { .. } => true,
             Self::Api { status, .. } => *status == 408 || *status == 429 || *status >= 500,
             Self::Decode { .. }
-            | Self::OffsetIgnored { .. }
+            | Self::PagingIgnored { .. }
             | Self::Inconsistent { .. }
             | Self::Redirect { .. }
             | Self::TooLarge { .. }

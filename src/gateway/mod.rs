@@ -40,8 +40,9 @@ pub use scan::{Keyed, MAX_RECORDS_PER_READ, Page, Scan, churn_margin};
 use crate::contact::Record;
 use crate::ids::{ContactId, ListId};
 
-/// The contract's limits on one call.
-pub const MAX_PAGE_SIZE: u32 = 100;
+/// The contract's limits on one call: the seed's page of at most 100, the reference's of 1,000.
+pub const SEED_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const MAX_BATCH: usize = 1000;
 /// 429s tolerated for one request before giving up (each one waits as the server asks).
 const MAX_THROTTLED: u32 = 20;
@@ -57,17 +58,68 @@ pub enum Pagination {
     Page,
 }
 
+impl Pagination {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Offset => "offset",
+            Self::Page => "page",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "offset" => Some(Self::Offset),
+            "page" => Some(Self::Page),
+            _ => None,
+        }
+    }
+}
+
+/// The two paged endpoints; each learns its own page size and pagination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `GET /contacts`: contact scans and member reads.
+    Contacts,
+    /// `GET /contacts/list`: the list directory.
+    Lists,
+}
+
+impl Endpoint {
+    pub const ALL: [Self; 2] = [Self::Contacts, Self::Lists];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Contacts => "contacts",
+            Self::Lists => "lists",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == text)
+    }
+}
+
+/// How one endpoint is paged: the page size asked for and how pages are addressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paging {
+    pub page_size: u32,
+    pub pagination: Pagination,
+}
+
 /// How the client paces, pages and retries: everything but where it connects and as whom.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientSettings {
     /// The plan's limits; `None` paces nothing.
     pub limits: Option<RateLimits>,
+    /// The largest page asked for; a server refusing it (a 400 naming `limit`) gets the seed's 100.
     pub page_size: u32,
     pub timeout: Duration,
     pub max_retries: u32,
     /// Pages of one scan in flight at once.
     pub concurrency: usize,
-    pub pagination: Pagination,
+    /// Pinned pagination; `None` starts with `offset` and switches to `page` on a server that
+    /// ignores `offset`.
+    pub pagination: Option<Pagination>,
     /// The largest response body read; a larger one fails the call unread.
     pub max_response_bytes: u64,
     /// The longest 429 wait honoured; a server asking for more fails the call at once.
@@ -78,9 +130,9 @@ pub struct ClientSettings {
 }
 
 impl Default for ClientSettings {
-    /// The production plan at 80 % of its windows, pages of 100, 30 s timeouts, 5 retries, 4 pages
-    /// in flight, offsets, bodies up to 16 MiB (a page of 100 contacts is tens of KB), 429 waits up
-    /// to 10 minutes.
+    /// The production plan at 80 % of its windows, pages of up to 1,000, 30 s timeouts, 5
+    /// retries, 4 pages in flight, pagination detected, bodies up to 16 MiB (a page of 1,000
+    /// contacts is a few hundred KB), 429 waits up to 10 minutes.
     fn default() -> Self {
         Self {
             limits: RatePlan::Production.limits(),
@@ -88,7 +140,7 @@ impl Default for ClientSettings {
             timeout: Duration::from_secs(30),
             max_retries: 5,
             concurrency: 4,
-            pagination: Pagination::Offset,
+            pagination: None,
             max_response_bytes: 16 * 1024 * 1024,
             max_retry_after: Duration::from_secs(600),
             budget_share: 0.8,
@@ -139,6 +191,8 @@ pub struct WriteOutcome {
     pub invalid: u64,
     /// Ids sent whose fate no answer accounts for (a `200 {}`, or counts that do not add up).
     pub unconfirmed: u64,
+    /// The list's size as the last answer gave it (`totalContactsInList`).
+    pub list_total: Option<u64>,
 }
 
 const BULK_UNKNOWN: u8 = 0;
@@ -150,10 +204,11 @@ struct Inner {
     root: Url,
     auth: (HeaderName, HeaderValue),
     pacer: Pacer,
-    page_size: u32,
+    /// Per endpoint, as configured and then as learned from the server.
+    paging: std::sync::Mutex<[Paging; 2]>,
+    pagination_pinned: bool,
     max_retries: u32,
     concurrency: usize,
-    pagination: Pagination,
     max_response_bytes: u64,
     max_retry_after: Duration,
     /// Whether the server takes the bulk removal form, decided once per client.
@@ -206,10 +261,15 @@ impl Gateway {
                 root,
                 auth,
                 pacer: Pacer::new(config.settings.limits, config.settings.budget_share),
-                page_size: config.settings.page_size.clamp(1, MAX_PAGE_SIZE),
+                paging: std::sync::Mutex::new(
+                    [Paging {
+                        page_size: config.settings.page_size.clamp(1, MAX_PAGE_SIZE),
+                        pagination: config.settings.pagination.unwrap_or_default(),
+                    }; 2],
+                ),
+                pagination_pinned: config.settings.pagination.is_some(),
                 max_retries: config.settings.max_retries,
                 concurrency: config.settings.concurrency.max(1),
-                pagination: config.settings.pagination,
                 max_response_bytes: config.settings.max_response_bytes,
                 max_retry_after: config.settings.max_retry_after,
                 bulk_remove: AtomicU8::new(BULK_UNKNOWN),
@@ -241,8 +301,35 @@ impl Gateway {
         f(&PROCESS);
     }
 
-    pub fn page_size(&self) -> u32 {
-        self.inner.page_size
+    /// The paging `endpoint` uses now (configured, then learned).
+    pub fn paging(&self, endpoint: Endpoint) -> Paging {
+        self.inner.paging.lock().unwrap_or_else(|p| p.into_inner())[endpoint as usize]
+    }
+
+    /// Takes paging remembered from an earlier run: a smaller page always, a pagination unless
+    /// the configuration pins one.
+    pub fn remember(&self, endpoint: Endpoint, remembered: Paging) {
+        let mut all = self.inner.paging.lock().unwrap_or_else(|p| p.into_inner());
+        let now = &mut all[endpoint as usize];
+        now.page_size = now.page_size.min(remembered.page_size.max(1));
+        if !self.inner.pagination_pinned {
+            now.pagination = remembered.pagination;
+        }
+    }
+
+    /// Records what the server taught about `endpoint`, and says it in the log once.
+    fn learn(&self, endpoint: Endpoint, paging: Paging, reason: &str) {
+        let mut all = self.inner.paging.lock().unwrap_or_else(|p| p.into_inner());
+        if all[endpoint as usize] != paging {
+            all[endpoint as usize] = paging;
+            tracing::info!(
+                endpoint = endpoint.as_str(),
+                page_size = paging.page_size,
+                pagination = paging.pagination.as_str(),
+                reason,
+                "paging learned"
+            );
+        }
     }
 
     /// The least time `n` requests take under the rate plan (`None`: unpaced).
@@ -414,7 +501,7 @@ impl Gateway {
         if !query.not_list_ids.is_empty() {
             filters.push(("notListIds".into(), join(&query.not_list_ids)));
         }
-        self.paged(scan::Request { op, path: &["contacts"], filters }, work)
+        self.paged(scan::Request { op, endpoint: Endpoint::Contacts, path: &["contacts"], filters }, work)
     }
 
     /// Every list whose name contains `search` (case-insensitive; `None` for all lists): a
@@ -423,7 +510,7 @@ impl Gateway {
     pub async fn lists(&self, search: Option<&str>) -> Result<Vec<ListInfo>, GatewayError> {
         let filters = search.map(|text| vec![("search".to_owned(), text.to_owned())]).unwrap_or_default();
         let mut scan = self.paged(
-            scan::Request { op: Operation::FindList, path: &["contacts", "list"], filters },
+            scan::Request { op: Operation::FindList, endpoint: Endpoint::Lists, path: &["contacts", "list"], filters },
             |lists: Vec<ListInfo>| lists,
         );
         let mut all = Vec::new();
@@ -489,6 +576,7 @@ impl Gateway {
                 }
                 None => total.unconfirmed += sent,
             }
+            total.list_total = out.total_contacts_in_list;
         }
         Ok(total)
     }
@@ -564,6 +652,7 @@ impl WriteOutcome {
         self.duplicate += other.duplicate;
         self.invalid += other.invalid;
         self.unconfirmed += other.unconfirmed;
+        self.list_total = other.list_total.or(self.list_total);
     }
 }
 
@@ -582,20 +671,23 @@ struct AddWire {
     added_contacts: Option<u64>,
     duplicate_contacts: Option<u64>,
     invalid_contacts: Option<u64>,
+    total_contacts_in_list: Option<u64>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RemoveWire {
     removed_contacts: Option<u64>,
+    total_contacts_in_list: Option<u64>,
 }
 
 impl RemoveWire {
     /// Removing a non-member removes nothing, so fewer than sent is fine; no count at all is not.
     fn outcome(&self, sent: u64) -> WriteOutcome {
+        let list_total = self.total_contacts_in_list;
         match self.removed_contacts {
-            Some(n) => WriteOutcome { done: n, ..WriteOutcome::default() },
-            None => WriteOutcome { unconfirmed: sent, ..WriteOutcome::default() },
+            Some(n) => WriteOutcome { done: n, list_total, ..WriteOutcome::default() },
+            None => WriteOutcome { unconfirmed: sent, list_total, ..WriteOutcome::default() },
         }
     }
 }

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use super::{Gateway, GatewayError, ListInfo, Operation, Pagination};
+use super::{Endpoint, Gateway, GatewayError, ListInfo, Operation, Pagination, Paging, SEED_PAGE_SIZE};
 use crate::contact::Record;
 
 /// More records than this in one read is not an account, it is a broken or hostile server: the
@@ -73,6 +73,7 @@ impl<R> Drop for Scan<R> {
 /// What a paged read asks for.
 pub(super) struct Request {
     pub op: Operation,
+    pub endpoint: Endpoint,
     pub path: &'static [&'static str],
     pub filters: Vec<(String, String)>,
 }
@@ -83,12 +84,15 @@ pub fn churn_margin(total: u64) -> u64 {
     total / 100 + 2
 }
 
-/// The `contacts` (or `lists`) of one page and the announced total.
+/// The `contacts` (or `lists`) of one page, the announced total, and the page size the server
+/// says it used (a server may serve less than asked).
 #[derive(Deserialize)]
 struct PageWire<T> {
     #[serde(alias = "lists")]
     contacts: Vec<T>,
     total: u64,
+    #[serde(default)]
+    limit: Option<u64>,
 }
 
 /// The ids a read has returned, as 64-bit keyed hashes: a 1M-contact read costs 16 MB, not 60. A
@@ -101,7 +105,13 @@ struct Seen {
 
 impl Seen {
     /// Keeps the records not seen before; a full later page with nothing new means `offset` is ignored.
-    fn fresh<T: Keyed>(&self, op: Operation, offset: u64, records: Vec<T>) -> Result<Vec<T>, GatewayError> {
+    fn fresh<T: Keyed>(
+        &self,
+        op: Operation,
+        offset: u64,
+        pagination: Pagination,
+        records: Vec<T>,
+    ) -> Result<Vec<T>, GatewayError> {
         let before = records.len();
         let mut fresh = Vec::with_capacity(before);
         let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
@@ -114,7 +124,7 @@ impl Seen {
             }
         }
         if offset > 0 && before > 0 && fresh.is_empty() {
-            return Err(GatewayError::OffsetIgnored { op, offset });
+            return Err(GatewayError::PagingIgnored { op, offset, pagination });
         }
         Ok(fresh)
     }
@@ -124,6 +134,8 @@ impl Seen {
 struct Fetched<R> {
     offset: u64,
     raw: usize,
+    /// The page size the server says it served.
+    served_limit: Option<u64>,
     fresh: usize,
     page: Page<R>,
 }
@@ -147,14 +159,15 @@ impl Gateway {
         &self,
         req: &Request,
         offset: u64,
+        paging: Paging,
         seen: &Arc<Seen>,
         work: &Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
     ) -> Result<Fetched<R>, GatewayError> {
         let op = req.op;
         let mut query: Vec<(&str, String)> = req.filters.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-        let limit = u64::from(self.inner.page_size);
+        let limit = u64::from(paging.page_size);
         query.push(("limit", limit.to_string()));
-        match self.inner.pagination {
+        match paging.pagination {
             Pagination::Offset => query.push(("offset", offset.to_string())),
             Pagination::Page => query.push(("page", (offset / limit).to_string())),
         }
@@ -166,12 +179,50 @@ impl Gateway {
             let raw = wire.contacts.len();
             meter.records(op, raw as u64);
             super::PROCESS.records(op, raw as u64);
-            let fresh = seen.fresh(op, offset, wire.contacts)?;
+            let fresh = seen.fresh(op, offset, paging.pagination, wire.contacts)?;
             let n = fresh.len();
-            Ok(Fetched { offset, raw, fresh: n, page: Page { records: work(fresh), total: wire.total } })
+            Ok(Fetched {
+                offset,
+                raw,
+                served_limit: wire.limit,
+                fresh: n,
+                page: Page { records: work(fresh), total: wire.total },
+            })
         })
         .await
         .map_err(|e| GatewayError::Decode { op, message: e.to_string() })?
+    }
+
+    /// The first page of a read, alone: it settles the page size. A 400 naming `limit` means the
+    /// server does not take pages that large (the seed's 100 then); a server that says it served
+    /// a smaller page than asked is asked for that size from then on.
+    async fn first_page<T: Keyed, R: Send + 'static>(
+        &self,
+        req: &Request,
+        paging: &mut Paging,
+        seen: &Arc<Seen>,
+        work: &Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
+    ) -> Result<Fetched<R>, GatewayError> {
+        loop {
+            match self.fetch_page(req, 0, *paging, seen, work).await {
+                Err(GatewayError::Api { status: 400, message, .. })
+                    if paging.page_size > SEED_PAGE_SIZE && message.contains("limit") =>
+                {
+                    let reason = format!("the gateway refused limit {}: {message}", paging.page_size);
+                    paging.page_size = SEED_PAGE_SIZE;
+                    self.learn(req.endpoint, *paging, &reason);
+                }
+                Ok(fetched) => {
+                    if let Some(served) = fetched.served_limit.filter(|&l| l > 0 && l < u64::from(paging.page_size)) {
+                        let reason = format!("asked for pages of {}, the gateway served {served}", paging.page_size);
+                        paging.page_size = served as u32;
+                        self.learn(req.endpoint, *paging, &reason);
+                    }
+                    return Ok(fetched);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn produce<T: Keyed, R: Send + 'static>(
@@ -180,10 +231,13 @@ impl Gateway {
         work: Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
         tx: mpsc::Sender<Result<Page<R>, GatewayError>>,
     ) {
-        let mut read = Read::new(req.op, u64::from(self.inner.page_size));
+        let mut paging = self.paging(req.endpoint);
         let seen = Arc::new(Seen { hasher: RandomState::new(), ids: std::sync::Mutex::new(HashSet::new()) });
+        let first = self.first_page(&req, &mut paging, &seen, &work).await;
+        let mut read = Read::new(req.op, u64::from(paging.page_size));
         let mut in_flight = FuturesOrdered::new();
-        let mut next_offset = 0u64;
+        in_flight.push_back(futures_util::future::Either::Left(std::future::ready(first)));
+        let mut next_offset = read.limit;
         loop {
             // Keep up to `concurrency` pages in flight, but only where the first page's total says
             // there are records; past it, one page at a time until a short or empty one.
@@ -192,11 +246,30 @@ impl Gateway {
                 if !(ahead || in_flight.is_empty()) {
                     break;
                 }
-                in_flight.push_back(self.fetch_page(&req, next_offset, &seen, &work));
+                in_flight.push_back(futures_util::future::Either::Right(self.fetch_page(
+                    &req,
+                    next_offset,
+                    paging,
+                    &seen,
+                    &work,
+                )));
                 next_offset += read.limit;
             }
             let Some(result) = in_flight.next().await else { break };
-            let outcome = result.and_then(|fetched| read.accept(fetched));
+            let outcome = match result {
+                // A server that ignores `offset` is asked by `page` instead (unless the config
+                // pins the pagination): the records so far stand, the read goes on from there.
+                Err(GatewayError::PagingIgnored { offset, pagination: Pagination::Offset, .. })
+                    if !self.inner.pagination_pinned =>
+                {
+                    paging.pagination = Pagination::Page;
+                    self.learn(req.endpoint, paging, "the gateway ignores `offset` and pages by `page`");
+                    in_flight = FuturesOrdered::new();
+                    next_offset = offset;
+                    continue;
+                }
+                result => result.and_then(|fetched| read.accept(fetched)),
+            };
             match outcome {
                 Ok(Some(page)) => {
                     if tx.send(Ok(page)).await.is_err() {
@@ -237,7 +310,7 @@ impl Read {
 
     /// Checks one page (in order); `Some` is a page to hand on, `None` an empty page past the end.
     fn accept<R>(&mut self, fetched: Fetched<R>) -> Result<Option<Page<R>>, GatewayError> {
-        let Fetched { offset, raw, fresh, page } = fetched;
+        let Fetched { offset, raw, fresh, page, .. } = fetched;
         if let Some(end) = self.end {
             if raw > 0 {
                 return Err(self.inconsistent(format!(
@@ -292,7 +365,7 @@ mod tests {
     use super::*;
 
     fn fetched(offset: u64, raw: usize, total: u64) -> Fetched<()> {
-        Fetched { offset, raw, fresh: raw, page: Page { records: (), total } }
+        Fetched { offset, raw, served_limit: None, fresh: raw, page: Page { records: (), total } }
     }
 
     // A read ends on its first short page and then accepts only empty pages.

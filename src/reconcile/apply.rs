@@ -16,6 +16,11 @@ pub struct Applied {
 }
 
 impl Applied {
+    /// The list's size as the last write answered it.
+    pub fn list_total(&self) -> Option<u64> {
+        self.removed.list_total.or(self.added.list_total)
+    }
+
     /// Why the writes are not known to have happened, if they are not.
     pub fn unconfirmed(&self) -> Option<String> {
         let (adds, removals) = (self.added.unconfirmed, self.removed.unconfirmed);

@@ -1,4 +1,4 @@
-//! Binding each rule to its list, and reading the list's members.
+//! Binding each rule to its list, and reading the list's members when the cache cannot give them.
 //!
 //! A rule's list is its remembered binding, else the oldest list of that exact name found by a
 //! complete directory read, else a new one. After creating a list the directory is read again, so
@@ -6,22 +6,16 @@
 
 use std::sync::Arc;
 
-use super::{ReconcileError, Reconciler, Slot, read};
+use super::{MemberSource, ReconcileError, Reconciler, Slot, read};
 use crate::gateway::{ListInfo, Meter, sort_oldest_first};
 use crate::ids::ListId;
 use crate::rules::{Date, Rule};
 
 impl Reconciler {
-    /// Every list of the account (a complete directory read), when several rules need a lookup;
-    /// `None` means "look each name up".
-    pub(super) async fn list_directory(&self, slots: &[Slot], meter: &Arc<Meter>) -> Option<Vec<ListInfo>> {
-        let unbound = slots
-            .iter()
-            .filter(|s| !matches!(self.state.binding(&self.account, &s.rule.name, &s.rule.list), Ok(Some(_))))
-            .count();
-        if unbound < 2 {
-            return None;
-        }
+    /// Every list of the account (a complete directory read): it binds new rules without a
+    /// lookup each, and its member counts tell which cached lists still hold. `None` when it
+    /// failed: each name is then looked up, and no cache is trusted.
+    pub(super) async fn list_directory(&self, meter: &Arc<Meter>) -> Option<Vec<ListInfo>> {
         match self.gateway.metered(meter.clone()).lists(None).await {
             Ok(lists) => Some(lists),
             Err(e) => {
@@ -31,34 +25,45 @@ impl Reconciler {
         }
     }
 
-    /// Binds the slot's rule to its list (creating it when none exists), then reads and judges
-    /// the list's members on their own records. Any failure is recorded in the slot.
-    pub(super) async fn bind_and_read_members(
-        &self,
-        slot: &mut Slot,
-        dry_run: bool,
-        today: Date,
-        directory: Option<&[ListInfo]>,
-    ) {
-        let result = async {
-            let (list, created) = self.bind_list(slot, dry_run, directory).await?;
-            slot.list = list.clone();
-            slot.created = created;
-            let Some(list) = list.filter(|_| !created) else { return Ok(()) };
-            match read::members(&self.cancel, &slot.gateway, &self.engine, &slot.rule, &list, today).await {
-                Ok(eval) => {
-                    slot.eval = eval;
-                    Ok(())
+    /// Binds the slot's rule to its list (creating it when none exists). Any failure is recorded
+    /// in the slot.
+    pub(super) async fn bind(&self, slot: &mut Slot, dry_run: bool, directory: Option<&[ListInfo]>) {
+        match self.bind_list(slot, dry_run, directory).await {
+            Ok((list, created)) => {
+                slot.list = list;
+                slot.created = created;
+                if created {
+                    slot.members_from = MemberSource::NewList;
                 }
-                Err(ReconcileError::Gateway(e)) if e.is_unknown_list() => {
-                    tracing::warn!(rule = %slot.rule.name, list_id = %list, list = %slot.rule.list, "list gone");
-                    let (list, created) = self.find_or_create(slot, dry_run, None).await?;
-                    slot.list = list;
-                    slot.created = created;
-                    Ok(())
-                }
-                Err(e) => Err(e),
             }
+            Err(e) => slot.error = Some(e),
+        }
+    }
+
+    /// Reads the slot's list's members and judges each on its own record. A list deleted since
+    /// it was bound is found or created again.
+    pub(super) async fn read_members(&self, slot: &mut Slot, dry_run: bool, today: Date) {
+        let result = async {
+            // At most twice: a list deleted since it was bound is replaced by another of its name.
+            for _ in 0..2 {
+                let Some(list) = slot.list.clone().filter(|_| !slot.created) else { return Ok(()) };
+                match read::members(&self.cancel, &slot.gateway, &self.engine, &slot.rule, &list, today).await {
+                    Ok(eval) => {
+                        slot.eval = eval;
+                        slot.members_from = MemberSource::Read;
+                        return Ok(());
+                    }
+                    Err(ReconcileError::Gateway(e)) if e.is_unknown_list() => {
+                        tracing::warn!(rule = %slot.rule.name, list_id = %list, list = %slot.rule.list, "list gone");
+                        let (list, created) = self.find_or_create(slot, dry_run, None).await?;
+                        slot.list = list;
+                        slot.created = created;
+                        slot.members_from = MemberSource::NewList;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
         }
         .await;
         if let Err(e) = result {

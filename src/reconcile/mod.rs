@@ -5,6 +5,7 @@
 
 mod apply;
 mod bind;
+mod cache;
 pub mod plan;
 mod progress;
 mod read;
@@ -54,6 +55,32 @@ impl ReconcileError {
     }
 }
 
+/// Where a rule's members came from this pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberSource {
+    /// Not known: the run failed before.
+    #[default]
+    Unknown,
+    /// The membership cache, judged on the shared scan's records.
+    Cache,
+    /// A complete read of the list.
+    Read,
+    /// The list is new (or would be, in a dry run): no members.
+    NewList,
+}
+
+impl MemberSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Cache => "cache",
+            Self::Read => "read",
+            Self::NewList => "new_list",
+        }
+    }
+}
+
 /// How the candidates of a pass were read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -87,6 +114,8 @@ pub struct Reconciler {
     time_zone: Tz,
     /// Once cancelled, no further page read or write batch starts.
     cancel: CancellationToken,
+    /// A cached list's members are read again after this long.
+    verify_members_every: Duration,
 }
 
 #[derive(Clone)]
@@ -128,6 +157,7 @@ pub struct RuleReport {
     /// Requests this rule's run needed (a shared scan counts for every rule it served).
     pub usage: Usage,
     pub read: ReadKind,
+    pub members_from: MemberSource,
     pub outcome: Outcome,
     /// Why it failed or was held.
     pub detail: Option<String>,
@@ -156,6 +186,11 @@ struct Slot {
     gateway: Gateway,
     list: Option<ListId>,
     created: bool,
+    /// The list's size as the directory gave it this pass.
+    listed: Option<u64>,
+    /// The cache holds this list's members and the counts agree: no member read needed.
+    trusted_cache: bool,
+    members_from: MemberSource,
     eval: Evaluation,
     /// Non-members passing the rule's FILTER: what its own read would return.
     in_filter: u64,
@@ -172,14 +207,26 @@ pub struct Parts {
     pub time_zone: Tz,
     /// Shutdown: once cancelled, no page read, write batch or wait of a pass goes on.
     pub cancel: CancellationToken,
+    /// A cached list's members are read again after this long (`[state] verify_members_every`).
+    pub verify_members_every: Duration,
 }
 
 impl Reconciler {
     /// The one constructor. The gateway is tied to `cancel` here, so every request of every pass
-    /// ends at shutdown however the caller built its gateway.
+    /// ends at shutdown however the caller built its gateway, and starts with the paging the
+    /// account's endpoints taught an earlier run.
     pub fn new(parts: Parts) -> Self {
-        let Parts { gateway, account, engine, state, guards, time_zone, cancel } = parts;
-        Self { gateway: gateway.cancelled_by(cancel.clone()), account, engine, state, guards, time_zone, cancel }
+        let Parts { gateway, account, engine, state, guards, time_zone, cancel, verify_members_every } = parts;
+        match state.paging(&account) {
+            Ok(learned) => {
+                for (endpoint, paging) in learned {
+                    gateway.remember(endpoint, paging);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "no remembered paging"),
+        }
+        let gateway = gateway.cancelled_by(cancel.clone());
+        Self { gateway, account, engine, state, guards, time_zone, cancel, verify_members_every }
     }
 
     /// The same reconciler with other guards (the daemon keeps one per config).
@@ -209,6 +256,9 @@ impl Reconciler {
                     meter,
                     list: None,
                     created: false,
+                    listed: None,
+                    trusted_cache: false,
+                    members_from: MemberSource::Unknown,
                     eval: Evaluation::default(),
                     in_filter: 0,
                     error: None,
@@ -230,16 +280,20 @@ impl Reconciler {
             req.progress.clone(),
         );
 
-        // 1. Bind each rule to its list and judge the current members on their own records.
-        let directory = self.list_directory(&slots, &pass_meter).await;
-        join_all(
-            slots.iter_mut().map(|slot| self.bind_and_read_members(slot, req.dry_run, today, directory.as_deref())),
-        )
-        .await;
+        // 1. Bind each rule to its list. The directory's counts also tell whose cache still holds.
+        let directory = self.list_directory(&pass_meter).await;
+        join_all(slots.iter_mut().map(|slot| self.bind(slot, req.dry_run, directory.as_deref()))).await;
+        for slot in &mut slots {
+            self.consult_cache(slot, directory.as_deref());
+        }
 
-        // 2. Read candidates: one shared scan, or each rule's own filtered read of non-members.
+        // 2. Choose the cheaper read: one shared scan (cached lists ride it, their members judged
+        //    on its records), or each rule's own filtered read of non-members (members read).
+        //    Then read the members the cache cannot give, and the candidates.
         let live: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].error.is_none()).collect();
         let read = self.choose_read(&slots, &live);
+        self.members(&mut slots, read, today, req.dry_run).await;
+        let live: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].error.is_none()).collect();
         self.read_candidates(&mut slots, &live, read, &shared_meter, today).await;
         reporter.writing();
 
@@ -255,6 +309,7 @@ impl Reconciler {
         for report in &reports {
             self.record(report, req.trigger, &started_at, req.dry_run).await;
         }
+        self.remember_paging();
         drop(reporter);
         let report = PassReport { rules: reports, read, usage, duration: started.elapsed() };
         tracing::info!(
@@ -297,6 +352,7 @@ impl Reconciler {
             removed: 0,
             usage: Usage::default(),
             read,
+            members_from: slot.members_from,
             outcome: Outcome::Ok,
             detail: None,
             duration: Duration::ZERO,
@@ -307,27 +363,49 @@ impl Reconciler {
         } else {
             // Sorting a million ids is real CPU work: off the async workers.
             let (eval, mode, guards, allow) = (slot.eval, rule.mode, self.guards.clone(), req.allow_mass_removal);
-            report.plan = tokio::task::spawn_blocking(move || plan::plan(&eval, mode, &guards, allow))
+            let planned = tokio::task::spawn_blocking(move || (plan::plan(&eval, mode, &guards, allow), eval.members))
                 .await
-                .unwrap_or_else(|e| Plan { refused: Some(format!("planning failed: {e}")), ..Plan::default() });
+                .map_err(|e| Plan { refused: Some(format!("planning failed: {e}")), ..Plan::default() });
+            let members = match planned {
+                Ok((plan, members)) => {
+                    report.plan = plan;
+                    Some(members)
+                }
+                Err(plan) => {
+                    report.plan = plan;
+                    None
+                }
+            };
+            let mut applied = apply::Applied::default();
+            let mut write_error = false;
             if let Some(why) = &report.plan.refused {
                 report.outcome = Outcome::Failed;
                 report.detail = Some(why.clone());
             } else if let (Some(list), false) = (&slot.list, req.dry_run) {
-                let (done, error) = match apply::apply(&slot.gateway, list, &report.plan, &self.cancel).await {
-                    Ok(done) => (done, None),
-                    Err((done, e)) => (done, Some(e)),
+                let error = match apply::apply(&slot.gateway, list, &report.plan, &self.cancel).await {
+                    Ok(done) => {
+                        applied = done;
+                        None
+                    }
+                    Err((done, e)) => {
+                        applied = done;
+                        Some(e)
+                    }
                 };
-                report.added = done.added.done;
-                report.removed = done.removed.done;
+                write_error = error.is_some();
+                report.added = applied.added.done;
+                report.removed = applied.removed.done;
                 if let Some(e) = error {
                     report.outcome = if e.is_interrupted() { Outcome::Interrupted } else { Outcome::Failed };
                     report.detail = Some(e.to_string());
-                } else if let Some(why) = done.unconfirmed() {
+                } else if let Some(why) = applied.unconfirmed() {
                     tracing::warn!(rule = %rule.name, list_id = %list, detail = %why, "writes unconfirmed");
                     report.outcome = Outcome::Partial;
                     report.detail = Some(why);
                 }
+            }
+            if let (Some(list), Some(members), false) = (&slot.list, members, req.dry_run) {
+                self.update_cache(&rule, list, slot.members_from, members, &report.plan, &applied, write_error).await;
             }
             if report.outcome == Outcome::Ok
                 && let Some(why) = &report.plan.held

@@ -4,17 +4,15 @@
 //! Invariants: a contact leaves a list only because its own member record evaluated to `false`;
 //! a contact the rule errored on is neither added nor removed; output order is sorted.
 
-use std::collections::HashSet;
-
 use crate::config::Guards;
-use crate::ids::ContactId;
+use crate::ids::{ContactId, ContactIdSet};
 use crate::rules::{EvalError, Mode};
 
 /// What evaluating one rule produced, before any decision.
 #[derive(Debug, Default, Clone)]
 pub struct Evaluation {
     /// Every current member of the list.
-    pub members: HashSet<ContactId>,
+    pub members: ContactIdSet,
     /// Members whose own record evaluated to `false`.
     pub members_failing: Vec<ContactId>,
     /// Non-members that evaluated to `true`.
@@ -35,9 +33,22 @@ impl Evaluation {
         }
     }
 
+    /// A member's `matches` verdict on its own current record.
+    pub fn member_verdict(&mut self, id: &ContactId, verdict: Result<bool, EvalError>) {
+        match verdict {
+            Ok(true) => self.matched += 1,
+            Ok(false) => self.members_failing.push(id.clone()),
+            Err(e) => self.error(id, e),
+        }
+    }
+
     /// Folds in a part evaluated elsewhere (another page).
     pub fn merge(&mut self, other: Evaluation) {
-        self.members.extend(other.members);
+        if self.members.is_empty() {
+            self.members = other.members;
+        } else {
+            self.members.extend_from(&other.members);
+        }
         self.members_failing.extend(other.members_failing);
         self.candidates_matching.extend(other.candidates_matching);
         self.evaluated += other.evaluated;
@@ -78,7 +89,7 @@ impl Plan {
 /// Decides the changes for one list.
 pub fn plan(eval: &Evaluation, mode: Mode, guards: &Guards, allow_mass_removal: bool) -> Plan {
     let mut to_add: Vec<ContactId> =
-        eval.candidates_matching.iter().filter(|id| !eval.members.contains(*id)).cloned().collect();
+        eval.candidates_matching.iter().filter(|id| !eval.members.contains(id.as_str())).cloned().collect();
     to_add.sort();
     to_add.dedup();
     let mut to_remove = match mode {
@@ -170,7 +181,7 @@ mod tests {
 
     fn check(c: &Case) {
         let eval = Evaluation {
-            members: ids(c.members).into_iter().collect(),
+            members: c.members.iter().copied().collect(),
             members_failing: ids(c.failing),
             candidates_matching: ids(c.matching),
             evaluated: c.evaluated,

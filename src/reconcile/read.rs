@@ -1,8 +1,8 @@
 //! Reading for a pass: each list's members, and the candidates (one shared scan of all contacts,
 //! or per-rule reads of filtered non-members, whichever costs fewer requests), evaluated page by
 //! page on blocking threads as the pages arrive. Contacts are streamed, never all held at once.
+//! A list whose members come from the cache has them judged on the shared scan's records.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use rhai::Engine;
@@ -12,7 +12,7 @@ use super::ReconcileError;
 use super::plan::Evaluation;
 use crate::contact::ContactRecord;
 use crate::gateway::{Gateway, Scan, ScanQuery};
-use crate::ids::{ContactId, ListId};
+use crate::ids::{ContactIdSet, ListId};
 use crate::rules::{Date, Mode, Rule};
 
 /// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
@@ -36,6 +36,23 @@ async fn fold_pages<R>(
     Ok(total)
 }
 
+/// A member's verdict on its own current record. A member the FILTER cannot judge is an
+/// evaluation error (kept), exactly as a field `matches` cannot read; only a clear "no" can
+/// remove it. `Ok(true)` from the FILTER still needs `matches`: the caller runs it.
+fn member_filter(rule: &Rule, record: &ContactRecord, part: &mut Evaluation) -> bool {
+    match rule.filter_verdict(record) {
+        Ok(true) => true,
+        Ok(false) => {
+            part.members_failing.push(record.id.clone());
+            false
+        }
+        Err(e) => {
+            part.error(&record.id, e);
+            false
+        }
+    }
+}
+
 /// Reads a list's members and judges each on its own current record.
 pub async fn members(
     cancel: &CancellationToken,
@@ -52,24 +69,16 @@ pub async fn members(
         move |records: Vec<ContactRecord>| {
             let mut part = Evaluation::default();
             for record in records {
-                let id = record.id.clone();
+                part.members.insert(record.id.as_str());
                 // add_only never removes, so its members need no verdict.
                 if rule_for_work.mode == Mode::Mirror {
                     part.evaluated += 1;
-                    // A member the FILTER cannot judge is an evaluation error (kept), exactly as a
-                    // field `matches` cannot read; only a clear "no" can remove it.
-                    let verdict = match rule_for_work.filter_verdict(&record) {
+                    if member_filter(&rule_for_work, &record, &mut part) {
                         // The member's last use: hand the record over instead of cloning it.
-                        Ok(true) => rule_for_work.call_matches(&engine, record.fields, today),
-                        other => other,
-                    };
-                    match verdict {
-                        Ok(true) => part.matched += 1,
-                        Ok(false) => part.members_failing.push(id.clone()),
-                        Err(e) => part.error(&id, e),
+                        let ContactRecord { id, fields } = record;
+                        part.member_verdict(&id, rule_for_work.call_matches(&engine, fields, today));
                     }
                 }
-                part.members.insert(id);
             }
             part
         },
@@ -78,10 +87,13 @@ pub async fn members(
     Ok(eval)
 }
 
-/// A rule reading candidates: its members are skipped (they were judged on their member record).
+/// A rule reading candidates.
 pub struct Target {
     pub rule: Arc<Rule>,
-    pub members: Arc<HashSet<ContactId>>,
+    pub members: Arc<ContactIdSet>,
+    /// The members come from the cache: judge each on the record this read returns. Otherwise
+    /// they were judged on their member records already, and are skipped.
+    pub judge_members: bool,
 }
 
 /// What a candidate read found, per target, plus counts the planner remembers.
@@ -92,7 +104,8 @@ pub struct Candidates {
     pub total: u64,
 }
 
-/// Reads `query` once and evaluates every target on each contact (converted once).
+/// Reads `query` once and evaluates every target on each contact (converted once): members of a
+/// cached list as members, everyone else as a candidate.
 pub async fn candidates(
     cancel: &CancellationToken,
     gw: &Gateway,
@@ -108,30 +121,42 @@ pub async fn candidates(
     let scan = gw.scan_with(query, move |records: Vec<ContactRecord>| {
         let mut parts = vec![Evaluation::default(); work_targets.len()];
         let mut in_filter = vec![0u64; work_targets.len()];
-        let mut due = Vec::with_capacity(work_targets.len());
+        // (target, judged as a member) for each `matches` call this record needs.
+        let mut due: Vec<(usize, bool)> = Vec::with_capacity(work_targets.len());
         for record in records {
             due.clear();
             for (i, target) in work_targets.iter().enumerate() {
-                if target.members.contains(&record.id) {
+                if target.members.contains(record.id.as_str()) {
+                    if target.judge_members && target.rule.mode == Mode::Mirror {
+                        parts[i].evaluated += 1;
+                        if member_filter(&target.rule, &record, &mut parts[i]) {
+                            due.push((i, true));
+                        }
+                    }
                     continue;
                 }
                 parts[i].evaluated += 1;
                 if target.rule.passes_filter(&record) {
                     in_filter[i] += 1;
-                    due.push(i);
+                    due.push((i, false));
                 }
             }
             // Each evaluation consumes a copy of the contact; the last one takes the record itself.
             let ContactRecord { id, fields } = record;
             let mut fields = Some(fields);
-            for (k, &i) in due.iter().enumerate() {
+            for (k, &(i, as_member)) in due.iter().enumerate() {
                 let arg = if k + 1 == due.len() {
                     fields.take().unwrap_or_default()
                 } else {
                     fields.clone().unwrap_or_default()
                 };
+                let verdict = work_targets[i].rule.call_matches(&engine, arg, today);
                 let part = &mut parts[i];
-                match work_targets[i].rule.call_matches(&engine, arg, today) {
+                if as_member {
+                    part.member_verdict(&id, verdict);
+                    continue;
+                }
+                match verdict {
                     Ok(true) => {
                         part.matched += 1;
                         part.candidates_matching.push(id.clone());

@@ -1,51 +1,128 @@
 //! The read plan: how a pass reads its candidates. One shared scan of every contact that every
-//! due rule rides, or each rule's own read of `FILTER & notListIds=<its list>`; whichever the counts
-//! remembered from the last pass say costs fewer requests. Members are always read (`bind`).
+//! due rule rides (a list whose cache holds needs no member read: its members are judged on the
+//! scan's records), or each rule's own read of `FILTER & notListIds=<its list>` plus its
+//! members; whichever the directory's counts and those remembered from the last pass say costs
+//! fewer requests.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use futures_util::future::join_all;
 
-use super::{ReadKind, ReconcileError, Reconciler, Slot, read};
-use crate::gateway::{Meter, ScanQuery};
-use crate::ids::ContactId;
+use super::{MemberSource, ReadKind, ReconcileError, Reconciler, Slot, read};
+use crate::gateway::{Endpoint, Meter, ScanQuery};
+use crate::ids::ContactIdSet;
 use crate::rules::{Date, Rule};
 use crate::state::Estimate;
 
-impl Reconciler {
-    /// Before a pass: the read plan the remembered counts predict and the requests the pass should
-    /// cost (members, candidates and list lookups; writes are not known yet). `None` when the
-    /// account's size is not known yet (the first pass).
-    pub(super) fn predict(&self, rules: &[Arc<Rule>]) -> (ReadKind, Option<u64>) {
-        let page = u64::from(self.gateway.page_size());
-        let pages = |n: u64| n.div_ceil(page).max(1);
-        let Some(contacts) = self.state.estimate(&self.account, &Estimate::Contacts).ok().flatten() else {
-            return (ReadKind::SharedScan, None);
+/// What one rule's reading costs, as far as known before the reads.
+struct RuleCost {
+    /// Its list exists: its members are read unless the cache gives them.
+    bound: bool,
+    /// Members, as the directory, the cache or the last run counted them.
+    members: u64,
+    /// The cache may give the members (only a shared scan can judge them).
+    cached: bool,
+    /// The non-members its own read would return; `None` when only a scan can tell.
+    own: Option<u64>,
+}
+
+/// The cheaper read and its requests: the shared scan (plus the members no cache gives) against
+/// every rule's own read (plus every list's members).
+fn cheaper(costs: &[RuleCost], contacts: Option<u64>, page: u64) -> (ReadKind, u64) {
+    let pages = |n: u64| n.div_ceil(page).max(1);
+    let member_pages = |c: &RuleCost| if c.bound { pages(c.members) } else { 0 };
+    let own: Option<u64> = costs.iter().map(|c| c.own.map(|n| pages(n) + member_pages(c))).sum();
+    let Some(contacts) = contacts else {
+        // Unknown size: a rule that must see everyone needs the scan; else the own reads.
+        return match own {
+            Some(own) => (ReadKind::OwnRead, own),
+            None => (ReadKind::SharedScan, costs.iter().map(member_pages).sum()),
         };
-        let last = self.state.last_runs(1).unwrap_or_default();
-        let (mut member_pages, mut unbound, mut own) = (0, 0, 0);
-        for rule in rules {
-            let members = last
-                .iter()
-                .find(|r| r.rule == rule.name)
-                .map_or(0, |r| (r.members_before + r.added).saturating_sub(r.removed));
-            match self.state.binding(&self.account, &rule.name, &rule.list) {
-                Ok(Some(_)) => member_pages += pages(members),
-                _ => unbound += 1,
-            }
-            own += if rule.filter.is_empty() {
-                pages(contacts.saturating_sub(members))
-            } else {
-                let key = Estimate::Candidates(rule.name.clone());
-                pages(self.state.estimate(&self.account, &key).ok().flatten().unwrap_or(0))
-            };
+    };
+    // A scan ends on an empty page when the count is a multiple of the page.
+    let scan = pages(contacts)
+        + u64::from(contacts % page == 0)
+        + costs.iter().filter(|c| !c.cached).map(member_pages).sum::<u64>();
+    match own {
+        Some(own) if own <= scan => (ReadKind::OwnRead, own),
+        _ => (ReadKind::SharedScan, scan),
+    }
+}
+
+impl Reconciler {
+    fn page(&self) -> u64 {
+        u64::from(self.gateway.paging(Endpoint::Contacts).page_size)
+    }
+
+    fn contacts(&self) -> Option<u64> {
+        self.state.estimate(&self.account, &Estimate::Contacts).ok().flatten()
+    }
+
+    /// The non-members `rule`'s own read returns, as last seen; `None` when unfiltered and the
+    /// account's size is unknown.
+    fn own_estimate(&self, rule: &Rule, members: u64, contacts: Option<u64>) -> Option<u64> {
+        if rule.filter.is_empty() {
+            contacts.map(|n| n.saturating_sub(members))
+        } else {
+            let key = Estimate::Candidates(rule.name.clone());
+            Some(self.state.estimate(&self.account, &key).ok().flatten().unwrap_or(0))
         }
-        // A shared scan ends on an empty page when the count is a multiple of the page.
-        let scan = pages(contacts) + u64::from(contacts % page == 0);
-        let (kind, candidates) = if own > scan { (ReadKind::SharedScan, scan) } else { (ReadKind::OwnRead, own) };
-        let lookups = u64::from(unbound >= 2) + 2 * unbound;
-        (kind, Some(member_pages + candidates + lookups))
+    }
+
+    /// Before a pass: the read plan the remembered counts predict and the requests the pass should
+    /// cost (directory, members, candidates and creates; writes are not known yet). `None` when
+    /// the account's size is not known yet (the first pass).
+    pub(super) fn predict(&self, rules: &[Arc<Rule>]) -> (ReadKind, Option<u64>) {
+        let contacts = self.contacts();
+        let last = self.state.last_runs(1).unwrap_or_default();
+        let mut unbound = 0;
+        let costs: Vec<RuleCost> = rules
+            .iter()
+            .map(|rule| {
+                let list = self.state.binding(&self.account, &rule.name, &rule.list).ok().flatten();
+                let cached = list.as_ref().and_then(|l| self.state.cached_list(&self.account, l).ok().flatten());
+                let members = cached.as_ref().map(|c| c.members).unwrap_or_else(|| {
+                    last.iter()
+                        .find(|r| r.rule == rule.name)
+                        .map_or(0, |r| (r.members_before + r.added).saturating_sub(r.removed))
+                });
+                unbound += u64::from(list.is_none());
+                RuleCost {
+                    bound: list.is_some(),
+                    members,
+                    cached: cached.is_some_and(|c| c.trusted),
+                    own: self.own_estimate(rule, members, contacts),
+                }
+            })
+            .collect();
+        let (kind, reads) = cheaper(&costs, contacts, self.page());
+        // The directory, and per new list its create and the directory read after it.
+        let lookups = 1 + 2 * unbound;
+        (kind, contacts.map(|_| reads + lookups))
+    }
+
+    /// Shared scan or own reads: whichever costs fewer requests, with the cache in the count.
+    pub(super) fn choose_read(&self, slots: &[Slot], live: &[usize]) -> ReadKind {
+        let contacts = self.contacts();
+        let last = self.state.last_runs(1).unwrap_or_default();
+        let costs: Vec<RuleCost> = live
+            .iter()
+            .map(|&i| {
+                let slot = &slots[i];
+                let members = slot.listed.unwrap_or_else(|| {
+                    last.iter()
+                        .find(|r| r.rule == slot.rule.name)
+                        .map_or(0, |r| (r.members_before + r.added).saturating_sub(r.removed))
+                });
+                RuleCost {
+                    bound: slot.list.is_some() && !slot.created,
+                    members,
+                    cached: slot.trusted_cache,
+                    own: self.own_estimate(&slot.rule, members, contacts),
+                }
+            })
+            .collect();
+        cheaper(&costs, contacts, self.page()).0
     }
 
     /// Evaluates the candidates of the `live` slots, read the `read` way, into each slot.
@@ -58,14 +135,18 @@ impl Reconciler {
         today: Date,
     ) {
         // Members are shared with the evaluating threads, then handed back (no copy of big sets).
-        let members: Vec<Arc<HashSet<ContactId>>> =
+        let members: Vec<Arc<ContactIdSet>> =
             live.iter().map(|&i| Arc::new(std::mem::take(&mut slots[i].eval.members))).collect();
         let found: Vec<(Vec<usize>, Result<read::Candidates, ReconcileError>)> = match read {
             ReadKind::SharedScan => {
                 let targets = live
                     .iter()
                     .zip(&members)
-                    .map(|(&i, m)| read::Target { rule: slots[i].rule.clone(), members: m.clone() })
+                    .map(|(&i, m)| read::Target {
+                        rule: slots[i].rule.clone(),
+                        members: m.clone(),
+                        judge_members: slots[i].members_from == MemberSource::Cache,
+                    })
                     .collect();
                 let gw = self.gateway.metered(shared.clone());
                 let result =
@@ -111,37 +192,11 @@ impl Reconciler {
         }
     }
 
-    /// Shared scan or own reads: whichever the last-seen counts say costs fewer requests.
-    pub(super) fn choose_read(&self, slots: &[Slot], live: &[usize]) -> ReadKind {
-        let page = u64::from(self.gateway.page_size());
-        let pages = |n: u64| n.div_ceil(page).max(1);
-        let contacts = self.state.estimate(&self.account, &Estimate::Contacts).ok().flatten();
-        let mut own_total = 0;
-        for &i in live {
-            let slot = &slots[i];
-            let own = if slot.rule.filter.is_empty() {
-                match contacts {
-                    Some(n) => pages(n.saturating_sub(slot.eval.members.len() as u64)),
-                    // Unknown size and a rule that must see everyone: only a scan will tell.
-                    None => return ReadKind::SharedScan,
-                }
-            } else {
-                let key = Estimate::Candidates(slot.rule.name.clone());
-                pages(self.state.estimate(&self.account, &key).ok().flatten().unwrap_or(0))
-            };
-            own_total += own;
-        }
-        match contacts {
-            Some(n) if own_total > pages(n) => ReadKind::SharedScan,
-            _ => ReadKind::OwnRead,
-        }
-    }
-
     /// A rule's own read: its FILTER plus `notListIds` (when its list exists).
     async fn own_read(
         &self,
         slot: &Slot,
-        members: Arc<HashSet<ContactId>>,
+        members: Arc<ContactIdSet>,
         today: Date,
     ) -> Result<read::Candidates, ReconcileError> {
         let query = ScanQuery {
@@ -149,7 +204,7 @@ impl Reconciler {
             not_list_ids: slot.list.iter().filter(|_| !slot.created).cloned().collect(),
             ..ScanQuery::default()
         };
-        let target = read::Target { rule: slot.rule.clone(), members };
+        let target = read::Target { rule: slot.rule.clone(), members, judge_members: false };
         read::candidates(&self.cancel, &slot.gateway, &self.engine, &query, vec![target], today).await
     }
 

@@ -56,6 +56,7 @@ impl Reconciler {
                     api_requests = record.api_requests,
                     retries = record.retries,
                     read_plan = r.read.as_str(),
+                    members_from = r.members_from.as_str(),
                     duration_ms = record.duration_ms,
                     outcome = %record.outcome,
                     detail = record.detail.as_deref(),

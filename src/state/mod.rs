@@ -1,8 +1,13 @@
 //! The state database (SQLite): which list each rule fills, the history of runs, the read
-//! planner's last-seen counts, and the instance lock.
+//! planner's last-seen counts, the membership cache (`members`), and the instance lock.
 //!
 //! Every write is one transaction, so a crash never leaves half a row. The schema is versioned by
-//! `PRAGMA user_version` and migrated on open. Must not hold contact data: lists live on the gateway.
+//! `PRAGMA user_version` and migrated on open. Holds contact ids (the cache), never contact
+//! fields: lists live on the gateway, and the cache is only ever a shortcut to reading them.
+
+mod members;
+
+pub use members::{Applied, CachedList};
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -124,12 +129,12 @@ pub struct RunRecord {
     pub to_remove: u64,
 }
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Runs kept per rule; older ones are pruned as new ones are recorded.
 const KEEP_RUNS: i64 = 1000;
 
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     r"
     CREATE TABLE binding (
         endpoint  TEXT NOT NULL,
@@ -184,6 +189,30 @@ const MIGRATIONS: [&str; 3] = [
     );
     ALTER TABLE run ADD COLUMN to_remove INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE approval ADD COLUMN allow_mass_removal INTEGER NOT NULL DEFAULT 1;
+",
+    // The membership cache (ids only) and the paging each endpoint takes.
+    r"
+    CREATE TABLE cached_list (
+        id          INTEGER PRIMARY KEY,
+        endpoint    TEXT NOT NULL,
+        list_id     TEXT NOT NULL,
+        verified_at TEXT NOT NULL,
+        trusted     INTEGER NOT NULL,
+        members     INTEGER NOT NULL,
+        UNIQUE (endpoint, list_id)
+    );
+    CREATE TABLE cached_member (
+        list    INTEGER NOT NULL,
+        contact TEXT NOT NULL,
+        PRIMARY KEY (list, contact)
+    ) WITHOUT ROWID;
+    CREATE TABLE paging (
+        endpoint   TEXT NOT NULL,
+        api        TEXT NOT NULL,
+        page_size  INTEGER NOT NULL,
+        pagination TEXT NOT NULL,
+        PRIMARY KEY (endpoint, api)
+    );
 ",
 ];
 
@@ -397,6 +426,19 @@ impl State {
             )?;
             c.execute(
                 "DELETE FROM estimate WHERE endpoint LIKE ?1 AND endpoint <> ?2",
+                params![pattern, current.as_str()],
+            )?;
+            c.execute(
+                "DELETE FROM cached_member WHERE list IN
+                    (SELECT id FROM cached_list WHERE endpoint LIKE ?1 AND endpoint <> ?2)",
+                params![pattern, current.as_str()],
+            )?;
+            c.execute(
+                "DELETE FROM cached_list WHERE endpoint LIKE ?1 AND endpoint <> ?2",
+                params![pattern, current.as_str()],
+            )?;
+            c.execute(
+                "DELETE FROM paging WHERE endpoint LIKE ?1 AND endpoint <> ?2",
                 params![pattern, current.as_str()],
             )?;
             Ok(())
