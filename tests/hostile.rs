@@ -9,6 +9,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use segsync_sandbox::{Sandbox, SandboxConfig};
@@ -491,7 +492,8 @@ async fn rules_that_overflow_dates_fail_alone() {
     sandbox.shutdown().await;
 }
 
-// 13. Writes the server does not confirm make the run `partial`, not `ok`.
+// 13. Writes the server does not confirm make the run `partial`, not `ok`, and the membership
+// cache is not trusted: the next run reads the list and completes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unconfirmed_writes_are_partial() {
     for (name, reply) in
@@ -499,17 +501,34 @@ async fn unconfirmed_writes_are_partial() {
     {
         let site = Site::new(&[("vip", VIP)]);
         let sandbox = support::start(support::sandbox_config(2000)).await;
+        let lying = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let lies = lying.clone();
         let behaviour = Behaviour::default().answer(move |req| {
-            (req.method == axum::http::Method::POST && req.path == "/contacts/list/contacts")
+            (lies.load(std::sync::atomic::Ordering::SeqCst)
+                && req.method == axum::http::Method::POST
+                && req.path == "/contacts/list/contacts")
                 .then(|| support::hostile::json(200, reply.clone()))
         });
         let hostile = Hostile::start(&sandbox.base_url(), behaviour).await;
-        let ran = run(&["sync"], &site.config("hostile.toml", &hostile.base_url, "")).await;
+        let config = site.config("hostile.toml", &hostile.base_url, "");
+        let ran = run(&["sync"], &config).await;
         assert_eq!(ran.code, 1, "{name}: {}", ran.out);
         let runs = summaries(&ran.out);
         assert_eq!(runs[0]["outcome"], "partial", "{name}: {}", ran.out);
         assert!(runs[0]["detail"].as_str().expect("detail").contains("did not confirm"), "{name}: {}", ran.out);
         assert!(ran.out.contains("\"level\":\"WARN\""), "{name}: a warning: {}", ran.out);
+
+        lying.store(false, std::sync::atomic::Ordering::SeqCst);
+        let ran = run(&["sync"], &config).await;
+        assert_eq!(ran.code, 0, "{name}: {}", ran.out);
+        let runs = summaries(&ran.out);
+        assert_eq!((runs[0]["outcome"].as_str(), runs[0]["members_from"].as_str()), (Some("ok"), Some("read")));
+        let vips = sandbox.with_store(|s| {
+            let ids: Vec<String> = s.contact_ids().map(str::to_owned).collect();
+            ids.into_iter().filter(|id| s.get(id).and_then(support::spent).is_some_and(|x| x > 5000.0)).count()
+        });
+        let listed = lists(&sandbox).into_values().next().expect("the VIP list");
+        assert_eq!(listed.len(), vips, "{name}: the list is complete");
         sandbox.shutdown().await;
     }
 }

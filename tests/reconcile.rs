@@ -7,6 +7,7 @@ mod support;
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::NaiveDate;
 use segsync::config::Guards;
@@ -44,7 +45,7 @@ async fn world(config: SandboxConfig, rules_dir: &Path) -> World {
         guards: guards(),
         time_zone: chrono_tz::Europe::Rome,
         cancel: CancellationToken::new(),
-        verify_members_every: std::time::Duration::from_secs(86_400),
+        verify_members_every: Duration::from_secs(86_400),
     });
     World { sandbox, reconciler, rules: set.iter().cloned().collect(), _dir: dir }
 }
@@ -384,4 +385,65 @@ async fn filtered_rule_alone_reads_only_its_slice() {
     );
     assert_eq!(w.members("Geo - Veneto"), w.expected(|c| c.region.as_deref() == Some("Veneto")));
     w.sandbox.shutdown().await;
+}
+
+/// The id of the list named `name` on the sandbox.
+fn list_id(w: &World, name: &str) -> String {
+    w.sandbox.with_store(|s| s.lists().iter().find(|l| l.name == name).map(|l| l.id.clone()).expect("list"))
+}
+
+// Someone edits a list by hand: a member removed, a non-qualifying contact added. Each changes the
+// list's count, so the next pass reads that list instead of trusting the cache, and puts it right.
+// A swap that keeps the count is found when the cache is older than `verify_members_every`.
+#[tokio::test]
+async fn hand_edits_are_corrected_in_the_next_pass() {
+    let w = world(support::sandbox_config(5_000), Path::new("rules")).await;
+    w.sync().await;
+    let vip = list_id(&w, "VIP - Spend > 5000 EUR");
+    let qualifying = w.members("VIP - Spend > 5000 EUR");
+    let taken = qualifying.iter().next().expect("a VIP").clone();
+    w.api(reqwest::Method::DELETE, "/contacts/list/contacts", json!({"listIds": [vip], "contactIds": [taken]})).await;
+    let report = w.sync().await;
+    let vip_run = report.rules.iter().find(|r| r.rule.name.as_str() == "vip").expect("vip");
+    assert_eq!(vip_run.members_from, MemberSource::Read, "the count changed: read, not cached");
+    assert_eq!(vip_run.plan.to_add.iter().map(|c| c.as_str()).collect::<Vec<_>>(), [taken.as_str()]);
+    assert_eq!(w.members("VIP - Spend > 5000 EUR"), qualifying, "the removed member is back");
+    assert!(
+        report.rules.iter().filter(|r| r.rule.name.as_str() != "vip").all(|r| r.members_from == MemberSource::Cache)
+    );
+
+    let intruder = w.expected(|c| spent(c).is_some_and(|s| s < 10.0)).into_iter().next().expect("a small spender");
+    w.api(reqwest::Method::POST, "/contacts/list/contacts", json!({"listId": vip, "contactIds": [intruder]})).await;
+    let report = w.sync().await;
+    let vip_run = report.rules.iter().find(|r| r.rule.name.as_str() == "vip").expect("vip");
+    assert_eq!(vip_run.members_from, MemberSource::Read);
+    assert_eq!(vip_run.plan.to_remove.iter().map(|c| c.as_str()).collect::<Vec<_>>(), [intruder.as_str()]);
+    assert_eq!(w.members("VIP - Spend > 5000 EUR"), qualifying, "the hand-added contact is gone");
+    let settled = w.sync().await;
+    assert!(settled.rules.iter().all(|r| r.members_from == MemberSource::Cache && r.plan.is_empty()));
+
+    // A swap keeps the count: the cache cannot see it, a reconciler whose cache has expired does.
+    let taken = qualifying.iter().nth(1).expect("another VIP").clone();
+    w.api(reqwest::Method::DELETE, "/contacts/list/contacts", json!({"listIds": [vip], "contactIds": [taken]})).await;
+    w.api(reqwest::Method::POST, "/contacts/list/contacts", json!({"listId": vip, "contactIds": [intruder]})).await;
+    let blind = w.sync().await;
+    let vip_run = blind.rules.iter().find(|r| r.rule.name.as_str() == "vip").expect("vip");
+    assert_eq!((vip_run.members_from, vip_run.plan.is_empty()), (MemberSource::Cache, true), "{vip_run:#?}");
+    let expired = World {
+        reconciler: Reconciler::new(Parts {
+            gateway: support::gateway(&w.sandbox, segsync::gateway::RatePlan::Unlimited),
+            account: Account::remote(&w.sandbox.base_url()),
+            engine: Arc::new(rules::engine::build(chrono_tz::Europe::Rome)),
+            state: State::open(&w._dir.path().join("segsync.db")).expect("state"),
+            guards: guards(),
+            time_zone: chrono_tz::Europe::Rome,
+            cancel: CancellationToken::new(),
+            verify_members_every: Duration::ZERO,
+        }),
+        ..w
+    };
+    let report = expired.sync().await;
+    assert!(report.rules.iter().all(|r| r.members_from == MemberSource::Read));
+    assert_eq!(expired.members("VIP - Spend > 5000 EUR"), qualifying, "the swap is undone");
+    expired.sandbox.shutdown().await;
 }
