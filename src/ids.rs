@@ -135,8 +135,18 @@ impl ContactIdSet {
     }
 
     pub fn contains(&self, id: &str) -> bool {
+        self.index_of(id).is_some()
+    }
+
+    /// Where `id` sits in insertion order (0-based), if it is in the set.
+    pub fn index_of(&self, id: &str) -> Option<u32> {
         let hash = std::hash::BuildHasher::hash_one(&self.hasher, id);
-        self.table.find(hash, |&i| self.get(i) == id).is_some()
+        self.table.find(hash, |&i| self.get(i) == id).copied()
+    }
+
+    /// The id at `index` (insertion order).
+    pub fn at(&self, index: u32) -> Option<&str> {
+        ((index as usize) < self.ends.len()).then(|| self.get(index))
     }
 
     /// Adds `id`; `false` when it was there already.
@@ -187,6 +197,38 @@ impl<'a> FromIterator<&'a str> for ContactIdSet {
     }
 }
 
+/// A fixed set of small numbers (indexes into a [`ContactIdSet`]): one bit each.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BitSet(Vec<u64>);
+
+impl BitSet {
+    pub fn with_len(n: usize) -> Self {
+        Self(vec![0; n.div_ceil(64)])
+    }
+
+    /// Sets bit `i` (ignored past the length it was made with).
+    pub fn set(&mut self, i: u32) {
+        if let Some(word) = self.0.get_mut(i as usize / 64) {
+            *word |= 1 << (i % 64);
+        }
+    }
+
+    pub fn get(&self, i: u32) -> bool {
+        self.0.get(i as usize / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Sets every bit `other` has.
+    pub fn union(&mut self, other: &BitSet) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            *a |= b;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +246,7 @@ mod tests {
         assert!(!set.contains("cnt-2"), "a prefix is not a member");
         assert!(!set.contains("cnt-222"));
         assert_eq!(set.iter().collect::<Vec<_>>(), ["cnt-1", "cnt-22", ""]);
+        assert_eq!((set.index_of("cnt-22"), set.at(1), set.at(3)), (Some(1), Some("cnt-22"), None));
         let many: ContactIdSet =
             (0..10_000).map(|i| format!("cnt-{i}")).collect::<Vec<_>>().iter().map(String::as_str).collect();
         assert_eq!(many.len(), 10_000);
@@ -211,5 +254,21 @@ mod tests {
         assert!(!many.contains("cnt-10000"));
         let reversed: ContactIdSet = many.iter().collect::<Vec<_>>().into_iter().rev().collect();
         assert_eq!(reversed, many, "equality ignores order");
+    }
+
+    // Bits set, read, counted and merged; out of range is ignored.
+    #[test]
+    fn bit_set_counts() {
+        let mut a = BitSet::with_len(130);
+        a.set(0);
+        a.set(64);
+        a.set(129);
+        a.set(500);
+        assert!(a.get(64) && a.get(129) && !a.get(1) && !a.get(500));
+        let mut b = BitSet::with_len(130);
+        b.set(1);
+        b.set(64);
+        a.union(&b);
+        assert_eq!(a.count(), 4);
     }
 }

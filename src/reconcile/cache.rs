@@ -2,18 +2,34 @@
 //! them, loading them, and keeping the cache true after the writes.
 //!
 //! A cache is used only when it was filled by a complete member read less than
-//! `verify_members_every` ago, no write since went unconfirmed, and the list directory read in
-//! this same pass gives the list exactly the count the cache holds. The members it gives are
-//! then judged on the records of this pass's shared scan, so a removal still rests on the
-//! member's current record. A cached member the scan did not return is kept.
+//! `verify_members_every` ago, no write since went unconfirmed, and the list directory read at
+//! the start of this pass does not count more members than the cache holds. Its members are
+//! judged on the records of this pass's shared scan, so a removal still rests on the member's
+//! current record. After the scan the cache must account for the directory's count exactly: its
+//! members the scan returned (a cached member the scan did not return was deleted, and left the
+//! list by itself) must be as many as the list holds. If not, someone changed the list by hand:
+//! the list is read now, its members judged on their member records, and a cached "member" that
+//! is not one is a candidate again, judged on its scan record. So a hand edit is corrected in the
+//! same pass, and deleted contacts (churn) cost no read.
 
 use futures_util::future::join_all;
 
 use super::{MemberSource, Plan, ReadKind, Reconciler, Rule, Slot, apply};
 use crate::gateway::{Endpoint, ListInfo};
-use crate::ids::{ContactIdSet, ListId};
+use crate::ids::{ContactId, ContactIdSet, ListId};
 use crate::rules::Date;
 use crate::state::Applied;
+
+/// What a rule's run tells the cache.
+pub(super) struct Update {
+    pub from: MemberSource,
+    /// The members the run started from.
+    pub members: ContactIdSet,
+    /// Cached members the scan did not return (deleted contacts).
+    pub unseen: Vec<ContactId>,
+    /// A write failed part-way: which batches landed is not known.
+    pub write_failed: bool,
+}
 
 impl Reconciler {
     /// Marks the slot's cache trusted when it may stand in for a member read this pass.
@@ -24,7 +40,9 @@ impl Reconciler {
         let fresh = chrono::DateTime::parse_from_rfc3339(&cached.verified_at).is_ok_and(|at| {
             chrono::Utc::now().signed_duration_since(at).to_std().is_ok_and(|age| age < self.verify_members_every)
         });
-        slot.trusted_cache = cached.trusted && fresh && slot.listed == Some(cached.members);
+        // More members than the cache holds: someone added some; fewer may be deletions, which
+        // the scan tells apart (`settle_cached`).
+        slot.trusted_cache = cached.trusted && fresh && slot.listed.is_some_and(|n| n <= cached.members);
         if !slot.trusted_cache {
             tracing::debug!(rule = %slot.rule.name, list_id = %list, trusted = cached.trusted, fresh,
                 cached = cached.members, listed = ?slot.listed, "cache not used; reading members");
@@ -64,25 +82,64 @@ impl Reconciler {
         futures_util::future::join(join_all(loads), join_all(reads)).await;
     }
 
+    /// After the scan: a cached list whose members the scan returned are exactly as many as the
+    /// directory counted is confirmed (the others were deleted); any other is read now.
+    pub(super) async fn settle_cached(&self, slots: &mut [Slot], today: Date, dry_run: bool) {
+        let checks = slots.iter_mut().filter(|s| s.error.is_none() && s.members_from == MemberSource::Cache).map(
+            |slot| async move {
+                let Some(seen) = slot.seen.take() else { return };
+                let cached = &slot.eval.members;
+                if slot.listed == Some(seen.seen.count()) {
+                    slot.unseen = (0..cached.len() as u32)
+                        .filter(|&i| !seen.seen.get(i))
+                        .filter_map(|i| cached.at(i).map(ContactId::from))
+                        .collect();
+                    slot.eval.merge(seen.eval);
+                    return;
+                }
+                tracing::debug!(rule = %slot.rule.name, listed = ?slot.listed, seen = seen.seen.count(),
+                    "the list's count disagrees with the cache; reading its members");
+                let cached = std::mem::take(&mut slot.eval.members);
+                let candidates = std::mem::take(&mut slot.eval);
+                self.read_members(slot, dry_run, today).await;
+                if slot.error.is_some() || slot.members_from != MemberSource::Read {
+                    return;
+                }
+                slot.eval.merge(candidates);
+                // A cached "member" that is not one is a candidate, judged on its scan record.
+                for i in 0..cached.len() as u32 {
+                    let Some(id) = cached.at(i).filter(|id| seen.matched.get(i) && !slot.eval.members.contains(id))
+                    else {
+                        continue;
+                    };
+                    slot.eval.matched += 1;
+                    slot.eval.candidates_matching.push(ContactId::from(id));
+                }
+            },
+        );
+        join_all(checks).await;
+    }
+
     /// Keeps the cache true after a rule's writes: a fresh read replaces it, cached members take
     /// the confirmed writes. Anything unconfirmed, failed or disagreeing with the list's count as
     /// the last write answered it leaves the cache untrusted, so the next pass reads the list.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn update_cache(
         &self,
         rule: &Rule,
         list: &ListId,
-        from: MemberSource,
-        members: ContactIdSet,
+        update: Update,
         plan: &Plan,
         applied: &apply::Applied,
-        write_failed: bool,
     ) {
+        let Update { from, members, unseen, write_failed } = update;
         if from == MemberSource::Unknown {
             return;
         }
         // Only what was sent: a held removal is not applied; a failed run may have sent a part.
-        let (adds, removals) = (plan.adds_to_apply().to_vec(), plan.removals_to_apply().to_vec());
+        // Deleted members left by themselves.
+        let adds = plan.adds_to_apply().to_vec();
+        let mut removals = plan.removals_to_apply().to_vec();
+        removals.extend(unseen);
         let expected = (members.len() + adds.len()).saturating_sub(removals.len()) as u64;
         let agrees = applied.list_total().is_none_or(|total| total == expected);
         if !agrees {

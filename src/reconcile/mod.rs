@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Guards;
 use crate::gateway::{Gateway, GatewayError, Meter, Usage};
-use crate::ids::{Account, ListId};
+use crate::ids::{Account, ContactId, ListId};
 use crate::rules::{Date, Rule};
 pub use crate::run::{Outcome, Trigger};
 use crate::state::{State, StateError};
@@ -191,6 +191,10 @@ struct Slot {
     /// The cache holds this list's members and the counts agree: no member read needed.
     trusted_cache: bool,
     members_from: MemberSource,
+    /// What the shared scan saw of a cached list's members.
+    seen: Option<read::CachedSeen>,
+    /// Cached members the scan did not return: deleted contacts, gone from the list by themselves.
+    unseen: Vec<ContactId>,
     eval: Evaluation,
     /// Non-members passing the rule's FILTER: what its own read would return.
     in_filter: u64,
@@ -259,6 +263,8 @@ impl Reconciler {
                     listed: None,
                     trusted_cache: false,
                     members_from: MemberSource::Unknown,
+                    seen: None,
+                    unseen: Vec::new(),
                     eval: Evaluation::default(),
                     in_filter: 0,
                     error: None,
@@ -295,6 +301,7 @@ impl Reconciler {
         self.members(&mut slots, read, today, req.dry_run).await;
         let live: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].error.is_none()).collect();
         self.read_candidates(&mut slots, &live, read, &shared_meter, today).await;
+        self.settle_cached(&mut slots, today, req.dry_run).await;
         reporter.writing();
 
         // 3. Plan, guard and apply each rule; one rule's failure is not another's.
@@ -405,7 +412,9 @@ impl Reconciler {
                 }
             }
             if let (Some(list), Some(members), false) = (&slot.list, members, req.dry_run) {
-                self.update_cache(&rule, list, slot.members_from, members, &report.plan, &applied, write_error).await;
+                let update =
+                    cache::Update { from: slot.members_from, members, unseen: slot.unseen, write_failed: write_error };
+                self.update_cache(&rule, list, update, &report.plan, &applied).await;
             }
             if report.outcome == Outcome::Ok
                 && let Some(why) = &report.plan.held

@@ -12,7 +12,7 @@ use super::ReconcileError;
 use super::plan::Evaluation;
 use crate::contact::ContactRecord;
 use crate::gateway::{Gateway, Scan, ScanQuery};
-use crate::ids::{ContactIdSet, ListId};
+use crate::ids::{BitSet, ContactIdSet, ListId};
 use crate::rules::{Date, Mode, Rule};
 
 /// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
@@ -91,14 +91,48 @@ pub async fn members(
 pub struct Target {
     pub rule: Arc<Rule>,
     pub members: Arc<ContactIdSet>,
-    /// The members come from the cache: judge each on the record this read returns. Otherwise
-    /// they were judged on their member records already, and are skipped.
-    pub judge_members: bool,
+    /// The members come from the cache: each one the read returns is marked seen and (in mirror
+    /// mode) judged on that record. Otherwise they were judged on their member records already,
+    /// and are skipped.
+    pub cached: bool,
+}
+
+/// What a read saw of a cached list's members (indexes into the cached set).
+#[derive(Debug, Clone, Default)]
+pub struct CachedSeen {
+    /// Verdicts on the members' records from this read (mirror mode).
+    pub eval: Evaluation,
+    pub seen: BitSet,
+    /// `matches` said true: were one of them not a member after all, it is a candidate to add.
+    pub matched: BitSet,
+}
+
+/// One page's part of a [`CachedSeen`]: indexes, not bit sets the size of the list.
+#[derive(Default)]
+struct PageSeen {
+    eval: Evaluation,
+    seen: Vec<u32>,
+    matched: Vec<u32>,
+}
+
+impl CachedSeen {
+    fn merge(&mut self, page: PageSeen) {
+        self.eval.merge(page.eval);
+        for i in page.seen {
+            self.seen.set(i);
+        }
+        for i in page.matched {
+            self.matched.set(i);
+        }
+    }
 }
 
 /// What a candidate read found, per target, plus counts the planner remembers.
 pub struct Candidates {
+    /// Per target: its candidates (non-members) only.
     pub per_target: Vec<Evaluation>,
+    /// Per target with a cached list: its members as this read saw them.
+    pub cached: Vec<Option<CachedSeen>>,
     /// Per target: non-members passing its FILTER (the size of its own filtered read).
     pub in_filter: Vec<u64>,
     pub total: u64,
@@ -116,46 +150,68 @@ pub async fn candidates(
 ) -> Result<Candidates, ReconcileError> {
     let n = targets.len();
     let targets = Arc::new(targets);
-    let mut out = Candidates { per_target: vec![Evaluation::default(); n], in_filter: vec![0; n], total: 0 };
+    let mut out = Candidates {
+        per_target: vec![Evaluation::default(); n],
+        cached: targets
+            .iter()
+            .map(|t| {
+                t.cached.then(|| CachedSeen {
+                    seen: BitSet::with_len(t.members.len()),
+                    matched: BitSet::with_len(t.members.len()),
+                    ..CachedSeen::default()
+                })
+            })
+            .collect(),
+        in_filter: vec![0; n],
+        total: 0,
+    };
     let (engine, work_targets) = (engine.clone(), targets.clone());
     let scan = gw.scan_with(query, move |records: Vec<ContactRecord>| {
-        let mut parts = vec![Evaluation::default(); work_targets.len()];
-        let mut in_filter = vec![0u64; work_targets.len()];
-        // (target, judged as a member) for each `matches` call this record needs.
-        let mut due: Vec<(usize, bool)> = Vec::with_capacity(work_targets.len());
+        let targets = &work_targets;
+        let mut parts = vec![Evaluation::default(); targets.len()];
+        let mut cached: Vec<Option<PageSeen>> = targets.iter().map(|t| t.cached.then(PageSeen::default)).collect();
+        let mut in_filter = vec![0u64; targets.len()];
+        // (target, cached member index) for each `matches` call this record needs.
+        let mut due: Vec<(usize, Option<u32>)> = Vec::with_capacity(targets.len());
         for record in records {
             due.clear();
-            for (i, target) in work_targets.iter().enumerate() {
-                if target.members.contains(record.id.as_str()) {
-                    if target.judge_members && target.rule.mode == Mode::Mirror {
-                        parts[i].evaluated += 1;
-                        if member_filter(&target.rule, &record, &mut parts[i]) {
-                            due.push((i, true));
-                        }
+            for (i, target) in targets.iter().enumerate() {
+                let Some(index) = target.members.index_of(record.id.as_str()) else {
+                    parts[i].evaluated += 1;
+                    if target.rule.passes_filter(&record) {
+                        in_filter[i] += 1;
+                        due.push((i, None));
                     }
                     continue;
-                }
-                parts[i].evaluated += 1;
-                if target.rule.passes_filter(&record) {
-                    in_filter[i] += 1;
-                    due.push((i, false));
+                };
+                // A member judged on its member record, or an add_only member: nothing to judge.
+                let Some(seen) = cached[i].as_mut() else { continue };
+                seen.seen.push(index);
+                if target.rule.mode == Mode::Mirror {
+                    seen.eval.evaluated += 1;
+                    if member_filter(&target.rule, &record, &mut seen.eval) {
+                        due.push((i, Some(index)));
+                    }
                 }
             }
             // Each evaluation consumes a copy of the contact; the last one takes the record itself.
             let ContactRecord { id, fields } = record;
             let mut fields = Some(fields);
-            for (k, &(i, as_member)) in due.iter().enumerate() {
+            for (k, &(i, member)) in due.iter().enumerate() {
                 let arg = if k + 1 == due.len() {
                     fields.take().unwrap_or_default()
                 } else {
                     fields.clone().unwrap_or_default()
                 };
-                let verdict = work_targets[i].rule.call_matches(&engine, arg, today);
-                let part = &mut parts[i];
-                if as_member {
-                    part.member_verdict(&id, verdict);
+                let verdict = targets[i].rule.call_matches(&engine, arg, today);
+                if let (Some(index), Some(seen)) = (member, cached[i].as_mut()) {
+                    if verdict == Ok(true) {
+                        seen.matched.push(index);
+                    }
+                    seen.eval.member_verdict(&id, verdict);
                     continue;
                 }
+                let part = &mut parts[i];
                 match verdict {
                     Ok(true) => {
                         part.matched += 1;
@@ -166,11 +222,14 @@ pub async fn candidates(
                 }
             }
         }
-        (parts, in_filter)
+        (parts, cached, in_filter)
     });
-    out.total = fold_pages(scan, cancel, |(parts, in_filter)| {
-        for (i, part) in parts.into_iter().enumerate() {
+    out.total = fold_pages(scan, cancel, |(parts, cached, in_filter)| {
+        for (i, (part, seen)) in parts.into_iter().zip(cached).enumerate() {
             out.per_target[i].merge(part);
+            if let (Some(all), Some(seen)) = (out.cached[i].as_mut(), seen) {
+                all.merge(seen);
+            }
             out.in_filter[i] += in_filter[i];
         }
     })

@@ -145,7 +145,7 @@ impl Reconciler {
                     .map(|(&i, m)| read::Target {
                         rule: slots[i].rule.clone(),
                         members: m.clone(),
-                        judge_members: slots[i].members_from == MemberSource::Cache,
+                        cached: slots[i].members_from == MemberSource::Cache,
                     })
                     .collect();
                 let gw = self.gateway.metered(shared.clone());
@@ -166,9 +166,11 @@ impl Reconciler {
             match result {
                 Ok(found) => {
                     estimates.extend(Self::estimates(slots, &indexes, &found, read));
-                    for ((&i, part), in_filter) in indexes.iter().zip(found.per_target).zip(found.in_filter) {
+                    let parts = found.per_target.into_iter().zip(found.in_filter).zip(found.cached);
+                    for (&i, ((part, in_filter), cached)) in indexes.iter().zip(parts) {
                         slots[i].eval.merge(part);
                         slots[i].in_filter = in_filter;
+                        slots[i].seen = cached;
                     }
                 }
                 Err(e) if e.is_interrupted() => {
@@ -204,7 +206,7 @@ impl Reconciler {
             not_list_ids: slot.list.iter().filter(|_| !slot.created).cloned().collect(),
             ..ScanQuery::default()
         };
-        let target = read::Target { rule: slot.rule.clone(), members, judge_members: false };
+        let target = read::Target { rule: slot.rule.clone(), members, cached: false };
         read::candidates(&self.cancel, &slot.gateway, &self.engine, &query, vec![target], today).await
     }
 
