@@ -4,13 +4,18 @@
 //!
 //! Run: `cargo bench --bench harness` (all scenarios) or `cargo bench --bench harness -- s1 s3`.
 //!
-//! Lower bound of one pass, from the API's own limits (100 contacts per page, 1,000 ids per write):
-//!   members   Σ over lists that existed before the pass: max(1, ⌈members/100⌉)
-//!   candidates min(⌈contacts/100⌉, Σ over rules: max(1, ⌈non-members passing FILTER / 100⌉))
-//!   lists     first pass only: 1 (all lists, one page) + one create per rule
+//! Lower bound of one pass, from the API's own limits (`page` contacts per page: 100 on the seed's
+//! server, 1,000 on the reference's page-based one; 1,000 ids per write):
+//!   reads     first pass: min(⌈contacts/page⌉, Σ over rules ⌈non-members passing FILTER/page⌉);
+//!             later passes, with the membership cache: min(⌈contacts/page⌉, Σ over rules
+//!             ⌈own candidates/page⌉ + ⌈members/page⌉) (the scan judges cached members on their
+//!             records; own reads must read members)
+//!   lists     ⌈lists/page⌉ (the directory) + one create per new list
 //!   writes    Σ ⌈adds/1000⌉ + Σ ⌈removals/1000⌉
-//! Reading every member's record is part of the bound: safety requires judging each member on its
-//! own current record.
+//! A no-change pass with a trusted cache is bounded by ⌈contacts/page⌉ + ⌈lists/page⌉.
+//!
+//! CPU is also given as a multiple of a baseline measured in the same run: parsing the same page
+//! bytes into `serde_json::Value` on one thread, per record.
 
 // A benchmark reports by printing.
 #![allow(clippy::print_stdout)]
@@ -25,12 +30,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use segsync::config::Guards;
-use segsync::gateway::RatePlan;
+use segsync::gateway::{Endpoint, Pagination, RatePlan};
 use segsync::ids::Account;
 use segsync::reconcile::{Parts, PassReport, PassRequest, Reconciler, Trigger};
 use segsync::rules::{self, Date};
 use segsync::state::State;
 use tokio_util::sync::CancellationToken;
+
+/// What happens between the first pass and the second.
+#[derive(Clone, Copy, PartialEq)]
+enum Change {
+    /// 1 % of the contacts change (purchases, moves, sign-ups, deletions).
+    Churn,
+    /// Someone edits lists by hand: a VIP removed from the VIP list, a Venetian added to Lombardia's.
+    HandEdits,
+}
 
 struct Scenario {
     name: &'static str,
@@ -38,29 +52,68 @@ struct Scenario {
     contacts: u64,
     rule_dirs: &'static [&'static str],
     plan: RatePlan,
+    /// The sandbox plays the reference's page-based server (pages of up to 1,000).
+    page_dialect: bool,
+    change: Change,
 }
 
-const SCENARIOS: [Scenario; 3] = [
+const S1_RULES: &[&str] = &["rules"];
+const S2_RULES: &[&str] = &["rules", "benches/rules-s2"];
+
+const SCENARIOS: [Scenario; 6] = [
     Scenario {
         name: "s1",
         title: "S1 tourism board: 20,000 contacts, 5 shipped rules",
         contacts: 20_000,
-        rule_dirs: &["rules"],
+        rule_dirs: S1_RULES,
         plan: RatePlan::Unlimited,
+        page_dialect: false,
+        change: Change::Churn,
     },
     Scenario {
         name: "s2",
-        title: "S2 scale: 1,000,000 contacts, 10 rules",
+        title: "S2 scale: 1,000,000 contacts, 10 rules, the seed's server (pages of 100)",
         contacts: 1_000_000,
-        rule_dirs: &["rules", "benches/rules-s2"],
+        rule_dirs: S2_RULES,
         plan: RatePlan::Unlimited,
+        page_dialect: false,
+        change: Change::Churn,
+    },
+    Scenario {
+        name: "s2p",
+        title: "S2 scale on the reference's page-based server (pages of 1,000)",
+        contacts: 1_000_000,
+        rule_dirs: S2_RULES,
+        plan: RatePlan::Unlimited,
+        page_dialect: true,
+        change: Change::Churn,
     },
     Scenario {
         name: "s3",
         title: "S3 rate-limited: S1 on the production plan (1,000/min, 50/s)",
         contacts: 20_000,
-        rule_dirs: &["rules"],
+        rule_dirs: S1_RULES,
         plan: RatePlan::Production,
+        page_dialect: false,
+        change: Change::Churn,
+    },
+    Scenario {
+        name: "s4",
+        title: "S4 S2's data on the production plan, page-based server",
+        contacts: 1_000_000,
+        rule_dirs: S2_RULES,
+        plan: RatePlan::Production,
+        page_dialect: true,
+        change: Change::Churn,
+    },
+    Scenario {
+        name: "s5",
+        title: "S5 drift: S1, then lists edited by hand between passes",
+        contacts: 20_000,
+        rule_dirs: S1_RULES,
+        plan: RatePlan::Unlimited,
+        page_dialect: false,
+        change: Change::HandEdits,
     },
 ];
 
@@ -74,15 +127,17 @@ struct Row {
     cpu: Duration,
     peak_mb: f64,
     evaluations: u64,
-    contacts: u64,
+    /// Contact records the pass read (scanned and member records).
+    records: u64,
+    members_from: String,
 }
 
-fn lower_bound(report: &PassReport, contacts: u64, first: bool) -> (u64, String) {
-    let pages = |n: u64| n.div_ceil(100).max(1);
-    let members: u64 = if first { 0 } else { report.rules.iter().map(|r| pages(r.members_before)).sum() };
-    let own: u64 = report.rules.iter().map(|r| pages(r.in_filter)).sum();
-    let candidates = own.min(contacts.div_ceil(100));
-    let lists = if first { 1 + report.rules.len() as u64 } else { 0 };
+fn lower_bound(report: &PassReport, contacts: u64, lists: u64, page: u64, first: bool) -> (u64, String) {
+    let pages = |n: u64| n.div_ceil(page).max(1);
+    let own: u64 =
+        report.rules.iter().map(|r| pages(r.in_filter) + if first { 0 } else { pages(r.members_before) }).sum();
+    let candidates = own.min(pages(contacts));
+    let lists = pages(lists) + if first { report.rules.len() as u64 } else { 0 };
     let writes: u64 = report
         .rules
         .iter()
@@ -91,7 +146,97 @@ fn lower_bound(report: &PassReport, contacts: u64, first: bool) -> (u64, String)
                 + (r.plan.removals_to_apply().len() as u64).div_ceil(1000)
         })
         .sum();
-    (members + candidates + lists + writes, format!("{members}+{candidates}+{lists}+{writes}"))
+    (candidates + lists + writes, format!("{candidates}+{lists}+{writes}"))
+}
+
+fn http_get(base_url: &str, path_and_query: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::new()
+        .get(format!("{base_url}/partner-gateway/v1{path_and_query}"))
+        .header("X-Api-Key", support::KEY)
+}
+
+async fn get_json(base_url: &str, path_and_query: &str) -> serde_json::Value {
+    http_get(base_url, path_and_query).send().await.expect("sent").json().await.expect("json")
+}
+
+/// The id of the list named `name`.
+async fn list_id(base_url: &str, name: &str) -> String {
+    let lists = get_json(base_url, "/contacts/list?limit=100").await;
+    let found = lists["lists"].as_array().expect("lists").iter().find(|l| l["name"] == name).expect("list");
+    found["id"].as_str().expect("id").to_owned()
+}
+
+/// Whether `contact` is a member of `list`.
+async fn is_member(base_url: &str, list: &str, contact: &str) -> bool {
+    let mut offset = 0;
+    loop {
+        let page = get_json(base_url, &format!("/contacts?listIds={list}&limit=100&offset={offset}")).await;
+        let contacts = page["contacts"].as_array().expect("contacts");
+        if contacts.iter().any(|c| c["id"] == contact) {
+            return true;
+        }
+        if contacts.len() < 100 {
+            return false;
+        }
+        offset += 100;
+    }
+}
+
+/// The hand edits of S5: a VIP taken out of the VIP list, a Venetian put into Lombardia's.
+/// Returns what was done, for the check after the pass.
+async fn edit_by_hand(base_url: &str) -> (String, String, String, String) {
+    let vip = list_id(base_url, "VIP - Spend > 5000 EUR").await;
+    let lombardia = list_id(base_url, "Geo - Lombardia").await;
+    let member = get_json(base_url, &format!("/contacts?listIds={vip}&limit=1")).await["contacts"][0]["id"]
+        .as_str()
+        .expect("a VIP")
+        .to_owned();
+    let venetian = get_json(base_url, "/contacts?region=Veneto&limit=1").await["contacts"][0]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let client = reqwest::Client::new();
+    let url = format!("{base_url}/partner-gateway/v1/contacts/list/contacts");
+    let removed = client
+        .delete(&url)
+        .header("X-Api-Key", support::KEY)
+        .json(&serde_json::json!({"listIds": [vip], "contactIds": [member]}))
+        .send()
+        .await
+        .expect("sent");
+    assert!(removed.status().is_success());
+    let added = client
+        .post(&url)
+        .header("X-Api-Key", support::KEY)
+        .json(&serde_json::json!({"listId": lombardia, "contactIds": [venetian]}))
+        .send()
+        .await
+        .expect("sent");
+    assert!(added.status().is_success());
+    (vip, member, lombardia, venetian)
+}
+
+/// The baseline CPU cost of a record: parsing the same page bytes into `serde_json::Value` on one
+/// thread. Returns µs per record.
+async fn baseline_us_per_record(base_url: &str, page: u64, pagination: Pagination) -> f64 {
+    let mut bodies = Vec::new();
+    for n in 0..20u64 {
+        let at = match pagination {
+            Pagination::Offset => format!("offset={}", n * page),
+            Pagination::Page => format!("page={n}"),
+        };
+        let bytes = http_get(base_url, &format!("/contacts?limit={page}&{at}")).send().await.expect("sent");
+        bodies.push(bytes.bytes().await.expect("body"));
+    }
+    let mut records = 0u64;
+    let started = Instant::now();
+    for _ in 0..5 {
+        for body in &bodies {
+            let v: serde_json::Value = serde_json::from_slice(body).expect("json");
+            records += v["contacts"].as_array().map_or(0, |c| c.len() as u64);
+        }
+    }
+    started.elapsed().as_secs_f64() * 1e6 / records as f64
 }
 
 async fn total_contacts(base_url: &str) -> u64 {
@@ -110,7 +255,8 @@ async fn total_contacts(base_url: &str) -> u64 {
 
 async fn run(s: &Scenario) {
     println!("\n### {}\n", s.title);
-    let sandbox = support::SandboxChild::start(s.contacts, &s.plan.to_string());
+    let extra: &[&str] = if s.page_dialect { &["--page-dialect"] } else { &[] };
+    let sandbox = support::SandboxChild::start_with(s.contacts, &s.plan.to_string(), extra);
     let dir = tempfile::tempdir().expect("tempdir");
     let rules_dir = dir.path().join("rules");
     std::fs::create_dir(&rules_dir).expect("mkdir");
@@ -138,10 +284,20 @@ async fn run(s: &Scenario) {
     });
     let today = Date(chrono::Utc::now().with_timezone(&chrono_tz::Europe::Rome).date_naive());
     let mut rows = Vec::new();
-    for (index, pass) in ["first sync", "after 1 % churn", "no change"].into_iter().enumerate() {
+    let second = match s.change {
+        Change::Churn => "after 1 % churn",
+        Change::HandEdits => "after hand edits",
+    };
+    let mut edits = None;
+    for (index, pass) in ["first sync", second, "no change"].into_iter().enumerate() {
         if index == 1 {
-            let url = format!("http://127.0.0.1:{}/_sandbox/churn?count={}", sandbox.port, s.contacts / 100);
-            reqwest::Client::new().post(url).send().await.expect("churn");
+            match s.change {
+                Change::Churn => {
+                    let url = format!("http://127.0.0.1:{}/_sandbox/churn?count={}", sandbox.port, s.contacts / 100);
+                    reqwest::Client::new().post(url).send().await.expect("churn");
+                }
+                Change::HandEdits => edits = Some(edit_by_hand(&sandbox.base_url).await),
+            }
         }
         // On a rate-limited plan each pass starts with a fresh minute window, so its wall time can be
         // compared with the least time the windows allow from nothing.
@@ -166,7 +322,9 @@ async fn run(s: &Scenario) {
         for r in report.rules.iter().filter(|r| r.detail.is_some()) {
             println!("  note: {} {}: {}", r.rule.name, r.outcome, r.detail.as_deref().unwrap_or_default());
         }
-        let (bound, bound_parts) = lower_bound(&report, contacts, index == 0);
+        let page = u64::from(gateway.paging(Endpoint::Contacts).page_size);
+        let lists = get_json(&sandbox.base_url, "/contacts/list?limit=1").await["total"].as_u64().unwrap_or(0);
+        let (bound, bound_parts) = lower_bound(&report, contacts, lists, page, index == 0);
         rows.push(Row {
             pass,
             requests: report.usage.total_requests(),
@@ -177,24 +335,50 @@ async fn run(s: &Scenario) {
             cpu,
             peak_mb: support::peak_mb(),
             evaluations: report.rules.iter().map(|r| r.scanned).sum(),
-            contacts,
+            records: report.usage.records,
+            members_from: {
+                let mut from: Vec<&str> = report.rules.iter().map(|r| r.members_from.as_str()).collect();
+                from.sort_unstable();
+                from.dedup_by(|a, b| a == b);
+                from.join("/")
+            },
         });
+        if index == 1
+            && let Some((vip, member, lombardia, venetian)) = &edits
+        {
+            let back = is_member(&sandbox.base_url, vip, member).await;
+            let out = !is_member(&sandbox.base_url, lombardia, venetian).await;
+            println!(
+                "  hand edits: the removed VIP {member} is back: {back}; the added Venetian {venetian} is out: {out}"
+            );
+        }
     }
+    let paging = gateway.paging(Endpoint::Contacts);
+    let baseline = baseline_us_per_record(&sandbox.base_url, u64::from(paging.page_size), paging.pagination).await;
     println!(
-        "| pass | requests | lower bound (members+candidates+lists+writes) | ratio | wall s | CPU s | CPU µs/contact | peak MB | evaluations/s |"
+        "pages of {} by `{}`; baseline (serde_json::Value, one thread) {baseline:.2} µs/record",
+        paging.page_size,
+        paging.pagination.as_str()
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!();
+    println!(
+        "| pass | requests | lower bound (reads+lists+writes) | ratio | members from | wall s | CPU s | CPU µs/record | × baseline | peak MB | evaluations/s |"
+    );
+    println!("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
+        let per_record = r.cpu.as_secs_f64() * 1e6 / r.records.max(1) as f64;
         println!(
-            "| {} | {} | {} ({}) | {:.3} | {:.2} | {:.2} | {:.1} | {:.0} | {:.0} |",
+            "| {} | {} | {} ({}) | {:.3} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |",
             r.pass,
             r.requests,
             r.bound,
             r.bound_parts,
             r.requests as f64 / r.bound as f64,
+            r.members_from,
             r.wall.as_secs_f64(),
             r.cpu.as_secs_f64(),
-            r.cpu.as_secs_f64() * 1e6 / r.contacts as f64,
+            per_record,
+            per_record / baseline,
             r.peak_mb,
             r.evaluations as f64 / r.wall.as_secs_f64(),
         );

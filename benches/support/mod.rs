@@ -18,10 +18,16 @@ pub struct SandboxChild {
 
 impl SandboxChild {
     pub fn start(contacts: u64, plan: &str) -> Self {
+        Self::start_with(contacts, plan, &[])
+    }
+
+    /// With more `segsync sandbox` arguments (e.g. `--page-dialect`).
+    pub fn start_with(contacts: u64, plan: &str, extra: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_segsync"))
             .args(["sandbox", "--log-format", "json", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--contacts", &contacts.to_string(), "--plan", plan, "--api-key", KEY])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

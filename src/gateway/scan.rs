@@ -150,7 +150,14 @@ impl Gateway {
     ) -> Scan<R> {
         let (tx, rx) = mpsc::channel(self.inner.concurrency + 1);
         let this = self.clone();
-        let task = tokio::spawn(async move { this.produce(req, Arc::new(work), tx).await });
+        let task = tokio::spawn(async move {
+            let work: Arc<dyn Fn(Vec<T>) -> R + Send + Sync> = Arc::new(work);
+            this.produce(req, &work, &tx).await;
+            // The page work (and what it holds, e.g. member sets shared with the caller) goes
+            // before the channel closes, so a caller that saw the end holds the only references.
+            drop(work);
+            drop(tx);
+        });
         Scan { rx, task }
     }
 
@@ -226,14 +233,14 @@ impl Gateway {
     }
 
     async fn produce<T: Keyed, R: Send + 'static>(
-        self,
+        &self,
         req: Request,
-        work: Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
-        tx: mpsc::Sender<Result<Page<R>, GatewayError>>,
+        work: &Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
+        tx: &mpsc::Sender<Result<Page<R>, GatewayError>>,
     ) {
         let mut paging = self.paging(req.endpoint);
         let seen = Arc::new(Seen { hasher: RandomState::new(), ids: std::sync::Mutex::new(HashSet::new()) });
-        let first = self.first_page(&req, &mut paging, &seen, &work).await;
+        let first = self.first_page(&req, &mut paging, &seen, work).await;
         let mut read = Read::new(req.op, u64::from(paging.page_size));
         let mut in_flight = FuturesOrdered::new();
         in_flight.push_back(futures_util::future::Either::Left(std::future::ready(first)));
@@ -251,7 +258,7 @@ impl Gateway {
                     next_offset,
                     paging,
                     &seen,
-                    &work,
+                    work,
                 )));
                 next_offset += read.limit;
             }

@@ -123,24 +123,23 @@ impl Reconciler {
     /// Keeps the cache true after a rule's writes: a fresh read replaces it, cached members take
     /// the confirmed writes. Anything unconfirmed, failed or disagreeing with the list's count as
     /// the last write answered it leaves the cache untrusted, so the next pass reads the list.
+    /// The plan goes to the writing thread and comes back (no copy of a first sync's million adds).
     pub(super) async fn update_cache(
         &self,
         rule: &Rule,
         list: &ListId,
         update: Update,
-        plan: &Plan,
+        plan: Plan,
         applied: &apply::Applied,
-    ) {
+    ) -> Plan {
         let Update { from, members, unseen, write_failed } = update;
         if from == MemberSource::Unknown {
-            return;
+            return plan;
         }
         // Only what was sent: a held removal is not applied; a failed run may have sent a part.
         // Deleted members left by themselves.
-        let adds = plan.adds_to_apply().to_vec();
-        let mut removals = plan.removals_to_apply().to_vec();
-        removals.extend(unseen);
-        let expected = (members.len() + adds.len()).saturating_sub(removals.len()) as u64;
+        let removed = plan.removals_to_apply().len() + unseen.len();
+        let expected = (members.len() + plan.adds_to_apply().len()).saturating_sub(removed) as u64;
         let agrees = applied.list_total().is_none_or(|total| total == expected);
         if !agrees {
             tracing::debug!(rule = %rule.name, list_id = %list, expected, answered = ?applied.list_total(),
@@ -149,17 +148,26 @@ impl Reconciler {
         let confirmed = !write_failed && applied.unconfirmed().is_none() && agrees;
         let (state, account, list) = (self.state.clone(), self.account.clone(), list.clone());
         let stored = tokio::task::spawn_blocking(move || {
-            let applied = Applied { added: &adds, removed: &removals, confirmed };
-            match from {
+            let mut removals = plan.removals_to_apply().to_vec();
+            removals.extend(unseen);
+            let applied = Applied { added: plan.adds_to_apply(), removed: &removals, confirmed };
+            let stored = match from {
                 MemberSource::Cache => state.update_members(&account, &list, applied),
                 _ => state.store_members(&account, &list, &members, applied),
-            }
+            };
+            (stored, plan)
         })
         .await;
         match stored {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(rule = %rule.name, error = %e, "cache not stored"),
-            Err(e) => tracing::warn!(rule = %rule.name, error = %e, "cache not stored"),
+            Ok((Ok(()), plan)) => plan,
+            Ok((Err(e), plan)) => {
+                tracing::warn!(rule = %rule.name, error = %e, "cache not stored");
+                plan
+            }
+            Err(e) => {
+                tracing::warn!(rule = %rule.name, error = %e, "cache not stored");
+                Plan::default()
+            }
         }
     }
 

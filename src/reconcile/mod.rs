@@ -370,9 +370,12 @@ impl Reconciler {
         } else {
             // Sorting a million ids is real CPU work: off the async workers.
             let (eval, mode, guards, allow) = (slot.eval, rule.mode, self.guards.clone(), req.allow_mass_removal);
-            let planned = tokio::task::spawn_blocking(move || (plan::plan(&eval, mode, &guards, allow), eval.members))
-                .await
-                .map_err(|e| Plan { refused: Some(format!("planning failed: {e}")), ..Plan::default() });
+            let planned = tokio::task::spawn_blocking(move || {
+                let mut eval = eval;
+                (plan::plan(&mut eval, mode, &guards, allow), eval.members)
+            })
+            .await
+            .map_err(|e| Plan { refused: Some(format!("planning failed: {e}")), ..Plan::default() });
             let members = match planned {
                 Ok((plan, members)) => {
                     report.plan = plan;
@@ -414,7 +417,7 @@ impl Reconciler {
             if let (Some(list), Some(members), false) = (&slot.list, members, req.dry_run) {
                 let update =
                     cache::Update { from: slot.members_from, members, unseen: slot.unseen, write_failed: write_error };
-                self.update_cache(&rule, list, update, &report.plan, &applied).await;
+                report.plan = self.update_cache(&rule, list, update, std::mem::take(&mut report.plan), &applied).await;
             }
             if report.outcome == Outcome::Ok
                 && let Some(why) = &report.plan.held
