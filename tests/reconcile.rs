@@ -380,6 +380,47 @@ async fn filtered_rule_alone_reads_only_its_slice() {
     w.sandbox.shutdown().await;
 }
 
+// The lapsed rule has no FILTER, but its `matches` implies one: only contacts whose last purchase
+// is over 90 days old can match. Run alone, its own read asks the server for exactly those
+// (`customFields.lastPurchaseDate.before`, one day of margin) among the non-members, and the list
+// is still exactly what `matches` selects.
+#[tokio::test]
+async fn derived_filter_narrows_the_lapsed_rules_own_read() {
+    let w = world(support::sandbox_config(20_000), Path::new("rules")).await;
+    w.sync().await;
+    // The second pass counts what the rule's own read would return now (no lapsed non-members).
+    w.sync().await;
+    let lapsed = w
+        .api(
+            reqwest::Method::POST,
+            "/contacts",
+            json!({"email": "old@example.it", "customFields": {"lastPurchaseDate": "2025-01-01"}}),
+        )
+        .await;
+    let recent = (support::today() - chrono::Days::new(10)).format("%Y-%m-%d").to_string();
+    w.api(
+        reqwest::Method::POST,
+        "/contacts",
+        json!({"email": "new@example.it", "customFields": {"lastPurchaseDate": recent}}),
+    )
+    .await;
+    let rule: Vec<Arc<Rule>> = w.rules.iter().filter(|r| r.name.as_str() == "reengagement-90d").cloned().collect();
+    let before = w.sandbox.stats();
+    let report = w.pass(rule, false).await;
+    assert_eq!(report.read, ReadKind::OwnRead);
+    let r = &report.rules[0];
+    let bound = (support::today() - chrono::Days::new(89)).format("%Y-%m-%d").to_string();
+    assert_eq!(r.derived_filter, [("customFields.lastPurchaseDate.before".to_owned(), bound)]);
+    assert_eq!(r.plan.to_add.iter().map(|id| id.as_str()).collect::<Vec<_>>(), [lapsed["id"].as_str().expect("id")]);
+    // Members, the one lapsed non-member, and the day of margin (bought exactly 90 days ago).
+    let margin = w.expected(|c| days_since_purchase(c) == Some(90)).len() as u64;
+    assert_eq!(r.scanned, r.members_before + 1 + margin);
+    let delta = w.sandbox.stats().since(&before);
+    assert_eq!(delta.count("GET /contacts"), r.members_before.div_ceil(100) + 1, "{delta:?}");
+    assert_eq!(w.members("Re-engagement 90d"), w.expected(|c| days_since_purchase(c).is_some_and(|d| d > 90)));
+    w.sandbox.shutdown().await;
+}
+
 /// The id of the list named `name` on the sandbox.
 fn list_id(w: &World, name: &str) -> String {
     w.sandbox.with_store(|s| s.lists().iter().find(|l| l.name == name).map(|l| l.id.clone()).expect("list"))

@@ -41,6 +41,7 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str) 
         };
         say!("filter    {key} = {value:?}: {verdict} (contact has {})", show_field(&map, &key));
     }
+    say!("derived   {}", derived_text(&rule, today));
     for (path, value) in fields_read(&map, &rule.mentions) {
         say!("reads     {path} = {value}");
     }
@@ -50,6 +51,23 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str) 
         Err(e) => say!("answer    ERROR, so the contact is neither added nor removed: {e}"),
     }
     Ok(Exit::Ok)
+}
+
+/// The server filter derived from `matches` for `today` (what the rule's own reads ask for), or
+/// why there is none.
+pub(super) fn derived_text(rule: &rules::Rule, today: rules::Date) -> String {
+    match &rule.pushdown {
+        rules::PushDown::None(why) => format!("no server filter from matches: {why}"),
+        rules::PushDown::Terms(_) => {
+            let terms: Vec<String> =
+                rule.derived_filter(today).iter().map(|t| t.query_pair()).map(|(k, v)| format!("{k}={v}")).collect();
+            if terms.is_empty() {
+                "no server filter from matches beyond FILTER".into()
+            } else {
+                format!("{} (from matches; narrows the rule's own reads, matches still decides)", terms.join("&"))
+            }
+        }
+    }
 }
 
 /// The contact's value at a dotted filter key (`customFields.x.before` reads `customFields.x`).

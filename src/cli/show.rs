@@ -15,6 +15,7 @@ pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
         "members_before": r.members_before,
         "read_plan": r.read.as_str(),
         "members_from": r.members_from.as_str(),
+        "derived_filter": r.derived_filter.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         "scanned": r.scanned,
         "matched": r.matched,
         "eval_errors": r.eval_errors,
@@ -42,6 +43,10 @@ pub(super) fn print_pass(report: &PassReport, dry_run: bool) {
             (None, _) => "would be created".into(),
         };
         say!("{} → {:?} ({list}, {})", r.rule.name, r.rule.list, r.rule.mode);
+        if !r.derived_filter.is_empty() {
+            let terms: Vec<String> = r.derived_filter.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            say!("  derived filter {} (from matches; narrows its own reads)", terms.join("&"));
+        }
         if stopped && r.scanned == 0 && r.members_before == 0 {
             say!("  nothing read");
         } else {

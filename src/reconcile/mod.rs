@@ -158,6 +158,8 @@ pub struct RuleReport {
     pub usage: Usage,
     pub read: ReadKind,
     pub members_from: MemberSource,
+    /// The server filter derived from `matches` for this pass (`key=value` pairs).
+    pub derived_filter: Vec<(String, String)>,
     pub outcome: Outcome,
     /// Why it failed or was held.
     pub detail: Option<String>,
@@ -308,7 +310,8 @@ impl Reconciler {
         let shared_usage = shared_meter.usage();
         let meters: Vec<Arc<Meter>> = slots.iter().map(|s| s.meter.clone()).collect();
         let reports =
-            join_all(slots.into_iter().map(|slot| self.finish(slot, &req, read, &shared_usage, started))).await;
+            join_all(slots.into_iter().map(|slot| self.finish(slot, &req, read, &shared_usage, (started, today))))
+                .await;
         let mut usage = shared_usage.clone();
         for meter in meters.iter().chain([&pass_meter]) {
             usage.absorb(&meter.usage());
@@ -340,7 +343,7 @@ impl Reconciler {
         req: &PassRequest,
         read: ReadKind,
         shared: &Usage,
-        started: Instant,
+        (started, today): (Instant, Date),
     ) -> RuleReport {
         let rule = slot.rule.clone();
         let members_before = slot.eval.members.len() as u64;
@@ -360,6 +363,7 @@ impl Reconciler {
             usage: Usage::default(),
             read,
             members_from: slot.members_from,
+            derived_filter: rule.derived_filter(today).iter().map(crate::rules::FilterTerm::query_pair).collect(),
             outcome: Outcome::Ok,
             detail: None,
             duration: Duration::ZERO,

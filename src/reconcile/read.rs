@@ -13,7 +13,7 @@ use super::plan::Evaluation;
 use crate::contact::ContactRecord;
 use crate::gateway::{Gateway, Scan, ScanQuery};
 use crate::ids::{BitSet, ContactIdSet, ListId};
-use crate::rules::{Date, Mode, Rule};
+use crate::rules::{Date, FilterTerm, Mode, Rule};
 
 /// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
 /// threads as they were parsed). Returns the server's last reported total.
@@ -87,6 +87,11 @@ pub async fn members(
     Ok(eval)
 }
 
+/// Whether a record passes every term, as the server would judge it.
+fn passes(terms: &[FilterTerm], record: &rhai::Map) -> bool {
+    terms.iter().all(|t| t.judge(record) == Ok(true))
+}
+
 /// A rule reading candidates.
 pub struct Target {
     pub rule: Arc<Rule>,
@@ -95,6 +100,9 @@ pub struct Target {
     /// mode) judged on that record. Otherwise they were judged on their member records already,
     /// and are skipped.
     pub cached: bool,
+    /// The filter derived from `matches`: not applied here (`matches` decides), only counted, so
+    /// the planner knows how large the rule's own read would be.
+    pub derived: Vec<FilterTerm>,
 }
 
 /// What a read saw of a cached list's members (indexes into the cached set).
@@ -133,7 +141,7 @@ pub struct Candidates {
     pub per_target: Vec<Evaluation>,
     /// Per target with a cached list: its members as this read saw them.
     pub cached: Vec<Option<CachedSeen>>,
-    /// Per target: non-members passing its FILTER (the size of its own filtered read).
+    /// Per target: non-members passing its FILTER and derived filter (the size of its own read).
     pub in_filter: Vec<u64>,
     pub total: u64,
 }
@@ -179,7 +187,9 @@ pub async fn candidates(
                 let Some(index) = target.members.index_of(record.id.as_str()) else {
                     parts[i].evaluated += 1;
                     if target.rule.passes_filter(&record) {
-                        in_filter[i] += 1;
+                        if target.derived.is_empty() || record.map().is_some_and(|m| passes(&target.derived, &m)) {
+                            in_filter[i] += 1;
+                        }
                         due.push((i, None));
                     }
                     continue;

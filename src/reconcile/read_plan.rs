@@ -54,6 +54,11 @@ impl Reconciler {
         u64::from(self.gateway.paging(Endpoint::Contacts).page_size)
     }
 
+    /// Today in the configured zone (a pass's own "today" may be frozen; plans only estimate).
+    fn today(&self) -> Date {
+        Date(chrono::Utc::now().with_timezone(&self.time_zone).date_naive())
+    }
+
     fn contacts(&self) -> Option<u64> {
         self.state.estimate(&self.account, &Estimate::Contacts).ok().flatten()
     }
@@ -61,7 +66,7 @@ impl Reconciler {
     /// The non-members `rule`'s own read returns, as last seen; `None` when unfiltered and the
     /// account's size is unknown.
     fn own_estimate(&self, rule: &Rule, members: u64, contacts: Option<u64>) -> Option<u64> {
-        if rule.filter.is_empty() {
+        if !rule.narrowed(self.today()) {
             contacts.map(|n| n.saturating_sub(members))
         } else {
             let key = Estimate::Candidates(rule.name.clone());
@@ -146,6 +151,7 @@ impl Reconciler {
                         rule: slots[i].rule.clone(),
                         members: m.clone(),
                         cached: slots[i].members_from == MemberSource::Cache,
+                        derived: slots[i].rule.derived_filter(today),
                     })
                     .collect();
                 let gw = self.gateway.metered(shared.clone());
@@ -165,7 +171,7 @@ impl Reconciler {
         for (indexes, result) in found {
             match result {
                 Ok(found) => {
-                    estimates.extend(Self::estimates(slots, &indexes, &found, read));
+                    estimates.extend(Self::estimates(slots, &indexes, &found, read, today));
                     let parts = found.per_target.into_iter().zip(found.in_filter).zip(found.cached);
                     for (&i, ((part, in_filter), cached)) in indexes.iter().zip(parts) {
                         slots[i].eval.merge(part);
@@ -202,27 +208,34 @@ impl Reconciler {
         today: Date,
     ) -> Result<read::Candidates, ReconcileError> {
         let query = ScanQuery {
-            filters: slot.rule.filter_query(),
+            filters: slot.rule.own_read_query(today),
             not_list_ids: slot.list.iter().filter(|_| !slot.created).cloned().collect(),
             ..ScanQuery::default()
         };
-        let target = read::Target { rule: slot.rule.clone(), members, cached: false };
+        let target =
+            read::Target { rule: slot.rule.clone(), members, cached: false, derived: slot.rule.derived_filter(today) };
         read::candidates(&self.cancel, &slot.gateway, &self.engine, &query, vec![target], today).await
     }
 
     /// The counts the next pass plans its reads with, from what this read found.
-    fn estimates(slots: &[Slot], indexes: &[usize], found: &read::Candidates, read: ReadKind) -> Vec<(Estimate, u64)> {
+    fn estimates(
+        slots: &[Slot],
+        indexes: &[usize],
+        found: &read::Candidates,
+        read: ReadKind,
+        today: Date,
+    ) -> Vec<(Estimate, u64)> {
         let mut out = Vec::new();
         match (read, indexes) {
             (ReadKind::SharedScan, _) => out.push((Estimate::Contacts, found.total)),
             // A rule's own unfiltered read of its non-members, plus its members, is everyone.
-            (ReadKind::OwnRead, &[i]) if slots[i].rule.filter.is_empty() && !slots[i].created => {
+            (ReadKind::OwnRead, &[i]) if !slots[i].rule.narrowed(today) && !slots[i].created => {
                 out.push((Estimate::Contacts, found.total + slots[i].eval.members.len() as u64))
             }
             _ => {}
         }
         for (k, &i) in indexes.iter().enumerate() {
-            if !slots[i].rule.filter.is_empty() {
+            if slots[i].rule.narrowed(today) {
                 out.push((Estimate::Candidates(slots[i].rule.name.clone()), found.in_filter[k]));
             }
         }

@@ -226,6 +226,9 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         mode,
         hash: hex(&Sha256::digest(source.as_bytes())),
         mentions: mentions(&source),
+        pushdown: engine
+            .compact_script(&source)
+            .map_or_else(|e| super::PushDown::None(format!("not compacted: {e}")), |c| super::derive::from_script(&c)),
         ast,
     })
 }

@@ -3,6 +3,7 @@
 //! Owns the only Rhai `Engine` (`engine::build`). Knows nothing about HTTP: contacts arrive as
 //! JSON-shaped records and verdicts leave as booleans or errors.
 
+mod derive;
 pub mod engine;
 mod eval;
 mod filter;
@@ -14,6 +15,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use derive::{Derived, PushDown};
 pub use engine::Date;
 pub use eval::EvalError;
 pub use filter::FilterTerm;
@@ -57,6 +59,8 @@ pub struct Rule {
     pub hash: String,
     /// Words the `matches` function reads as properties (for `explain`).
     pub mentions: Vec<String>,
+    /// The server filter `matches` implies, for the rule's own candidate reads.
+    pub pushdown: PushDown,
     ast: rhai::AST,
 }
 
@@ -79,6 +83,24 @@ impl Rule {
     /// The server-side filters, as query pairs.
     pub fn filter_query(&self) -> Vec<(String, String)> {
         self.filter.iter().map(FilterTerm::query_pair).collect()
+    }
+
+    /// The filter derived from `matches` for a run on `today`, without the keys `FILTER` sets.
+    pub fn derived_filter(&self, today: Date) -> Vec<FilterTerm> {
+        let set: Vec<String> = self.filter.iter().map(|t| t.query_pair().0).collect();
+        self.pushdown.terms(today).into_iter().filter(|t| !set.contains(&t.query_pair().0)).collect()
+    }
+
+    /// Whether the rule's own read asks the server for less than everyone.
+    pub fn narrowed(&self, today: Date) -> bool {
+        !self.filter.is_empty() || !self.derived_filter(today).is_empty()
+    }
+
+    /// `FILTER` and the derived filter, as the query of the rule's own candidate read.
+    pub fn own_read_query(&self, today: Date) -> Vec<(String, String)> {
+        let mut query = self.filter_query();
+        query.extend(self.derived_filter(today).iter().map(FilterTerm::query_pair));
+        query
     }
 }
 
