@@ -281,6 +281,8 @@ async fn run(s: &Scenario) {
         time_zone: chrono_tz::Europe::Rome,
         cancel: CancellationToken::new(),
         verify_members_every: std::time::Duration::from_secs(86_400),
+        default_remove_after: None,
+        history_retention: std::time::Duration::from_secs(180 * 86_400),
     });
     let today = Date(chrono::Utc::now().with_timezone(&chrono_tz::Europe::Rome).date_naive());
     let mut rows = Vec::new();
@@ -315,6 +317,7 @@ async fn run(s: &Scenario) {
             allow_mass_removal: true,
             today: Some(today),
             progress: None,
+            now: None,
         };
         let report = reconciler.run_pass(request).await;
         let wall = started.elapsed();
@@ -407,8 +410,12 @@ async fn run(s: &Scenario) {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // The runtime the segsync binary runs on, so threads and memory are what the binary's are.
+    segsync::runtime().expect("runtime").block_on(harness_main());
+}
+
+async fn harness_main() {
     let wanted: Vec<String> = std::env::args().skip(1).filter(|a| a.starts_with('s')).collect();
     let child = std::env::var_os(CHILD).is_some();
     if !child {

@@ -73,6 +73,10 @@ pub struct Config {
     pub state_path: PathBuf,
     /// A list's cached members are read again after this long, however well the counts agree.
     pub verify_members_every: Duration,
+    /// Membership history older than this is pruned.
+    pub history_retention: Duration,
+    /// The removal grace of rules without their own `REMOVE_AFTER`.
+    pub default_remove_after: Option<Duration>,
     pub guards: Guards,
     pub shutdown_timeout: Duration,
     pub watch_rules: bool,
@@ -158,6 +162,7 @@ struct RawRules {
     dir: Raw,
     default_schedule: Raw,
     time_zone: Raw,
+    default_remove_after: Raw,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -165,6 +170,7 @@ struct RawRules {
 struct RawState {
     path: Raw,
     verify_members_every: Raw,
+    history_retention: Raw,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -322,6 +328,22 @@ impl Reader<'_> {
             Value::Boolean(b) => Some(*b),
             other => {
                 self.error(key, format!("{key} must be true or false, got {} {other}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    /// A duration written as people write one (`"24h"`, `"7d"`), at least `min`.
+    fn duration(&mut self, value: &Raw, key: &str, min: Duration) -> Option<Duration> {
+        let text = self.string(value, key)?;
+        match crate::duration::parse(&text) {
+            Ok(d) if d >= min => Some(d),
+            Ok(_) => {
+                self.error(key, format!("{key} must be at least {}s, got {text:?}", min.as_secs()));
+                None
+            }
+            Err(e) => {
+                self.error(key, format!("{key}: {e}"));
                 None
             }
         }
@@ -547,22 +569,13 @@ impl Config {
 
         let state_path = relative(r.string(&raw.state.path, "state.path").unwrap_or_else(|| "segsync.db".into()));
         let verify_members_every = r
-            .string(&raw.state.verify_members_every, "state.verify_members_every")
-            .and_then(|text| match crate::duration::parse(&text) {
-                Ok(d) if d >= Duration::from_secs(60) => Some(d),
-                Ok(_) => {
-                    r.error(
-                        "state.verify_members_every",
-                        format!("state.verify_members_every must be at least 1m, got {text:?}"),
-                    );
-                    None
-                }
-                Err(e) => {
-                    r.error("state.verify_members_every", format!("state.verify_members_every: {e}"));
-                    None
-                }
-            })
+            .duration(&raw.state.verify_members_every, "state.verify_members_every", Duration::from_secs(60))
             .unwrap_or(Duration::from_secs(24 * 3600));
+        let history_retention = r
+            .duration(&raw.state.history_retention, "state.history_retention", Duration::from_secs(86_400))
+            .unwrap_or(Duration::from_secs(180 * 86_400));
+        let default_remove_after =
+            r.duration(&raw.rules.default_remove_after, "rules.default_remove_after", Duration::ZERO);
 
         let guards = Guards {
             max_removal_share: r.share(&raw.guards.max_removal_share, "guards.max_removal_share").unwrap_or(0.20),
@@ -637,6 +650,8 @@ impl Config {
             time_zone,
             state_path,
             verify_members_every,
+            history_retention,
+            default_remove_after,
             guards,
             shutdown_timeout,
             watch_rules,

@@ -38,3 +38,11 @@ pub mod connection; // Config → a gateway: the real one or the bundled sandbox
 pub mod logging; // JSON or text logs, RUST_LOG filtering, secrets scrubbed
 
 pub mod cli; // clap subcommands and their exit codes
+
+/// The async runtime every command runs on. Blocking work (parsing and judging pages, SQLite) is
+/// capped at `SEGSYNC_BLOCKING_THREADS` threads (default 8): each thread keeps its own allocator
+/// heap, so an unbounded pool holds more memory than the work needs.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let blocking = std::env::var("SEGSYNC_BLOCKING_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(blocking).build()
+}

@@ -49,6 +49,7 @@ pub struct Metrics {
     removed: Family<Labels, Counter>,
     eval_errors: Family<Labels, Gauge>,
     held: Family<Labels, Gauge>,
+    pending_removal: Family<Labels, Gauge>,
     requests: Family<Labels, Counter>,
     retries: Family<Labels, Counter>,
     throttled: Family<Labels, Counter>,
@@ -72,6 +73,7 @@ impl Metrics {
             removed: Family::default(),
             eval_errors: Family::default(),
             held: Family::default(),
+            pending_removal: Family::default(),
             requests: Family::default(),
             retries: Family::default(),
             throttled: Family::default(),
@@ -106,6 +108,11 @@ impl Metrics {
             m.eval_errors.clone(),
         );
         registry.register("rule_held", "1 while the rule's removals are held by a guard", m.held.clone());
+        registry.register(
+            "rule_pending_removal",
+            "Members failing the rule but within its REMOVE_AFTER grace",
+            m.pending_removal.clone(),
+        );
         registry.register("api_requests", "API requests by operation and status class", m.requests.clone());
         registry.register("api_retries", "Retried API requests by operation", m.retries.clone());
         registry.register("api_throttled", "429 answers by operation", m.throttled.clone());
@@ -157,6 +164,7 @@ impl Metrics {
             self.removed.get_or_create(&labels).inc_by(r.removed);
             self.eval_errors.get_or_create(&labels).set(r.eval_errors as i64);
             self.held.get_or_create(&labels).set(i64::from(r.outcome == Outcome::Held));
+            self.pending_removal.get_or_create(&labels).set(r.plan.pending.len() as i64);
         }
         self.pass_duration.observe(report.duration.as_secs_f64());
     }

@@ -437,3 +437,68 @@ async fn progress_bar_only_on_a_terminal() {
     assert!(screen.contains("reading: ") && screen.contains(" requests"), "a bar on the terminal: {screen:?}");
     sandbox.shutdown().await;
 }
+
+// The Marco question, on the sandbox: a VIP stops qualifying (the sandbox's contact update), the
+// next sync removes him, and `history` says when and why, as text and as JSON, by contact and by rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_answers_why_marco_left_vip() {
+    let sandbox = support::start(support::sandbox_config(2000)).await;
+    let (dir, config) = setup(Some(&sandbox.base_url()));
+    let (code, out) = run(segsync().arg("sync").arg("--config").arg(&config));
+    assert_eq!(code, 0, "{out}");
+    let marco = sandbox.with_store(|s| {
+        let ids: Vec<String> = s.contact_ids().map(str::to_owned).collect();
+        ids.into_iter().find(|id| s.get(id).and_then(support::spent).is_some_and(|x| x > 5000.0)).expect("a VIP")
+    });
+    let (code, out) = run(segsync().args(["history", &marco, "--config"]).arg(&config));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("added {marco}")) && out.contains("vip"), "{out}");
+
+    let url = format!("{}/partner-gateway/v1/contacts/{marco}", sandbox.base_url());
+    let updated = support::http()
+        .put(url)
+        .header("X-Api-Key", support::KEY)
+        .json(&serde_json::json!({"customFields": {"totalSpent": 4200.0}}))
+        .send()
+        .await
+        .expect("sent");
+    assert!(updated.status().is_success());
+    let (code, out) = run(segsync().arg("sync").arg("--config").arg(&config));
+    assert_eq!(code, 0, "{out}");
+
+    let (code, out) = run(segsync().args(["history", &marco, "--config"]).arg(&config));
+    assert_eq!(code, 0, "{out}");
+    let removed = out.lines().position(|l| l.contains(&format!("removed {marco}"))).expect("a removal");
+    let added = out.lines().position(|l| l.contains(&format!("added {marco}"))).expect("an add");
+    assert!(removed < added, "newest first: {out}");
+    assert!(out.contains("totalSpent = 4200.0"), "the fact that made vip say no: {out}");
+
+    let (code, out) = run(segsync().args(["history", &marco, "--json", "--config"]).arg(&config));
+    assert_eq!(code, 0, "{out}");
+    let json: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let entry = &json["entries"][0];
+    assert_eq!((entry["action"].as_str(), entry["rule"].as_str()), (Some("removed"), Some("vip")), "{json}");
+    assert!(entry["at"].as_str().is_some_and(|at| at.starts_with(&chrono::Utc::now().format("%Y-%m-%d").to_string())));
+    assert!(entry["reason"].as_str().is_some_and(|r| r.contains("4200")), "{json}");
+
+    let (code, out) =
+        run(segsync().args(["history", "--rule", "vip", "--since", "7d", "--json", "--config"]).arg(&config));
+    assert_eq!(code, 0, "{out}");
+    let json: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let entries = json["entries"].as_array().expect("entries");
+    assert!(entries.iter().any(|e| e["contact"] == marco.as_str() && e["action"] == "removed"), "{json}");
+    assert!(entries.iter().all(|e| e["rule"] == "vip"));
+    let (code, out) = run(segsync().args(["history", "--config"]).arg(&config));
+    assert_eq!(code, 2, "a contact or --rule is required: {out}");
+
+    // A changed rule file is itself in the rule's history.
+    let vip = dir.path().join("rules/vip.rhai");
+    let text = std::fs::read_to_string(&vip).expect("read") + "// edited\n";
+    std::fs::write(&vip, text).expect("write");
+    let (code, out) = run(segsync().arg("sync").arg("--config").arg(&config));
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = run(segsync().args(["history", "--rule", "vip", "--config"]).arg(&config));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("changed") && out.contains("rule vip changed: hash "), "{out}");
+    sandbox.shutdown().await;
+}

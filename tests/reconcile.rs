@@ -46,6 +46,8 @@ async fn world(config: SandboxConfig, rules_dir: &Path) -> World {
         time_zone: chrono_tz::Europe::Rome,
         cancel: CancellationToken::new(),
         verify_members_every: Duration::from_secs(86_400),
+        default_remove_after: None,
+        history_retention: Duration::from_secs(180 * 86_400),
     });
     World { sandbox, reconciler, rules: set.iter().cloned().collect(), _dir: dir }
 }
@@ -60,6 +62,15 @@ impl World {
     }
 
     async fn pass(&self, rules: Vec<Arc<Rule>>, allow_mass_removal: bool) -> PassReport {
+        self.pass_at(rules, allow_mass_removal, None).await
+    }
+
+    async fn pass_at(
+        &self,
+        rules: Vec<Arc<Rule>>,
+        allow_mass_removal: bool,
+        now: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> PassReport {
         self.reconciler
             .run_pass(PassRequest {
                 rules,
@@ -68,6 +79,7 @@ impl World {
                 allow_mass_removal,
                 today: Some(today()),
                 progress: None,
+                now,
             })
             .await
     }
@@ -473,6 +485,8 @@ async fn hand_edits_are_corrected_in_the_next_pass() {
             time_zone: chrono_tz::Europe::Rome,
             cancel: CancellationToken::new(),
             verify_members_every: Duration::ZERO,
+            default_remove_after: None,
+            history_retention: Duration::from_secs(180 * 86_400),
         }),
         ..w
     };
@@ -480,4 +494,72 @@ async fn hand_edits_are_corrected_in_the_next_pass() {
     assert!(report.rules.iter().all(|r| r.members_from == MemberSource::Read));
     assert_eq!(expired.members("VIP - Spend > 5000 EUR"), qualifying, "the swap is undone");
     expired.sandbox.shutdown().await;
+}
+
+// REMOVE_AFTER = "3d": a member failing for less than three days stays (pending, counted), one
+// qualifying again in between starts afresh, and one failing for longer is removed, with the
+// fact that made it fail in the history. The first failing time survives a restart.
+#[tokio::test]
+async fn removal_grace_waits_out_remove_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("spenders.rhai"),
+        "const LIST = \"Spenders\";\nconst REMOVE_AFTER = \"3d\";\nfn matches(c) { c.customFields.totalSpent > 200.0 }\n",
+    )
+    .expect("write");
+    let w = world(support::sandbox_config(2_000), dir.path()).await;
+    let t0 = chrono::Utc::now();
+    let day = |n: i64| t0 + chrono::Duration::days(n);
+    w.pass_at(w.rules.clone(), false, Some(t0)).await;
+    let members = w.members("Spenders");
+    let mut spenders = members.iter().cloned();
+    let (leaving, flapping) = (spenders.next().expect("a spender"), spenders.next().expect("another"));
+    let spend = |amount: f64| json!({"customFields": {"totalSpent": amount}});
+    w.api(reqwest::Method::PUT, &format!("/contacts/{leaving}"), spend(10.0)).await;
+    w.api(reqwest::Method::PUT, &format!("/contacts/{flapping}"), spend(10.0)).await;
+
+    let one = w.pass_at(w.rules.clone(), false, Some(day(1))).await;
+    let pending: Vec<&str> = one.rules[0].plan.pending.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    assert!(one.rules[0].plan.to_remove.is_empty() && one.rules[0].removed == 0);
+    assert_eq!(w.members("Spenders"), members, "kept within the grace");
+
+    // The flapping one qualifies again on day 2: its grace starts afresh if it fails again.
+    w.api(reqwest::Method::PUT, &format!("/contacts/{flapping}"), spend(900.0)).await;
+    let two = w.pass_at(w.rules.clone(), false, Some(day(2))).await;
+    assert_eq!(two.rules[0].plan.pending.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), [leaving.as_str()]);
+    w.api(reqwest::Method::PUT, &format!("/contacts/{flapping}"), spend(10.0)).await;
+
+    // A restart: a new reconciler on the same state file.
+    let restarted = World {
+        reconciler: Reconciler::new(Parts {
+            gateway: support::gateway(&w.sandbox, segsync::gateway::RatePlan::Unlimited),
+            account: Account::remote(&w.sandbox.base_url()),
+            engine: Arc::new(rules::engine::build(chrono_tz::Europe::Rome)),
+            state: State::open(&w._dir.path().join("segsync.db")).expect("state"),
+            guards: guards(),
+            time_zone: chrono_tz::Europe::Rome,
+            cancel: CancellationToken::new(),
+            verify_members_every: Duration::from_secs(86_400),
+            default_remove_after: None,
+            history_retention: Duration::from_secs(180 * 86_400),
+        }),
+        ..w
+    };
+    // Day 4 and a second: the leaving one has failed since day 1, over 3 days; the flapping one
+    // failed again after day 2, so its grace started afresh and it is still pending.
+    let four = restarted.pass_at(restarted.rules.clone(), false, Some(day(4) + chrono::Duration::seconds(1))).await;
+    let r = &four.rules[0];
+    assert_eq!(r.plan.to_remove.iter().map(|id| id.as_str()).collect::<Vec<_>>(), [leaving.as_str()]);
+    assert_eq!(r.plan.pending.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), [flapping.as_str()]);
+    assert_eq!(r.removed, 1);
+    assert!(!restarted.members("Spenders").contains(&leaving));
+    assert!(restarted.members("Spenders").contains(&flapping));
+
+    let state = State::open(&restarted._dir.path().join("segsync.db")).expect("state");
+    let history = state.history_of_contact(&leaving).expect("history");
+    assert_eq!(history[0].action, segsync::state::Action::Removed);
+    assert_eq!(history[0].reason, "matches returned false: totalSpent = 10.0");
+    assert!(history[0].at.starts_with(&(day(4)).format("%Y-%m-%d").to_string()), "{history:?}");
+    restarted.sandbox.shutdown().await;
 }

@@ -110,6 +110,22 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         runs: usize,
     },
+    /// Membership history: every entry and exit of CONTACT_ID, newest first, with the reason; or,
+    /// with --rule, that rule's movements and changes.
+    #[command(group = clap::ArgGroup::new("whose").required(true).args(["contact_id", "rule"]))]
+    History {
+        /// The contact whose entries and exits to show.
+        contact_id: Option<String>,
+        /// Show this rule's adds, removals and changes instead.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Only entries this recent, e.g. 7d, 24h (default: everything kept).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the bundled emulator of the partner-gateway API on localhost, seeded with demo contacts.
     Sandbox(SandboxArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
@@ -258,10 +274,13 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Sync { allow_mass_removal, full }))
         }
         Command::Status { json, runs } => show::status(&config, json, runs),
+        Command::History { contact_id, rule, since, json } => {
+            show::history(&config, contact_id.as_deref(), rule.as_deref(), since.as_deref(), json)
+        }
         Command::Sandbox(_) | Command::Completions { .. } | Command::Man => unreachable!("handled above"),
     }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    crate::runtime().context("starting the async runtime")
 }

@@ -65,6 +65,8 @@ pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyho
         guards: config.guards.clone(),
         time_zone: config.time_zone,
         verify_members_every: config.verify_members_every,
+        default_remove_after: config.default_remove_after,
+        history_retention: config.history_retention,
         cancel: CancellationToken::new(),
     });
     let cancel = reconciler.cancel_token().clone();

@@ -5,6 +5,13 @@ use crate::config::Config;
 use crate::ids::ContactId;
 use crate::reconcile::{Outcome, PassReport, RuleReport, Trigger, sample};
 
+/// When a member failing since `since` is due for removal under the rule's grace (RFC 3339).
+fn due(r: &RuleReport, since: &str) -> Option<String> {
+    let after = chrono::Duration::from_std(r.remove_after?).ok()?;
+    let since = chrono::DateTime::parse_from_rfc3339(since).ok()?.with_timezone(&chrono::Utc);
+    Some(crate::state::at(since + after))
+}
+
 pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
     serde_json::json!({
         "rule": r.rule.name,
@@ -25,6 +32,8 @@ pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
         "sample_add": sample(&r.plan.to_add, 10),
         "sample_remove": sample(&r.plan.to_remove, 10),
         "held": r.plan.held,
+        "pending_removal": r.plan.pending.len(),
+        "sample_pending": r.plan.pending.iter().take(10).map(|(id, since)| serde_json::json!({"contact": id, "failing_since": since, "due": due(r, since)})).collect::<Vec<_>>(),
         "outcome": r.outcome,
         "detail": r.detail,
         "api_requests": r.usage.total_requests(),
@@ -76,6 +85,25 @@ pub(super) fn print_pass(report: &PassReport, dry_run: bool) {
         }
         if !r.plan.to_remove.is_empty() {
             say!("  remove: {}{}", sample(&r.plan.to_remove, 5).join(", "), more(&r.plan.to_remove));
+        }
+        if !r.plan.pending.is_empty() {
+            let shown: Vec<String> = r
+                .plan
+                .pending
+                .iter()
+                .take(5)
+                .map(|(id, since)| format!("{id} (due {})", due(r, since).unwrap_or_else(|| "?".into())))
+                .collect();
+            say!(
+                "  pending removal {} (failing, within REMOVE_AFTER): {}{}",
+                r.plan.pending.len(),
+                shown.join(", "),
+                if r.plan.pending.len() > 5 {
+                    format!(" … (+{} more)", r.plan.pending.len() - 5)
+                } else {
+                    String::new()
+                }
+            );
         }
         if let Some(e) = &r.first_error {
             say!("  first evaluation error: {e}");
@@ -277,4 +305,53 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
         }
     }
     Ok(exit)
+}
+
+/// `history CONTACT_ID` or `history --rule RULE`, newest first, optionally `--since 7d`.
+pub(super) fn history(
+    config: &Config,
+    contact: Option<&str>,
+    rule: Option<&str>,
+    since: Option<&str>,
+    json: bool,
+) -> anyhow::Result<Exit> {
+    let since = match since.map(crate::duration::parse).transpose() {
+        Ok(d) => d.and_then(|d| chrono::Duration::from_std(d).ok()).map(|d| crate::state::at(chrono::Utc::now() - d)),
+        Err(e) => {
+            say!("--since: {e}");
+            return Ok(Exit::Usage);
+        }
+    };
+    let entries = if config.state_path.exists() {
+        let state = crate::state::State::open(&config.state_path)?;
+        let from = since.clone().unwrap_or_default();
+        match (contact, rule) {
+            (Some(contact), _) => state.history_of_contact(contact)?.into_iter().filter(|e| e.at >= from).collect(),
+            (None, Some(rule)) => state.history_of_rule(&crate::ids::RuleName::from(rule), &from)?,
+            (None, None) => Vec::new(),
+        }
+    } else {
+        Vec::new()
+    };
+    if json {
+        let out = serde_json::json!({ "schema_version": 1, "since": since, "entries": entries });
+        say!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(Exit::Ok);
+    }
+    let whose = contact.map_or_else(|| format!("rule {}", rule.unwrap_or_default()), |c| format!("contact {c}"));
+    if entries.is_empty() {
+        say!("no history for {whose}{}", since.map(|s| format!(" since {s}")).unwrap_or_default());
+        return Ok(Exit::Ok);
+    }
+    for e in &entries {
+        let what = match e.action {
+            crate::state::Action::RuleChanged => "changed".to_owned(),
+            action => format!("{} {}", action.as_str(), e.contact),
+        };
+        say!("{}  {:<7} {:<24} list {}  ({}, hash {})", e.at, e.rule, what, e.list_id, e.trigger, e.rule_hash);
+        if !e.reason.is_empty() {
+            say!("    {}", e.reason);
+        }
+    }
+    Ok(Exit::Ok)
 }

@@ -238,6 +238,8 @@ impl Daemon {
             guards: self.config.guards.clone(),
             time_zone: self.config.time_zone,
             verify_members_every: self.config.verify_members_every,
+            default_remove_after: self.config.default_remove_after,
+            history_retention: self.config.history_retention,
             cancel: self.apply_cancel.clone(),
         })
     }

@@ -6,6 +6,7 @@
 mod apply;
 mod bind;
 mod cache;
+mod history;
 pub mod plan;
 mod progress;
 mod read;
@@ -116,6 +117,9 @@ pub struct Reconciler {
     cancel: CancellationToken,
     /// A cached list's members are read again after this long.
     verify_members_every: Duration,
+    /// The removal grace of rules without their own `REMOVE_AFTER`.
+    default_remove_after: Option<Duration>,
+    history_retention: Duration,
 }
 
 #[derive(Clone)]
@@ -129,12 +133,14 @@ pub struct PassRequest {
     pub today: Option<Date>,
     /// Told of the pass's progress every second (the systemd status line, a progress bar).
     pub progress: Option<ProgressSink>,
+    /// The run's "now" for removal grace and history; `None` means the clock's.
+    pub now: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl PassRequest {
     /// A pass over `rules`, writing, with no progress sink.
     pub fn new(rules: Vec<Arc<Rule>>, trigger: Trigger) -> Self {
-        Self { rules, trigger, dry_run: false, allow_mass_removal: false, today: None, progress: None }
+        Self { rules, trigger, dry_run: false, allow_mass_removal: false, today: None, progress: None, now: None }
     }
 }
 
@@ -160,6 +166,8 @@ pub struct RuleReport {
     pub members_from: MemberSource,
     /// The server filter derived from `matches` for this pass (`key=value` pairs).
     pub derived_filter: Vec<(String, String)>,
+    /// The removal grace that applied (the rule's `REMOVE_AFTER` or the configured default).
+    pub remove_after: Option<Duration>,
     pub outcome: Outcome,
     /// Why it failed or was held.
     pub detail: Option<String>,
@@ -215,6 +223,10 @@ pub struct Parts {
     pub cancel: CancellationToken,
     /// A cached list's members are read again after this long (`[state] verify_members_every`).
     pub verify_members_every: Duration,
+    /// `[rules] default_remove_after`.
+    pub default_remove_after: Option<Duration>,
+    /// `[state] history_retention`.
+    pub history_retention: Duration,
 }
 
 impl Reconciler {
@@ -222,7 +234,18 @@ impl Reconciler {
     /// ends at shutdown however the caller built its gateway, and starts with the paging the
     /// account's endpoints taught an earlier run.
     pub fn new(parts: Parts) -> Self {
-        let Parts { gateway, account, engine, state, guards, time_zone, cancel, verify_members_every } = parts;
+        let Parts {
+            gateway,
+            account,
+            engine,
+            state,
+            guards,
+            time_zone,
+            cancel,
+            verify_members_every,
+            default_remove_after,
+            history_retention,
+        } = parts;
         match state.paging(&account) {
             Ok(learned) => {
                 for (endpoint, paging) in learned {
@@ -232,7 +255,18 @@ impl Reconciler {
             Err(e) => tracing::debug!(error = %e, "no remembered paging"),
         }
         let gateway = gateway.cancelled_by(cancel.clone());
-        Self { gateway, account, engine, state, guards, time_zone, cancel, verify_members_every }
+        Self {
+            gateway,
+            account,
+            engine,
+            state,
+            guards,
+            time_zone,
+            cancel,
+            verify_members_every,
+            default_remove_after,
+            history_retention,
+        }
     }
 
     /// The same reconciler with other guards (the daemon keeps one per config).
@@ -320,6 +354,9 @@ impl Reconciler {
             self.record(report, req.trigger, &started_at, req.dry_run).await;
         }
         self.remember_paging();
+        if !req.dry_run {
+            self.prune_history().await;
+        }
         drop(reporter);
         let report = PassReport { rules: reports, read, usage, duration: started.elapsed() };
         tracing::info!(
@@ -364,6 +401,7 @@ impl Reconciler {
             read,
             members_from: slot.members_from,
             derived_filter: rule.derived_filter(today).iter().map(crate::rules::FilterTerm::query_pair).collect(),
+            remove_after: rule.remove_after.or(self.default_remove_after),
             outcome: Outcome::Ok,
             detail: None,
             duration: Duration::ZERO,
@@ -373,21 +411,25 @@ impl Reconciler {
             report.detail = Some(e.to_string());
         } else {
             // Sorting a million ids is real CPU work: off the async workers.
+            let now = req.now.unwrap_or_else(chrono::Utc::now);
+            let grace = self.grace(&rule, now);
             let (eval, mode, guards, allow) = (slot.eval, rule.mode, self.guards.clone(), req.allow_mass_removal);
+            let planning = grace.clone();
             let planned = tokio::task::spawn_blocking(move || {
                 let mut eval = eval;
-                (plan::plan(&mut eval, mode, &guards, allow), eval.members)
+                let plan = plan::plan(&mut eval, mode, &guards, allow, &planning);
+                (plan, eval.members, eval.reasons)
             })
             .await
             .map_err(|e| Plan { refused: Some(format!("planning failed: {e}")), ..Plan::default() });
-            let members = match planned {
-                Ok((plan, members)) => {
+            let (members, reasons) = match planned {
+                Ok((plan, members, reasons)) => {
                     report.plan = plan;
-                    Some(members)
+                    (Some(members), reasons)
                 }
                 Err(plan) => {
                     report.plan = plan;
-                    None
+                    (None, Vec::new())
                 }
             };
             let mut applied = apply::Applied::default();
@@ -416,6 +458,13 @@ impl Reconciler {
                     tracing::warn!(rule = %rule.name, list_id = %list, detail = %why, "writes unconfirmed");
                     report.outcome = Outcome::Partial;
                     report.detail = Some(why);
+                }
+            }
+            if let (Some(list), false) = (&slot.list, req.dry_run) {
+                let applied_all = !write_error && report.plan.refused.is_none();
+                self.keep_grace(&rule, &grace, &report.plan, applied_all && report.plan.held.is_none());
+                if !write_error {
+                    self.log_history(&rule, list, req.trigger, &report.plan, &reasons, now);
                 }
             }
             if let (Some(list), Some(members), false) = (&slot.list, members, req.dry_run) {

@@ -4,9 +4,11 @@
 //! Invariants: a contact leaves a list only because its own member record evaluated to `false`;
 //! a contact the rule errored on is neither added nor removed; output order is sorted.
 
+use std::collections::HashMap;
+
 use crate::config::Guards;
 use crate::ids::{ContactId, ContactIdSet};
-use crate::rules::{EvalError, Mode};
+use crate::rules::{EvalError, Facts, Mode, Rule};
 
 /// What evaluating one rule produced, before any decision.
 #[derive(Debug, Default, Clone)]
@@ -15,6 +17,8 @@ pub struct Evaluation {
     pub members: ContactIdSet,
     /// Members whose own record evaluated to `false`.
     pub members_failing: Vec<ContactId>,
+    /// Why each failing member failed: the facts its record showed (for the history).
+    pub reasons: Vec<(ContactId, String)>,
     /// Non-members that evaluated to `true`.
     pub candidates_matching: Vec<ContactId>,
     /// Contacts evaluated (members and candidates).
@@ -33,13 +37,19 @@ impl Evaluation {
         }
     }
 
-    /// A member's `matches` verdict on its own current record.
-    pub fn member_verdict(&mut self, id: &ContactId, verdict: Result<bool, EvalError>) {
+    /// A member's `matches` verdict on its own current record, whose `facts` were read before.
+    pub fn member_verdict(&mut self, rule: &Rule, id: &ContactId, verdict: Result<bool, EvalError>, facts: &Facts) {
         match verdict {
             Ok(true) => self.matched += 1,
-            Ok(false) => self.members_failing.push(id.clone()),
+            Ok(false) => self.member_fails(id, rule.describe(facts)),
             Err(e) => self.error(id, e),
         }
+    }
+
+    /// A member its rule says no to, and why.
+    pub fn member_fails(&mut self, id: &ContactId, reason: String) {
+        self.members_failing.push(id.clone());
+        self.reasons.push((id.clone(), reason));
     }
 
     /// Folds in a part evaluated elsewhere (another page).
@@ -50,6 +60,7 @@ impl Evaluation {
             self.members.extend_from(&other.members);
         }
         self.members_failing.extend(other.members_failing);
+        self.reasons.extend(other.reasons);
         self.candidates_matching.extend(other.candidates_matching);
         self.evaluated += other.evaluated;
         self.matched += other.matched;
@@ -69,6 +80,36 @@ pub struct Plan {
     pub held: Option<String>,
     /// Nothing is applied: why.
     pub refused: Option<String>,
+    /// Failing members still within their removal grace, with when each first failed (RFC 3339).
+    pub pending: Vec<(ContactId, String)>,
+}
+
+/// A rule's removal grace for one run: failing members are removed only once they have failed
+/// continuously for `remove_after`.
+#[derive(Debug, Clone)]
+pub struct Grace {
+    pub remove_after: Option<std::time::Duration>,
+    /// When each member already pending first failed (RFC 3339), under this version of the rule.
+    pub since: HashMap<ContactId, String>,
+    pub now: chrono::DateTime<chrono::Utc>,
+}
+
+impl Grace {
+    /// No grace: failing members are removed at once.
+    pub fn none() -> Self {
+        Self { remove_after: None, since: HashMap::new(), now: chrono::Utc::now() }
+    }
+
+    /// When `id` first failed: as remembered, else now.
+    pub fn since(&self, id: &ContactId) -> String {
+        self.since.get(id).cloned().unwrap_or_else(|| crate::state::at(self.now))
+    }
+
+    /// Whether a member failing since `since` has waited out the grace.
+    fn due(&self, since: &str, after: std::time::Duration) -> bool {
+        let since = chrono::DateTime::parse_from_rfc3339(since).map_or(self.now, |t| t.with_timezone(&chrono::Utc));
+        self.now.signed_duration_since(since).to_std().is_ok_and(|waited| waited >= after)
+    }
 }
 
 impl Plan {
@@ -87,8 +128,9 @@ impl Plan {
 }
 
 /// Decides the changes for one list. The ids move from `eval` into the plan (a first sync of a
-/// million contacts would otherwise hold them twice).
-pub fn plan(eval: &mut Evaluation, mode: Mode, guards: &Guards, allow_mass_removal: bool) -> Plan {
+/// million contacts would otherwise hold them twice). Members within their removal grace are
+/// pending, not removed, and the guards count only what is due.
+pub fn plan(eval: &mut Evaluation, mode: Mode, guards: &Guards, allow_mass_removal: bool, grace: &Grace) -> Plan {
     let members = &eval.members;
     let mut to_add: Vec<ContactId> =
         std::mem::take(&mut eval.candidates_matching).into_iter().filter(|id| !members.contains(id.as_str())).collect();
@@ -100,7 +142,20 @@ pub fn plan(eval: &mut Evaluation, mode: Mode, guards: &Guards, allow_mass_remov
     };
     to_remove.sort();
     to_remove.dedup();
-    let mut plan = Plan { to_add, to_remove, held: None, refused: None };
+    let mut pending = Vec::new();
+    if let Some(after) = grace.remove_after {
+        let (due, waiting): (Vec<ContactId>, Vec<ContactId>) =
+            to_remove.into_iter().partition(|id| grace.due(&grace.since(id), after));
+        to_remove = due;
+        pending = waiting
+            .into_iter()
+            .map(|id| {
+                let since = grace.since(&id);
+                (id, since)
+            })
+            .collect();
+    }
+    let mut plan = Plan { to_add, to_remove, held: None, refused: None, pending };
 
     if eval.evaluated > 0 && eval.errors as f64 > guards.max_error_share * eval.evaluated as f64 {
         let (share, limit) = percents(eval.errors as f64 / eval.evaluated as f64, guards.max_error_share);
@@ -191,7 +246,7 @@ mod tests {
             ..Evaluation::default()
         };
         let mut eval = eval;
-        let p = plan(&mut eval, c.mode, &guards(), c.allow);
+        let p = plan(&mut eval, c.mode, &guards(), c.allow, &Grace::none());
         assert_eq!(p.to_add, ids(c.add), "{}: to_add", c.name);
         assert_eq!(p.to_remove, ids(c.remove), "{}: to_remove", c.name);
         assert_eq!(p.held.is_some(), c.held, "{}: held {:?}", c.name, p.held);
@@ -269,7 +324,7 @@ mod tests {
     // A refused plan applies nothing; a held plan applies only adds.
     #[test]
     fn what_gets_applied() {
-        let p = Plan { to_add: ids(&["a"]), to_remove: ids(&["b"]), held: Some("x".into()), refused: None };
+        let p = Plan { to_add: ids(&["a"]), to_remove: ids(&["b"]), held: Some("x".into()), ..Plan::default() };
         assert_eq!(p.adds_to_apply(), ids(&["a"]).as_slice());
         assert!(p.removals_to_apply().is_empty());
         let p = Plan { refused: Some("x".into()), ..p };

@@ -13,7 +13,7 @@ use super::plan::Evaluation;
 use crate::contact::ContactRecord;
 use crate::gateway::{Gateway, Scan, ScanQuery};
 use crate::ids::{BitSet, ContactIdSet, ListId};
-use crate::rules::{Date, FilterTerm, Mode, Rule};
+use crate::rules::{Date, Facts, FilterTerm, Mode, Rule};
 
 /// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
 /// threads as they were parsed). Returns the server's last reported total.
@@ -43,7 +43,7 @@ fn member_filter(rule: &Rule, record: &ContactRecord, part: &mut Evaluation) -> 
     match rule.filter_verdict(record) {
         Ok(true) => true,
         Ok(false) => {
-            part.members_failing.push(record.id.clone());
+            part.member_fails(&record.id, rule.filter_failure(record));
             false
         }
         Err(e) => {
@@ -75,8 +75,10 @@ pub async fn members(
                     part.evaluated += 1;
                     if member_filter(&rule_for_work, &record, &mut part) {
                         // The member's last use: hand the record over instead of cloning it.
+                        let facts = rule_for_work.facts(&record);
                         let ContactRecord { id, fields } = record;
-                        part.member_verdict(&id, rule_for_work.call_matches(&engine, fields, today));
+                        let verdict = rule_for_work.call_matches(&engine, fields, today);
+                        part.member_verdict(&rule_for_work, &id, verdict, &facts);
                     }
                 }
             }
@@ -179,8 +181,8 @@ pub async fn candidates(
         let mut parts = vec![Evaluation::default(); targets.len()];
         let mut cached: Vec<Option<PageSeen>> = targets.iter().map(|t| t.cached.then(PageSeen::default)).collect();
         let mut in_filter = vec![0u64; targets.len()];
-        // (target, cached member index) for each `matches` call this record needs.
-        let mut due: Vec<(usize, Option<u32>)> = Vec::with_capacity(targets.len());
+        // (target, cached member index and its facts) for each `matches` call this record needs.
+        let mut due: Vec<(usize, Option<(u32, Facts)>)> = Vec::with_capacity(targets.len());
         for record in records {
             due.clear();
             for (i, target) in targets.iter().enumerate() {
@@ -200,25 +202,26 @@ pub async fn candidates(
                 if target.rule.mode == Mode::Mirror {
                     seen.eval.evaluated += 1;
                     if member_filter(&target.rule, &record, &mut seen.eval) {
-                        due.push((i, Some(index)));
+                        due.push((i, Some((index, target.rule.facts(&record)))));
                     }
                 }
             }
             // Each evaluation consumes a copy of the contact; the last one takes the record itself.
             let ContactRecord { id, fields } = record;
             let mut fields = Some(fields);
-            for (k, &(i, member)) in due.iter().enumerate() {
+            for (k, (i, member)) in due.iter().enumerate() {
+                let i = *i;
                 let arg = if k + 1 == due.len() {
                     fields.take().unwrap_or_default()
                 } else {
                     fields.clone().unwrap_or_default()
                 };
                 let verdict = targets[i].rule.call_matches(&engine, arg, today);
-                if let (Some(index), Some(seen)) = (member, cached[i].as_mut()) {
+                if let (Some((index, facts)), Some(seen)) = (member, cached[i].as_mut()) {
                     if verdict == Ok(true) {
-                        seen.matched.push(index);
+                        seen.matched.push(*index);
                     }
-                    seen.eval.member_verdict(&id, verdict);
+                    seen.eval.member_verdict(&targets[i].rule, &id, verdict, facts);
                     continue;
                 }
                 let part = &mut parts[i];

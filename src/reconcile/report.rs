@@ -51,6 +51,7 @@ impl Reconciler {
                     removed = record.removed,
                     to_add = r.plan.to_add.len(),
                     to_remove = r.plan.to_remove.len(),
+                    pending_removal = r.plan.pending.len(),
                     eval_errors = record.eval_errors,
                     first_eval_error = r.first_error.as_deref(),
                     api_requests = record.api_requests,

@@ -42,7 +42,54 @@ pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
+/// The values of the fields a rule mentions, taken from a record before `matches` consumes it:
+/// the facts a removal is recorded with.
+#[derive(Debug, Clone, Default)]
+pub struct Facts(Vec<Option<Dynamic>>);
+
 impl Rule {
+    /// The fields this rule mentions, read off `contact` (top level, else in `customFields`).
+    pub fn facts(&self, contact: &ContactRecord) -> Facts {
+        let Some(map) = contact.map() else { return Facts::default() };
+        let custom = map.get("customFields").and_then(|c| c.read_lock::<rhai::Map>());
+        Facts(
+            self.mentions
+                .iter()
+                .filter(|w| *w != "customFields")
+                .map(|w| map.get(w.as_str()).or_else(|| custom.as_ref().and_then(|c| c.get(w.as_str()))).cloned())
+                .collect(),
+        )
+    }
+
+    /// `facts` as people read them: `customFields.totalSpent = 4200.0, region = "Veneto"`.
+    pub fn describe(&self, facts: &Facts) -> String {
+        let names = self.mentions.iter().filter(|w| *w != "customFields");
+        let parts: Vec<String> = names
+            .zip(&facts.0)
+            .map(|(name, value)| match value {
+                Some(v) => format!("{name} = {v:?}"),
+                None => format!("{name} absent"),
+            })
+            .collect();
+        if parts.is_empty() {
+            "matches returned false".into()
+        } else {
+            format!("matches returned false: {}", parts.join(", "))
+        }
+    }
+
+    /// Why `contact` fails `FILTER`: the first term it fails, with the value it has.
+    pub fn filter_failure(&self, contact: &ContactRecord) -> String {
+        let Some(map) = contact.map() else { return "FILTER: the contact is not an object".into() };
+        for term in &self.filter {
+            if term.judge(&map) == Ok(false) {
+                let (key, value) = term.query_pair();
+                return format!("FILTER {key} = {value:?} fails");
+            }
+        }
+        "FILTER fails".into()
+    }
+
     /// Whether the contact passes `FILTER`, judged as the server judges it. A record the filter
     /// cannot judge (a filtered field missing, null or of another type) is an error, exactly as
     /// reading that field inside `matches` would be.

@@ -186,6 +186,16 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
             Mode::Mirror
         }
     };
+    let remove_after = match text(&scope, "REMOVE_AFTER") {
+        Ok(None) => None,
+        Ok(Some(t)) => crate::duration::parse(&t)
+            .map_err(|e| setting(&mut errors, "REMOVE_AFTER", format!("REMOVE_AFTER: {e}")))
+            .ok(),
+        Err(e) => {
+            setting(&mut errors, "REMOVE_AFTER", e);
+            None
+        }
+    };
     let filter = match scope.get("FILTER") {
         None => Vec::new(),
         Some(v) => match read_filter(v) {
@@ -226,6 +236,7 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         mode,
         hash: hex(&Sha256::digest(source.as_bytes())),
         mentions: mentions(&source),
+        remove_after,
         pushdown: engine
             .compact_script(&source)
             .map_or_else(|e| super::PushDown::None(format!("not compacted: {e}")), |c| super::derive::from_script(&c)),

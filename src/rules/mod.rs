@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 pub use derive::{Derived, PushDown};
 pub use engine::Date;
-pub use eval::EvalError;
+pub use eval::{EvalError, Facts};
 pub use filter::FilterTerm;
 pub use load::{load_dir, load_file, load_tested};
 
@@ -59,6 +59,8 @@ pub struct Rule {
     pub hash: String,
     /// Words the `matches` function reads as properties (for `explain`).
     pub mentions: Vec<String>,
+    /// `REMOVE_AFTER`: a member is removed only after failing the rule continuously this long.
+    pub remove_after: Option<std::time::Duration>,
     /// The server filter `matches` implies, for the rule's own candidate reads.
     pub pushdown: PushDown,
     ast: rhai::AST,

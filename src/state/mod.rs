@@ -5,8 +5,10 @@
 //! `PRAGMA user_version` and migrated on open. Holds contact ids (the cache), never contact
 //! fields: lists live on the gateway, and the cache is only ever a shortcut to reading them.
 
+mod history;
 mod members;
 
+pub use history::{Action, HistoryEntry, entry as history_entry};
 pub use members::{Applied, CachedList};
 
 use std::fs::{File, OpenOptions};
@@ -129,12 +131,12 @@ pub struct RunRecord {
     pub to_remove: u64,
 }
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Runs kept per rule; older ones are pruned as new ones are recorded.
 const KEEP_RUNS: i64 = 1000;
 
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     r"
     CREATE TABLE binding (
         endpoint  TEXT NOT NULL,
@@ -213,6 +215,30 @@ const MIGRATIONS: [&str; 4] = [
         pagination TEXT NOT NULL,
         PRIMARY KEY (endpoint, api)
     );
+",
+    // Removal grace (when a member first failed its rule) and the membership history.
+    r"
+    CREATE TABLE pending (
+        endpoint  TEXT NOT NULL,
+        rule      TEXT NOT NULL,
+        rule_hash TEXT NOT NULL,
+        contact   TEXT NOT NULL,
+        since     TEXT NOT NULL,
+        PRIMARY KEY (endpoint, rule, contact)
+    ) WITHOUT ROWID;
+    CREATE TABLE history (
+        id        INTEGER PRIMARY KEY,
+        at        TEXT NOT NULL,
+        rule      TEXT NOT NULL,
+        rule_hash TEXT NOT NULL,
+        list_id   TEXT NOT NULL,
+        contact   TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        trigger   TEXT NOT NULL,
+        reason    TEXT NOT NULL
+    );
+    CREATE INDEX history_by_contact ON history (contact, at);
+    CREATE INDEX history_by_rule ON history (rule, at);
 ",
 ];
 
@@ -538,7 +564,12 @@ impl Estimate {
 
 /// Now, as stored: RFC 3339 UTC with milliseconds.
 pub fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    at(chrono::Utc::now())
+}
+
+/// A moment as stored: RFC 3339 UTC with milliseconds.
+pub fn at(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 #[cfg(test)]
