@@ -410,13 +410,79 @@ async fn run(s: &Scenario) {
     }
 }
 
+/// The state database after 30 simulated days of 1 % daily churn on 20,000 contacts (the shipped
+/// rules, one pass a day): its size, and what the history holds.
+async fn history_growth() {
+    println!("\n### H30 state size: 30 simulated days of 1 % daily churn on 20,000 contacts, shipped rules\n");
+    let sandbox = support::SandboxChild::start(20_000, "unlimited");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = rules::engine::build(chrono_tz::Europe::Rome);
+    let (set, errors) = rules::load_dir(&engine, std::path::Path::new("rules"));
+    assert!(errors.is_empty(), "{errors:?}");
+    let db = dir.path().join("segsync.db");
+    let reconciler = Reconciler::new(Parts {
+        gateway: support::gateway(&sandbox.base_url, RatePlan::Unlimited, 4),
+        account: Account::remote(&sandbox.base_url),
+        engine: Arc::new(engine),
+        state: State::open(&db).expect("state"),
+        guards: Guards { max_removal_share: 1.0, max_removals: None, max_error_share: 0.01, mass_removal_floor: 10 },
+        time_zone: chrono_tz::Europe::Rome,
+        cancel: CancellationToken::new(),
+        verify_members_every: std::time::Duration::from_secs(86_400),
+        default_remove_after: Some(std::time::Duration::from_secs(2 * 86_400)),
+        history_retention: std::time::Duration::from_secs(180 * 86_400),
+    });
+    let today = Date(chrono::Utc::now().with_timezone(&chrono_tz::Europe::Rome).date_naive());
+    let t0 = chrono::Utc::now();
+    let size = || {
+        ["", "-wal"]
+            .iter()
+            .map(|suffix| std::fs::metadata(format!("{}{suffix}", db.display())).map_or(0, |m| m.len()))
+            .sum::<u64>()
+    };
+    println!("| day | adds | removals | pending removal (grace 2d) | state DB + WAL (KB) |");
+    println!("|---:|---:|---:|---:|---:|");
+    for day in 0..=30i64 {
+        if day > 0 {
+            let url = format!("http://127.0.0.1:{}/_sandbox/churn?count=200", sandbox.port);
+            reqwest::Client::new().post(url).send().await.expect("churn");
+        }
+        let report = reconciler
+            .run_pass(PassRequest {
+                now: Some(t0 + chrono::Duration::days(day)),
+                today: Some(today),
+                ..PassRequest::new(set.iter().cloned().collect(), Trigger::Cron)
+            })
+            .await;
+        if [0, 1, 7, 14, 30].contains(&day) {
+            println!(
+                "| {day} | {} | {} | {} | {} |",
+                report.rules.iter().map(|r| r.added).sum::<u64>(),
+                report.rules.iter().map(|r| r.removed).sum::<u64>(),
+                report.rules.iter().map(|r| r.plan.pending.len()).sum::<usize>(),
+                size() / 1024
+            );
+        }
+    }
+    let conn = rusqlite::Connection::open(&db).expect("db");
+    let rows = |table: &str| -> i64 {
+        conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).expect("count")
+    };
+    println!(
+        "\n- history rows {}, history runs {}, cached members {}",
+        rows("history"),
+        rows("history_run"),
+        rows("cached_member")
+    );
+}
+
 fn main() {
     // The runtime the segsync binary runs on, so threads and memory are what the binary's are.
     segsync::runtime().expect("runtime").block_on(harness_main());
 }
 
 async fn harness_main() {
-    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| a.starts_with('s')).collect();
+    let wanted: Vec<String> = std::env::args().skip(1).filter(|a| a.starts_with('s') || a == "h30").collect();
     let child = std::env::var_os(CHILD).is_some();
     if !child {
         println!(
@@ -429,6 +495,10 @@ async fn harness_main() {
                 / 1024,
             chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
         );
+    }
+    if wanted.iter().any(|w| w == "h30") {
+        history_growth().await;
+        return;
     }
     let chosen: Vec<&Scenario> =
         SCENARIOS.iter().filter(|s| wanted.is_empty() || wanted.iter().any(|w| w == s.name)).collect();

@@ -9,7 +9,7 @@ use crate::ids::{ContactId, ListId};
 use crate::reconcile::plan::Grace;
 use crate::rules::Rule;
 use crate::run::Trigger;
-use crate::state::{Action, HistoryEntry, history_entry};
+use crate::state::Movements;
 
 impl Reconciler {
     /// The rule's removal grace for a run at `now`: its own `REMOVE_AFTER`, else the configured
@@ -43,7 +43,6 @@ impl Reconciler {
     }
 
     /// Records the run's applied adds and removals (and a rule change) in the history.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn log_history(
         &self,
         rule: &Rule,
@@ -54,35 +53,33 @@ impl Reconciler {
         now: chrono::DateTime<chrono::Utc>,
     ) {
         let at = crate::state::at(now);
-        let who = (&rule.name, rule.short_hash());
         let reasons: HashMap<&ContactId, &str> = reasons.iter().map(|(id, why)| (id, why.as_str())).collect();
-        let mut entries: Vec<HistoryEntry> = Vec::new();
         let previous = self.state.last_runs(1).ok().and_then(|runs| runs.into_iter().find(|r| r.rule == rule.name));
-        if let Some(before) = previous.filter(|r| !r.rule_hash.is_empty() && r.rule_hash != rule.short_hash()) {
-            let reason = format!(
+        let note = previous.filter(|r| !r.rule_hash.is_empty() && r.rule_hash != rule.short_hash()).map(|before| {
+            format!(
                 "rule {} changed: hash {} → {}; {} added and {} removed by this run",
                 rule.name,
                 before.rule_hash,
                 rule.short_hash(),
                 plan.adds_to_apply().len(),
                 plan.removals_to_apply().len()
-            );
-            entries.push(history_entry(&at, who, list, trigger, ("", Action::RuleChanged, reason)));
-        }
-        for id in plan.adds_to_apply() {
-            entries.push(history_entry(
-                &at,
-                who,
-                list,
-                trigger,
-                (id.as_str(), Action::Added, "matches returned true".into()),
-            ));
-        }
-        for id in plan.removals_to_apply() {
-            let why = reasons.get(id).copied().unwrap_or("the rule said no").to_owned();
-            entries.push(history_entry(&at, who, list, trigger, (id.as_str(), Action::Removed, why)));
-        }
-        if let Err(e) = self.state.record_history(&entries) {
+            )
+        });
+        let movements = Movements {
+            at: &at,
+            rule: &rule.name,
+            rule_hash: rule.short_hash(),
+            list,
+            trigger,
+            note,
+            added: plan.adds_to_apply(),
+            removed: plan
+                .removals_to_apply()
+                .iter()
+                .map(|id| (id, reasons.get(id).copied().unwrap_or("the rule said no")))
+                .collect(),
+        };
+        if let Err(e) = self.state.record_movements(&movements) {
             tracing::warn!(rule = %rule.name, error = %e, "history not stored");
         }
     }

@@ -101,29 +101,35 @@ impl State {
         })
     }
 
-    /// Stores history entries in one transaction.
-    pub fn record_history(&self, entries: &[HistoryEntry]) -> Result<(), StateError> {
-        if entries.is_empty() {
+    /// Records one run's movements: the run once (with a rule-change note, if any), then a row per
+    /// contact, streamed in one transaction (a first sync adds a million contacts).
+    pub fn record_movements(&self, run: &Movements<'_>) -> Result<(), StateError> {
+        if run.added.is_empty() && run.removed.is_empty() && run.note.is_none() {
             return Ok(());
         }
         self.with(|c| {
             let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO history_run (at, rule, rule_hash, list_id, trigger, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    run.at,
+                    run.rule.as_str(),
+                    run.rule_hash,
+                    run.list.as_str(),
+                    run.trigger.to_string(),
+                    run.note.as_deref().unwrap_or("")
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
             {
                 let mut insert = tx.prepare_cached(
-                    "INSERT INTO history (at, rule, rule_hash, list_id, contact, action, trigger, reason)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    "INSERT OR REPLACE INTO history (contact, run, action, reason) VALUES (?1, ?2, ?3, ?4)",
                 )?;
-                for e in entries {
-                    insert.execute(params![
-                        e.at,
-                        e.rule.as_str(),
-                        e.rule_hash,
-                        e.list_id.as_str(),
-                        e.contact,
-                        e.action.as_str(),
-                        e.trigger,
-                        e.reason
-                    ])?;
+                for contact in run.added {
+                    insert.execute(params![contact.as_str(), id, Action::Added.as_str(), ""])?;
+                }
+                for (contact, reason) in &run.removed {
+                    insert.execute(params![contact.as_str(), id, Action::Removed.as_str(), reason])?;
                 }
             }
             tx.commit()
@@ -132,29 +138,56 @@ impl State {
 
     /// Every entry of `contact`, newest first.
     pub fn history_of_contact(&self, contact: &str) -> Result<Vec<HistoryEntry>, StateError> {
-        self.with(|c| query(c, "contact = ?1", params![contact]))
+        let sql = format!("{MOVEMENTS} WHERE h.contact = ?1 ORDER BY r.at DESC, r.id DESC");
+        self.with(|c| query(c, &sql, params![contact]))
     }
 
     /// `rule`'s entries since `since` (RFC 3339), newest first: its movements and its changes.
     pub fn history_of_rule(&self, rule: &RuleName, since: &str) -> Result<Vec<HistoryEntry>, StateError> {
-        self.with(|c| query(c, "rule = ?1 AND at >= ?2", params![rule.as_str(), since]))
+        let sql = format!(
+            "SELECT * FROM ({MOVEMENTS} WHERE r.rule = ?1 AND r.at >= ?2
+               UNION ALL
+             SELECT r.at, r.rule, r.rule_hash, r.list_id, '', 'rule_changed', r.trigger, r.note, r.id
+             FROM history_run r WHERE r.rule = ?1 AND r.at >= ?2 AND r.note <> '')
+             ORDER BY at DESC, run DESC, action = 'rule_changed', action DESC"
+        );
+        self.with(|c| query(c, &sql, params![rule.as_str(), since]))
     }
 
-    /// Deletes entries older than `before` (RFC 3339); returns how many.
+    /// Deletes entries older than `before` (RFC 3339); returns how many runs' worth.
     pub fn prune_history(&self, before: &str) -> Result<usize, StateError> {
-        self.with(|c| c.execute("DELETE FROM history WHERE at < ?1", params![before]))
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM history WHERE run IN (SELECT id FROM history_run WHERE at < ?1)", params![before])?;
+            let runs = tx.execute("DELETE FROM history_run WHERE at < ?1", params![before])?;
+            tx.commit()?;
+            Ok(runs)
+        })
     }
 }
 
-fn query(
-    c: &rusqlite::Connection,
-    filter: &str,
-    params: &[&dyn rusqlite::ToSql],
-) -> rusqlite::Result<Vec<HistoryEntry>> {
-    let mut stmt = c.prepare(&format!(
-        "SELECT at, rule, rule_hash, list_id, contact, action, trigger, reason FROM history WHERE {filter}
-         ORDER BY at DESC, id DESC"
-    ))?;
+/// A contact's movements joined with their run (an add's reason is implied, not stored).
+const MOVEMENTS: &str = "SELECT r.at AS at, r.rule, r.rule_hash, r.list_id, h.contact, h.action AS action, r.trigger,
+    CASE WHEN h.action = 'added' THEN 'matches returned true' ELSE h.reason END, r.id AS run
+    FROM history h JOIN history_run r ON r.id = h.run";
+
+/// One run's applied movements, for the history.
+#[derive(Debug)]
+pub struct Movements<'a> {
+    pub at: &'a str,
+    pub rule: &'a RuleName,
+    pub rule_hash: &'a str,
+    pub list: &'a ListId,
+    pub trigger: Trigger,
+    /// Set when the rule's file changed since its previous run.
+    pub note: Option<String>,
+    pub added: &'a [ContactId],
+    /// Each removed contact with the facts that made the rule say no.
+    pub removed: Vec<(&'a ContactId, &'a str)>,
+}
+
+fn query(c: &rusqlite::Connection, sql: &str, params: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Vec<HistoryEntry>> {
+    let mut stmt = c.prepare(sql)?;
     let rows = stmt.query_map(params, |r| {
         Ok(HistoryEntry {
             at: r.get(0)?,
@@ -168,26 +201,6 @@ fn query(
         })
     })?;
     rows.collect()
-}
-
-/// A history entry for `trigger`'s run of `rule` at `at`.
-pub fn entry(
-    at: &str,
-    (rule, rule_hash): (&RuleName, &str),
-    list: &ListId,
-    trigger: Trigger,
-    (contact, action, reason): (&str, Action, String),
-) -> HistoryEntry {
-    HistoryEntry {
-        at: at.to_owned(),
-        rule: rule.clone(),
-        rule_hash: rule_hash.to_owned(),
-        list_id: list.clone(),
-        contact: contact.to_owned(),
-        action,
-        trigger: trigger.to_string(),
-        reason,
-    }
 }
 
 #[cfg(test)]
@@ -209,18 +222,38 @@ mod tests {
 
         let list = ListId::from("list-1");
         let at = |day: u32| format!("2026-11-{day:02}T10:00:00.000Z");
+        let ids = |v: &[&str]| v.iter().map(|s| ContactId::from(*s)).collect::<Vec<_>>();
+        let (one, two) = (ids(&["cnt-1"]), ids(&["cnt-2"]));
+        let days: Vec<String> = (0..=6).map(at).collect();
+        let run = |day: usize| Movements {
+            at: &days[day],
+            rule: &vip,
+            rule_hash: "a",
+            list: &list,
+            trigger: Trigger::Cron,
+            note: None,
+            added: &[],
+            removed: Vec::new(),
+        };
+        state.record_movements(&Movements { added: &one, ..run(1) }).expect("day 1");
         state
-            .record_history(&[
-                entry(&at(1), (&vip, "a"), &list, Trigger::Cron, ("cnt-1", Action::Added, String::new())),
-                entry(&at(5), (&vip, "a"), &list, Trigger::Cron, ("cnt-1", Action::Removed, "spent = 10.0".into())),
-                entry(&at(3), (&vip, "a"), &list, Trigger::Cron, ("cnt-2", Action::Added, String::new())),
-            ])
-            .expect("history");
+            .record_movements(&Movements { added: &two, note: Some("rule vip changed".into()), ..run(3) })
+            .expect("day 3");
+        state.record_movements(&Movements { removed: vec![(&one[0], "totalSpent = 10.0")], ..run(5) }).expect("day 5");
+        state.record_movements(&run(6)).expect("nothing to record");
         let marco = state.history_of_contact("cnt-1").expect("read");
         assert_eq!(marco.iter().map(|e| e.action).collect::<Vec<_>>(), [Action::Removed, Action::Added]);
-        assert_eq!(marco[0].reason, "spent = 10.0");
-        assert_eq!(state.history_of_rule(&vip, &at(2)).expect("read").len(), 2);
+        assert_eq!(
+            (marco[0].reason.as_str(), marco[1].reason.as_str()),
+            ("totalSpent = 10.0", "matches returned true")
+        );
+        let since_2 = state.history_of_rule(&vip, &at(2)).expect("read");
+        assert_eq!(
+            since_2.iter().map(|e| (e.action, e.contact.as_str())).collect::<Vec<_>>(),
+            [(Action::Removed, "cnt-1"), (Action::Added, "cnt-2"), (Action::RuleChanged, "")]
+        );
         assert_eq!(state.prune_history(&at(4)).expect("prune"), 2);
         assert_eq!(state.history_of_rule(&vip, &at(1)).expect("read").len(), 1);
+        assert!(state.history_of_contact("cnt-2").expect("read").is_empty());
     }
 }

@@ -8,7 +8,7 @@
 mod history;
 mod members;
 
-pub use history::{Action, HistoryEntry, entry as history_entry};
+pub use history::{Action, HistoryEntry, Movements};
 pub use members::{Applied, CachedList};
 
 use std::fs::{File, OpenOptions};
@@ -226,19 +226,25 @@ const MIGRATIONS: [&str; 5] = [
         since     TEXT NOT NULL,
         PRIMARY KEY (endpoint, rule, contact)
     ) WITHOUT ROWID;
-    CREATE TABLE history (
+    CREATE TABLE history_run (
         id        INTEGER PRIMARY KEY,
         at        TEXT NOT NULL,
         rule      TEXT NOT NULL,
         rule_hash TEXT NOT NULL,
         list_id   TEXT NOT NULL,
-        contact   TEXT NOT NULL,
-        action    TEXT NOT NULL,
         trigger   TEXT NOT NULL,
-        reason    TEXT NOT NULL
+        note      TEXT NOT NULL
     );
-    CREATE INDEX history_by_contact ON history (contact, at);
-    CREATE INDEX history_by_rule ON history (rule, at);
+    CREATE INDEX history_run_by_rule ON history_run (rule, at);
+    CREATE INDEX history_run_by_at ON history_run (at);
+    CREATE TABLE history (
+        contact TEXT NOT NULL,
+        run     INTEGER NOT NULL,
+        action  TEXT NOT NULL,
+        reason  TEXT NOT NULL,
+        PRIMARY KEY (contact, run)
+    ) WITHOUT ROWID;
+    CREATE INDEX history_by_run ON history (run);
 ",
 ];
 
