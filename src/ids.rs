@@ -122,6 +122,25 @@ impl ContactIdSet {
         Self::default()
     }
 
+    /// Room for `ids` ids of `bytes` bytes in all, so filling it never doubles (and never holds
+    /// the old and the new copy at once).
+    pub fn with_capacity(ids: usize, bytes: usize) -> Self {
+        Self {
+            text: String::with_capacity(bytes),
+            ends: Vec::with_capacity(ids),
+            table: hashbrown::HashTable::with_capacity(ids),
+            hasher: hashbrown::DefaultHashBuilder::default(),
+        }
+    }
+
+    /// Gives back the room it does not use.
+    pub fn shrink_to_fit(&mut self) {
+        let (text, ends, hasher) = (&self.text, &self.ends, &self.hasher);
+        self.table.shrink_to_fit(|&i| std::hash::BuildHasher::hash_one(hasher, id_at(text, ends, i)));
+        self.text.shrink_to_fit();
+        self.ends.shrink_to_fit();
+    }
+
     pub fn len(&self) -> usize {
         self.ends.len()
     }

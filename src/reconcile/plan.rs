@@ -56,7 +56,7 @@ impl Evaluation {
     pub fn merge(&mut self, other: Evaluation) {
         if self.members.is_empty() {
             self.members = other.members;
-        } else {
+        } else if !other.members.is_empty() {
             self.members.extend_from(&other.members);
         }
         self.members_failing.extend(other.members_failing);

@@ -44,12 +44,22 @@ impl State {
     /// The cached members of `list` (empty when it has none).
     pub fn cached_members(&self, account: &Account, list: &ListId) -> Result<ContactIdSet, StateError> {
         self.with(|c| {
+            // Sized up front: a million ids loaded by doubling would hold two copies at the end.
+            let (ids, bytes): (i64, i64) = c
+                .query_row(
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(m.contact)), 0) FROM cached_member m
+                     JOIN cached_list l ON l.id = m.list WHERE l.endpoint = ?1 AND l.list_id = ?2",
+                    params![account.as_str(), list.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?
+                .unwrap_or((0, 0));
             let mut stmt = c.prepare_cached(
                 "SELECT m.contact FROM cached_member m JOIN cached_list l ON l.id = m.list
                  WHERE l.endpoint = ?1 AND l.list_id = ?2",
             )?;
             let mut rows = stmt.query(params![account.as_str(), list.as_str()])?;
-            let mut set = ContactIdSet::new();
+            let mut set = ContactIdSet::with_capacity(ids.max(0) as usize, bytes.max(0) as usize);
             while let Some(row) = rows.next()? {
                 set.insert(row.get_ref(0)?.as_str()?);
             }
