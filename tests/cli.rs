@@ -438,6 +438,27 @@ async fn progress_bar_only_on_a_terminal() {
     sandbox.shutdown().await;
 }
 
+/// A contact who qualifies for the shipped VIP rule.
+fn a_vip(sandbox: &Sandbox) -> String {
+    sandbox.with_store(|s| {
+        let ids: Vec<String> = s.contact_ids().map(str::to_owned).collect();
+        ids.into_iter().find(|id| s.get(id).and_then(support::spent).is_some_and(|x| x > 5000.0)).expect("a VIP")
+    })
+}
+
+/// Sets a contact's total spend through the sandbox's contact update, as a user's shop would.
+async fn spends(sandbox: &Sandbox, contact: &str, amount: f64) {
+    let url = format!("{}/partner-gateway/v1/contacts/{contact}", sandbox.base_url());
+    let updated = support::http()
+        .put(url)
+        .header("X-Api-Key", support::KEY)
+        .json(&serde_json::json!({"customFields": {"totalSpent": amount}}))
+        .send()
+        .await
+        .expect("sent");
+    assert!(updated.status().is_success());
+}
+
 // The Marco question, on the sandbox: a VIP stops qualifying (the sandbox's contact update), the
 // next sync removes him, and `history` says when and why, as text and as JSON, by contact and by rule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,23 +467,12 @@ async fn history_answers_why_marco_left_vip() {
     let (dir, config) = setup(Some(&sandbox.base_url()));
     let (code, out) = run(segsync().arg("sync").arg("--config").arg(&config));
     assert_eq!(code, 0, "{out}");
-    let marco = sandbox.with_store(|s| {
-        let ids: Vec<String> = s.contact_ids().map(str::to_owned).collect();
-        ids.into_iter().find(|id| s.get(id).and_then(support::spent).is_some_and(|x| x > 5000.0)).expect("a VIP")
-    });
+    let marco = a_vip(&sandbox);
     let (code, out) = run(segsync().args(["history", &marco, "--config"]).arg(&config));
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("added {marco}")) && out.contains("vip"), "{out}");
 
-    let url = format!("{}/partner-gateway/v1/contacts/{marco}", sandbox.base_url());
-    let updated = support::http()
-        .put(url)
-        .header("X-Api-Key", support::KEY)
-        .json(&serde_json::json!({"customFields": {"totalSpent": 4200.0}}))
-        .send()
-        .await
-        .expect("sent");
-    assert!(updated.status().is_success());
+    spends(&sandbox, &marco, 4200.0).await;
     let (code, out) = run(segsync().arg("sync").arg("--config").arg(&config));
     assert_eq!(code, 0, "{out}");
 
@@ -500,5 +510,44 @@ async fn history_answers_why_marco_left_vip() {
     let (code, out) = run(segsync().args(["history", "--rule", "vip", "--config"]).arg(&config));
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("changed") && out.contains("rule vip changed: hash "), "{out}");
+    sandbox.shutdown().await;
+}
+
+// `[rules] default_remove_after`: a VIP who stops qualifying is not removed by the next sync but
+// pending; `plan` shows when he is due, `status` counts him, and the history has no removal yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_grace_keeps_a_failing_member_pending() {
+    let sandbox = support::start(support::sandbox_config(2000)).await;
+    let (_dir, config) = setup(Some(&sandbox.base_url()));
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, text.replace("[rules]\n", "[rules]\ndefault_remove_after = \"3d\"\n")).expect("write");
+    let (code, out) = run(segsync().arg("sync").arg("--config").arg(&config));
+    assert_eq!(code, 0, "{out}");
+    let marco = a_vip(&sandbox);
+    spends(&sandbox, &marco, 4200.0).await;
+    let (code, out) = run(segsync().args(["sync", "vip", "--config"]).arg(&config));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("pending removal 1") && out.contains(&marco), "{out}");
+    let stdout = |cmd: &mut Command| {
+        let out = cmd.output().expect("runs");
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("stdout is JSON")
+    };
+    let plan = stdout(segsync().args(["plan", "vip", "--json", "--config"]).arg(&config));
+    let rule = &plan[0];
+    assert_eq!((rule["to_remove"].as_u64(), rule["pending_removal"].as_u64()), (Some(0), Some(1)), "{plan}");
+    assert_eq!(rule["sample_pending"][0]["contact"], marco.as_str());
+    assert!(rule["sample_pending"][0]["due"].as_str().is_some(), "{plan}");
+    let status = stdout(segsync().args(["status", "--json", "--config"]).arg(&config));
+    let vip = status["rules"].as_array().expect("rules").iter().find(|r| r["rule"] == "vip").expect("vip");
+    assert_eq!(vip["pending_removal"], 1, "{status}");
+    let in_list = sandbox.with_store(|s| {
+        let id = s.lists().iter().find(|l| l.name.starts_with("VIP")).map(|l| l.id.clone()).expect("list");
+        s.member_ids(&id).expect("members").contains(&marco)
+    });
+    assert!(in_list, "kept within the grace");
+    let (code, out) = run(segsync().args(["history", &marco, "--config"]).arg(&config));
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("removed"), "{out}");
     sandbox.shutdown().await;
 }

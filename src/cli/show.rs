@@ -153,6 +153,8 @@ struct RuleStatus {
     file: Option<&'static str>,
     /// Removals a guard holds until `segsync sync RULE --allow-mass-removal`.
     held_removals: u64,
+    /// Members failing the rule but within its `REMOVE_AFTER` grace.
+    pending_removal: u64,
     /// No successful run for `overdue_factor` schedule intervals.
     overdue: bool,
     runs: Vec<crate::state::RunRecord>,
@@ -174,6 +176,10 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
     let history = match &state {
         Some(state) => state.last_runs(1000)?,
         None => Vec::new(),
+    };
+    let pending = match &state {
+        Some(state) => state.pending_counts()?,
+        None => Default::default(),
     };
     let loaded = match (&state, &daemon_pid) {
         (Some(state), Some(_)) => state.loaded()?,
@@ -229,6 +235,7 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
             next_run: next_run.map(|t| t.with_timezone(&config.time_zone).to_rfc3339()),
             file,
             held_removals: last.filter(|r| r.outcome == Outcome::Held).map_or(0, |r| r.to_remove),
+            pending_removal: pending.get(name.as_str()).copied().unwrap_or(0),
             overdue,
             runs: rule_runs.iter().take(runs).map(|r| (*r).clone()).collect(),
         });
@@ -274,11 +281,15 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
         if r.overdue {
             outcome.push_str(",overdue");
         }
-        let detail = match (r.held_removals, &r.detail) {
+        let mut detail = match (r.held_removals, &r.detail) {
             (n, _) if n > 0 => format!("{n} removal(s) held: segsync sync {} --allow-mass-removal", r.rule),
             (_, Some(d)) => d.clone(),
             _ => String::new(),
         };
+        if r.pending_removal > 0 {
+            let pending = format!("{} pending removal (REMOVE_AFTER)", r.pending_removal);
+            detail = if detail.is_empty() { pending } else { format!("{detail}; {pending}") };
+        }
         say!(
             "{:<20} {:<25} {:<8} {:>8} {:>7} {:>7} {:<11} {:<25} {:<10}  {}",
             r.rule,

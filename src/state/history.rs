@@ -73,6 +73,15 @@ impl State {
         })
     }
 
+    /// Members pending removal, per rule (every account).
+    pub fn pending_counts(&self) -> Result<HashMap<String, u64>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT rule, COUNT(*) FROM pending GROUP BY rule")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+            rows.collect()
+        })
+    }
+
     /// Replaces `rule`'s pending members with `pending` (contact, since), all under `rule_hash`:
     /// members that qualify again, left the list, or were removed drop out, and so do entries
     /// made under another version of the rule.
