@@ -510,6 +510,21 @@ async fn history_answers_why_marco_left_vip() {
     let (code, out) = run(segsync().args(["history", "--rule", "vip", "--config"]).arg(&config));
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("changed") && out.contains("rule vip changed: hash "), "{out}");
+
+    // The cache serves a plain sync; `sync --full` reads every list's members instead.
+    let members_from = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"] == "rule run")
+            .map(|v| v["members_from"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let (code, out) = run(segsync().arg("sync").arg("--config").arg(&config));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(members_from(&out), ["cache"; 5], "{out}");
+    let (code, out) = run(segsync().args(["sync", "--full", "--config"]).arg(&config));
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(members_from(&out), ["read"; 5], "{out}");
     sandbox.shutdown().await;
 }
 
