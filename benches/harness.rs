@@ -283,6 +283,7 @@ async fn run(s: &Scenario) {
         verify_members_every: std::time::Duration::from_secs(86_400),
         default_remove_after: None,
         history_retention: std::time::Duration::from_secs(180 * 86_400),
+        history_facts: true,
     });
     let today = Date(chrono::Utc::now().with_timezone(&chrono_tz::Europe::Rome).date_naive());
     let mut rows = Vec::new();
@@ -431,6 +432,7 @@ async fn history_growth() {
         verify_members_every: std::time::Duration::from_secs(86_400),
         default_remove_after: Some(std::time::Duration::from_secs(2 * 86_400)),
         history_retention: std::time::Duration::from_secs(180 * 86_400),
+        history_facts: true,
     });
     let today = Date(chrono::Utc::now().with_timezone(&chrono_tz::Europe::Rome).date_naive());
     let t0 = chrono::Utc::now();

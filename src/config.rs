@@ -75,6 +75,9 @@ pub struct Config {
     pub verify_members_every: Duration,
     /// Membership history older than this is pruned.
     pub history_retention: Duration,
+    /// Whether a removal's history entry keeps the values of the fields that made the rule say
+    /// no (`false` is the data-minimal setting: movements and reasons without values).
+    pub history_facts: bool,
     /// The removal grace of rules without their own `REMOVE_AFTER`.
     pub default_remove_after: Option<Duration>,
     pub guards: Guards,
@@ -171,6 +174,7 @@ struct RawState {
     path: Raw,
     verify_members_every: Raw,
     history_retention: Raw,
+    history_facts: Raw,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -574,6 +578,7 @@ impl Config {
         let history_retention = r
             .duration(&raw.state.history_retention, "state.history_retention", Duration::from_secs(86_400))
             .unwrap_or(Duration::from_secs(180 * 86_400));
+        let history_facts = r.boolean(&raw.state.history_facts, "state.history_facts").unwrap_or(true);
         let default_remove_after =
             r.duration(&raw.rules.default_remove_after, "rules.default_remove_after", Duration::ZERO);
 
@@ -651,6 +656,7 @@ impl Config {
             state_path,
             verify_members_every,
             history_retention,
+            history_facts,
             default_remove_after,
             guards,
             shutdown_timeout,

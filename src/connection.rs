@@ -4,8 +4,9 @@
 use anyhow::Context;
 
 use crate::config::{Config, Endpoint};
-use crate::gateway::Gateway;
+use crate::gateway::{Credentials, Gateway};
 use crate::ids::Account;
+use crate::state::State;
 use segsync_sandbox::Sandbox;
 
 /// A gateway to talk to, and the sandbox behind it when there is one.
@@ -17,7 +18,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub async fn open(config: &Config) -> anyhow::Result<Self> {
+    /// Connects, and names the account: with the state, by the base URL and the key's
+    /// fingerprint in that state, setting aside (with a warning) whatever another key left there;
+    /// without it (`explain`, which remembers nothing), by the base URL alone.
+    pub async fn open(config: &Config, state: Option<&State>) -> anyhow::Result<Self> {
         let credentials = config.credentials()?;
         match &config.api.endpoint {
             Endpoint::Sandbox => {
@@ -36,10 +40,51 @@ impl Connection {
                 Ok(Self { gateway, account: Account::sandbox_started_now(), sandbox: Some(sandbox) })
             }
             Endpoint::Remote { base_url, .. } => {
+                let account = match state {
+                    Some(state) => Self::account(state, base_url.as_str(), &credentials)?,
+                    None => Account::remote(base_url.as_str()),
+                };
                 let gateway = Gateway::new(config.gateway(base_url.clone(), credentials))?;
-                Ok(Self { gateway, account: Account::remote(base_url.as_str()), sandbox: None })
+                Ok(Self { gateway, account, sandbox: None })
             }
         }
+    }
+
+    /// Connects again for `config` (SIGHUP: the key is read again): a fresh gateway on the same
+    /// endpoint, re-naming the account (a new key is a new account), or a whole new connection
+    /// when the endpoint changed, returning the old one (passes in flight may still use it).
+    pub async fn reopen(&mut self, config: &Config, state: &State) -> anyhow::Result<Option<Connection>> {
+        match (&config.api.endpoint, &self.sandbox) {
+            (Endpoint::Sandbox, Some(sandbox)) => {
+                let base = sandbox.base_url().parse().context("the sandbox URL")?;
+                self.gateway = Gateway::new(config.gateway(base, config.credentials()?))?;
+                Ok(None)
+            }
+            (Endpoint::Remote { base_url, .. }, None) if base_url.as_str() == self.account.base_url() => {
+                let credentials = config.credentials()?;
+                self.account = Self::account(state, base_url.as_str(), &credentials)?;
+                self.gateway = Gateway::new(config.gateway(base_url.clone(), credentials))?;
+                Ok(None)
+            }
+            _ => Ok(Some(std::mem::replace(self, Self::open(config, Some(state)).await?))),
+        }
+    }
+
+    /// The account `credentials` name at `base_url` in `state`, setting aside (with a warning)
+    /// whatever another key left there.
+    fn account(state: &State, base_url: &str, credentials: &Credentials) -> anyhow::Result<Account> {
+        let account = state.account(base_url, credentials)?;
+        for other in state.set_aside_others(&account)? {
+            tracing::warn!(
+                base_url = %other.base_url,
+                key_fingerprint = other.key_fingerprint.as_deref(),
+                bindings = other.bindings,
+                cached_lists = other.cached_lists,
+                pending_removals = other.pending_removals,
+                "state set aside"
+            );
+        }
+        Ok(account)
     }
 
     pub async fn close(self) {

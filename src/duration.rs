@@ -2,7 +2,12 @@
 
 use std::time::Duration;
 
-/// Parses a whole number followed by one unit: `s`, `m`, `h`, `d` or `w`.
+/// The longest duration segsync accepts anywhere: 100 years. Every duration is added to or
+/// subtracted from a date somewhere (a grace's end, a retention's cut-off, `--since`), and
+/// bounding it where it is read is what makes that arithmetic unable to overflow.
+pub const MAX: Duration = Duration::from_secs(100 * 366 * 86_400);
+
+/// Parses a whole number followed by one unit: `s`, `m`, `h`, `d` or `w`, at most [`MAX`].
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
@@ -20,7 +25,15 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         }
     };
     let n: u64 = number.parse().map_err(|_| format!("expected a whole number before {unit:?}, got {text:?}"))?;
-    n.checked_mul(unit_secs).map(Duration::from_secs).ok_or_else(|| format!("the duration {text:?} is too long"))
+    match n.checked_mul(unit_secs).map(Duration::from_secs) {
+        Some(d) if d <= MAX => Ok(d),
+        _ => Err(format!("the duration {text:?} is too long (at most 100 years, e.g. \"5200w\")")),
+    }
+}
+
+/// `d` as a calendar span, for date arithmetic; never fails for a duration [`parse`] accepted.
+pub fn to_chrono(d: Duration) -> chrono::TimeDelta {
+    chrono::TimeDelta::from_std(d.min(MAX)).unwrap_or(chrono::TimeDelta::MAX)
 }
 
 #[cfg(test)]
@@ -40,5 +53,9 @@ mod tests {
         assert!(parse("h").expect_err("no number").contains("whole number"));
         assert!(parse("3 days").is_err());
         assert!(parse("99999999999999999999d").is_err());
+        // Bounded where it is read, so no date arithmetic downstream can overflow.
+        assert!(parse("999999999w").expect_err("too long").contains("at most 100 years"));
+        assert_eq!(parse("5200w"), Ok(Duration::from_secs(5200 * 7 * 86_400)));
+        assert!(parse("5300w").is_err());
     }
 }

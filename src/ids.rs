@@ -54,18 +54,27 @@ string_id!(
     RuleName
 );
 
-/// The account a state database's list bindings and estimates belong to: a real gateway's base
-/// URL, or one run of the bundled sandbox (a new sandbox has none of an earlier one's lists).
+/// The account a state database's list bindings, caches, paging, grace and estimates belong to:
+/// a real gateway's base URL and a fingerprint of the key (see `state::account`), or one run of
+/// the bundled sandbox (a new sandbox has none of an earlier one's lists).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Account(String);
 
 impl Account {
     /// What every bundled-sandbox account's key starts with.
     pub const SANDBOX_PREFIX: &'static str = "sandbox@";
+    /// What separates the base URL from the key's fingerprint.
+    pub const KEY_MARK: &'static str = "#key=";
 
-    /// A real gateway, named by its base URL.
+    /// A real gateway, named by its base URL alone (tests, and state written before segsync kept
+    /// a key's fingerprint).
     pub fn remote(base_url: &str) -> Self {
         Self(base_url.to_owned())
+    }
+
+    /// A real gateway's account: its base URL and the fingerprint of the key that names it.
+    pub fn keyed(base_url: &str, fingerprint: &str) -> Self {
+        Self(format!("{base_url}{}{fingerprint}", Self::KEY_MARK))
     }
 
     /// One start of the bundled sandbox, named by the moment it started.
@@ -79,6 +88,11 @@ impl Account {
 
     pub fn is_sandbox(&self) -> bool {
         self.0.starts_with(Self::SANDBOX_PREFIX)
+    }
+
+    /// The base URL (without the key's fingerprint).
+    pub fn base_url(&self) -> &str {
+        self.0.split_once(Self::KEY_MARK).map_or(&self.0, |(url, _)| url)
     }
 
     /// The key the state stores.

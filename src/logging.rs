@@ -141,6 +141,17 @@ pub const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
     ("list created", &[("rule", Text), ("list", Text), ("list_id", Text)]),
     ("list duplicates", &[("rule", Text), ("list", Text), ("list_id", Text), ("list_ids", Text)]),
     ("list gone", &[("rule", Text), ("list", Text), ("list_id", Text)]),
+    ("list binding invalid", &[("rule", Text), ("list", Text), ("list_id", Text), ("found", Text)]),
+    (
+        "state set aside",
+        &[
+            ("base_url", Text),
+            ("key_fingerprint", Text),
+            ("bindings", Integer),
+            ("cached_lists", Integer),
+            ("pending_removals", Integer),
+        ],
+    ),
     ("list changed", &[("rule", Text), ("list", Text), ("old_list", Text), ("old_list_id", Text)]),
     ("writes unconfirmed", &[("rule", Text), ("list_id", Text), ("detail", Text)]),
     ("run not recorded", &[("rule", Text), ("error", Text)]),

@@ -258,3 +258,119 @@ async fn wrong_key_fails_once_and_keys_stay_secret() {
     }
     sandbox.shutdown().await;
 }
+
+/// An offset-only server (it ignores `page`) in front of `sandbox`, which during an episode also
+/// ignores `offset` from row 1,000 on.
+fn offset_server_with_an_episode(episode: Arc<std::sync::atomic::AtomicBool>) -> support::hostile::Behaviour {
+    support::hostile::Behaviour::default().rewrite(move |query| {
+        query.retain(|(k, _)| k != "page");
+        if episode.load(std::sync::atomic::Ordering::SeqCst) {
+            query.retain(|(k, v)| k != "offset" || v.parse::<u64>().is_ok_and(|o| o < 1000));
+        }
+    })
+}
+
+// One episode of `offset` ignored teaches `page`; once the server recovers (and ignores `page`),
+// the same client (the daemon's) reads by `offset` again in the same read, instead of failing
+// every scan forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_pagination_recovers_with_the_server() {
+    let sandbox = start(support::sandbox_config(3_000)).await;
+    let episode = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hostile =
+        support::hostile::Hostile::start(&sandbox.base_url(), offset_server_with_an_episode(episode.clone())).await;
+    let mut config = support::gateway_config(&sandbox, RatePlan::Unlimited);
+    config.base_url = hostile.base_url.parse().expect("url");
+    let gw = Gateway::new(config).expect("client");
+    let err = scan_all(&gw, &ScanQuery::default()).await.expect_err("ignores both forms during the episode");
+    assert!(matches!(err, GatewayError::PagingIgnored { .. }), "{err}");
+    assert_eq!(gw.paging(Endpoint::Contacts).pagination, Pagination::Page, "the episode taught `page`");
+    episode.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("recovered");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3_000, "each contact once");
+    assert_eq!(gw.paging(Endpoint::Contacts).pagination, Pagination::Offset, "back to `offset`");
+    sandbox.shutdown().await;
+}
+
+// What a client learned is probed again once it is older than the daemon's interval: a server
+// that stopped refusing large pages gets them again.
+#[tokio::test]
+async fn learned_page_size_is_probed_again() {
+    let sandbox = start(support::sandbox_config(1_500)).await;
+    let gw = gateway(&sandbox, RatePlan::Unlimited);
+    scan_all(&gw, &ScanQuery::default()).await.expect("scan");
+    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 100);
+    gw.reprobe_older_than(Duration::from_secs(3600));
+    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 100, "not yet due");
+    assert_eq!(gw.expected_paging(Endpoint::Contacts).page_size, 100);
+    gw.reprobe_older_than(Duration::ZERO);
+    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 1000, "due: probed from the configuration");
+    assert_eq!(gw.expected_paging(Endpoint::Contacts).page_size, 100, "planning still expects 100");
+    scan_all(&gw, &ScanQuery::default()).await.expect("scan");
+    assert_eq!(sandbox.stats().count_outcome("GET /contacts", "400"), 2, "probed once more: {:?}", sandbox.stats());
+    sandbox.shutdown().await;
+}
+
+// A server that serves fewer rows than asked while its total counts more (no 400, `limit` not
+// echoed) is telling its page size: the read adapts to it in the same read and completes.
+#[tokio::test]
+async fn short_pages_teach_the_page_size() {
+    let sandbox = start(support::sandbox_config(3_000)).await;
+    let behaviour = support::hostile::Behaviour::default()
+        .rewrite(|query| {
+            for (k, v) in query.iter_mut() {
+                if k == "limit" {
+                    *v = v.parse::<u64>().map_or(v.clone(), |l| l.min(100).to_string());
+                }
+            }
+        })
+        .edit(|_, body| {
+            if let Some(object) = body.as_object_mut() {
+                object.remove("limit");
+            }
+        });
+    let hostile = support::hostile::Hostile::start(&sandbox.base_url(), behaviour).await;
+    let mut config = support::gateway_config(&sandbox, RatePlan::Unlimited);
+    config.base_url = hostile.base_url.parse().expect("url");
+    let gw = Gateway::new(config).expect("client");
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("adapts");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3_000);
+    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 100);
+    assert_eq!(sandbox.stats().count("GET /contacts"), 31, "30 pages of 100 and the empty one");
+    sandbox.shutdown().await;
+}
+
+// An echoed `limit` smaller than the rows served is not believed; a 400 that merely contains the
+// word "limit" is the read's error, not a page size.
+#[tokio::test]
+async fn echoes_and_other_limits_teach_nothing() {
+    let sandbox = start(SandboxConfig { page_dialect: true, ..support::sandbox_config(3_000) }).await;
+    let refused = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let refuse = refused.clone();
+    let behaviour = support::hostile::Behaviour::default()
+        .edit(|_, body| {
+            if body.get("contacts").is_some() {
+                body["limit"] = 5.into();
+            }
+        })
+        .answer(move |_| {
+            refuse.swap(false, std::sync::atomic::Ordering::SeqCst).then(|| {
+                support::hostile::json(
+                    400,
+                    serde_json::json!({"status": 400, "message": "limit exceeded for export quota"}),
+                )
+            })
+        });
+    let hostile = support::hostile::Hostile::start(&sandbox.base_url(), behaviour).await;
+    let mut config = support::gateway_config(&sandbox, RatePlan::Unlimited);
+    config.base_url = hostile.base_url.parse().expect("url");
+    let gw = Gateway::new(config).expect("client");
+    let err = scan_all(&gw, &ScanQuery::default()).await.expect_err("another limit is an error");
+    assert!(err.to_string().contains("export quota"), "{err}");
+    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 1000, "nothing learned from it");
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("next read");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3_000);
+    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 1000, "an echo of 5 over 1,000 rows is not believed");
+    assert!(sandbox.stats().count("GET /contacts") <= 8, "pages of 1,000: {:?}", sandbox.stats());
+    sandbox.shutdown().await;
+}

@@ -652,3 +652,135 @@ async fn check_refuses_what_run_would() {
     let repeats = error_line.matches("os error").count();
     assert_eq!(repeats, 1, "the cause is said once: {error_line}");
 }
+
+// 19. Learned paging is probed again by every process: an episode of `offset` ignored (which
+//     taught `page` and failed the run, changing nothing) does not lock segsync out of the server
+//     once it recovers and pages by `offset` (ignoring `page`) again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_learned_in_an_episode_is_probed_again() {
+    let site = Site::new(&[("geo", GEO), ("vip", VIP)]);
+    let (sandbox, before) = primed(support::sandbox_config(3000), &site).await;
+    let episode = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let during = episode.clone();
+    let behaviour = Behaviour::default().rewrite(move |query| {
+        query.retain(|(k, _)| k != "page");
+        if during.load(std::sync::atomic::Ordering::SeqCst) {
+            query.retain(|(k, v)| k != "offset" || v.parse::<u64>().is_ok_and(|o| o < 1000));
+        }
+    });
+    let hostile = Hostile::start(&sandbox.base_url(), behaviour).await;
+    // The priming sync's state, now reached through the misbehaving server.
+    let config = site.config("direct.toml", &hostile.base_url, "");
+    let ran = run(&["sync", "--full"], &config).await;
+    assert_eq!(ran.code, 1, "the episode fails the run: {}", ran.out);
+    assert!(ran.out.contains("paging learned"), "{}", ran.out);
+    assert_eq!(lists(&sandbox), before, "nothing changed on a failed read");
+    episode.store(false, std::sync::atomic::Ordering::SeqCst);
+    let ran = run(&["sync", "--full"], &config).await;
+    assert_eq!(ran.code, 0, "recovered: {}", ran.out);
+    assert!(summaries(&ran.out).iter().all(|r| r["outcome"] == "ok"), "{}", ran.out);
+    assert_eq!(lists(&sandbox), before, "every list exactly as the rules select");
+    sandbox.shutdown().await;
+}
+
+/// The members each of `names`' lists ought to hold: GEO's and VIP's predicates, written here.
+fn expected_members(sandbox: &Sandbox, list: &str) -> Vec<String> {
+    let mut ids = match list {
+        "Geo - Lombardia" => support::ids_where(sandbox, |c| c.region.as_deref() == Some("Lombardia")),
+        "VIP" => support::ids_where(sandbox, |c| support::spent(c).is_some_and(|s| s > 5000.0)),
+        other => panic!("no predicate for {other}"),
+    };
+    ids.sort();
+    ids
+}
+
+fn members_of(lists: &Lists, name: &str) -> Vec<String> {
+    let mut found: Vec<&Vec<String>> = lists.iter().filter(|((n, _), _)| n == name).map(|(_, m)| m).collect();
+    assert_eq!(found.len(), 1, "one list named {name:?}: {:?}", lists.keys());
+    let mut ids = found.remove(0).clone();
+    ids.sort();
+    ids
+}
+
+// 20. State belongs to one account: the same URL and state file with another account's key,
+//     whose hand-made lists carry the first account's list ids, writes none of them. The old
+//     state is set aside with a warning; the rules bind (and here create) by name, as on a first run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_accounts_lists_are_never_written() {
+    let site = Site::new(&[("geo", GEO), ("vip", VIP)]);
+    let (a, primed_lists) = primed(support::sandbox_config(3000), &site).await;
+    let url = reqwest::Url::parse(&a.base_url()).expect("url");
+    let addr: std::net::SocketAddr =
+        format!("{}:{}", url.host_str().expect("host"), url.port().expect("port")).parse().expect("addr");
+    a.shutdown().await;
+    let key_b = "key-of-account-b-7c1e";
+    let b = support::start_at(SandboxConfig { api_key: key_b.into(), seed: 7, ..support::sandbox_config(2000) }, addr)
+        .await;
+    // B's own lists, made by hand, with exactly A's list ids (created in A's order, then named).
+    let mut a_lists: Vec<(String, String)> = primed_lists.keys().cloned().collect();
+    a_lists.sort_by(|x, y| x.1.rsplit('-').next().cmp(&y.1.rsplit('-').next()));
+    let hand_made: Vec<(String, Vec<String>)> = b.with_store(|s| {
+        let mut picked: Vec<String> = s.contact_ids().map(str::to_owned).collect();
+        picked.sort();
+        a_lists
+            .iter()
+            .enumerate()
+            .map(|(i, (name, id))| {
+                let created = s.create_list(name.clone(), String::new(), "2026-01-01T00:00:00Z".into()).id.clone();
+                assert_eq!(&created, id, "B's list carries A's id");
+                let own = ["Newsletter subscribers", "Staff", "Partners"][i % 3];
+                s.rename_list(id, own);
+                let members: Vec<String> = picked.iter().skip(i * 7).take(5 + i).cloned().collect();
+                s.add_members(id, &members).expect("hand-picked members");
+                (id.clone(), members)
+            })
+            .collect()
+    });
+    let config = site.config("direct.toml", &b.base_url(), "");
+    let mut cmd = segsync(&["sync"], &config);
+    cmd.env(KEY_VAR, key_b);
+    let ran = run_with(cmd, Duration::from_secs(120), None).await;
+    assert_eq!(ran.code, 0, "{}", ran.out);
+    assert!(ran.out.contains("\"message\":\"state set aside\""), "a warning: {}", ran.out);
+    let after = lists(&b);
+    for (id, members) in &hand_made {
+        let (_, now) = after.iter().find(|((_, i), _)| i == id).expect("B's list");
+        let (mut now, mut members) = (now.clone(), members.clone());
+        now.sort();
+        members.sort();
+        assert_eq!(now, members, "B's hand-made list {id} is exactly as made");
+    }
+    for name in ["Geo - Lombardia", "VIP"] {
+        assert_eq!(members_of(&after, name), expected_members(&b, name), "{name} holds exactly its rule's");
+    }
+    b.shutdown().await;
+}
+
+// 21. A list renamed by hand is never rewritten: its bound id no longer carries the rule's LIST
+//     name, so the rule binds by name again (here: a new list) and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_renamed_by_hand_is_left_alone() {
+    let site = Site::new(&[("geo", GEO), ("vip", VIP)]);
+    let (sandbox, before) = primed(support::sandbox_config(3000), &site).await;
+    let ((_, geo_id), geo_members) = before.iter().find(|((n, _), _)| n == "Geo - Lombardia").expect("geo");
+    sandbox.with_store(|s| s.rename_list(geo_id, "Staff"));
+    let ran = run(&["sync"], &site.config("direct.toml", &sandbox.base_url(), "")).await;
+    assert_eq!(ran.code, 0, "{}", ran.out);
+    let invalid = ran
+        .out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "list binding invalid")
+        .unwrap_or_else(|| panic!("no `list binding invalid`: {}", ran.out));
+    assert_eq!((invalid["list_id"].as_str(), invalid["found"].as_str()), (Some(geo_id.as_str()), Some("Staff")));
+    let after = lists(&sandbox);
+    let mut staff = members_of(&after, "Staff");
+    let mut was = geo_members.clone();
+    staff.sort();
+    was.sort();
+    assert_eq!(staff, was, "the renamed list is exactly as it was");
+    for name in ["Geo - Lombardia", "VIP"] {
+        assert_eq!(members_of(&after, name), expected_members(&sandbox, name), "{name} holds exactly its rule's");
+    }
+    sandbox.shutdown().await;
+}

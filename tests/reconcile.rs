@@ -32,9 +32,13 @@ struct World {
 }
 
 async fn world(config: SandboxConfig, rules_dir: &Path) -> World {
+    world_in(config, rules_dir, chrono_tz::Europe::Rome).await
+}
+
+async fn world_in(config: SandboxConfig, rules_dir: &Path, time_zone: chrono_tz::Tz) -> World {
     let sandbox = support::start(config).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let engine = rules::engine::build(chrono_tz::Europe::Rome);
+    let engine = rules::engine::build(time_zone);
     let (set, errors) = rules::load_dir(&engine, rules_dir);
     assert!(errors.is_empty(), "{errors:?}");
     let reconciler = Reconciler::new(Parts {
@@ -43,11 +47,12 @@ async fn world(config: SandboxConfig, rules_dir: &Path) -> World {
         engine: Arc::new(engine),
         state: State::open(&dir.path().join("segsync.db")).expect("state"),
         guards: guards(),
-        time_zone: chrono_tz::Europe::Rome,
+        time_zone,
         cancel: CancellationToken::new(),
         verify_members_every: Duration::from_secs(86_400),
         default_remove_after: None,
         history_retention: Duration::from_secs(180 * 86_400),
+        history_facts: true,
     });
     World { sandbox, reconciler, rules: set.iter().cloned().collect(), _dir: dir }
 }
@@ -394,7 +399,7 @@ async fn filtered_rule_alone_reads_only_its_slice() {
 
 // The lapsed rule has no FILTER, but its `matches` implies one: only contacts whose last purchase
 // is over 90 days old can match. Run alone, its own read asks the server for exactly those
-// (`customFields.lastPurchaseDate.before`, one day of margin) among the non-members, and the list
+// (`customFields.lastPurchaseDate.before`, two days of margin) among the non-members, and the list
 // is still exactly what `matches` selects.
 #[tokio::test]
 async fn derived_filter_narrows_the_lapsed_rules_own_read() {
@@ -421,11 +426,11 @@ async fn derived_filter_narrows_the_lapsed_rules_own_read() {
     let report = w.pass(rule, false).await;
     assert_eq!(report.read, ReadKind::OwnRead);
     let r = &report.rules[0];
-    let bound = (support::today() - chrono::Days::new(89)).format("%Y-%m-%d").to_string();
+    let bound = (support::today() - chrono::Days::new(88)).format("%Y-%m-%d").to_string();
     assert_eq!(r.derived_filter, [("customFields.lastPurchaseDate.before".to_owned(), bound)]);
     assert_eq!(r.plan.to_add.iter().map(|id| id.as_str()).collect::<Vec<_>>(), [lapsed["id"].as_str().expect("id")]);
-    // Members, the one lapsed non-member, and the day of margin (bought exactly 90 days ago).
-    let margin = w.expected(|c| days_since_purchase(c) == Some(90)).len() as u64;
+    // Members, the one lapsed non-member, and the two days of margin (bought 89 or 90 days ago).
+    let margin = w.expected(|c| matches!(days_since_purchase(c), Some(89 | 90))).len() as u64;
     assert_eq!(r.scanned, r.members_before + 1 + margin);
     let delta = w.sandbox.stats().since(&before);
     assert_eq!(delta.count("GET /contacts"), r.members_before.div_ceil(100) + 1, "{delta:?}");
@@ -487,6 +492,7 @@ async fn hand_edits_are_corrected_in_the_next_pass() {
             verify_members_every: Duration::ZERO,
             default_remove_after: None,
             history_retention: Duration::from_secs(180 * 86_400),
+            history_facts: true,
         }),
         ..w
     };
@@ -543,6 +549,7 @@ async fn removal_grace_waits_out_remove_after() {
             verify_members_every: Duration::from_secs(86_400),
             default_remove_after: None,
             history_retention: Duration::from_secs(180 * 86_400),
+            history_facts: true,
         }),
         ..w
     };
@@ -562,4 +569,43 @@ async fn removal_grace_waits_out_remove_after() {
     assert_eq!(history[0].reason, "matches returned false: totalSpent = 10.0");
     assert!(history[0].at.starts_with(&(day(4)).format("%Y-%m-%d").to_string()), "{history:?}");
     restarted.sandbox.shutdown().await;
+}
+
+// The derived date filter holds in every zone: in Pacific/Pago_Pago (UTC−11), a purchase stamped
+// `…T00:30:00+14:00` whose local date is 91 days ago is written two days later than that local
+// date. `matches` selects it, and the own read the derived filter narrows still returns it, so
+// the sync adds it (with one day of margin the server excluded it and sync never did).
+#[tokio::test]
+async fn derived_filter_keeps_far_zone_stamps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("lapsed.rhai"),
+        "const LIST = \"Lapsed\";\nfn matches(c) { days_since(c.customFields.lastPurchaseDate) > 90 }\n",
+    )
+    .expect("rule");
+    let w = world_in(support::sandbox_config(300), dir.path(), chrono_tz::Pacific::Pago_Pago).await;
+    // Everyone bought recently, so the rule's own read is what a pass takes.
+    let recent = (support::today() - chrono::Days::new(3)).format("%Y-%m-%d").to_string();
+    let ids: Vec<String> = w.sandbox.with_store(|s| s.contact_ids().map(str::to_owned).collect());
+    for id in &ids {
+        let url = format!("/contacts/{id}");
+        w.api(reqwest::Method::PUT, &url, json!({"customFields": {"lastPurchaseDate": recent}})).await;
+    }
+    w.sync().await;
+    w.sync().await;
+    // Local date in Pago Pago: today − 91; written (at +14:00): today − 89.
+    let written = (support::today() - chrono::Days::new(89)).format("%Y-%m-%d");
+    let far = w
+        .api(
+            reqwest::Method::POST,
+            "/contacts",
+            json!({"email": "far@example.it", "customFields": {"lastPurchaseDate": format!("{written}T00:30:00+14:00")}}),
+        )
+        .await;
+    let report = w.sync().await;
+    assert_eq!(report.read, ReadKind::OwnRead, "the derived filter narrows this read");
+    assert_eq!(report.rules[0].outcome, Outcome::Ok);
+    let far_id = far["id"].as_str().expect("id").to_owned();
+    assert_eq!(w.members("Lapsed"), BTreeSet::from([far_id]), "the far-zone contact is added, nobody else");
+    w.sandbox.shutdown().await;
 }

@@ -287,6 +287,15 @@ impl Store {
         &self.lists[self.lists.len() - 1]
     }
 
+    /// Renames a list, as someone would by hand on the platform (tests only: the contract has no
+    /// list update).
+    pub fn rename_list(&mut self, id: &str, name: &str) {
+        if let Some(&index) = self.list_by_id.get(id) {
+            self.lists[index].name = name.to_owned();
+            self.lists[index].version += 1;
+        }
+    }
+
     /// Forgets a list, as if someone deleted it on the gateway (tests only: the contract has no list delete).
     pub fn drop_list(&mut self, id: &str) {
         if let Some(index) = self.list_by_id.remove(id) {

@@ -74,6 +74,9 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
     if let Err(e) = crate::state::check_writable(&config.state_path) {
         problems.push(Problem::of("error", &whole(format!("[state] path: {e}"))));
     }
+    if let Some(why) = crate::state::privacy_problem(&config.state_path) {
+        problems.push(Problem::of("warning", &whole(format!("[state] path: {why}"))));
+    }
     let engine = rules::engine::build(config.time_zone);
     let (set, errors, passed) = rules::load_tested(&engine, &config.rules_dir);
     let severity = if strict { "error" } else { "warning" };
@@ -125,7 +128,11 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
                 config.path.display(),
                 set.len(),
                 names.join(", "),
-                if warnings == 0 { String::new() } else { format!("; {warnings} rule problem(s) above, not run") }
+                if warnings == 0 {
+                    String::new()
+                } else {
+                    format!("; {warnings} warning(s) above (a broken rule is not run)")
+                }
             );
         } else {
             say!("check: {failing} problem(s); {} valid rule(s) ({})", set.len(), names.join(", "));
@@ -181,9 +188,18 @@ pub(super) fn load_selected(
         Ok(selected) => Ok((engine, selected, errors.is_empty())),
         Err(e) => {
             say!("{e}");
-            Err(Exit::Usage)
+            Err(unselectable(&set, &errors, names))
         }
     }
+}
+
+/// The exit code when a named rule cannot be selected, the same for every command that names
+/// rules: a name no rule file carries is wrong usage (2); when every name missing from the valid
+/// rules is a file that is there but broken, the rules are invalid (3).
+pub(super) fn unselectable(set: &RuleSet, errors: &[Diagnostic], names: &[String]) -> Exit {
+    let broken = |name: &String| errors.iter().any(|e| e.file.file_stem().is_some_and(|s| s == name.as_str()));
+    let missing: Vec<&String> = names.iter().filter(|n| set.get(&RuleName::from(n.as_str())).is_none()).collect();
+    if !missing.is_empty() && missing.iter().all(|n| broken(n)) { Exit::Invalid } else { Exit::Usage }
 }
 
 pub(super) fn test(config: &Config, names: &[String], out: Output, junit: Option<&std::path::Path>) -> Exit {

@@ -3,7 +3,7 @@
 use anyhow::Context;
 
 use super::Exit;
-use super::check::{load_rules, select};
+use super::check::{load_rules, select, unselectable};
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::contact::ContactRecord;
@@ -19,10 +19,10 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str) 
                 say!("{err}");
             }
             say!("{e}");
-            return Ok(Exit::Invalid);
+            return Ok(unselectable(&set, &errors, &[rule_name.to_owned()]));
         }
     };
-    let connection = Connection::open(config).await?;
+    let connection = Connection::open(config, None).await?;
     let fetched = connection.gateway.get_contact::<ContactRecord>(&ContactId::from(contact_id)).await;
     connection.close().await;
     let contact = fetched.with_context(|| format!("fetching contact {contact_id}"))?;

@@ -9,7 +9,7 @@
 /// here includes the gateway's own words, and a server may echo the key back.
 macro_rules! say {
     ($($arg:tt)*) => {
-        println!("{}", crate::gateway::scrub(&format!($($arg)*)))
+        crate::cli::write_out(crate::gateway::scrub(&format!($($arg)*)).as_bytes(), true)
     };
 }
 
@@ -221,18 +221,37 @@ impl Cli {
     }
 }
 
+/// Writes to standard output (with a newline when `line`). A reader that went away
+/// (`segsync history --rule vip | head -1`) ends the command quietly with exit 0: what it
+/// wanted was written, and a panic message would only be noise.
+pub(crate) fn write_out(bytes: &[u8], line: bool) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out.write_all(bytes).and_then(|()| if line { out.write_all(b"\n") } else { Ok(()) });
+    match written.and_then(|()| out.flush()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        // Any other failure to write (a full disk) is as quiet: there is nowhere to say it.
+        Err(_) => std::process::exit(Exit::Failure as i32),
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     // Commands that need no config.
     match &cli.command {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut command, "segsync", &mut std::io::stdout());
+            let mut text = Vec::new();
+            clap_complete::generate(*shell, &mut command, "segsync", &mut text);
+            write_out(&text, false);
             return Ok(Exit::Ok);
         }
         Command::Man => {
+            let mut text = Vec::new();
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
-                .render(&mut std::io::stdout())
+                .render(&mut text)
                 .context("writing the man page")?;
+            write_out(&text, false);
             return Ok(Exit::Ok);
         }
         _ => {}

@@ -13,7 +13,7 @@ use super::check::load_selected;
 use super::show::{plan_json, print_pass};
 use crate::config::Config;
 use crate::connection::Connection;
-use crate::reconcile::{Parts, PassRequest, Progress, ProgressSink, Reconciler, Trigger};
+use crate::reconcile::{PassRequest, Progress, ProgressSink, Reconciler, Trigger};
 use crate::rules::Rule;
 
 /// Which of the two pass commands.
@@ -56,19 +56,8 @@ pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyho
         return Ok(Exit::Invalid);
     }
     let state = crate::state::State::open(&config.state_path)?;
-    let connection = Connection::open(config).await?;
-    let reconciler = Reconciler::new(Parts {
-        gateway: connection.gateway.clone(),
-        account: connection.account.clone(),
-        engine: Arc::new(engine),
-        state,
-        guards: config.guards.clone(),
-        time_zone: config.time_zone,
-        verify_members_every: config.verify_members_every,
-        default_remove_after: config.default_remove_after,
-        history_retention: config.history_retention,
-        cancel: CancellationToken::new(),
-    });
+    let connection = Connection::open(config, Some(&state)).await?;
+    let reconciler = Reconciler::from_config(config, &connection, Arc::new(engine), state, CancellationToken::new());
     let cancel = reconciler.cancel_token().clone();
     let stop = tokio::spawn(async move {
         crate::signals::stop_requested().await;

@@ -9,7 +9,7 @@ use crate::reconcile::{Outcome, PassReport, RuleReport, Trigger, sample};
 fn due(r: &RuleReport, since: &str) -> Option<String> {
     let after = chrono::Duration::from_std(r.remove_after?).ok()?;
     let since = chrono::DateTime::parse_from_rfc3339(since).ok()?.with_timezone(&chrono::Utc);
-    Some(crate::state::at(since + after))
+    since.checked_add_signed(after).map(crate::state::at)
 }
 
 pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
@@ -246,11 +246,32 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
         outcomes.push(Outcome::Failed);
     }
     let exit = Exit::for_outcomes(outcomes);
+    let set_aside = match &state {
+        Some(state) => state.set_aside()?,
+        None => Vec::new(),
+    };
+    let warnings: Vec<String> = crate::state::privacy_problem(&config.state_path)
+        .into_iter()
+        .chain(set_aside.iter().map(|s| {
+            format!(
+                "state of another account at {} (key fingerprint {}) set aside since {}: {} binding(s), {} cached \
+                 list(s), {} pending removal(s), not used for this key",
+                s.base_url,
+                s.key_fingerprint.as_deref().unwrap_or("none: written before segsync kept one"),
+                s.noticed_at,
+                s.bindings,
+                s.cached_lists,
+                s.pending_removals
+            )
+        }))
+        .collect();
     if json {
         let doc = serde_json::json!({
             "schema_version": STATUS_SCHEMA_VERSION,
             "daemon": { "running": daemon_pid.is_some(), "pid": daemon_pid },
             "rules": rows,
+            "set_aside": set_aside,
+            "warnings": warnings,
         });
         say!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(exit);
@@ -258,6 +279,9 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
     match &daemon_pid {
         Some(pid) => say!("daemon: running (pid {pid})"),
         None => say!("daemon: not running"),
+    }
+    for warning in &warnings {
+        say!("warning: {warning}");
     }
     if rows.is_empty() {
         say!("no rules and no runs yet");
@@ -327,7 +351,10 @@ pub(super) fn history(
     json: bool,
 ) -> anyhow::Result<Exit> {
     let since = match since.map(crate::duration::parse).transpose() {
-        Ok(d) => d.and_then(|d| chrono::Duration::from_std(d).ok()).map(|d| crate::state::at(chrono::Utc::now() - d)),
+        Ok(d) => d.map(|d| {
+            let from = chrono::Utc::now().checked_sub_signed(crate::duration::to_chrono(d));
+            crate::state::at(from.unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC))
+        }),
         Err(e) => {
             say!("--since: {e}");
             return Ok(Exit::Usage);

@@ -23,7 +23,7 @@ use crate::config::{Config, ConfigErrors};
 use crate::connection::Connection;
 use crate::ids::RuleName;
 use crate::metrics::{Health, Metrics};
-use crate::reconcile::{Outcome, Parts, PassReport, PassRequest, Progress, ProgressSink, Reconciler, Trigger};
+use crate::reconcile::{Outcome, PassReport, PassRequest, Progress, ProgressSink, Reconciler, Trigger};
 use crate::rules::{self, Diagnostic, Rule, RuleSet};
 use crate::schedule::watch::RulesWatcher;
 use crate::schedule::{Clock, CronTable, timer, watch as rules_watch};
@@ -88,7 +88,7 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
 
     let lock = crate::state::lock(&config.state_path)?;
     let state = State::open(&config.state_path)?;
-    let connection = Connection::open(&config).await?;
+    let connection = Connection::open(&config, Some(&state)).await?;
     let (table, table_rx) = watch::channel(CronTable::default());
     let daemon_overdue_factor = config.metrics.overdue_factor;
     let producers = CancellationToken::new();
@@ -230,18 +230,13 @@ fn log_rejected(errors: &[Diagnostic]) {
 
 impl Daemon {
     fn reconciler(&self) -> Reconciler {
-        Reconciler::new(Parts {
-            gateway: self.connection.gateway.clone(),
-            account: self.connection.account.clone(),
-            engine: self.engine.clone(),
-            state: self.state.clone(),
-            guards: self.config.guards.clone(),
-            time_zone: self.config.time_zone,
-            verify_members_every: self.config.verify_members_every,
-            default_remove_after: self.config.default_remove_after,
-            history_retention: self.config.history_retention,
-            cancel: self.apply_cancel.clone(),
-        })
+        Reconciler::from_config(
+            &self.config,
+            &self.connection,
+            self.engine.clone(),
+            self.state.clone(),
+            self.apply_cancel.clone(),
+        )
     }
 
     /// Replaces the running rules with `loaded`: new and changed rules run now (with `trigger`),
@@ -350,30 +345,15 @@ impl Daemon {
         notify(&[NotifyState::Ready, NotifyState::Status(&self.status_line())]);
     }
 
-    /// A fresh gateway for `config` (the key is read again); a new connection if the endpoint changed.
+    /// A fresh gateway for `config` (the key is read again, so the account too); a new
+    /// connection if the endpoint changed.
     async fn reconnect(&mut self, config: &Config) -> anyhow::Result<()> {
-        let same_endpoint = match (&config.api.endpoint, &self.config.api.endpoint) {
-            (crate::config::Endpoint::Sandbox, crate::config::Endpoint::Sandbox) => true,
-            (
-                crate::config::Endpoint::Remote { base_url: a, .. },
-                crate::config::Endpoint::Remote { base_url: b, .. },
-            ) => a == b,
-            _ => false,
-        };
-        if same_endpoint {
-            let credentials = config.credentials()?;
-            let base = match &self.connection.sandbox {
-                Some(sandbox) => sandbox.base_url().parse()?,
-                None => match &config.api.endpoint {
-                    crate::config::Endpoint::Remote { base_url, .. } => base_url.clone(),
-                    crate::config::Endpoint::Sandbox => anyhow::bail!("the bundled sandbox is not running"),
-                },
-            };
-            self.connection.gateway = crate::gateway::Gateway::new(config.gateway(base, credentials))?;
-        } else {
-            let fresh = Connection::open(config).await?;
-            tracing::info!(account = %fresh.account, "account changed");
-            self.retired.push(std::mem::replace(&mut self.connection, fresh));
+        let before = self.connection.account.clone();
+        if let Some(retired) = self.connection.reopen(config, &self.state).await? {
+            self.retired.push(retired);
+        }
+        if self.connection.account != before {
+            tracing::info!(account = %self.connection.account, "account changed");
         }
         Ok(())
     }

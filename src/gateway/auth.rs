@@ -77,6 +77,26 @@ pub enum Credentials {
 }
 
 impl Credentials {
+    /// HMAC-SHA256 of the credentials under `salt`, as 32 hex digits: names whose account a state
+    /// belongs to without holding the key, and without being the key's plain (guessable) hash.
+    pub fn fingerprint(&self, salt: &[u8]) -> String {
+        use hmac::Mac;
+        let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(salt) {
+            Ok(mac) => mac,
+            // HMAC takes keys of any length; this arm is never taken.
+            Err(_) => return String::new(),
+        };
+        match self {
+            Self::ApiKey(key) => mac.update(key.expose().as_bytes()),
+            Self::Basic { user, password } => {
+                mac.update(user.as_bytes());
+                mac.update(b"\0");
+                mac.update(password.expose().as_bytes());
+            }
+        }
+        mac.finalize().into_bytes().iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The header that authenticates a request, marked sensitive so no HTTP layer logs it.
     pub fn header(&self) -> Option<(HeaderName, HeaderValue)> {
         let (name, value) = match self {

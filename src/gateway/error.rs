@@ -145,6 +145,36 @@ impl GatewayError {
     }
 }
 
+/// Whether a 400's message (as [`api_message`] words it) is about the `limit` parameter: the
+/// JSend `data` names the field `limit`, or the message speaks of the parameter and its range.
+/// A message that merely contains the word ("limit exceeded for export quota") is not.
+pub fn names_limit_parameter(message: &str) -> bool {
+    if message.split("; ").any(|part| part.trim_start().starts_with("limit:")) {
+        return true;
+    }
+    let lower = message.to_lowercase();
+    [
+        "limit must",
+        "limit should",
+        "limit parameter",
+        "parameter limit",
+        "parameter 'limit'",
+        "invalid limit",
+        "limit is invalid",
+        "limit out of range",
+        "limit is out of range",
+        "limit too large",
+        "limit is too large",
+        "maximum limit",
+        "max limit",
+        "'limit'",
+        "\"limit\"",
+        "`limit`",
+    ]
+    .iter()
+    .any(|phrase| lower.contains(phrase))
+}
+
 /// The API's own words from an error body: JSend `data` ("field: reason; …"), else `message`,
 /// else the start of the body.
 pub fn api_message(body: &[u8]) -> String {
@@ -170,6 +200,25 @@ pub fn api_message(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A 400 is "limit refused" only when it is about the `limit` parameter.
+    #[test]
+    fn limit_refusals_name_the_parameter() {
+        for refusal in [
+            "limit: limit must be between 1 and 100, got 1000",
+            "filter: unknown; limit: too large",
+            "Invalid limit: 1000",
+            "The 'limit' parameter must be at most 100",
+            "limit must be <= 100",
+        ] {
+            assert!(names_limit_parameter(refusal), "{refusal}");
+        }
+        for other in
+            ["limit exceeded for export quota", "rate limit reached", "filter: unknown field", "daily limit hit"]
+        {
+            assert!(!names_limit_parameter(other), "{other}");
+        }
+    }
 
     // The API's own reason is lifted out of the seed's JSend body, field first.
     #[test]

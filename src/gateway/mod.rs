@@ -106,6 +106,24 @@ pub struct Paging {
     pub pagination: Pagination,
 }
 
+/// What a client knows of one endpoint's paging.
+#[derive(Debug, Clone, Copy)]
+struct Learned {
+    /// What reads use.
+    now: Paging,
+    /// When a read last probed the server (its first page settled `now`); `None`: not yet in
+    /// this process, or due again.
+    probed_at: Option<std::time::Instant>,
+    /// What an earlier process (or an earlier probe) found: a planning estimate, never used to read.
+    remembered: Option<Paging>,
+}
+
+impl Learned {
+    fn new(configured: Paging) -> Self {
+        Self { now: configured, probed_at: None, remembered: None }
+    }
+}
+
 /// How the client paces, pages and retries: everything but where it connects and as whom.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientSettings {
@@ -205,7 +223,9 @@ struct Inner {
     auth: (HeaderName, HeaderValue),
     pacer: Pacer,
     /// Per endpoint, as configured and then as learned from the server.
-    paging: std::sync::Mutex<[Paging; 2]>,
+    paging: std::sync::Mutex<[Learned; 2]>,
+    /// The paging this client starts from, and goes back to when it probes again.
+    configured: Paging,
     pagination_pinned: bool,
     max_retries: u32,
     concurrency: usize,
@@ -255,18 +275,18 @@ impl Gateway {
             .map_err(|()| setup(format!("the base URL {} cannot carry a path", config.base_url)))?
             .pop_if_empty()
             .extend(["partner-gateway", "v1"]);
+        let configured = Paging {
+            page_size: config.settings.page_size.clamp(1, MAX_PAGE_SIZE),
+            pagination: config.settings.pagination.unwrap_or_default(),
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
                 root,
                 auth,
                 pacer: Pacer::new(config.settings.limits, config.settings.budget_share),
-                paging: std::sync::Mutex::new(
-                    [Paging {
-                        page_size: config.settings.page_size.clamp(1, MAX_PAGE_SIZE),
-                        pagination: config.settings.pagination.unwrap_or_default(),
-                    }; 2],
-                ),
+                paging: std::sync::Mutex::new([Learned::new(configured); 2]),
+                configured,
                 pagination_pinned: config.settings.pagination.is_some(),
                 max_retries: config.settings.max_retries,
                 concurrency: config.settings.concurrency.max(1),
@@ -301,32 +321,56 @@ impl Gateway {
         f(&PROCESS);
     }
 
-    /// The paging `endpoint` uses now (configured, then learned).
+    /// The paging `endpoint`'s reads use now: as configured until a read has probed the server,
+    /// then as it answered.
     pub fn paging(&self, endpoint: Endpoint) -> Paging {
-        self.inner.paging.lock().unwrap_or_else(|p| p.into_inner())[endpoint as usize]
+        self.inner.paging.lock().unwrap_or_else(|p| p.into_inner())[endpoint as usize].now
     }
 
-    /// Takes paging remembered from an earlier run: a smaller page always, a pagination unless
-    /// the configuration pins one.
-    pub fn remember(&self, endpoint: Endpoint, remembered: Paging) {
-        let mut all = self.inner.paging.lock().unwrap_or_else(|p| p.into_inner());
-        let now = &mut all[endpoint as usize];
-        now.page_size = now.page_size.min(remembered.page_size.max(1));
-        if !self.inner.pagination_pinned {
-            now.pagination = remembered.pagination;
+    /// The paging `endpoint` is expected to take, for planning a pass: what this process learned,
+    /// else what an earlier one remembered, else the configuration.
+    pub fn expected_paging(&self, endpoint: Endpoint) -> Paging {
+        let all = self.inner.paging.lock().unwrap_or_else(|p| p.into_inner());
+        let learned = &all[endpoint as usize];
+        match (learned.probed_at, learned.remembered) {
+            (None, Some(remembered)) => remembered,
+            _ => learned.now,
         }
     }
 
-    /// Records what the server taught about `endpoint`, and says it in the log once.
-    fn learn(&self, endpoint: Endpoint, paging: Paging, reason: &str) {
+    /// Takes the paging an earlier process remembered, as an expectation only: the reads of this
+    /// process probe the server again from the configuration (a server that recovered, or a
+    /// lesson that was wrong, is never kept forever).
+    pub fn remember(&self, endpoint: Endpoint, remembered: Paging) {
         let mut all = self.inner.paging.lock().unwrap_or_else(|p| p.into_inner());
-        if all[endpoint as usize] != paging {
-            all[endpoint as usize] = paging;
+        all[endpoint as usize].remembered = Some(remembered);
+    }
+
+    /// Probes the server again (from the configuration) on the next read of every endpoint whose
+    /// paging was last probed `max_age` ago or longer. The daemon calls it every pass with
+    /// `[state] verify_members_every`.
+    pub fn reprobe_older_than(&self, max_age: Duration) {
+        let mut all = self.inner.paging.lock().unwrap_or_else(|p| p.into_inner());
+        for learned in all.iter_mut() {
+            if learned.probed_at.is_some_and(|at| at.elapsed() >= max_age) {
+                *learned = Learned { remembered: Some(learned.now), ..Learned::new(self.inner.configured) };
+            }
+        }
+    }
+
+    /// Records that a read probed `endpoint` and what it answered to, saying it in the log once
+    /// when that differs from what reads used.
+    fn learn(&self, endpoint: Endpoint, paging: Paging, reason: Option<&str>) {
+        let mut all = self.inner.paging.lock().unwrap_or_else(|p| p.into_inner());
+        let learned = &mut all[endpoint as usize];
+        learned.probed_at = Some(std::time::Instant::now());
+        if learned.now != paging {
+            learned.now = paging;
             tracing::info!(
                 endpoint = endpoint.as_str(),
                 page_size = paging.page_size,
                 pagination = paging.pagination.as_str(),
-                reason,
+                reason = reason.unwrap_or("the gateway answered the configured paging"),
                 "paging learned"
             );
         }

@@ -200,9 +200,13 @@ impl Gateway {
         .map_err(|e| GatewayError::Decode { op, message: e.to_string() })?
     }
 
-    /// The first page of a read, alone: it settles the page size. A 400 naming `limit` means the
-    /// server does not take pages that large (the seed's 100 then); a server that says it served
-    /// a smaller page than asked is asked for that size from then on.
+    /// The first page of a read, alone: it probes the server and settles the page size.
+    /// - A 400 that names the `limit` parameter means the server does not take pages that large:
+    ///   the seed's 100 then. Any other 400 is the read's error, whatever words it contains.
+    /// - An echoed `limit` smaller than asked is believed only when the page holds no more rows
+    ///   than it says (a server that serves 1,000 rows and echoes 5 is not paging by 5).
+    /// - A page with fewer rows than asked while the total counts more than that page (beyond
+    ///   churn) tells the server's page size: the read goes on with pages of that many rows.
     async fn first_page<T: Keyed, R: Send + 'static>(
         &self,
         req: &Request,
@@ -210,21 +214,29 @@ impl Gateway {
         seen: &Arc<Seen>,
         work: &Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
     ) -> Result<Fetched<R>, GatewayError> {
+        let mut reason = None;
         loop {
             match self.fetch_page(req, 0, *paging, seen, work).await {
                 Err(GatewayError::Api { status: 400, message, .. })
-                    if paging.page_size > SEED_PAGE_SIZE && message.contains("limit") =>
+                    if paging.page_size > SEED_PAGE_SIZE && super::error::names_limit_parameter(&message) =>
                 {
-                    let reason = format!("the gateway refused limit {}: {message}", paging.page_size);
+                    reason = Some(format!("the gateway refused limit {}: {message}", paging.page_size));
                     paging.page_size = SEED_PAGE_SIZE;
-                    self.learn(req.endpoint, *paging, &reason);
                 }
                 Ok(fetched) => {
-                    if let Some(served) = fetched.served_limit.filter(|&l| l > 0 && l < u64::from(paging.page_size)) {
-                        let reason = format!("asked for pages of {}, the gateway served {served}", paging.page_size);
+                    let asked = u64::from(paging.page_size);
+                    let raw = fetched.raw as u64;
+                    let total = fetched.page.total;
+                    if let Some(served) = fetched.served_limit.filter(|&l| l > 0 && l < asked && raw <= l) {
+                        reason = Some(format!("asked for pages of {asked}, the gateway served {served}"));
                         paging.page_size = served as u32;
-                        self.learn(req.endpoint, *paging, &reason);
+                    } else if raw > 0 && raw < asked && total > raw + churn_margin(total) {
+                        reason = Some(format!(
+                            "asked for pages of {asked}, the gateway served {raw} row(s) while counting {total}"
+                        ));
+                        paging.page_size = raw as u32;
                     }
+                    self.learn(req.endpoint, *paging, reason.as_deref());
                     return Ok(fetched);
                 }
                 Err(e) => return Err(e),
@@ -245,6 +257,10 @@ impl Gateway {
         let mut in_flight = FuturesOrdered::new();
         in_flight.push_back(futures_util::future::Either::Left(std::future::ready(first)));
         let mut next_offset = read.limit;
+        // A read may change its pagination once, either way: a server that ignores `offset` is
+        // asked by `page`, and one that ignores `page` (after an episode that taught `page`) by
+        // `offset` again. A server that ignores both fails the read.
+        let mut switched = false;
         loop {
             // Keep up to `concurrency` pages in flight, but only where the first page's total says
             // there are records; past it, one page at a time until a short or empty one.
@@ -266,11 +282,16 @@ impl Gateway {
             let outcome = match result {
                 // A server that ignores `offset` is asked by `page` instead (unless the config
                 // pins the pagination): the records so far stand, the read goes on from there.
-                Err(GatewayError::PagingIgnored { offset, pagination: Pagination::Offset, .. })
-                    if !self.inner.pagination_pinned =>
+                Err(GatewayError::PagingIgnored { offset, pagination, .. })
+                    if !self.inner.pagination_pinned && !switched =>
                 {
-                    paging.pagination = Pagination::Page;
-                    self.learn(req.endpoint, paging, "the gateway ignores `offset` and pages by `page`");
+                    switched = true;
+                    let (to, reason) = match pagination {
+                        Pagination::Offset => (Pagination::Page, "the gateway ignores `offset` and pages by `page`"),
+                        Pagination::Page => (Pagination::Offset, "the gateway ignores `page` and pages by `offset`"),
+                    };
+                    paging.pagination = to;
+                    self.learn(req.endpoint, paging, Some(reason));
                     in_flight = FuturesOrdered::new();
                     next_offset = offset;
                     continue;

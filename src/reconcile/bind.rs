@@ -80,7 +80,34 @@ impl Reconciler {
     ) -> Result<(Option<ListId>, bool), ReconcileError> {
         let rule = &slot.rule;
         if let Some(id) = self.state.binding(&self.account, &rule.name, &rule.list)? {
-            return Ok((Some(id), false));
+            // A remembered id is written only while the directory shows it under the rule's
+            // LIST name: the list may have been renamed by hand, or the id may be another
+            // account's list at the same URL. Without the directory the name is looked up.
+            let named = match directory {
+                Some(all) => all.iter().find(|l| l.id == id).map(|l| l.name.clone()),
+                None => Some(
+                    slot.gateway
+                        .find_lists(&rule.list)
+                        .await?
+                        .into_iter()
+                        .find(|l| l.id == id)
+                        .map_or_else(|| "(not listed under that name)".to_owned(), |l| l.name),
+                ),
+            };
+            match named {
+                Some(name) if name == rule.list => return Ok((Some(id), false)),
+                Some(name) => {
+                    tracing::warn!(rule = %rule.name, list = %rule.list, list_id = %id, found = %name,
+                        "list binding invalid");
+                }
+                None => tracing::warn!(rule = %rule.name, list_id = %id, list = %rule.list, "list gone"),
+            }
+            // Bound again by name, exactly as a first binding; nothing remembered of the old id
+            // (its cached members) is used again.
+            if !dry_run {
+                self.state.forget_list(&self.account, &rule.name, &rule.list, &id)?;
+            }
+            return self.find_or_create(slot, dry_run, directory).await;
         }
         if let Some((old_name, old_id)) = self.state.other_binding(&self.account, &rule.name, &rule.list)? {
             tracing::info!(rule = %rule.name, old_list = %old_name, old_list_id = %old_id, list = %rule.list, "list changed");

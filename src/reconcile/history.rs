@@ -76,7 +76,10 @@ impl Reconciler {
             removed: plan
                 .removals_to_apply()
                 .iter()
-                .map(|id| (id, reasons.get(id).copied().unwrap_or("the rule said no")))
+                .map(|id| {
+                    let reason = reasons.get(id).copied().unwrap_or("the rule said no");
+                    (id, if self.history_facts { reason } else { without_values(reason) })
+                })
                 .collect(),
         };
         if let Err(e) = self.state.record_movements(&movements) {
@@ -87,13 +90,39 @@ impl Reconciler {
     /// Prunes history older than the retention.
     pub(super) async fn prune_history(&self) {
         let (state, retention) = (self.state.clone(), self.history_retention);
-        let Ok(retention) = chrono::Duration::from_std(retention) else { return };
-        let before = crate::state::at(chrono::Utc::now() - retention);
+        let Some(cut) = chrono::Utc::now().checked_sub_signed(crate::duration::to_chrono(retention)) else { return };
+        let before = crate::state::at(cut);
         match tokio::task::spawn_blocking(move || state.prune_history(&before)).await {
             Ok(Ok(n)) if n > 0 => tracing::debug!(pruned = n, "history pruned"),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "history not pruned"),
             Err(e) => tracing::warn!(error = %e, "history not pruned"),
         }
+    }
+}
+
+/// A removal's reason without the contact's field values (`[state] history_facts = false`): the
+/// rule's verdict stays, what the record held does not.
+fn without_values(reason: &str) -> &str {
+    match reason.split_once(": ") {
+        Some((verdict, _)) if verdict == "matches returned false" => verdict,
+        _ if reason.starts_with("FILTER ") => "FILTER fails",
+        _ => reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_values;
+
+    // The data-minimal setting keeps the verdict and drops every value the record held.
+    #[test]
+    fn reasons_without_values() {
+        assert_eq!(
+            without_values("matches returned false: customFields.totalSpent = 4200.0, email = \"a@b.it\""),
+            "matches returned false"
+        );
+        assert_eq!(without_values("FILTER region = \"Veneto\" fails"), "FILTER fails");
+        assert_eq!(without_values("the rule said no"), "the rule said no");
     }
 }

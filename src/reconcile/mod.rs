@@ -120,6 +120,8 @@ pub struct Reconciler {
     /// The removal grace of rules without their own `REMOVE_AFTER`.
     default_remove_after: Option<Duration>,
     history_retention: Duration,
+    /// Whether removals are recorded with the field values that made the rule say no.
+    history_facts: bool,
 }
 
 #[derive(Clone)]
@@ -227,12 +229,14 @@ pub struct Parts {
     pub default_remove_after: Option<Duration>,
     /// `[state] history_retention`.
     pub history_retention: Duration,
+    /// `[state] history_facts`.
+    pub history_facts: bool,
 }
 
 impl Reconciler {
     /// The one constructor. The gateway is tied to `cancel` here, so every request of every pass
-    /// ends at shutdown however the caller built its gateway, and starts with the paging the
-    /// account's endpoints taught an earlier run.
+    /// ends at shutdown however the caller built its gateway, and expects (for planning, not for
+    /// reading) the paging the account's endpoints taught an earlier run.
     pub fn new(parts: Parts) -> Self {
         let Parts {
             gateway,
@@ -245,6 +249,7 @@ impl Reconciler {
             verify_members_every,
             default_remove_after,
             history_retention,
+            history_facts,
         } = parts;
         match state.paging(&account) {
             Ok(learned) => {
@@ -266,7 +271,32 @@ impl Reconciler {
             verify_members_every,
             default_remove_after,
             history_retention,
+            history_facts,
         }
+    }
+
+    /// The reconciler a config asks for, on `connection`'s gateway and account: what `sync`,
+    /// `plan` and the daemon all build.
+    pub fn from_config(
+        config: &crate::config::Config,
+        connection: &crate::connection::Connection,
+        engine: Arc<Engine>,
+        state: State,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self::new(Parts {
+            gateway: connection.gateway.clone(),
+            account: connection.account.clone(),
+            engine,
+            state,
+            guards: config.guards.clone(),
+            time_zone: config.time_zone,
+            cancel,
+            verify_members_every: config.verify_members_every,
+            default_remove_after: config.default_remove_after,
+            history_retention: config.history_retention,
+            history_facts: config.history_facts,
+        })
     }
 
     /// The same reconciler with other guards (the daemon keeps one per config).
@@ -284,6 +314,9 @@ impl Reconciler {
         let started = Instant::now();
         let started_at = crate::state::now();
         let today = req.today.unwrap_or_else(|| Date(chrono::Utc::now().with_timezone(&self.time_zone).date_naive()));
+        // Learned paging is probed again at least every `verify_members_every` (and by every new
+        // process), so no lesson is kept forever.
+        self.gateway.reprobe_older_than(self.verify_members_every);
         let pass_meter = Arc::new(Meter::default());
         let mut slots: Vec<Slot> = req
             .rules

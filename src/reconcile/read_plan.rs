@@ -51,7 +51,7 @@ fn cheaper(costs: &[RuleCost], contacts: Option<u64>, page: u64) -> (ReadKind, u
 
 impl Reconciler {
     fn page(&self) -> u64 {
-        u64::from(self.gateway.paging(Endpoint::Contacts).page_size)
+        u64::from(self.gateway.expected_paging(Endpoint::Contacts).page_size)
     }
 
     /// Today in the configured zone (a pass's own "today" may be frozen; plans only estimate).

@@ -10,10 +10,20 @@
 //! A derived term must hold for every contact `matches` says true of: the guards only ever say
 //! false, and an `&&` is true only when each part is. So the filter can only narrow what is read
 //! to contacts that could match; `matches` still decides every contact read, and members are
-//! never read through it. Date bounds get one day of margin, because `days_since` reads a
-//! timestamp on the configured zone's calendar and the server compares the date as written.
+//! never read through it.
+//!
+//! Date bounds get two days of margin ([`DATE_MARGIN_DAYS`]), and that is enough in every zone:
+//! `days_since` reads a timestamp as its date L in the configured zone, the server compares the
+//! date W as written (the timestamp's own offset). The same instant's two dates differ by at most
+//! the offsets' difference rounded up to whole days; every offset (RFC 3339's, and every zone's,
+//! UTC−12 to UTC+14) lies strictly within ±24 h, so the difference is under 48 h and W ≤ L + 2.
+//! A contact `matches` accepts has L < bound, so W < bound + 2: the server never excludes it.
+//! (A date written without a time has W = L.) `margin_holds_in_every_zone` checks it.
 
 use chrono::{Days, NaiveDate};
+
+/// The days added to a derived date bound (see the module's note for why two suffice).
+pub const DATE_MARGIN_DAYS: u64 = 2;
 
 use super::Date;
 use super::filter::{FilterTerm, STANDARD_FIELDS};
@@ -45,8 +55,8 @@ impl PushDown {
     pub fn terms(&self, today: Date) -> Vec<FilterTerm> {
         let PushDown::Terms(terms) = self else { return Vec::new() };
         let before = |field: &str, day: Option<NaiveDate>| {
-            // One day of margin (see the module's note); a bound off the calendar derives nothing.
-            day.and_then(|d| d.checked_add_days(Days::new(1)))
+            // The margin of the module's note; a bound off the calendar derives nothing.
+            day.and_then(|d| d.checked_add_days(Days::new(DATE_MARGIN_DAYS)))
                 .map(|d| FilterTerm::Before { field: field.into(), date: d.format("%Y-%m-%d").to_string() })
         };
         let shift = |days: i64| chrono::TimeDelta::try_days(days).and_then(|delta| today.0.checked_add_signed(delta));
@@ -292,25 +302,25 @@ mod tests {
         list.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
-    // Each recognised shape, with its bound (one day of margin on dates).
+    // Each recognised shape, with its bound (two days of margin on dates).
     #[test]
     fn recognised_shapes() {
         let cases: &[(&str, &[(&str, &str)])] = &[
-            ("days_since(c.customFields.last)>90", &[("customFields.last.before", "2026-08-31")]),
-            ("days_since(c.customFields.last)>=90", &[("customFields.last.before", "2026-09-01")]),
-            ("days_until(c.customFields.renewal)<30", &[("customFields.renewal.before", "2026-12-29")]),
-            ("days_until(c.customFields.renewal)<=30", &[("customFields.renewal.before", "2026-12-30")]),
-            ("date(c.customFields.signup)<date(\"2026-01-01\")", &[("customFields.signup.before", "2026-01-02")]),
-            ("date(c.customFields.signup)<=date(\"2026-01-01\")", &[("customFields.signup.before", "2026-01-03")]),
+            ("days_since(c.customFields.last)>90", &[("customFields.last.before", "2026-09-01")]),
+            ("days_since(c.customFields.last)>=90", &[("customFields.last.before", "2026-09-02")]),
+            ("days_until(c.customFields.renewal)<30", &[("customFields.renewal.before", "2026-12-30")]),
+            ("days_until(c.customFields.renewal)<=30", &[("customFields.renewal.before", "2026-12-31")]),
+            ("date(c.customFields.signup)<date(\"2026-01-01\")", &[("customFields.signup.before", "2026-01-03")]),
+            ("date(c.customFields.signup)<=date(\"2026-01-01\")", &[("customFields.signup.before", "2026-01-04")]),
             ("c.region==\"Veneto\"", &[("region", "Veneto")]),
             ("\"WHATSAPP\"==c.customFields.preferredChannel", &[("customFields.preferredChannel", "WHATSAPP")]),
             (
                 "c.city==\"Milano\"&&(days_since(c.customFields.get(\"last\"))>30)&&c.customFields.totalSpent>10.0",
-                &[("city", "Milano"), ("customFields.last.before", "2026-10-30")],
+                &[("city", "Milano"), ("customFields.last.before", "2026-10-31")],
             ),
             (
                 "let last=c.customFields.get(\"lastPurchaseDate\");if last==(){return false;}days_since(last)>90",
-                &[("customFields.lastPurchaseDate.before", "2026-08-31")],
+                &[("customFields.lastPurchaseDate.before", "2026-09-01")],
             ),
         ];
         for (body, want) in cases {
@@ -352,8 +362,8 @@ mod tests {
             ("geo-lombardia", Err("no part of `true`")),
             ("geo-veneto", Err("no part of `true`")),
             // No purchase date is "not lapsed" (the guard says false), so every match has a date
-            // before today - 90 (one day of margin).
-            ("reengagement-90d", Ok(&[("customFields.lastPurchaseDate.before", "2026-08-31")])),
+            // before today - 90 (two days of margin).
+            ("reengagement-90d", Ok(&[("customFields.lastPurchaseDate.before", "2026-09-01")])),
             ("vip", Err("no part of `spent>5000.0`")),
             ("big-spenders-lombardia", Err("no part")),
             ("ever-vip", Err("no part")),
@@ -395,5 +405,86 @@ mod tests {
             let got = derived(body).expect_err(body);
             assert!(got.contains(why), "{body}: {got}");
         }
+    }
+
+    // No contact `matches` selects is ever excluded by the derived filter, in any zone: every
+    // IANA zone as the configured one (at its offsets around the bound), timestamps written in
+    // every offset from UTC−12 to UTC+14 by half hours, the quarter-hour ones in use (+5:45,
+    // +12:45) and RFC 3339's extremes (±23:59), at
+    // every quarter hour of the days around the bound. Rule side: `parse_date` (what
+    // `days_since` and `date` read); server side: `FilterTerm::judge` (the date as written).
+    #[test]
+    fn margin_holds_in_every_zone() {
+        use chrono::{FixedOffset, NaiveTime, Offset, TimeZone};
+        let today = day("2026-11-28");
+        let bodies = [
+            "days_since(c.customFields.last)>90",
+            "days_since(c.customFields.last)>=90",
+            "days_until(c.customFields.last)<-85",
+            "date(c.customFields.last)<date(\"2026-08-30\")",
+        ];
+        let terms: Vec<FilterTerm> = bodies.iter().flat_map(|b| derive("c", b).terms(today)).collect();
+        assert_eq!(terms.len(), bodies.len());
+        // The rule's own verdict on a local date, per body.
+        let selects = |body: usize, local: NaiveDate| match body {
+            0 => (today.0 - local).num_days() > 90,
+            1 => (today.0 - local).num_days() >= 90,
+            2 => (local - today.0).num_days() < -85,
+            _ => local < NaiveDate::from_ymd_opt(2026, 8, 30).expect("date"),
+        };
+        // Zones that share their offsets around the bound judge alike: one of each.
+        let mut zones: Vec<chrono_tz::Tz> = Vec::new();
+        let mut signatures = std::collections::HashSet::new();
+        for tz in chrono_tz::TZ_VARIANTS {
+            let offsets: Vec<i32> = (0..6)
+                .map(|d| {
+                    let at = chrono::Utc.from_utc_datetime(
+                        &NaiveDate::from_ymd_opt(2026, 8, 26 + d).expect("date").and_hms_opt(12, 0, 0).expect("time"),
+                    );
+                    tz.offset_from_utc_datetime(&at.naive_utc()).fix().local_minus_utc()
+                })
+                .collect();
+            if signatures.insert(offsets) {
+                zones.push(tz);
+            }
+        }
+        assert!(zones.len() > 30, "{} zones", zones.len());
+        let mut stamp_offsets: Vec<i32> = (-24..=28).map(|h| h * 30 * 60).collect();
+        stamp_offsets.extend([-(23 * 3600 + 59 * 60), 5 * 3600 + 45 * 60, 12 * 3600 + 45 * 60, 23 * 3600 + 59 * 60]);
+        let (mut checked, mut selected) = (0u64, 0u64);
+        for tz in &zones {
+            for &offset in &stamp_offsets {
+                let fixed = FixedOffset::east_opt(offset).expect("offset");
+                // From three days before the earliest bound to three days after the latest.
+                for written in 0..9 {
+                    let date = NaiveDate::from_ymd_opt(2026, 8, 26).expect("date") + Days::new(written);
+                    for half in 0..48 {
+                        let time = NaiveTime::from_num_seconds_from_midnight_opt(half * 1800, 0).expect("time");
+                        let stamp = fixed.from_local_datetime(&date.and_time(time)).single().expect("stamp");
+                        let text = stamp.to_rfc3339();
+                        let local = crate::rules::engine::parse_date(&text, *tz).expect("parses");
+                        let mut custom = rhai::Map::new();
+                        custom.insert("last".into(), text.clone().into());
+                        let mut record = rhai::Map::new();
+                        record.insert("customFields".into(), custom.into());
+                        for (body, term) in terms.iter().enumerate() {
+                            checked += 1;
+                            if selects(body, local) {
+                                selected += 1;
+                                assert_eq!(
+                                    term.judge(&record),
+                                    Ok(true),
+                                    "{} excludes {text} (local date {local} in {tz}), which {} selects",
+                                    term.query_pair().1,
+                                    bodies[body]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // The grid straddles every bound: some stamps are selected, some are not.
+        assert!(selected > 0 && selected < checked, "{selected} of {checked}");
     }
 }

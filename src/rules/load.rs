@@ -305,19 +305,21 @@ fn fn_position(source: &str) -> (usize, usize) {
 
 /// Property names the file reads (`contact.customFields.totalSpent` → customFields, totalSpent).
 fn mentions(source: &str) -> Vec<String> {
+    let code = blank_literals(source);
+    let bytes = code.as_bytes();
     let mut words = Vec::new();
-    let bytes = source.as_bytes();
-    for (i, _) in source.match_indices('.') {
+    for (i, _) in code.match_indices('.') {
         let start = i + 1;
         let end = bytes[start..]
             .iter()
             .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
             .map_or(bytes.len(), |n| start + n);
         if end > start && bytes[start].is_ascii_alphabetic() {
-            let word = &source[start..end];
-            // A method call (`.len()`) is not a field, but `.get("name")` reads the field `name`.
+            let word = &code[start..end];
+            // A method call (`.len()`) is not a field, but `.get("name")` reads the field `name`
+            // (its name is read from the source, where the literal is not blanked).
             let word = if bytes.get(end) == Some(&b'(') {
-                match (word, source[end + 1..].trim_start().strip_prefix('"')) {
+                match (word, source.get(end + 1..).and_then(|rest| rest.trim_start().strip_prefix('"'))) {
                     ("get", Some(rest)) => rest.split('"').next().unwrap_or_default(),
                     _ => "",
                 }
@@ -330,6 +332,106 @@ fn mentions(source: &str) -> Vec<String> {
         }
     }
     words
+}
+
+/// `source` with the inside of every string and character literal and every comment replaced by
+/// spaces, byte for byte (so positions still match `source`): `"@example.it"` names no field. The
+/// `${…}` of a backtick string is code, and is kept.
+fn blank_literals(source: &str) -> String {
+    #[derive(Clone, Copy, PartialEq)]
+    enum In {
+        /// Code; inside `${…}` when the count of open braces is `Some`.
+        Code(Option<u32>),
+        Text(u8),
+        LineComment,
+        BlockComment(u32),
+    }
+    let bytes = source.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    // Nested states: a `${…}` inside a backtick string returns to that string.
+    let mut stack = vec![In::Code(None)];
+    let mut i = 0;
+    while i < bytes.len() {
+        let (b, next) = (bytes[i], bytes.get(i + 1).copied());
+        let state = *stack.last().unwrap_or(&In::Code(None));
+        let mut set = |to: In| {
+            if let Some(top) = stack.last_mut() {
+                *top = to;
+            }
+        };
+        // How many bytes this step covers, and whether they are kept.
+        let (len, keep) = match state {
+            In::Code(braces) => match (b, next) {
+                (b'"' | b'`' | b'\'', _) => {
+                    stack.push(In::Text(b));
+                    (1, true)
+                }
+                (b'/', Some(b'/')) => {
+                    stack.push(In::LineComment);
+                    (2, false)
+                }
+                (b'/', Some(b'*')) => {
+                    stack.push(In::BlockComment(0));
+                    (2, false)
+                }
+                (b'{', _) if braces.is_some() => {
+                    set(In::Code(braces.map(|n| n + 1)));
+                    (1, true)
+                }
+                (b'}', _) if braces == Some(0) => {
+                    stack.pop();
+                    (1, true)
+                }
+                (b'}', _) if braces.is_some() => {
+                    set(In::Code(braces.map(|n| n - 1)));
+                    (1, true)
+                }
+                _ => (1, true),
+            },
+            In::Text(b'`') if (b, next) == (b'$', Some(b'{')) => {
+                stack.push(In::Code(Some(0)));
+                (2, true)
+            }
+            In::Text(_) if b == b'\\' && next.is_some() => (2, false),
+            In::Text(quote) => {
+                if b == quote {
+                    stack.pop();
+                }
+                (1, b == quote)
+            }
+            In::LineComment => {
+                if b == b'\n' {
+                    stack.pop();
+                }
+                (1, b == b'\n')
+            }
+            // Rhai's block comments nest.
+            In::BlockComment(depth) => match (b, next) {
+                (b'*', Some(b'/')) => {
+                    if depth == 0 {
+                        stack.pop();
+                    } else {
+                        set(In::BlockComment(depth - 1));
+                    }
+                    (2, false)
+                }
+                (b'/', Some(b'*')) => {
+                    set(In::BlockComment(depth + 1));
+                    (2, false)
+                }
+                _ => (1, b == b'\n'),
+            },
+        };
+        let len = len.min(bytes.len() - i);
+        if keep {
+            out.extend_from_slice(&bytes[i..i + len]);
+        } else {
+            out.extend(std::iter::repeat_n(b' ', len));
+        }
+        i += len;
+    }
+    // Only whole characters were kept; every byte of the others became an ASCII space.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 pub(super) fn hex(bytes: &[u8]) -> String {
@@ -364,6 +466,16 @@ mod tests {
         let mut q = rule.filter_query();
         q.sort();
         assert_eq!(q, [("customFields.preferredChannel".into(), "SMS".into()), ("region".into(), "Lombardia".into())]);
+    }
+
+    // The fields a rule reads, and nothing that only looks like one: words inside string
+    // literals and comments are not fields (removal facts hold only what the rule read).
+    #[test]
+    fn mentions_only_fields_read() {
+        let source = "const LIST = \"x.y\"; // contact.comment\n/* c.block /* nested.z */ c.still */\n\
+                      fn matches(c) { c.email.ends_with(\"@example.it\") && c.customFields.get(\"tier\") == 'a' \
+                      && `v.${c.region}` != \"\\\".q\" }";
+        assert_eq!(mentions(source), ["email", "customFields", "tier", "region"]);
     }
 
     // Every problem of a file is reported at once, each at its line and column.

@@ -41,6 +41,33 @@ impl State {
         })
     }
 
+    /// Forgets `rule`'s binding of `list_name` to `list` and the cache of `list`: the directory no
+    /// longer shows that id under that name.
+    pub fn forget_list(
+        &self,
+        account: &Account,
+        rule: &RuleName,
+        list_name: &str,
+        list: &ListId,
+    ) -> Result<(), StateError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM binding WHERE endpoint = ?1 AND rule = ?2 AND list_name = ?3 AND list_id = ?4",
+                params![account.as_str(), rule.as_str(), list_name, list.as_str()],
+            )?;
+            tx.execute(
+                "DELETE FROM cached_member WHERE list IN (SELECT id FROM cached_list WHERE endpoint = ?1 AND list_id = ?2)",
+                params![account.as_str(), list.as_str()],
+            )?;
+            tx.execute(
+                "DELETE FROM cached_list WHERE endpoint = ?1 AND list_id = ?2",
+                params![account.as_str(), list.as_str()],
+            )?;
+            tx.commit()
+        })
+    }
+
     /// The cached members of `list` (empty when it has none).
     pub fn cached_members(&self, account: &Account, list: &ListId) -> Result<ContactIdSet, StateError> {
         self.with(|c| {

@@ -5,14 +5,17 @@
 //! `PRAGMA user_version` and migrated on open. Holds contact ids (the cache), never contact
 //! fields: lists live on the gateway, and the cache is only ever a shortcut to reading them.
 
+mod account;
 mod history;
 mod members;
 
+pub use account::SetAside;
 pub use history::{Action, HistoryEntry, Movements};
 pub use members::{Applied, CachedList};
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -81,9 +84,10 @@ pub fn lock(db_path: &Path) -> Result<InstanceLock, StateError> {
     let path = lock_path(db_path);
     let io = |cause| StateError::Io { path: path.clone(), cause };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        private_dir(dir).map_err(io)?;
     }
-    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+    let mut file =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&path).map_err(io)?;
     match file.try_lock() {
         Ok(()) => {
             file.set_len(0).map_err(io)?;
@@ -99,6 +103,43 @@ pub fn lock(db_path: &Path) -> Result<InstanceLock, StateError> {
         }
         Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
+}
+
+/// Creates the folders of `dir` that are missing, readable by this user only (0700).
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Creates the database file (and its missing folders) readable by this user only, whatever the
+/// umask: it holds contact ids and, for removals, field values. SQLite gives its `-wal` and `-shm`
+/// files the database file's mode. An existing file is left as it is (see [`privacy_problem`]).
+fn create_private(path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        private_dir(dir)?;
+    }
+    match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+/// Why the state at `db_path` is readable by other users than its owner, if it is: the file (or
+/// its `-wal` journal) grants group or other any access. `check` and `status` warn with it.
+pub fn privacy_problem(db_path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut wal = db_path.as_os_str().to_owned();
+    wal.push("-wal");
+    [db_path.to_path_buf(), PathBuf::from(wal)].into_iter().find_map(|file| {
+        let mode = std::fs::metadata(&file).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "the state {} is readable by other users (mode {mode:04o}); it holds contact ids and removal facts: \
+                 chmod 600 {}",
+                file.display(),
+                file.display()
+            )
+        })
+    })
 }
 
 fn lock_path(db_path: &Path) -> PathBuf {
@@ -131,12 +172,12 @@ pub struct RunRecord {
     pub to_remove: u64,
 }
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Runs kept per rule; older ones are pruned as new ones are recorded.
 const KEEP_RUNS: i64 = 1000;
 
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     r"
     CREATE TABLE binding (
         endpoint  TEXT NOT NULL,
@@ -246,6 +287,28 @@ const MIGRATIONS: [&str; 5] = [
     ) WITHOUT ROWID;
     CREATE INDEX history_by_run ON history (run);
 ",
+    // Whose state it is (the salt of the key fingerprints in `Account`), other accounts' state set
+    // aside, and the daemon's answers to run requests.
+    r"
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE set_aside (
+        account    TEXT PRIMARY KEY,
+        base_url   TEXT NOT NULL,
+        noticed_at TEXT NOT NULL,
+        by_account TEXT NOT NULL
+    );
+    CREATE TABLE run_answer (
+        rule        TEXT NOT NULL,
+        requested_at TEXT NOT NULL,
+        answered_at TEXT NOT NULL,
+        taken       INTEGER NOT NULL,
+        reason      TEXT NOT NULL,
+        PRIMARY KEY (rule, requested_at)
+    );
+",
 ];
 
 /// The state database. Cheap to clone; calls are short and serialized.
@@ -265,9 +328,7 @@ impl State {
     /// Opens (creating and migrating) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StateError> {
         let sql = |cause| StateError::Sqlite { path: path.into(), cause };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|cause| StateError::Io { path: path.into(), cause })?;
-        }
+        create_private(path).map_err(|cause| StateError::Io { path: path.into(), cause })?;
         let mut conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;

@@ -48,6 +48,7 @@ impl Req {
 type Answer = dyn Fn(&Req) -> Option<Response> + Send + Sync;
 type Edit = dyn Fn(&Req, &mut Value) + Send + Sync;
 type Delay = dyn Fn(&Req) -> Duration + Send + Sync;
+type Rewrite = dyn Fn(&mut Vec<(String, String)>) + Send + Sync;
 
 /// What the proxy does differently from the sandbox.
 #[derive(Clone, Default)]
@@ -55,6 +56,7 @@ pub struct Behaviour {
     answer: Option<Arc<Answer>>,
     edit: Option<Arc<Edit>>,
     delay: Option<Arc<Delay>>,
+    rewrite: Option<Arc<Rewrite>>,
 }
 
 impl Behaviour {
@@ -67,6 +69,13 @@ impl Behaviour {
     /// Edits the sandbox's JSON answer.
     pub fn edit(mut self, f: impl Fn(&Req, &mut Value) + Send + Sync + 'static) -> Self {
         self.edit = Some(Arc::new(f));
+        self
+    }
+
+    /// Rewrites the query the sandbox receives (the edit and answer hooks still see the
+    /// request as sent): a server that ignores a parameter, or serves smaller pages than asked.
+    pub fn rewrite(mut self, f: impl Fn(&mut Vec<(String, String)>) + Send + Sync + 'static) -> Self {
+        self.rewrite = Some(Arc::new(f));
         self
     }
 
@@ -141,7 +150,19 @@ async fn proxy(State(shared): State<Arc<Shared>>, request: Request) -> Response 
     {
         return response;
     }
-    let url = format!("{}{}", shared.upstream, parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    let url = match &shared.behaviour.rewrite {
+        None => format!("{}{}", shared.upstream, parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")),
+        Some(rewrite) => {
+            let mut query = req.query.clone();
+            rewrite(&mut query);
+            let mut url = reqwest::Url::parse(&format!("{}{}", shared.upstream, parts.uri.path())).expect("url");
+            url.query_pairs_mut().clear().extend_pairs(&query);
+            if query.is_empty() {
+                url.set_query(None);
+            }
+            url.to_string()
+        }
+    };
     let mut forward = shared.client.request(parts.method.clone(), &url).body(body);
     for (name, value) in headers_to_forward(&parts.headers) {
         forward = forward.header(name, value);

@@ -21,7 +21,12 @@ pub fn sandbox_config(contacts: u64) -> SandboxConfig {
 }
 
 pub async fn start(config: SandboxConfig) -> Sandbox {
-    Sandbox::start(config, "127.0.0.1:0".parse().expect("addr")).await.expect("sandbox starts")
+    start_at(config, "127.0.0.1:0".parse().expect("addr")).await
+}
+
+/// A sandbox on a given address (another account behind the same URL).
+pub async fn start_at(config: SandboxConfig, addr: std::net::SocketAddr) -> Sandbox {
+    Sandbox::start(config, addr).await.expect("sandbox starts")
 }
 
 pub fn gateway_config(sandbox: &Sandbox, plan: RatePlan) -> GatewayConfig {
