@@ -39,6 +39,8 @@ pub mod logging; // JSON or text logs, RUST_LOG filtering, secrets scrubbed
 
 pub mod cli; // clap subcommands and their exit codes
 
+pub mod fault; // test-only fault injection (debug builds), and a panic's message
+
 /// The async runtime every command runs on. Blocking work (parsing and judging pages, SQLite) is
 /// capped at `SEGSYNC_BLOCKING_THREADS` threads (default 8): each thread keeps its own allocator
 /// heap, so an unbounded pool holds more memory than the work needs.

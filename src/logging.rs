@@ -74,7 +74,7 @@ pub const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
     ("account changed", &[("account", Text)]),
     ("metrics served", &[("listen", Text)]),
     ("run requested", &[("rule", Text), ("allow_mass_removal", Bool)]),
-    ("run request ignored", &[("rule", Text)]),
+    ("run request ignored", &[("rule", Text), ("reason", Text)]),
     (
         "pass started",
         &[
@@ -138,6 +138,8 @@ pub const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
             ("dry_run", Bool),
         ],
     ),
+    ("pass panicked", &[("trigger", Text), ("rules", Integer), ("error", Text)]),
+    ("daemon task failed", &[("task", Text), ("error", Text)]),
     ("list created", &[("rule", Text), ("list", Text), ("list_id", Text)]),
     ("list duplicates", &[("rule", Text), ("list", Text), ("list_id", Text), ("list_ids", Text)]),
     ("list gone", &[("rule", Text), ("list", Text), ("list_id", Text)]),

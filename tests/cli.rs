@@ -566,3 +566,69 @@ async fn default_grace_keeps_a_failing_member_pending() {
     assert!(!out.contains("removed"), "{out}");
     sandbox.shutdown().await;
 }
+
+// Inputs that used to panic are refused where they are read, with the key or file:line; output
+// into a closed pipe ends quietly; the state is private whatever the umask, and `check` and
+// `status` warn about one that is not; an unknown rule is exit 2 for `explain` as for `plan`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_are_refused_and_the_state_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = support::start(support::sandbox_config(3000)).await;
+    let (dir, config) = setup(Some(&sandbox.base_url()));
+    let text = std::fs::read_to_string(&config).expect("read");
+
+    // Durations are bounded when read.
+    std::fs::write(&config, format!("{text}[state]\nhistory_retention = \"999999999w\"\n")).expect("write");
+    let (code, out) = run(segsync().arg("check").arg("--config").arg(&config));
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("state.history_retention") && out.contains("at most 100 years"), "{out}");
+    std::fs::write(&config, &text).expect("write");
+    let grace = dir.path().join("rules/forever.rhai");
+    std::fs::write(&grace, "const LIST = \"F\";\nconst REMOVE_AFTER = \"999999999w\";\nfn matches(c) { true }\n")
+        .expect("write");
+    let (code, out) = run(segsync().args(["check", "--strict", "--config"]).arg(&config));
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("forever.rhai:2:") && out.contains("at most 100 years"), "{out}");
+    std::fs::remove_file(&grace).expect("remove");
+    let (code, out) =
+        run(segsync().args(["history", "--rule", "vip", "--since", "999999999w", "--config"]).arg(&config));
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("at most 100 years") && !out.contains("panicked"), "{out}");
+
+    // The state is created private under umask 022 (the test process's).
+    let (code, out) = run(segsync().arg("sync").arg("--config").arg(&config));
+    assert_eq!(code, 0, "{out}");
+    let db = dir.path().join("segsync.db");
+    let mode = std::fs::metadata(&db).expect("state").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+
+    // A reader that goes away after one line: the command ends quietly (thousands of lines follow).
+    let mut child = segsync()
+        .args(["history", "--rule", "reengagement-90d", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut first)
+        .expect("a line");
+    let out = child.wait_with_output().expect("exits");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!first.is_empty());
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // A state others can read is warned about by `check` and `status`.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (code, out) = run(segsync().arg("check").arg("--config").arg(&config));
+    assert_eq!(code, 0, "a warning, not an error: {out}");
+    assert!(out.contains("readable by other users") && out.contains("chmod 600"), "{out}");
+    let (_, out) = run(segsync().arg("status").arg("--config").arg(&config));
+    assert!(out.contains("warning: the state") && out.contains("readable by other users"), "{out}");
+
+    // An unknown rule is usage (2) for explain as for plan and sync.
+    let (code, out) = run(segsync().args(["explain", "nosuchrule", "cnt-00001", "--config"]).arg(&config));
+    assert_eq!(code, 2, "{out}");
+    sandbox.shutdown().await;
+}

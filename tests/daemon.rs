@@ -97,6 +97,13 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs a one-shot command (`sync`, `status`) beside the daemon, to its end.
+async fn command(args: &[&str], config: &Path) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_segsync"));
+    cmd.args(args).arg("--config").arg(config).env(KEY_VAR, support::KEY);
+    tokio::task::spawn_blocking(move || cmd.output().expect("runs")).await.expect("join")
+}
+
 /// A config folder with the shipped rules, pointing at the sandbox, cron far away (no surprises).
 fn setup(sandbox: &Sandbox, extra: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -296,17 +303,7 @@ async fn sync_while_running_is_handed_to_the_daemon() {
     let (_dir, config) = setup(&sandbox, "");
     let daemon = Daemon::start(&config, &[]);
     daemon.wait_for(5, "rule run", &[("trigger", "startup"), ("outcome", "ok")], 60).await;
-    let c = config.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_segsync"))
-            .args(["sync", "geo-veneto", "--config"])
-            .arg(&c)
-            .env(KEY_VAR, support::KEY)
-            .output()
-            .expect("runs")
-    })
-    .await
-    .expect("join");
+    let out = command(&["sync", "geo-veneto"], &config).await;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("asked it to run geo-veneto once"), "{text}");
@@ -314,15 +311,7 @@ async fn sync_while_running_is_handed_to_the_daemon() {
     daemon.wait_for(1, "run requested", &[("rule", "geo-veneto")], 5).await;
     daemon.wait_for(1, "rule run", &[("rule", "geo-veneto"), ("trigger", "manual")], 5).await;
 
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_segsync"))
-            .args(["status", "--json", "--config"])
-            .arg(&config)
-            .output()
-            .expect("runs")
-    })
-    .await
-    .expect("join");
+    let out = command(&["status", "--json"], &config).await;
     let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(out.status.code(), Some(0), "{doc}");
     assert_eq!(doc["daemon"]["running"], true, "{doc}");
@@ -561,5 +550,53 @@ async fn cron_fires_through_the_loop_across_dst() {
     stop.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(10), daemon).await.expect("stops").expect("joins");
     assert!(ended.is_ok(), "{ended:?}");
+    sandbox.shutdown().await;
+}
+
+// A panic inside a pass (injected: debug builds only) is that pass's failure: every rule of it is
+// recorded and logged as failed, naming the panic, and the daemon goes on running rules (a file
+// edit runs its rule, ok) and stops cleanly with nothing in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_pass_fails_that_pass_and_the_daemon_goes_on() {
+    let sandbox = support::start(support::sandbox_config(500)).await;
+    let (dir, config) = setup(&sandbox, "");
+    let mut daemon = Daemon::start(&config, &[("SEGSYNC_FAULT", "panic-in-pass:vip".into())]);
+    let failed = daemon.wait_for(5, "rule run", &[("trigger", "startup"), ("outcome", "failed")], 60).await;
+    assert!(failed.iter().all(|r| r["detail"].as_str().is_some_and(|d| d.contains("panicked"))), "{failed:?}");
+    daemon.wait_for(1, "pass panicked", &[], 5).await;
+    let geo = dir.path().join("rules/geo-lombardia.rhai");
+    let text = std::fs::read_to_string(&geo).expect("read");
+    std::fs::write(&geo, format!("{text}\n// edited\n")).expect("edit");
+    let runs = daemon.wait_for(1, "rule run", &[("rule", "geo-lombardia"), ("trigger", "file")], 30).await;
+    assert_eq!(runs[0]["outcome"], "ok", "{}", runs[0]);
+    assert_eq!(
+        list_members(&sandbox, "Geo - Lombardia"),
+        count_where(&sandbox, |c| c.region.as_deref() == Some("Lombardia"))
+    );
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(30).await, 0);
+    let stopping = daemon.events("shutting down", &[]);
+    assert_eq!(stopping[0]["in_flight_rules"], 0, "no rule left in flight: {stopping:?}");
+}
+
+// A run request the daemon cannot take is answered, not timed out: `sync` for a rule added after
+// start (with watch_rules = false) prints the daemon's reason and exits 2 as soon as it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_daemon_cannot_take_is_answered() {
+    let sandbox = support::start(support::sandbox_config(500)).await;
+    let (dir, config) = setup(&sandbox, "[daemon]\nwatch_rules = false\n");
+    let daemon = Daemon::start(&config, &[]);
+    daemon.wait_for(5, "rule run", &[("trigger", "startup")], 60).await;
+    std::fs::write(dir.path().join("rules/newrule.rhai"), "const LIST = \"New\";\nfn matches(c) { true }\n")
+        .expect("write");
+    let out = command(&["sync", "newrule"], &config).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("newrule: not run: the daemon runs no rule named \"newrule\""), "{text}");
+    assert!(text.contains("watch_rules is false"), "the way out: {text}");
+    let ignored = daemon.wait_for(1, "run request ignored", &[("rule", "newrule")], 5).await;
+    assert!(ignored[0]["reason"].as_str().is_some_and(|r| r.contains("SIGHUP")), "{ignored:?}");
+    assert!(!sandbox.with_store(|s| s.lists().iter().any(|l| l.name == "New")), "nothing ran");
+    drop(daemon);
     sandbox.shutdown().await;
 }

@@ -182,6 +182,9 @@ pub enum Exit {
     Held = 4,
     /// `plan --detailed-exitcode`: changes are pending.
     Pending = 5,
+    /// `sync` stopped waiting for the daemon's runs (SIGINT or SIGTERM); the daemon still runs
+    /// what it took.
+    Interrupted = 130,
 }
 
 impl Exit {

@@ -103,50 +103,86 @@ pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyho
     })
 }
 
-/// How long a run request may wait for the daemon to take it.
-const HANDOFF_WAIT: Duration = Duration::from_secs(6);
+/// How long the daemon has to answer a run request. It looks for requests every 2 s; a holder
+/// of the state that answers none within this is not a daemon (another `sync`).
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a taken request may take to finish its run before `sync` stops waiting.
+const RUN_WAIT: Duration = Duration::from_secs(600);
+
+/// How often the state is looked at while waiting.
+const POLL: Duration = Duration::from_millis(200);
 
 /// `sync [RULE…] [--allow-mass-removal]` while the daemon runs: asks the daemon (through the state
-/// database) to run each rule once now, with the confirmation if given, then waits for its runs and
-/// reports their outcomes.
+/// database) to run each rule once now, with the confirmation if given; prints the daemon's answer
+/// to each request (taken, or not and why) as soon as it gives it, then the outcome of each run
+/// taken. A rule the daemon does not run is exit 2; SIGINT or SIGTERM while waiting stops waiting
+/// (exit 130; what the daemon took, it still runs).
 async fn run_through_daemon(config: &Config, rules: &[Arc<Rule>], pid: &str, allow: bool) -> anyhow::Result<Exit> {
     let state = crate::state::State::open(&config.state_path)?;
-    let since = crate::state::now();
+    let mut asked = Vec::new();
     for rule in rules {
-        state.request_run(&rule.name, allow, chrono::Duration::minutes(10))?;
+        asked.push((rule.name.clone(), state.request_run(&rule.name, allow, chrono::Duration::minutes(10))?));
     }
     let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
     let how = if allow { " with removals allowed" } else { "" };
     say!("segsync is running (pid {pid}); asked it to run {} once{how}", names.join(", "));
-    // A daemon takes requests every 2 s; a holder that does not (another `sync`) is refused.
-    tokio::time::sleep(HANDOFF_WAIT).await;
-    let requested: Vec<crate::ids::RuleName> = rules.iter().map(|r| r.name.clone()).collect();
-    if state.withdraw_run_requests(&requested)? > 0 {
-        let path = config.state_path.clone();
-        return Err(crate::state::StateError::Locked { path, pid: pid.to_owned() }.into());
+    let stop = crate::signals::stop_requested();
+    tokio::pin!(stop);
+
+    // 1. The daemon's answers.
+    let deadline = tokio::time::Instant::now() + ANSWER_WAIT;
+    let mut answers = Vec::new();
+    for (rule, requested_at) in &asked {
+        let answer = loop {
+            if let Some(answer) = state.run_answer(rule, requested_at)? {
+                break answer;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let requested: Vec<crate::ids::RuleName> = asked.iter().map(|(r, _)| r.clone()).collect();
+                state.withdraw_run_requests(&requested)?;
+                let path = config.state_path.clone();
+                return Err(crate::state::StateError::Locked { path, pid: pid.to_owned() }.into());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = &mut stop => return Ok(stopped_waiting()),
+            }
+        };
+        if !answer.taken {
+            say!("{rule}: not run: {}", answer.reason);
+        }
+        answers.push((rule, requested_at, answer.taken));
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+
+    // 2. The outcome of each run the daemon took.
+    let deadline = tokio::time::Instant::now() + RUN_WAIT;
     let mut outcomes = Vec::new();
-    for rule in rules {
+    for (rule, requested_at, _) in answers.iter().filter(|(_, _, taken)| *taken) {
         let run = loop {
-            if let Some(run) = state.run_finished_after(&rule.name, &since)? {
+            if let Some(run) = state.run_finished_after(rule, requested_at)? {
                 break run;
             }
-            if std::time::Instant::now() > deadline {
-                say!("{}: no run within 10 minutes; see `segsync status` and the daemon's log", rule.name);
+            if tokio::time::Instant::now() >= deadline {
+                say!("{rule}: no run within 10 minutes; see `segsync status` and the daemon's log");
                 return Ok(Exit::Failure);
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = &mut stop => return Ok(stopped_waiting()),
+            }
         };
-        say!(
-            "{}: added {}, removed {}, outcome {} {}",
-            run.rule,
-            run.added,
-            run.removed,
-            run.outcome,
-            run.detail.as_deref().unwrap_or("")
-        );
+        let detail = run.detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
+        say!("{}: added {}, removed {}, outcome {}{detail}", run.rule, run.added, run.removed, run.outcome);
         outcomes.push(run.outcome);
     }
+    if answers.iter().any(|(_, _, taken)| !taken) {
+        return Ok(Exit::Usage);
+    }
     Ok(Exit::for_outcomes(outcomes))
+}
+
+fn stopped_waiting() -> Exit {
+    say!("stopped waiting; the daemon still runs what it took (see `segsync status`)");
+    Exit::Interrupted
 }

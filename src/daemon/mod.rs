@@ -43,6 +43,26 @@ pub enum Event {
     Shutdown,
     /// A pass finished.
     PassDone(PassReport),
+    /// A task the daemon cannot run without (the cron timer, the signal handlers) panicked: the
+    /// daemon stops with an error, so systemd restarts it, rather than live on running nothing.
+    TaskFailed { task: &'static str, error: String },
+}
+
+/// Spawns a task the daemon cannot run without; a panic in it becomes [`Event::TaskFailed`].
+fn spawn_critical(
+    task: &'static str,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let handle = tokio::spawn(work);
+    tokio::spawn(async move {
+        if let Err(e) = handle.await
+            && e.is_panic()
+        {
+            let error = crate::fault::panic_message(e.into_panic().as_ref());
+            let _ = tx.send(Event::TaskFailed { task, error });
+        }
+    });
 }
 
 /// How long the watcher waits for a burst of file events to settle.
@@ -130,9 +150,10 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     }
     daemon.start_watcher();
     let due_tx = tx.clone();
-    tokio::spawn(timer::run(table_rx, clock, producers.clone(), move |due| {
+    let timer = timer::run(table_rx, clock, producers.clone(), move |due| {
         let _ = due_tx.send(Event::Due(due));
-    }));
+    });
+    spawn_critical("cron timer", timer, tx.clone());
     notify(&[NotifyState::Ready, NotifyState::Status(&format!("{} rule(s) loaded", daemon.rules.len()))]);
     daemon.start_pending();
 
@@ -145,6 +166,7 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     let mut approvals = tokio::time::interval(APPROVAL_POLL);
     let mut rescan = tokio::time::interval_at(tokio::time::Instant::now() + RESCAN, RESCAN);
     let mut watchdog_tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+    let mut failure = None;
     loop {
         daemon.health.beat();
         tokio::select! {
@@ -164,6 +186,11 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
                     }
                     Event::Reload => daemon.reload(clock).await,
                     Event::PassDone(report) => daemon.pass_done(&report),
+                    Event::TaskFailed { task, error } => {
+                        tracing::error!(task, error = %error, "daemon task failed");
+                        failure = Some(anyhow::anyhow!("the daemon's {task} failed: {error}"));
+                        break;
+                    }
                 }
                 daemon.start_pending();
             }
@@ -178,7 +205,7 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
         }
     }
     daemon.shutdown(producers).await;
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 /// Loads the rules folder on a blocking thread (compiling runs each file's top level in Rhai), and
@@ -197,21 +224,27 @@ async fn load_rules(engine: &Arc<Engine>, dir: &std::path::Path) -> Option<(Rule
 
 fn spawn_signals(tx: mpsc::UnboundedSender<Event>, stop: CancellationToken) -> anyhow::Result<()> {
     let mut signals = Signals::install(true).context("installing the signal handlers")?;
-    tokio::spawn(async move {
-        loop {
-            let event = tokio::select! {
-                signal = signals.next() => match signal {
-                    Signal::Reload => Event::Reload,
-                    Signal::Stop => Event::Shutdown,
-                },
-                _ = stop.cancelled() => Event::Shutdown,
-            };
-            let last = matches!(event, Event::Shutdown);
-            if tx.send(event).is_err() || last {
-                return;
+    let events = tx.clone();
+    spawn_critical(
+        "signal handlers",
+        async move {
+            let tx = events;
+            loop {
+                let event = tokio::select! {
+                    signal = signals.next() => match signal {
+                        Signal::Reload => Event::Reload,
+                        Signal::Stop => Event::Shutdown,
+                    },
+                    _ = stop.cancelled() => Event::Shutdown,
+                };
+                let last = matches!(event, Event::Shutdown);
+                if tx.send(event).is_err() || last {
+                    return;
+                }
             }
-        }
-    });
+        },
+        tx,
+    );
     Ok(())
 }
 
@@ -368,15 +401,29 @@ impl Daemon {
                 return;
             }
         };
-        for (name, allow_mass_removal) in requests {
-            if self.rules.get(&name).is_some() {
-                tracing::info!(rule = %name, allow_mass_removal, "run requested");
-                if allow_mass_removal {
+        for request in requests {
+            let name = request.rule.clone();
+            let answer = if self.rules.get(&name).is_some() {
+                tracing::info!(rule = %name, allow_mass_removal = request.allow_mass_removal, "run requested");
+                if request.allow_mass_removal {
                     self.approved.insert(name.clone());
                 }
                 self.pending.insert(name, Trigger::Manual);
+                crate::state::RunAnswer { taken: true, reason: String::new() }
             } else {
-                tracing::warn!(rule = %name, "run request ignored");
+                let loaded: Vec<&str> = self.rules.rules.keys().map(RuleName::as_str).collect();
+                let how = if self.config.watch_rules {
+                    "a new or repaired rule file is loaded when it is saved; `segsync check` says why a file is not"
+                } else {
+                    "[daemon] watch_rules is false: reload the daemon (SIGHUP, `systemctl reload segsync`) to load new files"
+                };
+                let reason =
+                    format!("the daemon runs no rule named \"{name}\" (it runs: {}); {how}", loaded.join(", "));
+                tracing::warn!(rule = %name, reason = %reason, "run request ignored");
+                crate::state::RunAnswer { taken: false, reason }
+            };
+            if let Err(e) = self.state.answer_run_request(&request, &answer) {
+                tracing::warn!(error = %e, "state warning");
             }
         }
     }

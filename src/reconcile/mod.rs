@@ -176,6 +176,34 @@ pub struct RuleReport {
     pub duration: Duration,
 }
 
+impl RuleReport {
+    /// A run that failed before it could say more than `detail`.
+    fn failed(rule: Arc<Rule>, detail: String) -> Self {
+        Self {
+            rule,
+            list_id: None,
+            list_created: false,
+            members_before: 0,
+            scanned: 0,
+            matched: 0,
+            eval_errors: 0,
+            first_error: None,
+            plan: Plan::default(),
+            added: 0,
+            removed: 0,
+            in_filter: 0,
+            usage: Usage::default(),
+            read: ReadKind::SharedScan,
+            members_from: MemberSource::Unknown,
+            derived_filter: Vec::new(),
+            remove_after: None,
+            outcome: Outcome::Failed,
+            detail: Some(detail),
+            duration: Duration::ZERO,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PassReport {
     pub rules: Vec<RuleReport>,
@@ -309,8 +337,30 @@ impl Reconciler {
         &self.cancel
     }
 
-    /// Runs one pass over `req.rules`; every rule gets a report, failed or not.
+    /// Runs one pass over `req.rules`; every rule gets a report, failed or not. A panic anywhere
+    /// inside the pass is that pass's failure: each of its rules is recorded and logged as
+    /// failed, naming the panic, and the caller (the daemon's loop, `sync`) goes on as after any
+    /// failed run. Writes made before the panic stand; the next run converges.
     pub async fn run_pass(&self, req: PassRequest) -> PassReport {
+        use futures_util::FutureExt;
+        let (rules, trigger, dry_run) = (req.rules.clone(), req.trigger, req.dry_run);
+        let (started, started_at) = (Instant::now(), crate::state::now());
+        let panic = match std::panic::AssertUnwindSafe(self.run_pass_unguarded(req)).catch_unwind().await {
+            Ok(report) => return report,
+            Err(panic) => crate::fault::panic_message(panic.as_ref()),
+        };
+        tracing::error!(trigger = %trigger, rules = rules.len(), error = %panic, "pass panicked");
+        let detail =
+            format!("segsync panicked in this pass ({panic}); writes made before it stand, the next run converges");
+        let reports: Vec<RuleReport> =
+            rules.iter().map(|rule| RuleReport::failed(rule.clone(), detail.clone())).collect();
+        for report in &reports {
+            self.record(report, trigger, &started_at, dry_run).await;
+        }
+        PassReport { rules: reports, read: ReadKind::SharedScan, usage: Usage::default(), duration: started.elapsed() }
+    }
+
+    async fn run_pass_unguarded(&self, req: PassRequest) -> PassReport {
         let started = Instant::now();
         let started_at = crate::state::now();
         let today = req.today.unwrap_or_else(|| Date(chrono::Utc::now().with_timezone(&self.time_zone).date_naive()));
@@ -416,6 +466,7 @@ impl Reconciler {
         (started, today): (Instant, Date),
     ) -> RuleReport {
         let rule = slot.rule.clone();
+        crate::fault::panic_in_pass(rule.name.as_str());
         let members_before = slot.eval.members.len() as u64;
         let mut report = RuleReport {
             rule: rule.clone(),

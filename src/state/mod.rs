@@ -422,15 +422,15 @@ impl State {
         })
     }
 
-    /// Records an operator's one-time confirmation of a held mass removal, for the running daemon.
     /// Asks the running daemon to run `rule` once now, allowed to apply a held mass removal when
-    /// `allow_mass_removal` (an operator's confirmation), within `ttl`.
+    /// `allow_mass_removal` (an operator's confirmation), within `ttl`. Returns the request's
+    /// time, by which its answer ([`State::run_answer`]) is found.
     pub fn request_run(
         &self,
         rule: &RuleName,
         allow_mass_removal: bool,
         ttl: chrono::Duration,
-    ) -> Result<(), StateError> {
+    ) -> Result<String, StateError> {
         let now = chrono::Utc::now();
         let expires = (now + ttl).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let requested = now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -442,29 +442,64 @@ impl State {
                 params![rule.as_str(), requested, expires, allow_mass_removal],
             )
             .map(drop)
-        })
+        })?;
+        Ok(requested)
     }
 
     /// A confirmation of a held mass removal for the running daemon.
-    pub fn approve(&self, rule: &RuleName, ttl: chrono::Duration) -> Result<(), StateError> {
+    pub fn approve(&self, rule: &RuleName, ttl: chrono::Duration) -> Result<String, StateError> {
         self.request_run(rule, true, ttl)
     }
 
-    /// Takes (and deletes) the run requests that have not expired: each rule, and whether the run
-    /// may apply a held mass removal.
-    pub fn take_run_requests(&self) -> Result<Vec<(RuleName, bool)>, StateError> {
+    /// Takes (and deletes) the run requests that have not expired: each rule, whether the run
+    /// may apply a held mass removal, and when it was asked for (to answer it).
+    pub fn take_run_requests(&self) -> Result<Vec<RunRequest>, StateError> {
         let now = now();
         self.with(|c| {
             let tx = c.transaction()?;
             let requests = {
-                let mut stmt =
-                    tx.prepare("SELECT rule, allow_mass_removal FROM approval WHERE expires_at > ?1 ORDER BY rule")?;
-                let rows = stmt.query_map(params![now], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
-                rows.collect::<rusqlite::Result<Vec<(String, bool)>>>()?
+                let mut stmt = tx.prepare(
+                    "SELECT rule, allow_mass_removal, requested_at FROM approval WHERE expires_at > ?1 ORDER BY rule",
+                )?;
+                let rows = stmt.query_map(params![now], |r| {
+                    Ok(RunRequest {
+                        rule: RuleName::from(r.get::<_, String>(0)?),
+                        allow_mass_removal: r.get(1)?,
+                        requested_at: r.get(2)?,
+                    })
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
             };
             tx.execute("DELETE FROM approval", [])?;
             tx.commit()?;
-            Ok(requests.into_iter().map(|(rule, allow)| (RuleName::from(rule), allow)).collect())
+            Ok(requests)
+        })
+    }
+
+    /// The daemon's answer to a run request: taken, or not and why. Answers older than a day go.
+    pub fn answer_run_request(&self, request: &RunRequest, answer: &RunAnswer) -> Result<(), StateError> {
+        let now = now();
+        let old = at(chrono::Utc::now() - chrono::Duration::days(1));
+        self.with(|c| {
+            c.execute("DELETE FROM run_answer WHERE answered_at < ?1", params![old])?;
+            c.execute(
+                "INSERT OR REPLACE INTO run_answer (rule, requested_at, answered_at, taken, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![request.rule.as_str(), request.requested_at, now, answer.taken, answer.reason],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The daemon's answer to the request for `rule` made at `requested_at` (or a later one that
+    /// replaced it), if it answered yet.
+    pub fn run_answer(&self, rule: &RuleName, requested_at: &str) -> Result<Option<RunAnswer>, StateError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT taken, reason FROM run_answer WHERE rule = ?1 AND requested_at >= ?2 ORDER BY requested_at LIMIT 1",
+                params![rule.as_str(), requested_at],
+                |r| Ok(RunAnswer { taken: r.get(0)?, reason: r.get(1)? }),
+            )
+            .optional()
         })
     }
 
@@ -610,6 +645,22 @@ impl State {
     }
 }
 
+/// An operator's request that the running daemon run a rule now (`segsync sync RULE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRequest {
+    pub rule: RuleName,
+    pub allow_mass_removal: bool,
+    pub requested_at: String,
+}
+
+/// The daemon's answer to a [`RunRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAnswer {
+    pub taken: bool,
+    /// Why it was not taken (empty when taken).
+    pub reason: String,
+}
+
 /// A count the read planner remembers between passes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Estimate {
@@ -717,10 +768,15 @@ mod tests {
         state.approve(&RuleName::from("vip"), chrono::Duration::hours(1)).expect("approve");
         state.approve(&RuleName::from("old"), chrono::Duration::seconds(-1)).expect("approve");
         state.request_run(&RuleName::from("geo"), false, chrono::Duration::hours(1)).expect("request");
+        let taken = state.take_run_requests().expect("take");
         assert_eq!(
-            state.take_run_requests().expect("take"),
-            [(RuleName::from("geo"), false), (RuleName::from("vip"), true)]
+            taken.iter().map(|r| (r.rule.as_str(), r.allow_mass_removal)).collect::<Vec<_>>(),
+            [("geo", false), ("vip", true)]
         );
+        let ignored = RunAnswer { taken: false, reason: "no rule named geo".into() };
+        assert_eq!(state.run_answer(&RuleName::from("geo"), &taken[0].requested_at).expect("answer"), None);
+        state.answer_run_request(&taken[0], &ignored).expect("answer");
+        assert_eq!(state.run_answer(&RuleName::from("geo"), &taken[0].requested_at).expect("answer"), Some(ignored));
         assert!(state.take_run_requests().expect("take").is_empty(), "taken once");
     }
 
