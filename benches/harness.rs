@@ -29,9 +29,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use segsync::config::Guards;
-use segsync::gateway::{Endpoint, Pagination, RatePlan};
+use segsync::gateway::{Pagination, RatePlan, Resource};
 use segsync::ids::Account;
+use segsync::reconcile::Guards;
 use segsync::reconcile::{Parts, PassReport, PassRequest, Reconciler, Trigger};
 use segsync::rules::{self, Date};
 use segsync::state::State;
@@ -326,7 +326,7 @@ async fn run(s: &Scenario) {
         for r in report.rules.iter().filter(|r| r.detail.is_some()) {
             println!("  note: {} {}: {}", r.rule.name, r.outcome, r.detail.as_deref().unwrap_or_default());
         }
-        let page = u64::from(gateway.paging(Endpoint::Contacts).page_size);
+        let page = u64::from(gateway.paging(Resource::Contacts).page_size);
         let lists = get_json(&sandbox.base_url, "/contacts/list?limit=1").await["total"].as_u64().unwrap_or(0);
         let (bound, bound_parts) = lower_bound(&report, contacts, lists, page, index == 0);
         rows.push(Row {
@@ -357,7 +357,7 @@ async fn run(s: &Scenario) {
             );
         }
     }
-    let paging = gateway.paging(Endpoint::Contacts);
+    let paging = gateway.paging(Resource::Contacts);
     let baseline = baseline_us_per_record(&sandbox.base_url, u64::from(paging.page_size), paging.pagination).await;
     println!(
         "pages of {} by `{}`; baseline (serde_json::Value, one thread) {baseline:.2} µs/record",

@@ -16,6 +16,7 @@ use crate::diagnostic::Diagnostic;
 use crate::gateway::{ClientSettings, Credentials, GatewayConfig, Pagination, Secret};
 use crate::gateway::{RateLimits, RatePlan};
 use crate::logging::LogFormat;
+use crate::reconcile::Guards;
 use crate::schedule::Schedule;
 use segsync_sandbox::SandboxConfig;
 
@@ -24,7 +25,7 @@ pub const SANDBOX: &str = "sandbox";
 
 /// Where the API lives and how to reach it.
 #[derive(Debug, Clone)]
-pub enum Endpoint {
+pub enum Server {
     /// The bundled sandbox, started in-process with demo data.
     Sandbox,
     Remote {
@@ -45,21 +46,9 @@ pub enum KeySource {
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    pub endpoint: Endpoint,
+    pub server: Server,
     pub plan: RatePlan,
     pub client: ClientSettings,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Guards {
-    /// Hold removals above this share of a list's members.
-    pub max_removal_share: f64,
-    /// Hold removals above this many members, if set.
-    pub max_removals: Option<u64>,
-    /// Change nothing when more than this share of evaluated contacts errored.
-    pub max_error_share: f64,
-    /// Removals of at most this many members are never held by the share rule (tiny lists).
-    pub mass_removal_floor: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -445,8 +434,8 @@ impl Config {
         let key_file = r.string(&raw.api.key_file, "api.key_file");
         let key_credential = r.string(&raw.api.key_credential, "api.key_credential");
         let basic_user = r.string(&raw.api.basic_user, "api.basic_user");
-        let endpoint = if base_url == SANDBOX {
-            Some(Endpoint::Sandbox)
+        let server = if base_url == SANDBOX {
+            Some(Server::Sandbox)
         } else {
             let url = match Url::parse(&base_url) {
                 Ok(u) if matches!(u.scheme(), "https" | "http") && u.has_host() => Some(u),
@@ -481,7 +470,7 @@ impl Config {
                 }
             };
             match (url, key) {
-                (Some(base_url), Some(key)) => Some(Endpoint::Remote { base_url, key, basic_user }),
+                (Some(base_url), Some(key)) => Some(Server::Remote { base_url, key, basic_user }),
                 _ => None,
             }
         };
@@ -549,11 +538,8 @@ impl Config {
                 None => defaults.budget_share,
             },
         };
-        let api = ApiConfig {
-            plan: plan.unwrap_or(RatePlan::Production),
-            client,
-            endpoint: endpoint.unwrap_or(Endpoint::Sandbox),
-        };
+        let api =
+            ApiConfig { plan: plan.unwrap_or(RatePlan::Production), client, server: server.unwrap_or(Server::Sandbox) };
 
         let rules_dir = relative(r.string(&raw.rules.dir, "rules.dir").unwrap_or_else(|| "rules".into()));
         let schedule_text =
@@ -669,11 +655,11 @@ impl Config {
 
     /// Where the key comes from, for messages (never the key).
     pub fn key_source_name(&self) -> String {
-        match &self.api.endpoint {
-            Endpoint::Sandbox => "the sandbox's demo key".into(),
-            Endpoint::Remote { key: KeySource::Env(var), .. } => format!("environment variable {var} (api.key_env)"),
-            Endpoint::Remote { key: KeySource::File(path), .. } => format!("file {} (api.key_file)", path.display()),
-            Endpoint::Remote { key: KeySource::Credential(name), .. } => {
+        match &self.api.server {
+            Server::Sandbox => "the sandbox's demo key".into(),
+            Server::Remote { key: KeySource::Env(var), .. } => format!("environment variable {var} (api.key_env)"),
+            Server::Remote { key: KeySource::File(path), .. } => format!("file {} (api.key_file)", path.display()),
+            Server::Remote { key: KeySource::Credential(name), .. } => {
                 format!("systemd credential {name} (api.key_credential)")
             }
         }
@@ -681,7 +667,7 @@ impl Config {
 
     /// Reads the secret from its source. Errors name the source, never the secret.
     pub fn credentials(&self) -> Result<Credentials, KeyError> {
-        let Endpoint::Remote { key, basic_user, .. } = &self.api.endpoint else {
+        let Server::Remote { key, basic_user, .. } = &self.api.server else {
             return Ok(Credentials::ApiKey(Secret::new(self.sandbox.api_key.clone())));
         };
         let secret = match key {
@@ -708,7 +694,7 @@ impl Config {
         })
     }
 
-    /// The client settings for `base_url` (the sandbox's URL when the endpoint is the sandbox).
+    /// The client settings for `base_url` (the sandbox's URL when the server is the sandbox).
     pub fn gateway(&self, base_url: Url, credentials: Credentials) -> GatewayConfig {
         GatewayConfig { base_url, credentials, settings: self.api.client.clone() }
     }
@@ -753,14 +739,11 @@ mod tests {
             "[api]\nbase_url = \"https://lora-api.agiletelecom.com/api\"\nkey_file = \"key\"\n",
         )
         .expect("valid");
-        match config.api.endpoint {
-            Endpoint::Remote { key: KeySource::File(p), .. } => assert_eq!(p, Path::new("/etc/segsync/key")),
+        match config.api.server {
+            Server::Remote { key: KeySource::File(p), .. } => assert_eq!(p, Path::new("/etc/segsync/key")),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            Config::parse(Path::new("c.toml"), "").expect("empty is valid").api.endpoint,
-            Endpoint::Sandbox
-        ));
+        assert!(matches!(Config::parse(Path::new("c.toml"), "").expect("empty is valid").api.server, Server::Sandbox));
     }
 
     // A syntax error is reported with its position.

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 
-use crate::config::{Config, Endpoint};
+use crate::config::{Config, Server};
 use crate::gateway::{Credentials, Gateway};
 use crate::ids::Account;
 use crate::state::State;
@@ -23,8 +23,8 @@ impl Connection {
     /// without it (`explain`, which remembers nothing), by the base URL alone.
     pub async fn open(config: &Config, state: Option<&State>) -> anyhow::Result<Self> {
         let credentials = config.credentials()?;
-        match &config.api.endpoint {
-            Endpoint::Sandbox => {
+        match &config.api.server {
+            Server::Sandbox => {
                 let sandbox = Sandbox::start(config.sandbox.clone(), "127.0.0.1:0".parse()?)
                     .await
                     .context("starting the bundled sandbox")?;
@@ -39,9 +39,9 @@ impl Connection {
                 );
                 Ok(Self { gateway, account: Account::sandbox_started_now(), sandbox: Some(sandbox) })
             }
-            Endpoint::Remote { base_url, .. } => {
+            Server::Remote { base_url, .. } => {
                 let account = match state {
-                    Some(state) => Self::account(state, base_url.as_str(), &credentials)?,
+                    Some(state) => Self::account(state, base_url.as_str(), &credentials).await?,
                     None => Account::remote(base_url.as_str()),
                 };
                 let gateway = Gateway::new(config.gateway(base_url.clone(), credentials))?;
@@ -51,18 +51,18 @@ impl Connection {
     }
 
     /// Connects again for `config` (SIGHUP: the key is read again): a fresh gateway on the same
-    /// endpoint, re-naming the account (a new key is a new account), or a whole new connection
-    /// when the endpoint changed, returning the old one (passes in flight may still use it).
+    /// server, re-naming the account (a new key is a new account), or a whole new connection
+    /// when the server changed, returning the old one (passes in flight may still use it).
     pub async fn reopen(&mut self, config: &Config, state: &State) -> anyhow::Result<Option<Connection>> {
-        match (&config.api.endpoint, &self.sandbox) {
-            (Endpoint::Sandbox, Some(sandbox)) => {
+        match (&config.api.server, &self.sandbox) {
+            (Server::Sandbox, Some(sandbox)) => {
                 let base = sandbox.base_url().parse().context("the sandbox URL")?;
                 self.gateway = Gateway::new(config.gateway(base, config.credentials()?))?;
                 Ok(None)
             }
-            (Endpoint::Remote { base_url, .. }, None) if base_url.as_str() == self.account.base_url() => {
+            (Server::Remote { base_url, .. }, None) if base_url.as_str() == self.account.base_url() => {
                 let credentials = config.credentials()?;
-                self.account = Self::account(state, base_url.as_str(), &credentials)?;
+                self.account = Self::account(state, base_url.as_str(), &credentials).await?;
                 self.gateway = Gateway::new(config.gateway(base_url.clone(), credentials))?;
                 Ok(None)
             }
@@ -71,10 +71,16 @@ impl Connection {
     }
 
     /// The account `credentials` name at `base_url` in `state`, setting aside (with a warning)
-    /// whatever another key left there.
-    fn account(state: &State, base_url: &str, credentials: &Credentials) -> anyhow::Result<Account> {
-        let account = state.account(base_url, credentials)?;
-        for other in state.set_aside_others(&account)? {
+    /// whatever another key left there. On a blocking thread: a pass may be committing.
+    async fn account(state: &State, base_url: &str, credentials: &Credentials) -> anyhow::Result<Account> {
+        let (state, base_url, credentials) = (state.clone(), base_url.to_owned(), credentials.clone());
+        let named = tokio::task::spawn_blocking(move || {
+            let account = state.account(&base_url, &credentials)?;
+            let aside = state.set_aside_others(&account)?;
+            Ok::<_, crate::state::StateError>((account, aside))
+        });
+        let (account, aside) = named.await.context("naming the account")??;
+        for other in aside {
             tracing::warn!(
                 base_url = %other.base_url,
                 key_fingerprint = other.key_fingerprint.as_deref(),

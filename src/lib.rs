@@ -13,7 +13,7 @@ pub mod rules; // Rhai rule files: load, validate, evaluate, test; knows nothing
 
 pub mod gateway; // the partner-gateway client: paged reads, rate budget, retries, writes
 
-pub mod run; // a run's trigger and outcome
+pub mod outcome; // a run's trigger and outcome
 
 pub mod reconcile; // one pass: bind lists, read, plan (pure), guard, apply, report
 

@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gateway::{Operation, PROCESS, Usage};
 use crate::ids::RuleName;
+use crate::outcome::Outcome;
 use crate::reconcile::PassReport;
-use crate::run::Outcome;
 
 type Labels = Vec<(String, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;

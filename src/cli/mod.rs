@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigErrors};
 use crate::logging::LogFormat;
-use crate::run::Outcome;
+use crate::outcome::Outcome;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -290,10 +290,10 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         }
         Command::Explain { rule, contact_id } => runtime()?.block_on(explain::explain(&config, &rule, &contact_id)),
         Command::Plan { rules, json, detailed_exitcode } => {
-            runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Plan { json, detailed_exitcode }))
+            runtime()?.block_on(pass::pass(&config, &rules, pass::PassCommand::Plan { json, detailed_exitcode }))
         }
         Command::Sync { rules, allow_mass_removal, full } => {
-            runtime()?.block_on(pass::pass(&config, &rules, pass::Mode::Sync { allow_mass_removal, full }))
+            runtime()?.block_on(pass::pass(&config, &rules, pass::PassCommand::Sync { allow_mass_removal, full }))
         }
         Command::Status { json, runs } => show::status(&config, json, runs),
         Command::History { contact_id, rule, since, json } => {

@@ -17,23 +17,23 @@ use crate::reconcile::{PassRequest, Progress, ProgressSink, Reconciler, Trigger}
 use crate::rules::Rule;
 
 /// Which of the two pass commands.
-pub(super) enum Mode {
+pub(super) enum PassCommand {
     Plan { json: bool, detailed_exitcode: bool },
     Sync { allow_mass_removal: bool, full: bool },
 }
 
 /// `plan` and `sync`: one pass over the selected rules, dry or real.
-pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyhow::Result<Exit> {
+pub(super) async fn pass(config: &Config, names: &[String], command: PassCommand) -> anyhow::Result<Exit> {
     let (engine, selected, all_valid) =
-        match load_selected(config, names, true, matches!(mode, Mode::Plan { json: true, .. })) {
+        match load_selected(config, names, true, matches!(command, PassCommand::Plan { json: true, .. })) {
             Ok(loaded) => loaded,
             Err(code) => return Ok(code),
         };
-    let dry_run = matches!(mode, Mode::Plan { .. });
-    let allow_mass_removal = matches!(mode, Mode::Sync { allow_mass_removal: true, .. });
+    let dry_run = matches!(command, PassCommand::Plan { .. });
+    let allow_mass_removal = matches!(command, PassCommand::Sync { allow_mass_removal: true, .. });
     // `--full`: the cache of these rules' lists is distrusted, so the pass (here, or the daemon's
     // when it runs) reads their members.
-    if matches!(mode, Mode::Sync { full: true, .. }) {
+    if matches!(command, PassCommand::Sync { full: true, .. }) {
         let names: Vec<_> = selected.iter().map(|r| r.name.clone()).collect();
         crate::state::State::open(&config.state_path)?.distrust_cache(&names)?;
     }
@@ -88,8 +88,8 @@ pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyho
     }
     stop.abort();
     connection.close().await;
-    match mode {
-        Mode::Plan { json: true, .. } => {
+    match command {
+        PassCommand::Plan { json: true, .. } => {
             let rows: Vec<serde_json::Value> = report.rules.iter().map(plan_json).collect();
             say!("{}", serde_json::to_string_pretty(&rows)?);
         }
@@ -97,8 +97,8 @@ pub(super) async fn pass(config: &Config, names: &[String], mode: Mode) -> anyho
     }
     let exit = Exit::for_outcomes(report.rules.iter().map(|r| r.outcome)).unless_invalid(all_valid);
     let pending = report.rules.iter().any(|r| !r.plan.is_empty() || (r.list_id.is_none() && r.list_created));
-    Ok(match mode {
-        Mode::Plan { detailed_exitcode: true, .. } if exit == Exit::Ok && pending => Exit::Pending,
+    Ok(match command {
+        PassCommand::Plan { detailed_exitcode: true, .. } if exit == Exit::Ok && pending => Exit::Pending,
         _ => exit,
     })
 }

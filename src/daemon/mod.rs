@@ -28,7 +28,7 @@ use crate::rules::{self, Diagnostic, Rule, RuleSet};
 use crate::schedule::watch::RulesWatcher;
 use crate::schedule::{Clock, CronTable, timer, watch as rules_watch};
 use crate::signals::{Signal, Signals};
-use crate::state::{InstanceLock, State};
+use crate::state::{InstanceLock, RunAnswer, RunRequest, State};
 
 /// Everything that can make the daemon act.
 #[derive(Debug)]
@@ -43,6 +43,8 @@ pub enum Event {
     Shutdown,
     /// A pass finished.
     PassDone(PassReport),
+    /// Operators' run requests, taken from the state (`segsync sync [RULE…]` while we run).
+    RunRequests(Vec<RunRequest>),
     /// A task the daemon cannot run without (the cron timer, the signal handlers) panicked: the
     /// daemon stops with an error, so systemd restarts it, rather than live on running nothing.
     TaskFailed { task: &'static str, error: String },
@@ -65,6 +67,59 @@ fn spawn_critical(
     });
 }
 
+/// Polls the state for operators' run requests and reports them as [`Event::RunRequests`]; the
+/// reads run on a blocking thread, so a pass's long commit delays only this poll.
+fn spawn_request_poll(state: State, tx: mpsc::UnboundedSender<Event>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut poll = tokio::time::interval(APPROVAL_POLL);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = poll.tick() => {}
+            }
+            let state = state.clone();
+            match tokio::task::spawn_blocking(move || state.take_run_requests()).await {
+                Ok(Ok(requests)) if requests.is_empty() => {}
+                Ok(Ok(requests)) => {
+                    let _ = tx.send(Event::RunRequests(requests));
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "state warning"),
+                Err(e) => tracing::warn!(error = %e, "state warning"),
+            }
+        }
+    });
+}
+
+/// The daemon's own state writes (what it runs, answers to run requests), done in the order sent
+/// on a blocking thread: the event loop never waits on SQLite, which a pass's commit may hold for
+/// seconds, so the heartbeat and the watchdog go on.
+struct StateWrites(mpsc::UnboundedSender<StateWrite>);
+
+/// One of the daemon's own state writes.
+type StateWrite = Box<dyn FnOnce(&State) -> Result<(), crate::state::StateError> + Send>;
+
+impl StateWrites {
+    fn start(state: &State, tracker: &TaskTracker) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<StateWrite>();
+        let state = state.clone();
+        tracker.spawn(async move {
+            while let Some(write) = rx.recv().await {
+                let state = state.clone();
+                match tokio::task::spawn_blocking(move || write(&state)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "state warning"),
+                    Err(e) => tracing::warn!(error = %e, "state warning"),
+                }
+            }
+        });
+        Self(tx)
+    }
+
+    fn send(&self, write: impl FnOnce(&State) -> Result<(), crate::state::StateError> + Send + 'static) {
+        let _ = self.0.send(Box::new(write));
+    }
+}
+
 /// How long the watcher waits for a burst of file events to settle.
 const DEBOUNCE: Duration = Duration::from_millis(400);
 
@@ -83,6 +138,8 @@ struct Daemon {
     /// Connections replaced by a reload, closed at shutdown (in-flight passes may still use them).
     retired: Vec<Connection>,
     state: State,
+    /// The daemon's own state writes, in order, off the event loop.
+    writes: StateWrites,
     _lock: InstanceLock,
     running: HashSet<RuleName>,
     pending: BTreeMap<RuleName, Trigger>,
@@ -112,12 +169,14 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     let (table, table_rx) = watch::channel(CronTable::default());
     let daemon_overdue_factor = config.metrics.overdue_factor;
     let producers = CancellationToken::new();
+    let tracker = TaskTracker::new();
     let mut daemon = Daemon {
         engine: Arc::new(rules::engine::build(config.time_zone)),
         config,
         rules: RuleSet::default(),
         connection,
         retired: Vec::new(),
+        writes: StateWrites::start(&state, &tracker),
         state,
         _lock: lock,
         running: HashSet::new(),
@@ -125,7 +184,7 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
         approved: HashSet::new(),
         tx: tx.clone(),
         table,
-        tracker: TaskTracker::new(),
+        tracker,
         apply_cancel: CancellationToken::new(),
         watcher: None,
         status: String::new(),
@@ -163,7 +222,7 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
         tracing::warn!(error = %e, "state warning");
     }
     let watchdog = sd_notify::watchdog_enabled();
-    let mut approvals = tokio::time::interval(APPROVAL_POLL);
+    spawn_request_poll(daemon.state.clone(), tx.clone(), producers.clone());
     let mut rescan = tokio::time::interval_at(tokio::time::Instant::now() + RESCAN, RESCAN);
     let mut watchdog_tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
     let mut failure = None;
@@ -186,6 +245,7 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
                     }
                     Event::Reload => daemon.reload(clock).await,
                     Event::PassDone(report) => daemon.pass_done(&report),
+                    Event::RunRequests(requests) => daemon.take_requests(requests),
                     Event::TaskFailed { task, error } => {
                         tracing::error!(task, error = %error, "daemon task failed");
                         failure = Some(anyhow::anyhow!("the daemon's {task} failed: {error}"));
@@ -195,10 +255,6 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
                 daemon.start_pending();
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[NotifyState::Watchdog]),
-            _ = approvals.tick() => {
-                daemon.take_approvals();
-                daemon.start_pending();
-            }
             _ = rescan.tick() => {
                 let _ = daemon.tx.send(Event::RulesChanged);
             }
@@ -290,9 +346,7 @@ impl Daemon {
         }
         self.rules = change.next;
         let loaded: Vec<(RuleName, String)> = self.rules.iter().map(|r| (r.name.clone(), r.hash.clone())).collect();
-        if let Err(e) = self.state.set_loaded(&loaded) {
-            tracing::warn!(error = %e, "state warning");
-        }
+        self.writes.send(move |state| state.set_loaded(&loaded));
         let table = CronTable {
             entries: self
                 .rules
@@ -392,15 +446,9 @@ impl Daemon {
     }
 
     /// Operators' run requests (`segsync sync [RULE…] [--allow-mass-removal]` while we run): each
-    /// requested rule runs now, once; with a confirmation it may apply a held mass removal.
-    fn take_approvals(&mut self) {
-        let requests = match self.state.take_run_requests() {
-            Ok(requests) => requests,
-            Err(e) => {
-                tracing::warn!(error = %e, "state warning");
-                return;
-            }
-        };
+    /// requested rule runs now, once; with a confirmation it may apply a held mass removal. Every
+    /// request is answered (taken, or why not).
+    fn take_requests(&mut self, requests: Vec<RunRequest>) {
         for request in requests {
             let name = request.rule.clone();
             let answer = if self.rules.get(&name).is_some() {
@@ -409,7 +457,7 @@ impl Daemon {
                     self.approved.insert(name.clone());
                 }
                 self.pending.insert(name, Trigger::Manual);
-                crate::state::RunAnswer { taken: true, reason: String::new() }
+                RunAnswer { taken: true, reason: String::new() }
             } else {
                 let loaded: Vec<&str> = self.rules.rules.keys().map(RuleName::as_str).collect();
                 let how = if self.config.watch_rules {
@@ -420,11 +468,9 @@ impl Daemon {
                 let reason =
                     format!("the daemon runs no rule named \"{name}\" (it runs: {}); {how}", loaded.join(", "));
                 tracing::warn!(rule = %name, reason = %reason, "run request ignored");
-                crate::state::RunAnswer { taken: false, reason }
+                RunAnswer { taken: false, reason }
             };
-            if let Err(e) = self.state.answer_run_request(&request, &answer) {
-                tracing::warn!(error = %e, "state warning");
-            }
+            self.writes.send(move |state| state.answer_run_request(&request, &answer));
         }
     }
 
@@ -504,6 +550,8 @@ impl Daemon {
         producers.cancel();
         self.watcher = None;
         self.apply_cancel.cancel();
+        // The writer finishes what was sent, then ends with its channel.
+        drop(self.writes);
         self.tracker.close();
         if tokio::time::timeout(self.config.shutdown_timeout, self.tracker.wait()).await.is_err() {
             tracing::warn!("shutdown deadline passed");

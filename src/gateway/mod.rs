@@ -75,16 +75,16 @@ impl Pagination {
     }
 }
 
-/// The two paged endpoints; each learns its own page size and pagination.
+/// The two paged resources (HTTP endpoints); each learns its own page size and pagination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Endpoint {
+pub enum Resource {
     /// `GET /contacts`: contact scans and member reads.
     Contacts,
     /// `GET /contacts/list`: the list directory.
     Lists,
 }
 
-impl Endpoint {
+impl Resource {
     pub const ALL: [Self; 2] = [Self::Contacts, Self::Lists];
 
     pub fn as_str(self) -> &'static str {
@@ -99,14 +99,14 @@ impl Endpoint {
     }
 }
 
-/// How one endpoint is paged: the page size asked for and how pages are addressed.
+/// How one resource is paged: the page size asked for and how pages are addressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Paging {
     pub page_size: u32,
     pub pagination: Pagination,
 }
 
-/// What a client knows of one endpoint's paging.
+/// What a client knows of one resource's paging.
 #[derive(Debug, Clone, Copy)]
 struct Learned {
     /// What reads use.
@@ -222,7 +222,7 @@ struct Inner {
     root: Url,
     auth: (HeaderName, HeaderValue),
     pacer: Pacer,
-    /// Per endpoint, as configured and then as learned from the server.
+    /// Per resource, as configured and then as learned from the server.
     paging: std::sync::Mutex<[Learned; 2]>,
     /// The paging this client starts from, and goes back to when it probes again.
     configured: Paging,
@@ -321,17 +321,17 @@ impl Gateway {
         f(&PROCESS);
     }
 
-    /// The paging `endpoint`'s reads use now: as configured until a read has probed the server,
+    /// The paging `resource`'s reads use now: as configured until a read has probed the server,
     /// then as it answered.
-    pub fn paging(&self, endpoint: Endpoint) -> Paging {
-        self.inner.paging.lock().unwrap_or_else(|p| p.into_inner())[endpoint as usize].now
+    pub fn paging(&self, resource: Resource) -> Paging {
+        self.inner.paging.lock().unwrap_or_else(|p| p.into_inner())[resource as usize].now
     }
 
-    /// The paging `endpoint` is expected to take, for planning a pass: what this process learned,
+    /// The paging `resource` is expected to take, for planning a pass: what this process learned,
     /// else what an earlier one remembered, else the configuration.
-    pub fn expected_paging(&self, endpoint: Endpoint) -> Paging {
+    pub fn expected_paging(&self, resource: Resource) -> Paging {
         let all = self.inner.paging.lock().unwrap_or_else(|p| p.into_inner());
-        let learned = &all[endpoint as usize];
+        let learned = &all[resource as usize];
         match (learned.probed_at, learned.remembered) {
             (None, Some(remembered)) => remembered,
             _ => learned.now,
@@ -341,12 +341,12 @@ impl Gateway {
     /// Takes the paging an earlier process remembered, as an expectation only: the reads of this
     /// process probe the server again from the configuration (a server that recovered, or a
     /// lesson that was wrong, is never kept forever).
-    pub fn remember(&self, endpoint: Endpoint, remembered: Paging) {
+    pub fn remember(&self, resource: Resource, remembered: Paging) {
         let mut all = self.inner.paging.lock().unwrap_or_else(|p| p.into_inner());
-        all[endpoint as usize].remembered = Some(remembered);
+        all[resource as usize].remembered = Some(remembered);
     }
 
-    /// Probes the server again (from the configuration) on the next read of every endpoint whose
+    /// Probes the server again (from the configuration) on the next read of every resource whose
     /// paging was last probed `max_age` ago or longer. The daemon calls it every pass with
     /// `[state] verify_members_every`.
     pub fn reprobe_older_than(&self, max_age: Duration) {
@@ -358,16 +358,16 @@ impl Gateway {
         }
     }
 
-    /// Records that a read probed `endpoint` and what it answered to, saying it in the log once
+    /// Records that a read probed `resource` and what it answered to, saying it in the log once
     /// when that differs from what reads used.
-    fn learn(&self, endpoint: Endpoint, paging: Paging, reason: Option<&str>) {
+    fn learn(&self, resource: Resource, paging: Paging, reason: Option<&str>) {
         let mut all = self.inner.paging.lock().unwrap_or_else(|p| p.into_inner());
-        let learned = &mut all[endpoint as usize];
+        let learned = &mut all[resource as usize];
         learned.probed_at = Some(std::time::Instant::now());
         if learned.now != paging {
             learned.now = paging;
             tracing::info!(
-                endpoint = endpoint.as_str(),
+                endpoint = resource.as_str(),
                 page_size = paging.page_size,
                 pagination = paging.pagination.as_str(),
                 reason = reason.unwrap_or("the gateway answered the configured paging"),
@@ -545,7 +545,7 @@ impl Gateway {
         if !query.not_list_ids.is_empty() {
             filters.push(("notListIds".into(), join(&query.not_list_ids)));
         }
-        self.paged(scan::Request { op, endpoint: Endpoint::Contacts, path: &["contacts"], filters }, work)
+        self.paged(scan::Request { op, resource: Resource::Contacts, path: &["contacts"], filters }, work)
     }
 
     /// Every list whose name contains `search` (case-insensitive; `None` for all lists): a
@@ -554,7 +554,7 @@ impl Gateway {
     pub async fn lists(&self, search: Option<&str>) -> Result<Vec<ListInfo>, GatewayError> {
         let filters = search.map(|text| vec![("search".to_owned(), text.to_owned())]).unwrap_or_default();
         let mut scan = self.paged(
-            scan::Request { op: Operation::FindList, endpoint: Endpoint::Lists, path: &["contacts", "list"], filters },
+            scan::Request { op: Operation::FindList, resource: Resource::Lists, path: &["contacts", "list"], filters },
             |lists: Vec<ListInfo>| lists,
         );
         let mut all = Vec::new();

@@ -25,7 +25,7 @@ const MINUTE: Duration = Duration::from_millis(60_500);
 pub struct Pacer {
     /// `None`: unpaced (429 pauses still hold).
     caps: Option<Caps>,
-    state: Mutex<State>,
+    state: Mutex<Window>,
 }
 
 /// Requests admitted per window.
@@ -36,7 +36,7 @@ struct Caps {
 }
 
 #[derive(Debug)]
-struct State {
+struct Window {
     /// Send times within the last minute window, oldest first.
     sent: VecDeque<Instant>,
     paused_until: Instant,
@@ -51,7 +51,7 @@ impl Pacer {
             Caps { per_second: scaled(l.per_second), per_minute: scaled(l.per_minute) }
         });
         let now = Instant::now();
-        Self { caps, state: Mutex::new(State { sent: VecDeque::new(), paused_until: now }) }
+        Self { caps, state: Mutex::new(Window { sent: VecDeque::new(), paused_until: now }) }
     }
 
     /// The least time `n` requests take under the windows, from a fresh budget; `None` unpaced.

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use super::{Endpoint, Gateway, GatewayError, ListInfo, Operation, Pagination, Paging, SEED_PAGE_SIZE};
+use super::{Gateway, GatewayError, ListInfo, Operation, Pagination, Paging, Resource, SEED_PAGE_SIZE};
 use crate::contact::Record;
 
 /// More records than this in one read is not an account, it is a broken or hostile server: the
@@ -73,7 +73,7 @@ impl<R> Drop for Scan<R> {
 /// What a paged read asks for.
 pub(super) struct Request {
     pub op: Operation,
-    pub endpoint: Endpoint,
+    pub resource: Resource,
     pub path: &'static [&'static str],
     pub filters: Vec<(String, String)>,
 }
@@ -236,7 +236,7 @@ impl Gateway {
                         ));
                         paging.page_size = raw as u32;
                     }
-                    self.learn(req.endpoint, *paging, reason.as_deref());
+                    self.learn(req.resource, *paging, reason.as_deref());
                     return Ok(fetched);
                 }
                 Err(e) => return Err(e),
@@ -250,7 +250,7 @@ impl Gateway {
         work: &Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
         tx: &mpsc::Sender<Result<Page<R>, GatewayError>>,
     ) {
-        let mut paging = self.paging(req.endpoint);
+        let mut paging = self.paging(req.resource);
         let seen = Arc::new(Seen { hasher: RandomState::new(), ids: std::sync::Mutex::new(HashSet::new()) });
         let first = self.first_page(&req, &mut paging, &seen, work).await;
         let mut read = Read::new(req.op, u64::from(paging.page_size));
@@ -291,7 +291,7 @@ impl Gateway {
                         Pagination::Page => (Pagination::Offset, "the gateway ignores `page` and pages by `offset`"),
                     };
                     paging.pagination = to;
-                    self.learn(req.endpoint, paging, Some(reason));
+                    self.learn(req.resource, paging, Some(reason));
                     in_flight = FuturesOrdered::new();
                     next_offset = offset;
                     continue;

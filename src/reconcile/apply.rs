@@ -1,10 +1,12 @@
-//! Writing a plan to the gateway: adds in batches of at most 1,000, then removals in bulk
-//! batches. Between batches it checks for shutdown, so a stop never cuts a batch in half.
-//! Both writes are idempotent (set union, set difference), so a retry or a rerun is harmless.
+//! Stage 7, `apply`: writing a plan to the gateway: adds in batches of at most 1,000, then
+//! removals in bulk batches. Between batches it checks for shutdown, so a stop never cuts a batch
+//! in half. Both writes are idempotent (set union, set difference), so a retry or a rerun is
+//! harmless. Nothing is written in a dry run, or when a guard refused the plan.
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Plan, ReconcileError};
+use super::plan::Planned;
+use super::{Flow, Plan, ReconcileError, Reconciler};
 use crate::gateway::{Gateway, MAX_BATCH, WriteOutcome};
 use crate::ids::ListId;
 
@@ -33,7 +35,34 @@ impl Applied {
     }
 }
 
-pub async fn apply(
+/// A rule's plan and what of it was written.
+pub(super) struct Written {
+    pub planned: Planned,
+    pub applied: Applied,
+    /// The write that failed (the batches before it stand).
+    pub error: Option<ReconcileError>,
+}
+
+impl Reconciler {
+    pub(super) async fn apply(&self, planned: Flow<Planned>, dry_run: bool) -> Flow<Written> {
+        let planned = planned?;
+        let bound = &planned.judged.bound;
+        let list = match &bound.list {
+            Some(list) if !dry_run && planned.plan.refused.is_none() => list.clone(),
+            _ => return Ok(Written { planned, applied: Applied::default(), error: None }),
+        };
+        let (applied, error) = match write(&bound.job.gateway, &list, &planned.plan, &self.cancel).await {
+            Ok(applied) => (applied, None),
+            Err((applied, e)) => (applied, Some(e)),
+        };
+        if let (None, Some(why)) = (&error, applied.unconfirmed()) {
+            tracing::warn!(rule = %bound.job.rule.name, list_id = %list, detail = %why, "writes unconfirmed");
+        }
+        Ok(Written { planned, applied, error })
+    }
+}
+
+async fn write(
     gw: &Gateway,
     list: &ListId,
     plan: &Plan,

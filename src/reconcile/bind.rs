@@ -1,15 +1,61 @@
-//! Binding each rule to its list, and reading the list's members when the cache cannot give them.
-//!
-//! A rule's list is its remembered binding, else the oldest list of that exact name found by a
-//! complete directory read, else a new one. After creating a list the directory is read again, so
-//! two segsyncs that created the same name at once both bind the oldest and never split a segment.
+//! Stage 2, `bind`: each rule's list. Its remembered binding while the directory shows that id
+//! under the rule's `LIST` name, else the oldest list of that exact name found by a complete
+//! directory read, else a new one. After creating a list the directory is read again, so two
+//! segsyncs that created the same name at once both bind the oldest and never split a segment.
+//! What changed in the binding is written by `commit`.
 
 use std::sync::Arc;
 
-use super::{MemberSource, ReconcileError, Reconciler, Slot, read};
+use super::{Flow, Job, ReconcileError, Reconciler, Stopped};
 use crate::gateway::{ListInfo, Meter, sort_oldest_first};
 use crate::ids::ListId;
-use crate::rules::{Date, Rule};
+use crate::rules::Rule;
+
+/// A rule bound to its list.
+pub(super) struct Bound {
+    pub job: Job,
+    /// `None` only in a dry run whose list does not exist yet (or a rule stopped before binding).
+    pub list: Option<ListId>,
+    /// The list is new this run (or would be, in a dry run): it has no members.
+    pub created: bool,
+    /// A remembered id the directory no longer shows under the rule's name (forgotten at commit).
+    pub forget: Option<ListId>,
+    /// A binding made this run (stored at commit).
+    pub bind: Option<ListId>,
+}
+
+impl Bound {
+    /// A job that stopped before it was bound.
+    pub fn unbound(job: Job) -> Self {
+        Self { job, list: None, created: false, forget: None, bind: None }
+    }
+
+    /// A copy of what a report needs (the rule, its meter and list), to report a stage that lost
+    /// the rest.
+    pub fn shell(&self) -> Self {
+        let job = Job {
+            rule: self.job.rule.clone(),
+            meter: self.job.meter.clone(),
+            gateway: self.job.gateway.clone(),
+            recalled: Default::default(),
+        };
+        Self {
+            job,
+            list: self.list.clone(),
+            created: self.created,
+            forget: self.forget.clone(),
+            bind: self.bind.clone(),
+        }
+    }
+
+    /// Takes the list `found` (by name, or created).
+    fn rebind(&mut self, found: (Option<ListId>, bool)) {
+        let (list, created) = found;
+        self.bind = list.clone();
+        self.list = list;
+        self.created = created;
+    }
+}
 
 impl Reconciler {
     /// Every list of the account (a complete directory read): it binds new rules without a
@@ -25,68 +71,33 @@ impl Reconciler {
         }
     }
 
-    /// Binds the slot's rule to its list (creating it when none exists). Any failure is recorded
-    /// in the slot.
-    pub(super) async fn bind(&self, slot: &mut Slot, dry_run: bool, directory: Option<&[ListInfo]>) {
-        match self.bind_list(slot, dry_run, directory).await {
-            Ok((list, created)) => {
-                slot.list = list;
-                slot.created = created;
-                if created {
-                    slot.members_from = MemberSource::NewList;
-                }
-            }
-            Err(e) => slot.error = Some(e),
-        }
-    }
-
-    /// Reads the slot's list's members and judges each on its own record. A list deleted since
-    /// it was bound is found or created again.
-    pub(super) async fn read_members(&self, slot: &mut Slot, dry_run: bool, today: Date) {
-        let result = async {
-            // At most twice: a list deleted since it was bound is replaced by another of its name.
-            for _ in 0..2 {
-                let Some(list) = slot.list.clone().filter(|_| !slot.created) else { return Ok(()) };
-                match read::members(&self.cancel, &slot.gateway, &self.engine, &slot.rule, &list, today).await {
-                    Ok(eval) => {
-                        slot.eval = eval;
-                        slot.members_from = MemberSource::Read;
-                        return Ok(());
-                    }
-                    Err(ReconcileError::Gateway(e)) if e.is_unknown_list() => {
-                        tracing::warn!(rule = %slot.rule.name, list_id = %list, list = %slot.rule.list, "list gone");
-                        let (list, created) = self.find_or_create(slot, dry_run, None).await?;
-                        slot.list = list;
-                        slot.created = created;
-                        slot.members_from = MemberSource::NewList;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            slot.error = Some(e);
+    /// Binds the job's rule to its list (creating it when none exists, unless a dry run).
+    pub(super) async fn bind(&self, job: Flow<Job>, dry_run: bool, directory: Option<&[ListInfo]>) -> Flow<Bound> {
+        let mut bound = Bound::unbound(job?);
+        match self.bind_list(&mut bound, dry_run, directory).await {
+            Ok(()) => Ok(bound),
+            Err(e) => Err(Stopped::new(bound, e)),
         }
     }
 
     /// The rule's list: its binding, else an existing list of that exact name, else a new one.
     async fn bind_list(
         &self,
-        slot: &Slot,
+        bound: &mut Bound,
         dry_run: bool,
         directory: Option<&[ListInfo]>,
-    ) -> Result<(Option<ListId>, bool), ReconcileError> {
-        let rule = &slot.rule;
-        if let Some(id) = self.state.binding(&self.account, &rule.name, &rule.list)? {
+    ) -> Result<(), ReconcileError> {
+        let (rule, recalled) = (&bound.job.rule, &bound.job.recalled);
+        if let Some(id) = recalled.binding.clone() {
             // A remembered id is written only while the directory shows it under the rule's
             // LIST name: the list may have been renamed by hand, or the id may be another
             // account's list at the same URL. Without the directory the name is looked up.
             let named = match directory {
                 Some(all) => all.iter().find(|l| l.id == id).map(|l| l.name.clone()),
                 None => Some(
-                    slot.gateway
+                    bound
+                        .job
+                        .gateway
                         .find_lists(&rule.list)
                         .await?
                         .into_iter()
@@ -95,7 +106,10 @@ impl Reconciler {
                 ),
             };
             match named {
-                Some(name) if name == rule.list => return Ok((Some(id), false)),
+                Some(name) if name == rule.list => {
+                    bound.list = Some(id);
+                    return Ok(());
+                }
                 Some(name) => {
                     tracing::warn!(rule = %rule.name, list = %rule.list, list_id = %id, found = %name,
                         "list binding invalid");
@@ -104,64 +118,71 @@ impl Reconciler {
             }
             // Bound again by name, exactly as a first binding; nothing remembered of the old id
             // (its cached members) is used again.
-            if !dry_run {
-                self.state.forget_list(&self.account, &rule.name, &rule.list, &id)?;
-            }
-            return self.find_or_create(slot, dry_run, directory).await;
-        }
-        if let Some((old_name, old_id)) = self.state.other_binding(&self.account, &rule.name, &rule.list)? {
+            bound.forget = Some(id);
+        } else if let Some((old_name, old_id)) = &recalled.other_binding {
             tracing::info!(rule = %rule.name, old_list = %old_name, old_list_id = %old_id, list = %rule.list, "list changed");
         }
-        self.find_or_create(slot, dry_run, directory).await
+        let found = self.find_or_create(bound, dry_run, directory).await?;
+        bound.rebind(found);
+        Ok(())
     }
 
-    async fn find_or_create(
+    /// The list of the rule's exact name (the oldest, if several), else a new one (`None` in a
+    /// dry run); with whether it is new.
+    pub(super) async fn find_or_create(
         &self,
-        slot: &Slot,
+        bound: &Bound,
         dry_run: bool,
         directory: Option<&[ListInfo]>,
     ) -> Result<(Option<ListId>, bool), ReconcileError> {
-        let rule = &slot.rule;
+        let (rule, gateway) = (&bound.job.rule, &bound.job.gateway);
         let found = match directory {
             Some(all) => {
                 let mut named: Vec<ListInfo> = all.iter().filter(|l| l.name == rule.list).cloned().collect();
                 sort_oldest_first(&mut named);
                 named
             }
-            None => slot.gateway.find_lists(&rule.list).await?,
+            None => gateway.find_lists(&rule.list).await?,
         };
-        let (id, created) = match found.first() {
-            Some(_) => (Self::oldest_of(rule, found), false),
-            None if dry_run => return Ok((None, true)),
-            None => {
-                let list = slot.gateway.create_list(&rule.list, &rule.description).await?;
-                tracing::info!(rule = %rule.name, list = %rule.list, list_id = %list.id, "list created");
-                // Another segsync may have created the same list meanwhile: read the directory
-                // again and bind the oldest of that name, so a segment is never split.
-                let mut again = slot.gateway.find_lists(&rule.list).await?;
-                if !again.iter().any(|l| l.id == list.id) {
-                    again.push(list.clone());
-                    sort_oldest_first(&mut again);
-                }
-                let oldest = Self::oldest_of(rule, again);
-                let created = oldest == list.id;
-                (oldest, created)
-            }
-        };
-        if !dry_run {
-            self.state.bind(&self.account, &rule.name, &rule.list, &id)?;
+        if !found.is_empty() {
+            return Ok((Some(oldest_of(rule, found)), false));
         }
-        Ok((Some(id), created))
+        if dry_run {
+            return Ok((None, true));
+        }
+        let list = gateway.create_list(&rule.list, &rule.description).await?;
+        tracing::info!(rule = %rule.name, list = %rule.list, list_id = %list.id, "list created");
+        // Another segsync may have created the same list meanwhile: read the directory again and
+        // bind the oldest of that name, so a segment is never split.
+        let mut again = gateway.find_lists(&rule.list).await?;
+        if !again.iter().any(|l| l.id == list.id) {
+            again.push(list.clone());
+            sort_oldest_first(&mut again);
+        }
+        let oldest = oldest_of(rule, again);
+        let created = oldest == list.id;
+        Ok((Some(oldest), created))
     }
 
-    /// The oldest of the lists carrying the rule's exact name (`found` is sorted oldest first),
-    /// with a warning naming every id when there are several.
-    fn oldest_of(rule: &Rule, found: Vec<ListInfo>) -> ListId {
-        if found.len() > 1 {
-            let ids: Vec<&str> = found.iter().map(|l| l.id.as_str()).collect();
-            tracing::warn!(rule = %rule.name, list = %rule.list, list_id = %found[0].id, list_ids = %ids.join(","),
-                "list duplicates");
+    /// After a member read found the bound list gone: binds the rule again by name.
+    pub(super) async fn rebind_gone(&self, bound: &mut Bound, dry_run: bool) -> Result<(), ReconcileError> {
+        let rule = &bound.job.rule;
+        if let Some(list) = &bound.list {
+            tracing::warn!(rule = %rule.name, list_id = %list, list = %rule.list, "list gone");
         }
-        found.into_iter().next().map(|l| l.id).unwrap_or_else(|| ListId::from(""))
+        let found = self.find_or_create(bound, dry_run, None).await?;
+        bound.rebind(found);
+        Ok(())
     }
+}
+
+/// The oldest of the lists carrying the rule's exact name (`found` is sorted oldest first, and
+/// not empty), with a warning naming every id when there are several.
+fn oldest_of(rule: &Rule, found: Vec<ListInfo>) -> ListId {
+    if found.len() > 1 {
+        let ids: Vec<&str> = found.iter().map(|l| l.id.as_str()).collect();
+        tracing::warn!(rule = %rule.name, list = %rule.list, list_id = %found[0].id, list_ids = %ids.join(","),
+            "list duplicates");
+    }
+    found.into_iter().next().map(|l| l.id).unwrap_or_else(|| ListId::from(""))
 }

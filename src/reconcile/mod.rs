@@ -1,17 +1,30 @@
-//! One reconcile pass over the rules due now: bind each rule to its list, read members and
-//! candidates, plan, guard, apply in batches, record the run, and log one summary per rule.
+//! One reconcile pass over the rules due now, as stages in pass order, each taking the previous
+//! stage's output and returning its own typed value:
 //!
-//! `plan` is pure; this module does the I/O around it. A failing rule never stops the others.
+//! 1. `recall` → `Recalled`: what the state remembers of each rule (one blocking read);
+//! 2. `bind` → `Bound`: each rule's list, from one complete directory read;
+//! 3. `members` → `Members`: each list's members (the cache or a read), and the read they choose;
+//! 4. `read` → `Candidates`: the shared scan or each rule's own read, judged page by page;
+//! 5. `settle` → `Judged`: cached members reconciled with what the scan saw;
+//! 6. `plan` → `Planned`: the pure plan, with the removal grace and the guards;
+//! 7. `apply` → `Written`: the writes, in batches;
+//! 8. `commit` → `RuleReport`: the rule's state writes in one transaction, and its summary event.
+//!
+//! A rule that stops at any stage carries a `Stopped` to `commit` instead; one rule's failure never
+//! stops another's. No stage writes the state before `commit`.
 
 mod apply;
 mod bind;
-mod cache;
-mod history;
+mod commit;
+mod cost;
+mod grace;
+mod judge;
+mod members;
 pub mod plan;
 mod progress;
 mod read;
-mod read_plan;
-mod report;
+mod recall;
+mod settle;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,15 +35,15 @@ use rhai::Engine;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Guards;
 use crate::gateway::{Gateway, GatewayError, Meter, Usage};
-use crate::ids::{Account, ContactId, ListId};
+use crate::ids::{Account, ListId};
+pub use crate::outcome::{Outcome, Trigger};
 use crate::rules::{Date, Rule};
-pub use crate::run::{Outcome, Trigger};
 use crate::state::{State, StateError};
-pub use plan::{Evaluation, Plan};
+pub use commit::sample;
+pub use grace::Grace;
+pub use plan::{Evaluation, Guards, Plan};
 pub use progress::{Progress, ProgressSink};
-pub use report::sample;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -43,6 +56,9 @@ pub enum ReconcileError {
     Read(Arc<ReconcileError>),
     #[error("interrupted by shutdown; the next run converges")]
     Interrupted,
+    /// The planning thread failed (it panicked).
+    #[error("planning failed: {0}")]
+    Planning(String),
 }
 
 impl ReconcileError {
@@ -219,28 +235,6 @@ impl PassReport {
     }
 }
 
-/// One rule's progress through a pass.
-struct Slot {
-    rule: Arc<Rule>,
-    meter: Arc<Meter>,
-    gateway: Gateway,
-    list: Option<ListId>,
-    created: bool,
-    /// The list's size as the directory gave it this pass.
-    listed: Option<u64>,
-    /// The cache holds this list's members and the counts agree: no member read needed.
-    trusted_cache: bool,
-    members_from: MemberSource,
-    /// What the shared scan saw of a cached list's members.
-    seen: Option<read::CachedSeen>,
-    /// Cached members the scan did not return: deleted contacts, gone from the list by themselves.
-    unseen: Vec<ContactId>,
-    eval: Evaluation,
-    /// Non-members passing the rule's FILTER: what its own read would return.
-    in_filter: u64,
-    error: Option<ReconcileError>,
-}
-
 /// What a [`Reconciler`] is made of.
 pub struct Parts {
     pub gateway: Gateway,
@@ -263,8 +257,8 @@ pub struct Parts {
 
 impl Reconciler {
     /// The one constructor. The gateway is tied to `cancel` here, so every request of every pass
-    /// ends at shutdown however the caller built its gateway, and expects (for planning, not for
-    /// reading) the paging the account's endpoints taught an earlier run.
+    /// ends at shutdown however the caller built its gateway. Touches nothing: each pass recalls
+    /// what it needs from the state on a blocking thread.
     pub fn new(parts: Parts) -> Self {
         let Parts {
             gateway,
@@ -279,14 +273,6 @@ impl Reconciler {
             history_retention,
             history_facts,
         } = parts;
-        match state.paging(&account) {
-            Ok(learned) => {
-                for (endpoint, paging) in learned {
-                    gateway.remember(endpoint, paging);
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "no remembered paging"),
-        }
         let gateway = gateway.cancelled_by(cancel.clone());
         Self {
             gateway,
@@ -355,7 +341,7 @@ impl Reconciler {
         let reports: Vec<RuleReport> =
             rules.iter().map(|rule| RuleReport::failed(rule.clone(), detail.clone())).collect();
         for report in &reports {
-            self.record(report, trigger, &started_at, dry_run).await;
+            self.record_failed(report, trigger, &started_at, dry_run).await;
         }
         PassReport { rules: reports, read: ReadKind::SharedScan, usage: Usage::default(), duration: started.elapsed() }
     }
@@ -367,80 +353,49 @@ impl Reconciler {
         // Learned paging is probed again at least every `verify_members_every` (and by every new
         // process), so no lesson is kept forever.
         self.gateway.reprobe_older_than(self.verify_members_every);
-        let pass_meter = Arc::new(Meter::default());
-        let mut slots: Vec<Slot> = req
-            .rules
-            .iter()
-            .map(|rule| {
-                let meter = Arc::new(Meter::default());
-                Slot {
-                    rule: rule.clone(),
-                    gateway: self.gateway.metered(meter.clone()),
-                    meter,
-                    list: None,
-                    created: false,
-                    listed: None,
-                    trusted_cache: false,
-                    members_from: MemberSource::Unknown,
-                    seen: None,
-                    unseen: Vec::new(),
-                    eval: Evaluation::default(),
-                    in_filter: 0,
-                    error: None,
-                }
-            })
-            .collect();
-
-        let shared_meter = Arc::new(Meter::default());
-        let (predicted, estimated) = self.predict(&req.rules);
-        let mut meters: Vec<Arc<Meter>> = slots.iter().map(|s| s.meter.clone()).collect();
-        meters.extend([pass_meter.clone(), shared_meter.clone()]);
+        let memory = self.recall(&req.rules).await;
+        let contacts = memory.contacts;
+        let jobs = self.jobs(&req.rules, memory.rules);
+        let (directory_meter, shared_meter) = (Arc::new(Meter::default()), Arc::new(Meter::default()));
+        let mut meters: Vec<Arc<Meter>> =
+            jobs.iter().map(|j| j.as_ref().map_or_else(|s| s.meter(), |j| j.meter.clone())).collect();
+        meters.extend([directory_meter.clone(), shared_meter.clone()]);
+        let (predicted, estimated) = cost::predict(&jobs, contacts, self.page(), today);
         let reporter = progress::Reporter::start(
             req.trigger,
             req.rules.len(),
             predicted.as_str(),
             estimated,
             estimated.and_then(|n| self.gateway.least_time(n)),
-            meters,
+            meters.clone(),
             req.progress.clone(),
         );
 
-        // 1. Bind each rule to its list. The directory's counts also tell whose cache still holds.
-        let directory = self.list_directory(&pass_meter).await;
-        join_all(slots.iter_mut().map(|slot| self.bind(slot, req.dry_run, directory.as_deref()))).await;
-        for slot in &mut slots {
-            self.consult_cache(slot, directory.as_deref());
-        }
-
-        // 2. Choose the cheaper read: one shared scan (cached lists ride it, their members judged
-        //    on its records), or each rule's own filtered read of non-members (members read).
-        //    Then read the members the cache cannot give, and the candidates.
-        let live: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].error.is_none()).collect();
-        let read = self.choose_read(&slots, &live);
-        self.members(&mut slots, read, today, req.dry_run).await;
-        let live: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].error.is_none()).collect();
-        self.read_candidates(&mut slots, &live, read, &shared_meter, today).await;
-        self.settle_cached(&mut slots, today, req.dry_run).await;
+        let directory = self.list_directory(&directory_meter).await;
+        let bound = join_all(jobs.into_iter().map(|job| self.bind(job, req.dry_run, directory.as_deref()))).await;
+        let (read, members) = self.members(bound, directory.as_deref(), contacts, req.dry_run, today).await;
+        let candidates = self.read(members, read, &shared_meter, today).await;
+        let judged = self.settle(candidates, req.dry_run, today).await;
         reporter.writing();
-
-        // 3. Plan, guard and apply each rule; one rule's failure is not another's.
         let shared_usage = shared_meter.usage();
-        let meters: Vec<Arc<Meter>> = slots.iter().map(|s| s.meter.clone()).collect();
-        let reports =
-            join_all(slots.into_iter().map(|slot| self.finish(slot, &req, read, &shared_usage, (started, today))))
-                .await;
-        let mut usage = shared_usage.clone();
-        for meter in meters.iter().chain([&pass_meter]) {
-            usage.absorb(&meter.usage());
-        }
-        for report in &reports {
-            self.record(report, req.trigger, &started_at, req.dry_run).await;
-        }
-        self.remember_paging();
+        let reports = join_all(judged.into_iter().map(|judged| async {
+            let run = (&req, read, &shared_usage, (started, started_at.as_str()));
+            let written = match judged {
+                Ok(judged) => self.apply(self.plan(judged, &req).await, req.dry_run).await,
+                Err(stopped) => Err(stopped),
+            };
+            self.commit(written, run).await
+        }))
+        .await;
+
         if !req.dry_run {
             self.prune_history().await;
         }
         drop(reporter);
+        let mut usage = shared_usage;
+        for meter in meters.iter().filter(|m| !Arc::ptr_eq(m, &shared_meter)) {
+            usage.absorb(&meter.usage());
+        }
         let report = PassReport { rules: reports, read, usage, duration: started.elapsed() };
         tracing::info!(
             trigger = %req.trigger,
@@ -457,117 +412,59 @@ impl Reconciler {
         report
     }
 
-    async fn finish(
-        &self,
-        slot: Slot,
-        req: &PassRequest,
-        read: ReadKind,
-        shared: &Usage,
-        (started, today): (Instant, Date),
-    ) -> RuleReport {
-        let rule = slot.rule.clone();
-        crate::fault::panic_in_pass(rule.name.as_str());
-        let members_before = slot.eval.members.len() as u64;
-        let mut report = RuleReport {
-            rule: rule.clone(),
-            list_id: slot.list.clone(),
-            list_created: slot.created,
-            members_before,
-            scanned: slot.eval.evaluated,
-            matched: slot.eval.matched,
-            eval_errors: slot.eval.errors,
-            first_error: slot.eval.first_error.as_ref().map(|(id, e)| format!("contact {id}: {e}")),
-            plan: Plan::default(),
-            in_filter: slot.in_filter,
-            added: 0,
-            removed: 0,
-            usage: Usage::default(),
-            read,
-            members_from: slot.members_from,
-            derived_filter: rule.derived_filter(today).iter().map(crate::rules::FilterTerm::query_pair).collect(),
-            remove_after: rule.remove_after.or(self.default_remove_after),
-            outcome: Outcome::Ok,
-            detail: None,
-            duration: Duration::ZERO,
-        };
-        if let Some(e) = slot.error {
-            report.outcome = if e.is_interrupted() { Outcome::Interrupted } else { Outcome::Failed };
-            report.detail = Some(e.to_string());
-        } else {
-            // Sorting a million ids is real CPU work: off the async workers.
-            let now = req.now.unwrap_or_else(chrono::Utc::now);
-            let grace = self.grace(&rule, now);
-            let (eval, mode, guards, allow) = (slot.eval, rule.mode, self.guards.clone(), req.allow_mass_removal);
-            let planning = grace.clone();
-            let planned = tokio::task::spawn_blocking(move || {
-                let mut eval = eval;
-                let plan = plan::plan(&mut eval, mode, &guards, allow, &planning);
-                (plan, eval.members, eval.reasons)
-            })
-            .await
-            .map_err(|e| Plan { refused: Some(format!("planning failed: {e}")), ..Plan::default() });
-            let (members, reasons) = match planned {
-                Ok((plan, members, reasons)) => {
-                    report.plan = plan;
-                    (Some(members), reasons)
-                }
-                Err(plan) => {
-                    report.plan = plan;
-                    (None, Vec::new())
-                }
-            };
-            let mut applied = apply::Applied::default();
-            let mut write_error = false;
-            if let Some(why) = &report.plan.refused {
-                report.outcome = Outcome::Failed;
-                report.detail = Some(why.clone());
-            } else if let (Some(list), false) = (&slot.list, req.dry_run) {
-                let error = match apply::apply(&slot.gateway, list, &report.plan, &self.cancel).await {
-                    Ok(done) => {
-                        applied = done;
-                        None
-                    }
-                    Err((done, e)) => {
-                        applied = done;
-                        Some(e)
-                    }
+    /// The page size a contacts read is expected to take (for planning).
+    fn page(&self) -> u64 {
+        u64::from(self.gateway.expected_paging(crate::gateway::Resource::Contacts).page_size)
+    }
+
+    /// One job per rule: its recalled state, or why it could not be read.
+    fn jobs(&self, rules: &[Arc<Rule>], recalled: Vec<Result<recall::Recalled, StateError>>) -> Vec<Flow<Job>> {
+        rules
+            .iter()
+            .zip(recalled)
+            .map(|(rule, recalled)| {
+                let meter = Arc::new(Meter::default());
+                let job = |recalled| Job {
+                    rule: rule.clone(),
+                    gateway: self.gateway.metered(meter.clone()),
+                    meter: meter.clone(),
+                    recalled,
                 };
-                write_error = error.is_some();
-                report.added = applied.added.done;
-                report.removed = applied.removed.done;
-                if let Some(e) = error {
-                    report.outcome = if e.is_interrupted() { Outcome::Interrupted } else { Outcome::Failed };
-                    report.detail = Some(e.to_string());
-                } else if let Some(why) = applied.unconfirmed() {
-                    tracing::warn!(rule = %rule.name, list_id = %list, detail = %why, "writes unconfirmed");
-                    report.outcome = Outcome::Partial;
-                    report.detail = Some(why);
+                match recalled {
+                    Ok(recalled) => Ok(job(recalled)),
+                    Err(e) => Err(Stopped::new(bind::Bound::unbound(job(recall::Recalled::default())), e.into())),
                 }
-            }
-            if let (Some(list), false) = (&slot.list, req.dry_run) {
-                let applied_all = !write_error && report.plan.refused.is_none();
-                self.keep_grace(&rule, &grace, &report.plan, applied_all && report.plan.held.is_none());
-                if !write_error {
-                    self.log_history(&rule, list, req.trigger, &report.plan, &reasons, now);
-                }
-            }
-            if let (Some(list), Some(members), false) = (&slot.list, members, req.dry_run) {
-                let update =
-                    cache::Update { from: slot.members_from, members, unseen: slot.unseen, write_failed: write_error };
-                report.plan = self.update_cache(&rule, list, update, std::mem::take(&mut report.plan), &applied).await;
-            }
-            if report.outcome == Outcome::Ok
-                && let Some(why) = &report.plan.held
-            {
-                report.outcome = Outcome::Held;
-                report.detail = Some(why.clone());
-            }
-        }
-        report.usage = slot.meter.usage();
-        if read == ReadKind::SharedScan {
-            report.usage.absorb(shared);
-        }
-        report.duration = started.elapsed();
-        report
+            })
+            .collect()
     }
 }
+
+/// One rule's run as it goes through the stages: the rule, its request meter and metered
+/// gateway, and what the state remembered of it at the start of the pass.
+pub(super) struct Job {
+    rule: Arc<Rule>,
+    meter: Arc<Meter>,
+    gateway: Gateway,
+    recalled: recall::Recalled,
+}
+
+/// A rule that stopped at some stage: what it had reached, and why.
+pub(super) struct Stopped {
+    bound: bind::Bound,
+    /// What it had evaluated before it stopped (its counts are reported).
+    eval: Evaluation,
+    error: ReconcileError,
+}
+
+impl Stopped {
+    fn new(bound: bind::Bound, error: ReconcileError) -> Box<Self> {
+        Box::new(Self { bound, eval: Evaluation::default(), error })
+    }
+
+    fn meter(&self) -> Arc<Meter> {
+        self.bound.job.meter.clone()
+    }
+}
+
+/// A stage's output for one rule, or where and why it stopped.
+pub(super) type Flow<T> = Result<T, Box<Stopped>>;

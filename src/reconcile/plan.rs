@@ -1,14 +1,28 @@
-//! The pure heart of reconciling: from what the rule said about each contact to the changes a
-//! list needs, and the guards that hold or refuse them. No I/O, no clock, no randomness.
+//! Stage 6, `plan`: the pure heart of reconciling, from what the rule said about each contact to
+//! the changes a list needs, and the guards that hold or refuse them. `plan` has no I/O, no clock
+//! and no randomness; the stage runs it on a blocking thread (sorting a million ids is real work).
 //!
 //! Invariants: a contact leaves a list only because its own member record evaluated to `false`;
 //! a contact the rule errored on is neither added nor removed; output order is sorted.
 
-use std::collections::HashMap;
-
-use crate::config::Guards;
+use super::grace::Grace;
+use super::settle::Judged;
+use super::{Flow, PassRequest, ReconcileError, Reconciler, Stopped};
 use crate::ids::{ContactId, ContactIdSet};
 use crate::rules::{EvalError, Facts, Mode, Rule};
+
+/// The guards that hold or refuse a plan (`[guards]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Guards {
+    /// Hold removals above this share of a list's members.
+    pub max_removal_share: f64,
+    /// Hold removals above this many members, if set.
+    pub max_removals: Option<u64>,
+    /// Change nothing when more than this share of evaluated contacts errored.
+    pub max_error_share: f64,
+    /// Removals of at most this many members are never held by the share rule (tiny lists).
+    pub mass_removal_floor: u64,
+}
 
 /// What evaluating one rule produced, before any decision.
 #[derive(Debug, Default, Clone)]
@@ -84,34 +98,6 @@ pub struct Plan {
     pub pending: Vec<(ContactId, String)>,
 }
 
-/// A rule's removal grace for one run: failing members are removed only once they have failed
-/// continuously for `remove_after`.
-#[derive(Debug, Clone)]
-pub struct Grace {
-    pub remove_after: Option<std::time::Duration>,
-    /// When each member already pending first failed (RFC 3339), under this version of the rule.
-    pub since: HashMap<ContactId, String>,
-    pub now: chrono::DateTime<chrono::Utc>,
-}
-
-impl Grace {
-    /// No grace: failing members are removed at once.
-    pub fn none() -> Self {
-        Self { remove_after: None, since: HashMap::new(), now: chrono::Utc::now() }
-    }
-
-    /// When `id` first failed: as remembered, else now.
-    pub fn since(&self, id: &ContactId) -> String {
-        self.since.get(id).cloned().unwrap_or_else(|| crate::state::at(self.now))
-    }
-
-    /// Whether a member failing since `since` has waited out the grace.
-    fn due(&self, since: &str, after: std::time::Duration) -> bool {
-        let since = chrono::DateTime::parse_from_rfc3339(since).map_or(self.now, |t| t.with_timezone(&chrono::Utc));
-        self.now.signed_duration_since(since).to_std().is_ok_and(|waited| waited >= after)
-    }
-}
-
 impl Plan {
     /// The removals that will really be sent.
     pub fn removals_to_apply(&self) -> &[ContactId] {
@@ -180,6 +166,34 @@ pub fn plan(eval: &mut Evaluation, mode: Mode, guards: &Guards, allow_mass_remov
         ));
     }
     plan
+}
+
+/// A rule's plan, with the evaluation and grace it was made from.
+pub(super) struct Planned {
+    /// The evaluation, its ids moved into the plan (its members and reasons stay).
+    pub judged: Judged,
+    pub plan: Plan,
+    pub grace: Grace,
+}
+
+impl Reconciler {
+    /// Plans one rule's changes at the run's "now", with its removal grace and the guards.
+    pub(super) async fn plan(&self, mut judged: Judged, req: &PassRequest) -> Flow<Planned> {
+        let rule = judged.bound.job.rule.clone();
+        crate::fault::panic_in_pass(rule.name.as_str());
+        let grace = Grace {
+            remove_after: rule.remove_after.or(self.default_remove_after),
+            since: std::mem::take(&mut judged.bound.job.recalled.pending_since),
+            now: req.now.unwrap_or_else(chrono::Utc::now),
+        };
+        let (guards, allow) = (self.guards.clone(), req.allow_mass_removal);
+        let shell = judged.bound.shell();
+        let planned = tokio::task::spawn_blocking(move || {
+            let plan = plan(&mut judged.eval, rule.mode, &guards, allow, &grace);
+            Planned { judged, plan, grace }
+        });
+        planned.await.map_err(|e| Stopped::new(shell, ReconcileError::Planning(e.to_string())))
+    }
 }
 
 /// Two shares as percentages, with as many decimals as it takes to tell them apart (at least one).

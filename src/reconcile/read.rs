@@ -1,251 +1,139 @@
-//! Reading for a pass: each list's members, and the candidates (one shared scan of all contacts,
-//! or per-rule reads of filtered non-members, whichever costs fewer requests), evaluated page by
-//! page on blocking threads as the pages arrive. Contacts are streamed, never all held at once.
-//! A list whose members come from the cache has them judged on the shared scan's records.
+//! Stage 4, `read`: the candidates, read the way `members` chose. One shared scan of every contact
+//! that every rule rides (a cached list's members are judged on its records), or each rule's own
+//! read of `FILTER & notListIds=<its list>`. Also the counts the next pass plans with.
 
 use std::sync::Arc;
 
-use rhai::Engine;
-use tokio_util::sync::CancellationToken;
+use futures_util::future::join_all;
 
-use super::ReconcileError;
-use super::plan::Evaluation;
-use crate::contact::ContactRecord;
-use crate::gateway::{Gateway, Scan, ScanQuery};
-use crate::ids::{BitSet, ContactIdSet, ListId};
-use crate::rules::{Date, Facts, FilterTerm, Mode, Rule};
+use super::judge::{self, CachedSeen, Found, Target};
+use super::members::Members;
+use super::{Evaluation, Flow, MemberSource, ReadKind, ReconcileError, Reconciler, Stopped};
+use crate::gateway::{Meter, ScanQuery};
+use crate::ids::ContactIdSet;
+use crate::rules::Date;
+use crate::state::Estimate;
 
-/// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
-/// threads as they were parsed). Returns the server's last reported total.
-async fn fold_pages<R>(
-    mut scan: Scan<R>,
-    cancel: &CancellationToken,
-    mut fold: impl FnMut(R),
-) -> Result<u64, ReconcileError> {
-    let mut total = 0;
-    loop {
-        let next = tokio::select! {
-            _ = cancel.cancelled() => return Err(ReconcileError::Interrupted),
-            next = scan.next() => next,
+/// A list's members and the candidates its rule matched.
+pub(super) struct Candidates {
+    pub members: Members,
+    /// The non-members the read judged.
+    pub found: Evaluation,
+    /// Non-members passing the rule's FILTER and derived filter: what its own read would return.
+    pub in_filter: u64,
+    /// What the shared scan saw of a cached list's members.
+    pub seen: Option<CachedSeen>,
+    /// The counts the next pass plans its reads with (stored at commit).
+    pub estimates: Vec<(Estimate, u64)>,
+}
+
+impl Reconciler {
+    /// Reads and judges the candidates of every rule with its members.
+    pub(super) async fn read(
+        &self,
+        members: Vec<Flow<Members>>,
+        read: ReadKind,
+        shared: &Arc<Meter>,
+        today: Date,
+    ) -> Vec<Flow<Candidates>> {
+        let mut live: Vec<Members> = Vec::new();
+        let mut slots: Vec<Option<Box<Stopped>>> = Vec::with_capacity(members.len());
+        for m in members {
+            match m {
+                Ok(m) => {
+                    live.push(m);
+                    slots.push(None);
+                }
+                Err(stopped) => slots.push(Some(stopped)),
+            }
+        }
+        // Members are shared with the judging threads, then handed back (no copy of big sets).
+        let sets: Vec<Arc<ContactIdSet>> =
+            live.iter_mut().map(|m| Arc::new(std::mem::take(&mut m.eval.members))).collect();
+        let found: Vec<Result<Found, Arc<ReconcileError>>> = match read {
+            ReadKind::SharedScan => {
+                let targets = live.iter().zip(&sets).map(|(m, set)| target(m, set, today)).collect();
+                let (gw, query) = (self.gateway.metered(shared.clone()), ScanQuery::default());
+                let scan = judge::candidates(&self.cancel, &gw, &self.engine, &query, targets, today);
+                match scan.await {
+                    Ok(found) => split(found),
+                    Err(e) => {
+                        let e = Arc::new(e);
+                        live.iter().map(|_| Err(e.clone())).collect()
+                    }
+                }
+            }
+            ReadKind::OwnRead => {
+                let reads = live.iter().zip(&sets).map(|(m, set)| self.own_read(m, set, today));
+                join_all(reads).await.into_iter().map(|r| r.map_err(Arc::new)).collect()
+            }
         };
-        let Some(page) = next else { break };
-        let page = page?;
-        total = page.total;
-        fold(page.records);
-    }
-    Ok(total)
-}
-
-/// A member's verdict on its own current record. A member the FILTER cannot judge is an
-/// evaluation error (kept), exactly as a field `matches` cannot read; only a clear "no" can
-/// remove it. `Ok(true)` from the FILTER still needs `matches`: the caller runs it.
-fn member_filter(rule: &Rule, record: &ContactRecord, part: &mut Evaluation) -> bool {
-    match rule.filter_verdict(record) {
-        Ok(true) => true,
-        Ok(false) => {
-            part.member_fails(&record.id, rule.filter_failure(record));
-            false
+        for (m, set) in live.iter_mut().zip(sets) {
+            m.eval.members = Arc::try_unwrap(set).unwrap_or_else(|shared| (*shared).clone());
         }
-        Err(e) => {
-            part.error(&record.id, e);
-            false
-        }
-    }
-}
-
-/// Reads a list's members and judges each on its own current record.
-pub async fn members(
-    cancel: &CancellationToken,
-    gw: &Gateway,
-    engine: &Arc<Engine>,
-    rule: &Arc<Rule>,
-    list: &ListId,
-    today: Date,
-) -> Result<Evaluation, ReconcileError> {
-    let (engine, rule_for_work) = (engine.clone(), rule.clone());
-    let mut eval = Evaluation::default();
-    let scan = gw.scan_with(
-        &ScanQuery { list_ids: vec![list.clone()], ..ScanQuery::default() },
-        move |records: Vec<ContactRecord>| {
-            let mut part = Evaluation::default();
-            for record in records {
-                part.members.insert(record.id.as_str());
-                // add_only never removes, so its members need no verdict.
-                if rule_for_work.mode == Mode::Mirror {
-                    part.evaluated += 1;
-                    if member_filter(&rule_for_work, &record, &mut part) {
-                        // The member's last use: hand the record over instead of cloning it.
-                        let facts = rule_for_work.facts(&record);
-                        let ContactRecord { id, fields } = record;
-                        let verdict = rule_for_work.call_matches(&engine, fields, today);
-                        part.member_verdict(&rule_for_work, &id, verdict, &facts);
-                    }
-                }
+        let mut judged = live.into_iter().zip(found).map(|(members, found)| match found {
+            Ok(found) => Ok(candidates(members, found, read, today)),
+            Err(e) => {
+                let error = if e.is_interrupted() { ReconcileError::Interrupted } else { ReconcileError::Read(e) };
+                Err(Box::new(Stopped { bound: members.bound, eval: members.eval, error }))
             }
-            part
-        },
-    );
-    fold_pages(scan, cancel, |part| eval.merge(part)).await?;
-    Ok(eval)
-}
+        });
+        slots.into_iter().map(|slot| slot.map_or_else(|| judged.next().expect("one per live rule"), Err)).collect()
+    }
 
-/// Whether a record passes every term, as the server would judge it.
-fn passes(terms: &[FilterTerm], record: &rhai::Map) -> bool {
-    terms.iter().all(|t| t.judge(record) == Ok(true))
-}
-
-/// A rule reading candidates.
-pub struct Target {
-    pub rule: Arc<Rule>,
-    pub members: Arc<ContactIdSet>,
-    /// The members come from the cache: each one the read returns is marked seen and (in mirror
-    /// mode) judged on that record. Otherwise they were judged on their member records already,
-    /// and are skipped.
-    pub cached: bool,
-    /// The filter derived from `matches`: not applied here (`matches` decides), only counted, so
-    /// the planner knows how large the rule's own read would be.
-    pub derived: Vec<FilterTerm>,
-}
-
-/// What a read saw of a cached list's members (indexes into the cached set).
-#[derive(Debug, Clone, Default)]
-pub struct CachedSeen {
-    /// Verdicts on the members' records from this read (mirror mode).
-    pub eval: Evaluation,
-    pub seen: BitSet,
-    /// `matches` said true: were one of them not a member after all, it is a candidate to add.
-    pub matched: BitSet,
-}
-
-/// One page's part of a [`CachedSeen`]: indexes, not bit sets the size of the list.
-#[derive(Default)]
-struct PageSeen {
-    eval: Evaluation,
-    seen: Vec<u32>,
-    matched: Vec<u32>,
-}
-
-impl CachedSeen {
-    fn merge(&mut self, page: PageSeen) {
-        self.eval.merge(page.eval);
-        for i in page.seen {
-            self.seen.set(i);
-        }
-        for i in page.matched {
-            self.matched.set(i);
-        }
+    /// A rule's own read: its FILTER plus `notListIds` (when its list exists).
+    async fn own_read(&self, m: &Members, set: &Arc<ContactIdSet>, today: Date) -> Result<Found, ReconcileError> {
+        let bound = &m.bound;
+        let query = ScanQuery {
+            filters: bound.job.rule.own_read_query(today),
+            not_list_ids: bound.list.iter().filter(|_| !bound.created).cloned().collect(),
+            ..ScanQuery::default()
+        };
+        let targets = vec![target(m, set, today)];
+        judge::candidates(&self.cancel, &bound.job.gateway, &self.engine, &query, targets, today).await
     }
 }
 
-/// What a candidate read found, per target, plus counts the planner remembers.
-pub struct Candidates {
-    /// Per target: its candidates (non-members) only.
-    pub per_target: Vec<Evaluation>,
-    /// Per target with a cached list: its members as this read saw them.
-    pub cached: Vec<Option<CachedSeen>>,
-    /// Per target: non-members passing its FILTER and derived filter (the size of its own read).
-    pub in_filter: Vec<u64>,
-    pub total: u64,
+fn target(m: &Members, set: &Arc<ContactIdSet>, today: Date) -> Target {
+    let rule = m.bound.job.rule.clone();
+    Target { derived: rule.derived_filter(today), rule, members: set.clone(), cached: m.from == MemberSource::Cache }
 }
 
-/// Reads `query` once and evaluates every target on each contact (converted once): members of a
-/// cached list as members, everyone else as a candidate.
-pub async fn candidates(
-    cancel: &CancellationToken,
-    gw: &Gateway,
-    engine: &Arc<Engine>,
-    query: &ScanQuery,
-    targets: Vec<Target>,
-    today: Date,
-) -> Result<Candidates, ReconcileError> {
-    let n = targets.len();
-    let targets = Arc::new(targets);
-    let mut out = Candidates {
-        per_target: vec![Evaluation::default(); n],
-        cached: targets
-            .iter()
-            .map(|t| {
-                t.cached.then(|| CachedSeen {
-                    seen: BitSet::with_len(t.members.len()),
-                    matched: BitSet::with_len(t.members.len()),
-                    ..CachedSeen::default()
-                })
-            })
-            .collect(),
-        in_filter: vec![0; n],
-        total: 0,
-    };
-    let (engine, work_targets) = (engine.clone(), targets.clone());
-    let scan = gw.scan_with(query, move |records: Vec<ContactRecord>| {
-        let targets = &work_targets;
-        let mut parts = vec![Evaluation::default(); targets.len()];
-        let mut cached: Vec<Option<PageSeen>> = targets.iter().map(|t| t.cached.then(PageSeen::default)).collect();
-        let mut in_filter = vec![0u64; targets.len()];
-        // (target, cached member index and its facts) for each `matches` call this record needs.
-        let mut due: Vec<(usize, Option<(u32, Facts)>)> = Vec::with_capacity(targets.len());
-        for record in records {
-            due.clear();
-            for (i, target) in targets.iter().enumerate() {
-                let Some(index) = target.members.index_of(record.id.as_str()) else {
-                    parts[i].evaluated += 1;
-                    if target.rule.passes_filter(&record) {
-                        if target.derived.is_empty() || record.map().is_some_and(|m| passes(&target.derived, &m)) {
-                            in_filter[i] += 1;
-                        }
-                        due.push((i, None));
-                    }
-                    continue;
-                };
-                // A member judged on its member record, or an add_only member: nothing to judge.
-                let Some(seen) = cached[i].as_mut() else { continue };
-                seen.seen.push(index);
-                if target.rule.mode == Mode::Mirror {
-                    seen.eval.evaluated += 1;
-                    if member_filter(&target.rule, &record, &mut seen.eval) {
-                        due.push((i, Some((index, target.rule.facts(&record)))));
-                    }
-                }
-            }
-            // Each evaluation consumes a copy of the contact; the last one takes the record itself.
-            let ContactRecord { id, fields } = record;
-            let mut fields = Some(fields);
-            for (k, (i, member)) in due.iter().enumerate() {
-                let i = *i;
-                let arg = if k + 1 == due.len() {
-                    fields.take().unwrap_or_default()
-                } else {
-                    fields.clone().unwrap_or_default()
-                };
-                let verdict = targets[i].rule.call_matches(&engine, arg, today);
-                if let (Some((index, facts)), Some(seen)) = (member, cached[i].as_mut()) {
-                    if verdict == Ok(true) {
-                        seen.matched.push(*index);
-                    }
-                    seen.eval.member_verdict(&targets[i].rule, &id, verdict, facts);
-                    continue;
-                }
-                let part = &mut parts[i];
-                match verdict {
-                    Ok(true) => {
-                        part.matched += 1;
-                        part.candidates_matching.push(id.clone());
-                    }
-                    Ok(false) => {}
-                    Err(e) => part.error(&id, e),
-                }
-            }
+/// One shared scan's findings, one per target.
+fn split(found: Found) -> Vec<Result<Found, Arc<ReconcileError>>> {
+    let total = found.total;
+    found
+        .per_target
+        .into_iter()
+        .zip(found.in_filter)
+        .zip(found.cached)
+        .map(|((part, in_filter), cached)| {
+            Ok(Found { per_target: vec![part], cached: vec![cached], in_filter: vec![in_filter], total })
+        })
+        .collect()
+}
+
+/// A rule's candidates from its part of a read, with the counts the next pass plans with.
+fn candidates(members: Members, found: Found, read: ReadKind, today: Date) -> Candidates {
+    let rule = &members.bound.job.rule;
+    let in_filter = found.in_filter.first().copied().unwrap_or(0);
+    let mut estimates = Vec::new();
+    match read {
+        ReadKind::SharedScan => estimates.push((Estimate::Contacts, found.total)),
+        // A rule's own unfiltered read of its non-members, plus its members, is everyone.
+        ReadKind::OwnRead if !rule.narrowed(today) && !members.bound.created => {
+            estimates.push((Estimate::Contacts, found.total + members.eval.members.len() as u64))
         }
-        (parts, cached, in_filter)
-    });
-    out.total = fold_pages(scan, cancel, |(parts, cached, in_filter)| {
-        for (i, (part, seen)) in parts.into_iter().zip(cached).enumerate() {
-            out.per_target[i].merge(part);
-            if let (Some(all), Some(seen)) = (out.cached[i].as_mut(), seen) {
-                all.merge(seen);
-            }
-            out.in_filter[i] += in_filter[i];
-        }
-    })
-    .await?;
-    Ok(out)
+        ReadKind::OwnRead => {}
+    }
+    if rule.narrowed(today) {
+        estimates.push((Estimate::Candidates(rule.name.clone()), in_filter));
+    }
+    Candidates {
+        found: found.per_target.into_iter().next().unwrap_or_default(),
+        seen: found.cached.into_iter().next().flatten(),
+        in_filter,
+        estimates,
+        members,
+    }
 }

@@ -12,7 +12,7 @@ use super::{State, StateError, now};
 use crate::gateway::Credentials;
 use crate::ids::Account;
 
-/// The tables whose rows belong to one account (their `endpoint` column holds it).
+/// The tables whose rows belong to one account (their `account` column holds it).
 const ACCOUNT_TABLES: [&str; 5] = ["binding", "cached_list", "pending", "paging", "estimate"];
 
 /// Another account's state found beside this one's, and not used.
@@ -53,11 +53,11 @@ impl State {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute("DELETE FROM set_aside WHERE account = ?1", params![account.as_str()])?;
-            let union = ACCOUNT_TABLES.map(|t| format!("SELECT endpoint FROM {t}")).join(" UNION ");
+            let union = ACCOUNT_TABLES.map(|t| format!("SELECT account FROM {t}")).join(" UNION ");
             let others: Vec<String> = {
                 let mut stmt = tx.prepare(&format!(
-                    "SELECT endpoint FROM ({union}) WHERE endpoint <> ?1 AND (endpoint = ?2 OR substr(endpoint, 1, length(?3)) = ?3)
-                     AND endpoint NOT IN (SELECT account FROM set_aside)"
+                    "SELECT account FROM ({union}) WHERE account <> ?1 AND (account = ?2 OR substr(account, 1, length(?3)) = ?3)
+                     AND account NOT IN (SELECT account FROM set_aside)"
                 ))?;
                 let rows = stmt
                     .query_map(params![account.as_str(), base, format!("{base}{}", Account::KEY_MARK)], |r| {
@@ -109,7 +109,7 @@ fn described(
     noticed_at: String,
 ) -> rusqlite::Result<SetAside> {
     let count = |table: &str| -> rusqlite::Result<u64> {
-        c.query_row(&format!("SELECT COUNT(*) FROM {table} WHERE endpoint = ?1"), params![account], |r| {
+        c.query_row(&format!("SELECT COUNT(*) FROM {table} WHERE account = ?1"), params![account], |r| {
             r.get::<_, i64>(0)
         })
         .map(|n| n as u64)

@@ -3,12 +3,12 @@
 
 use std::collections::HashMap;
 
-use rusqlite::params;
+use rusqlite::{Connection, params};
 use serde::Serialize;
 
 use super::{State, StateError};
 use crate::ids::{Account, ContactId, ListId, RuleName};
-use crate::run::Trigger;
+use crate::outcome::Trigger;
 
 /// What a history entry records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -64,7 +64,7 @@ impl State {
     ) -> Result<HashMap<ContactId, String>, StateError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT contact, since FROM pending WHERE endpoint = ?1 AND rule = ?2 AND rule_hash = ?3",
+                "SELECT contact, since FROM pending WHERE account = ?1 AND rule = ?2 AND rule_hash = ?3",
             )?;
             let rows = stmt.query_map(params![account.as_str(), rule.as_str(), rule_hash], |r| {
                 Ok((ContactId::from(r.get::<_, String>(0)?), r.get::<_, String>(1)?))
@@ -79,69 +79,6 @@ impl State {
             let mut stmt = c.prepare("SELECT rule, COUNT(*) FROM pending GROUP BY rule")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
             rows.collect()
-        })
-    }
-
-    /// Replaces `rule`'s pending members with `pending` (contact, since), all under `rule_hash`:
-    /// members that qualify again, left the list, or were removed drop out, and so do entries
-    /// made under another version of the rule.
-    pub fn set_pending(
-        &self,
-        account: &Account,
-        rule: &RuleName,
-        rule_hash: &str,
-        pending: &[(ContactId, String)],
-    ) -> Result<(), StateError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "DELETE FROM pending WHERE endpoint = ?1 AND rule = ?2",
-                params![account.as_str(), rule.as_str()],
-            )?;
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO pending (endpoint, rule, rule_hash, contact, since) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for (contact, since) in pending {
-                    insert.execute(params![account.as_str(), rule.as_str(), rule_hash, contact.as_str(), since])?;
-                }
-            }
-            tx.commit()
-        })
-    }
-
-    /// Records one run's movements: the run once (with a rule-change note, if any), then a row per
-    /// contact, streamed in one transaction (a first sync adds a million contacts).
-    pub fn record_movements(&self, run: &Movements<'_>) -> Result<(), StateError> {
-        if run.added.is_empty() && run.removed.is_empty() && run.note.is_none() {
-            return Ok(());
-        }
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "INSERT INTO history_run (at, rule, rule_hash, list_id, trigger, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![
-                    run.at,
-                    run.rule.as_str(),
-                    run.rule_hash,
-                    run.list.as_str(),
-                    run.trigger.to_string(),
-                    run.note.as_deref().unwrap_or("")
-                ],
-            )?;
-            let id = tx.last_insert_rowid();
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO history (contact, run, action, reason) VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                for contact in run.added {
-                    insert.execute(params![contact.as_str(), id, Action::Added.as_str(), ""])?;
-                }
-                for (contact, reason) in &run.removed {
-                    insert.execute(params![contact.as_str(), id, Action::Removed.as_str(), reason])?;
-                }
-            }
-            tx.commit()
         })
     }
 
@@ -173,6 +110,54 @@ impl State {
             Ok(runs)
         })
     }
+}
+
+/// Replaces `rule`'s pending members with `pending` (contact, since), all under `rule_hash`:
+/// members that qualify again, left the list, or were removed drop out, and so do entries made
+/// under another version of the rule.
+pub(super) fn set_pending_in(
+    c: &Connection,
+    account: &Account,
+    rule: &RuleName,
+    rule_hash: &str,
+    pending: &[(ContactId, String)],
+) -> rusqlite::Result<()> {
+    c.execute("DELETE FROM pending WHERE account = ?1 AND rule = ?2", params![account.as_str(), rule.as_str()])?;
+    let mut insert =
+        c.prepare_cached("INSERT INTO pending (account, rule, rule_hash, contact, since) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    for (contact, since) in pending {
+        insert.execute(params![account.as_str(), rule.as_str(), rule_hash, contact.as_str(), since])?;
+    }
+    Ok(())
+}
+
+/// Records one run's movements: the run once (with a rule-change note, if any), then a row per
+/// contact (a first sync adds a million contacts).
+pub(super) fn record_movements_in(c: &Connection, run: &Movements<'_>) -> rusqlite::Result<()> {
+    if run.added.is_empty() && run.removed.is_empty() && run.note.is_none() {
+        return Ok(());
+    }
+    c.execute(
+        "INSERT INTO history_run (at, rule, rule_hash, list_id, trigger, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            run.at,
+            run.rule.as_str(),
+            run.rule_hash,
+            run.list.as_str(),
+            run.trigger.to_string(),
+            run.note.as_deref().unwrap_or("")
+        ],
+    )?;
+    let id = c.last_insert_rowid();
+    let mut insert =
+        c.prepare_cached("INSERT OR REPLACE INTO history (contact, run, action, reason) VALUES (?1, ?2, ?3, ?4)")?;
+    for contact in run.added {
+        insert.execute(params![contact.as_str(), id, Action::Added.as_str(), ""])?;
+    }
+    for (contact, reason) in &run.removed {
+        insert.execute(params![contact.as_str(), id, Action::Removed.as_str(), reason])?;
+    }
+    Ok(())
 }
 
 /// A contact's movements joined with their run (an add's reason is implied, not stored).
@@ -210,6 +195,23 @@ fn query(c: &rusqlite::Connection, sql: &str, params: &[&dyn rusqlite::ToSql]) -
         })
     })?;
     rows.collect()
+}
+
+#[cfg(test)]
+impl State {
+    pub fn set_pending(
+        &self,
+        account: &Account,
+        rule: &RuleName,
+        rule_hash: &str,
+        pending: &[(ContactId, String)],
+    ) -> Result<(), StateError> {
+        self.write(|tx| set_pending_in(tx, account, rule, rule_hash, pending))
+    }
+
+    pub fn record_movements(&self, run: &Movements<'_>) -> Result<(), StateError> {
+        self.write(|tx| record_movements_in(tx, run))
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,11 @@
 //! The membership cache: each bound list's members as the last complete member read saw them,
 //! plus every confirmed write since, so a pass need not read members it already knows. Contact
-//! ids only, never contact fields. And the paging each gateway endpoint taught the client.
+//! ids only, never contact fields. And the paging each gateway resource taught the client.
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{State, StateError, now};
-use crate::gateway::{Endpoint, Pagination, Paging};
+use crate::gateway::{Pagination, Paging, Resource};
 use crate::ids::{Account, ContactId, ContactIdSet, ListId, RuleName};
 
 /// What the cache knows of one list, without its members.
@@ -21,7 +21,7 @@ pub struct CachedList {
 
 /// How a rule's writes changed its list, for the cache.
 #[derive(Debug, Clone, Copy)]
-pub struct Applied<'a> {
+pub struct CacheWrites<'a> {
     pub added: &'a [ContactId],
     pub removed: &'a [ContactId],
     /// Every write confirmed, and the list's count the last write answered agrees with the cache.
@@ -33,38 +33,11 @@ impl State {
     pub fn cached_list(&self, account: &Account, list: &ListId) -> Result<Option<CachedList>, StateError> {
         self.with(|c| {
             c.query_row(
-                "SELECT verified_at, trusted, members FROM cached_list WHERE endpoint = ?1 AND list_id = ?2",
+                "SELECT verified_at, trusted, members FROM cached_list WHERE account = ?1 AND list_id = ?2",
                 params![account.as_str(), list.as_str()],
                 |r| Ok(CachedList { verified_at: r.get(0)?, trusted: r.get(1)?, members: r.get::<_, i64>(2)? as u64 }),
             )
             .optional()
-        })
-    }
-
-    /// Forgets `rule`'s binding of `list_name` to `list` and the cache of `list`: the directory no
-    /// longer shows that id under that name.
-    pub fn forget_list(
-        &self,
-        account: &Account,
-        rule: &RuleName,
-        list_name: &str,
-        list: &ListId,
-    ) -> Result<(), StateError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "DELETE FROM binding WHERE endpoint = ?1 AND rule = ?2 AND list_name = ?3 AND list_id = ?4",
-                params![account.as_str(), rule.as_str(), list_name, list.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM cached_member WHERE list IN (SELECT id FROM cached_list WHERE endpoint = ?1 AND list_id = ?2)",
-                params![account.as_str(), list.as_str()],
-            )?;
-            tx.execute(
-                "DELETE FROM cached_list WHERE endpoint = ?1 AND list_id = ?2",
-                params![account.as_str(), list.as_str()],
-            )?;
-            tx.commit()
         })
     }
 
@@ -75,7 +48,7 @@ impl State {
             let (ids, bytes): (i64, i64) = c
                 .query_row(
                     "SELECT COUNT(*), COALESCE(SUM(LENGTH(m.contact)), 0) FROM cached_member m
-                     JOIN cached_list l ON l.id = m.list WHERE l.endpoint = ?1 AND l.list_id = ?2",
+                     JOIN cached_list l ON l.id = m.list WHERE l.account = ?1 AND l.list_id = ?2",
                     params![account.as_str(), list.as_str()],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
@@ -83,7 +56,7 @@ impl State {
                 .unwrap_or((0, 0));
             let mut stmt = c.prepare_cached(
                 "SELECT m.contact FROM cached_member m JOIN cached_list l ON l.id = m.list
-                 WHERE l.endpoint = ?1 AND l.list_id = ?2",
+                 WHERE l.account = ?1 AND l.list_id = ?2",
             )?;
             let mut rows = stmt.query(params![account.as_str(), list.as_str()])?;
             let mut set = ContactIdSet::with_capacity(ids.max(0) as usize, bytes.max(0) as usize);
@@ -94,67 +67,14 @@ impl State {
         })
     }
 
-    /// Replaces `list`'s members with a complete member read (`members`), then applies the writes
-    /// made since; the list counts as verified now.
-    pub fn store_members(
-        &self,
-        account: &Account,
-        list: &ListId,
-        members: &ContactIdSet,
-        applied: Applied<'_>,
-    ) -> Result<(), StateError> {
-        let now = now();
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "INSERT INTO cached_list (endpoint, list_id, verified_at, trusted, members) VALUES (?1, ?2, ?3, 1, 0)
-                 ON CONFLICT (endpoint, list_id) DO UPDATE SET verified_at = excluded.verified_at, trusted = 1",
-                params![account.as_str(), list.as_str(), now],
-            )?;
-            let key: i64 = tx.query_row(
-                "SELECT id FROM cached_list WHERE endpoint = ?1 AND list_id = ?2",
-                params![account.as_str(), list.as_str()],
-                |r| r.get(0),
-            )?;
-            tx.execute("DELETE FROM cached_member WHERE list = ?1", params![key])?;
-            {
-                let mut insert =
-                    tx.prepare_cached("INSERT OR IGNORE INTO cached_member (list, contact) VALUES (?1, ?2)")?;
-                for id in members.iter() {
-                    insert.execute(params![key, id])?;
-                }
-            }
-            apply_in(&tx, key, applied)?;
-            tx.commit()
-        })
-    }
-
-    /// Applies a rule's writes to the cached members of `list` (which must be cached already).
-    pub fn update_members(&self, account: &Account, list: &ListId, applied: Applied<'_>) -> Result<(), StateError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let key: Option<i64> = tx
-                .query_row(
-                    "SELECT id FROM cached_list WHERE endpoint = ?1 AND list_id = ?2",
-                    params![account.as_str(), list.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(key) = key {
-                apply_in(&tx, key, applied)?;
-            }
-            tx.commit()
-        })
-    }
-
     /// Distrusts the cached members of every list bound to `rules` (any account), so the next
     /// pass over them reads their members (`sync --full`).
     pub fn distrust_cache(&self, rules: &[RuleName]) -> Result<(), StateError> {
         self.with(|c| {
             for rule in rules {
                 c.execute(
-                    "UPDATE cached_list SET trusted = 0 WHERE (endpoint, list_id) IN
-                        (SELECT endpoint, list_id FROM binding WHERE rule = ?1)",
+                    "UPDATE cached_list SET trusted = 0 WHERE (account, list_id) IN
+                        (SELECT account, list_id FROM binding WHERE rule = ?1)",
                     params![rule.as_str()],
                 )?;
             }
@@ -162,42 +82,110 @@ impl State {
         })
     }
 
-    /// The paging each endpoint of `account` was last seen to take.
-    pub fn paging(&self, account: &Account) -> Result<Vec<(Endpoint, Paging)>, StateError> {
+    /// The paging each resource of `account` was last seen to take.
+    pub fn paging(&self, account: &Account) -> Result<Vec<(Resource, Paging)>, StateError> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT api, page_size, pagination FROM paging WHERE endpoint = ?1")?;
+            let mut stmt = c.prepare("SELECT api, page_size, pagination FROM paging WHERE account = ?1")?;
             let rows = stmt.query_map(params![account.as_str()], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
             })?;
             let mut out = Vec::new();
             for row in rows {
                 let (api, size, pagination) = row?;
-                if let (Some(endpoint), Some(pagination)) = (Endpoint::parse(&api), Pagination::parse(&pagination)) {
-                    out.push((endpoint, Paging { page_size: size.clamp(1, i64::from(u32::MAX)) as u32, pagination }));
+                if let (Some(resource), Some(pagination)) = (Resource::parse(&api), Pagination::parse(&pagination)) {
+                    out.push((resource, Paging { page_size: size.clamp(1, i64::from(u32::MAX)) as u32, pagination }));
                 }
             }
             Ok(out)
         })
     }
+}
 
-    pub fn set_paging(&self, account: &Account, paging: &[(Endpoint, Paging)]) -> Result<(), StateError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            for (endpoint, p) in paging {
-                tx.execute(
-                    "INSERT INTO paging (endpoint, api, page_size, pagination) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (endpoint, api) DO UPDATE SET page_size = excluded.page_size,
-                     pagination = excluded.pagination",
-                    params![account.as_str(), endpoint.as_str(), i64::from(p.page_size), p.pagination.as_str()],
-                )?;
-            }
-            tx.commit()
-        })
+/// Forgets `rule`'s binding of `list_name` to `list` and the cache of `list`: the directory no
+/// longer shows that id under that name.
+pub(super) fn forget_list_in(
+    c: &Connection,
+    account: &Account,
+    rule: &RuleName,
+    list_name: &str,
+    list: &ListId,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "DELETE FROM binding WHERE account = ?1 AND rule = ?2 AND list_name = ?3 AND list_id = ?4",
+        params![account.as_str(), rule.as_str(), list_name, list.as_str()],
+    )?;
+    c.execute(
+        "DELETE FROM cached_member WHERE list IN (SELECT id FROM cached_list WHERE account = ?1 AND list_id = ?2)",
+        params![account.as_str(), list.as_str()],
+    )?;
+    c.execute("DELETE FROM cached_list WHERE account = ?1 AND list_id = ?2", params![account.as_str(), list.as_str()])
+        .map(drop)
+}
+
+/// Replaces `list`'s members with a complete member read (`members`), then applies the writes
+/// made since; the list counts as verified now.
+pub(super) fn store_members_in(
+    c: &Connection,
+    account: &Account,
+    list: &ListId,
+    members: &ContactIdSet,
+    writes: CacheWrites<'_>,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO cached_list (account, list_id, verified_at, trusted, members) VALUES (?1, ?2, ?3, 1, 0)
+         ON CONFLICT (account, list_id) DO UPDATE SET verified_at = excluded.verified_at, trusted = 1",
+        params![account.as_str(), list.as_str(), now()],
+    )?;
+    let key: i64 = c.query_row(
+        "SELECT id FROM cached_list WHERE account = ?1 AND list_id = ?2",
+        params![account.as_str(), list.as_str()],
+        |r| r.get(0),
+    )?;
+    c.execute("DELETE FROM cached_member WHERE list = ?1", params![key])?;
+    {
+        let mut insert = c.prepare_cached("INSERT OR IGNORE INTO cached_member (list, contact) VALUES (?1, ?2)")?;
+        for id in members.iter() {
+            insert.execute(params![key, id])?;
+        }
+    }
+    apply_in(c, key, writes)
+}
+
+/// Applies a rule's writes to the cached members of `list` (if it is cached).
+pub(super) fn update_members_in(
+    c: &Connection,
+    account: &Account,
+    list: &ListId,
+    writes: CacheWrites<'_>,
+) -> rusqlite::Result<()> {
+    let key: Option<i64> = c
+        .query_row(
+            "SELECT id FROM cached_list WHERE account = ?1 AND list_id = ?2",
+            params![account.as_str(), list.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match key {
+        Some(key) => apply_in(c, key, writes),
+        None => Ok(()),
     }
 }
 
+/// Stores the paging each resource of `account` answered to.
+pub(super) fn set_paging_in(c: &Connection, account: &Account, paging: &[(Resource, Paging)]) -> rusqlite::Result<()> {
+    for (resource, p) in paging {
+        c.execute(
+            "INSERT INTO paging (account, api, page_size, pagination) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (account, api) DO UPDATE SET page_size = excluded.page_size,
+             pagination = excluded.pagination",
+            params![account.as_str(), resource.as_str(), i64::from(p.page_size), p.pagination.as_str()],
+        )?;
+    }
+    Ok(())
+}
+
 /// Adds and removes the written ids, recounts, and keeps the trust only if the writes were confirmed.
-fn apply_in(tx: &rusqlite::Transaction<'_>, key: i64, applied: Applied<'_>) -> rusqlite::Result<()> {
+fn apply_in(tx: &Connection, key: i64, applied: CacheWrites<'_>) -> rusqlite::Result<()> {
     {
         let mut insert = tx.prepare_cached("INSERT OR IGNORE INTO cached_member (list, contact) VALUES (?1, ?2)")?;
         for id in applied.added {
@@ -217,11 +205,32 @@ fn apply_in(tx: &rusqlite::Transaction<'_>, key: i64, applied: Applied<'_>) -> r
 }
 
 #[cfg(test)]
+impl State {
+    pub fn store_members(
+        &self,
+        account: &Account,
+        list: &ListId,
+        members: &ContactIdSet,
+        writes: CacheWrites<'_>,
+    ) -> Result<(), StateError> {
+        self.write(|tx| store_members_in(tx, account, list, members, writes))
+    }
+
+    pub fn update_members(&self, account: &Account, list: &ListId, writes: CacheWrites<'_>) -> Result<(), StateError> {
+        self.write(|tx| update_members_in(tx, account, list, writes))
+    }
+
+    pub fn set_paging(&self, account: &Account, paging: &[(Resource, Paging)]) -> Result<(), StateError> {
+        self.write(|tx| set_paging_in(tx, account, paging))
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     // A complete read replaces the cache, confirmed writes move it, an unconfirmed one distrusts it;
-    // the paging round-trips per endpoint.
+    // the paging round-trips per resource.
     #[test]
     fn cache_follows_reads_and_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -231,7 +240,7 @@ mod tests {
         let ids = |v: &[&str]| v.iter().map(|s| ContactId::from(*s)).collect::<Vec<_>>();
         let read: ContactIdSet = ["a", "b", "c"].into_iter().collect();
         let (added, removed) = (ids(&["d"]), ids(&["a"]));
-        let applied = Applied { added: &added, removed: &removed, confirmed: true };
+        let applied = CacheWrites { added: &added, removed: &removed, confirmed: true };
         state.store_members(&account, &list, &read, applied).expect("store");
         let cached = state.cached_list(&account, &list).expect("read").expect("cached");
         assert_eq!((cached.members, cached.trusted), (3, true));
@@ -239,12 +248,12 @@ mod tests {
 
         let (added, removed) = (ids(&["e", "f"]), ids(&["b"]));
         state
-            .update_members(&account, &list, Applied { added: &added, removed: &removed, confirmed: false })
+            .update_members(&account, &list, CacheWrites { added: &added, removed: &removed, confirmed: false })
             .expect("update");
         let cached = state.cached_list(&account, &list).expect("read").expect("cached");
         assert_eq!((cached.members, cached.trusted), (4, false), "an unconfirmed write distrusts the cache");
         state
-            .store_members(&account, &list, &read, Applied { added: &[], removed: &[], confirmed: true })
+            .store_members(&account, &list, &read, CacheWrites { added: &[], removed: &[], confirmed: true })
             .expect("store");
         let cached = state.cached_list(&account, &list).expect("read").expect("cached");
         assert_eq!((cached.members, cached.trusted), (3, true), "a complete read restores it");
@@ -252,8 +261,8 @@ mod tests {
         assert_eq!(state.cached_list(&other, &list).expect("read"), None, "per account");
 
         let paging = Paging { page_size: 100, pagination: Pagination::Page };
-        state.set_paging(&account, &[(Endpoint::Lists, paging)]).expect("paging");
-        assert_eq!(state.paging(&account).expect("paging"), [(Endpoint::Lists, paging)]);
+        state.set_paging(&account, &[(Resource::Lists, paging)]).expect("paging");
+        assert_eq!(state.paging(&account).expect("paging"), [(Resource::Lists, paging)]);
         assert!(state.paging(&other).expect("paging").is_empty());
     }
 }

@@ -6,12 +6,14 @@
 //! fields: lists live on the gateway, and the cache is only ever a shortcut to reading them.
 
 mod account;
+mod commit;
 mod history;
 mod members;
 
 pub use account::SetAside;
+pub use commit::{BindingWrite, CacheWrite, Commit};
 pub use history::{Action, HistoryEntry, Movements};
-pub use members::{Applied, CachedList};
+pub use members::{CacheWrites, CachedList};
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -23,7 +25,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use crate::ids::{Account, ListId, RuleName};
-use crate::run::{Outcome, Trigger};
+use crate::outcome::{Outcome, Trigger};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -39,6 +41,8 @@ pub enum StateError {
          `segsync sync RULE --allow-mass-removal`)"
     )]
     Locked { path: PathBuf, pid: String },
+    #[error("the state thread failed: {0}")]
+    Thread(String),
     #[error("the state database {path} has schema version {found}, newer than this segsync understands ({known})")]
     TooNew { path: PathBuf, found: i64, known: i64 },
 }
@@ -172,12 +176,12 @@ pub struct RunRecord {
     pub to_remove: u64,
 }
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// Runs kept per rule; older ones are pruned as new ones are recorded.
 const KEEP_RUNS: i64 = 1000;
 
-const MIGRATIONS: [&str; 6] = [
+const MIGRATIONS: [&str; 7] = [
     r"
     CREATE TABLE binding (
         endpoint  TEXT NOT NULL,
@@ -309,6 +313,14 @@ const MIGRATIONS: [&str; 6] = [
         PRIMARY KEY (rule, requested_at)
     );
 ",
+    // The column naming whose rows they are holds the account (base URL and key fingerprint).
+    r"
+    ALTER TABLE binding RENAME COLUMN endpoint TO account;
+    ALTER TABLE estimate RENAME COLUMN endpoint TO account;
+    ALTER TABLE cached_list RENAME COLUMN endpoint TO account;
+    ALTER TABLE paging RENAME COLUMN endpoint TO account;
+    ALTER TABLE pending RENAME COLUMN endpoint TO account;
+",
 ];
 
 /// The state database. Cheap to clone; calls are short and serialized.
@@ -321,6 +333,21 @@ pub struct State {
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("State").field("path", &self.path).finish()
+    }
+}
+
+#[cfg(test)]
+impl State {
+    pub fn bind(&self, account: &Account, rule: &RuleName, list_name: &str, list: &ListId) -> Result<(), StateError> {
+        self.write(|tx| bind_in(tx, account, rule, list_name, list))
+    }
+
+    pub fn record_run(&self, run: &RunRecord) -> Result<(), StateError> {
+        self.write(|tx| record_run_in(tx, run))
+    }
+
+    pub fn set_estimates(&self, account: &Account, values: &[(Estimate, u64)]) -> Result<(), StateError> {
+        self.write(|tx| set_estimates_in(tx, account, values))
     }
 }
 
@@ -355,11 +382,21 @@ impl State {
         f(&mut conn).map_err(|cause| StateError::Sqlite { path: self.path.clone(), cause })
     }
 
-    /// The list a rule's LIST name was bound to on this endpoint.
+    /// Runs `f` in one write transaction.
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>) -> Result<T, StateError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    /// The list a rule's LIST name was bound to on this account.
     pub fn binding(&self, account: &Account, rule: &RuleName, list_name: &str) -> Result<Option<ListId>, StateError> {
         self.with(|c| {
             c.query_row(
-                "SELECT list_id FROM binding WHERE endpoint = ?1 AND rule = ?2 AND list_name = ?3",
+                "SELECT list_id FROM binding WHERE account = ?1 AND rule = ?2 AND list_name = ?3",
                 params![account.as_str(), rule.as_str(), list_name],
                 |r| r.get::<_, String>(0),
             )
@@ -377,48 +414,11 @@ impl State {
     ) -> Result<Option<(String, ListId)>, StateError> {
         self.with(|c| {
             c.query_row(
-                "SELECT list_name, list_id FROM binding WHERE endpoint = ?1 AND rule = ?2 AND list_name <> ?3 ORDER BY bound_at DESC LIMIT 1",
+                "SELECT list_name, list_id FROM binding WHERE account = ?1 AND rule = ?2 AND list_name <> ?3 ORDER BY bound_at DESC LIMIT 1",
                 params![account.as_str(), rule.as_str(), list_name],
                 |r| Ok((r.get::<_, String>(0)?, ListId::from(r.get::<_, String>(1)?))),
             )
             .optional()
-        })
-    }
-
-    pub fn bind(&self, account: &Account, rule: &RuleName, list_name: &str, list: &ListId) -> Result<(), StateError> {
-        let now = now();
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO binding (endpoint, rule, list_name, list_id, bound_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (endpoint, rule, list_name) DO UPDATE SET list_id = excluded.list_id, bound_at = excluded.bound_at",
-                params![account.as_str(), rule.as_str(), list_name, list.as_str(), now],
-            )
-            .map(drop)
-        })
-    }
-
-    /// Stores a finished run and prunes the rule's runs beyond the newest 1,000, in one transaction.
-    pub fn record_run(&self, run: &RunRecord) -> Result<(), StateError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            tx.execute(
-                "INSERT INTO run (rule, list_id, trigger, rule_hash, started_at, finished_at, scanned, matched, members_before,
-                                  added, removed, eval_errors, api_requests, retries, duration_ms, outcome, detail, to_remove)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-                params![
-                    run.rule.as_str(), run.list_id.as_ref().map_or("", |l| l.as_str()), run.trigger, run.rule_hash,
-                    run.started_at, run.finished_at, run.scanned as i64, run.matched as i64, run.members_before as i64,
-                    run.added as i64, run.removed as i64, run.eval_errors as i64, run.api_requests as i64,
-                    run.retries as i64, run.duration_ms as i64, run.outcome, run.detail.as_deref().unwrap_or(""),
-                    run.to_remove as i64
-                ],
-            )?;
-            tx.execute(
-                "DELETE FROM run WHERE rule = ?1 AND id < (SELECT MIN(id) FROM
-                    (SELECT id FROM run WHERE rule = ?1 ORDER BY id DESC LIMIT ?2))",
-                params![run.rule.as_str(), KEEP_RUNS],
-            )?;
-            tx.commit()
         })
     }
 
@@ -549,24 +549,24 @@ impl State {
         let pattern = format!("{}%", Account::SANDBOX_PREFIX);
         self.with(|c| {
             c.execute(
-                "DELETE FROM binding WHERE endpoint LIKE ?1 AND endpoint <> ?2",
+                "DELETE FROM binding WHERE account LIKE ?1 AND account <> ?2",
                 params![pattern, current.as_str()],
             )?;
             c.execute(
-                "DELETE FROM estimate WHERE endpoint LIKE ?1 AND endpoint <> ?2",
+                "DELETE FROM estimate WHERE account LIKE ?1 AND account <> ?2",
                 params![pattern, current.as_str()],
             )?;
             c.execute(
                 "DELETE FROM cached_member WHERE list IN
-                    (SELECT id FROM cached_list WHERE endpoint LIKE ?1 AND endpoint <> ?2)",
+                    (SELECT id FROM cached_list WHERE account LIKE ?1 AND account <> ?2)",
                 params![pattern, current.as_str()],
             )?;
             c.execute(
-                "DELETE FROM cached_list WHERE endpoint LIKE ?1 AND endpoint <> ?2",
+                "DELETE FROM cached_list WHERE account LIKE ?1 AND account <> ?2",
                 params![pattern, current.as_str()],
             )?;
             c.execute(
-                "DELETE FROM paging WHERE endpoint LIKE ?1 AND endpoint <> ?2",
+                "DELETE FROM paging WHERE account LIKE ?1 AND account <> ?2",
                 params![pattern, current.as_str()],
             )?;
             Ok(())
@@ -617,7 +617,7 @@ impl State {
         let key = what.key();
         self.with(|c| {
             c.query_row(
-                "SELECT value FROM estimate WHERE endpoint = ?1 AND key = ?2",
+                "SELECT value FROM estimate WHERE account = ?1 AND key = ?2",
                 params![account.as_str(), key],
                 |r| r.get::<_, i64>(0),
             )
@@ -625,24 +625,63 @@ impl State {
         })
         .map(|v| v.map(|v| v as u64))
     }
+}
 
-    /// Stores several counts in one transaction.
-    pub fn set_estimates(&self, account: &Account, values: &[(Estimate, u64)]) -> Result<(), StateError> {
-        if values.is_empty() {
-            return Ok(());
-        }
-        self.with(|c| {
-            let tx = c.transaction()?;
-            for (what, value) in values {
-                tx.execute(
-                    "INSERT INTO estimate (endpoint, key, value) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (endpoint, key) DO UPDATE SET value = excluded.value",
-                    params![account.as_str(), what.key(), *value as i64],
-                )?;
-            }
-            tx.commit()
-        })
+/// Binds `rule`'s `list_name` to `list` on `account`.
+fn bind_in(c: &Connection, account: &Account, rule: &RuleName, list_name: &str, list: &ListId) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO binding (account, rule, list_name, list_id, bound_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (account, rule, list_name) DO UPDATE SET list_id = excluded.list_id, bound_at = excluded.bound_at",
+        params![account.as_str(), rule.as_str(), list_name, list.as_str(), now()],
+    )
+    .map(drop)
+}
+
+/// Stores a finished run and prunes the rule's runs beyond the newest 1,000.
+fn record_run_in(c: &Connection, run: &RunRecord) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO run (rule, list_id, trigger, rule_hash, started_at, finished_at, scanned, matched, members_before,
+                          added, removed, eval_errors, api_requests, retries, duration_ms, outcome, detail, to_remove)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+        params![
+            run.rule.as_str(),
+            run.list_id.as_ref().map_or("", |l| l.as_str()),
+            run.trigger,
+            run.rule_hash,
+            run.started_at,
+            run.finished_at,
+            run.scanned as i64,
+            run.matched as i64,
+            run.members_before as i64,
+            run.added as i64,
+            run.removed as i64,
+            run.eval_errors as i64,
+            run.api_requests as i64,
+            run.retries as i64,
+            run.duration_ms as i64,
+            run.outcome,
+            run.detail.as_deref().unwrap_or(""),
+            run.to_remove as i64
+        ],
+    )?;
+    c.execute(
+        "DELETE FROM run WHERE rule = ?1 AND id < (SELECT MIN(id) FROM
+            (SELECT id FROM run WHERE rule = ?1 ORDER BY id DESC LIMIT ?2))",
+        params![run.rule.as_str(), KEEP_RUNS],
+    )
+    .map(drop)
+}
+
+/// Stores the counts the read planner saw.
+fn set_estimates_in(c: &Connection, account: &Account, values: &[(Estimate, u64)]) -> rusqlite::Result<()> {
+    for (what, value) in values {
+        c.execute(
+            "INSERT INTO estimate (account, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (account, key) DO UPDATE SET value = excluded.value",
+            params![account.as_str(), what.key(), *value as i64],
+        )?;
     }
+    Ok(())
 }
 
 /// An operator's request that the running daemon run a rule now (`segsync sync RULE`).

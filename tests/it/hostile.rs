@@ -3,8 +3,7 @@
 //! keys, unconfirmed writes, a missing bulk form, and two instances racing to create a list.
 //! Every test runs the real binary and asserts its exit status, its message, and that no list
 //! lost a member (the lists are compared whole, before and after), within bounded time and memory.
-
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,11 +11,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::hostile::{Behaviour, Hostile, Recorder, endless_body};
 use segsync_sandbox::{Sandbox, SandboxConfig};
 use serde_json::{Value, json};
-use support::hostile::{Behaviour, Hostile, Recorder, endless_body};
 
-use support::KEY_VAR;
+use crate::support::KEY_VAR;
 
 const GEO: &str =
     "const LIST = \"Geo - Lombardia\";\nconst FILTER = #{ region: \"Lombardia\" };\nfn matches(c) { true }\n";

@@ -1,7 +1,6 @@
 //! config.toml as documented: the README's configuration table and the keys the reader accepts
 //! are the same set, and `key_credential` reads a systemd credential as the units give it.
-
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};

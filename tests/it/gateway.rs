@@ -1,19 +1,18 @@
 //! The gateway client against the real sandbox over HTTP: complete scans, faults, pacing,
 //! servers that ignore `offset` or lack bulk removal, bad keys, and secrecy of the key.
-
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::{gateway, start};
 use segsync::gateway::RatePlan;
-use segsync::gateway::{Endpoint, Gateway, GatewayError, Meter, Operation, Pagination, ScanQuery};
+use segsync::gateway::{Gateway, GatewayError, Meter, Operation, Pagination, Resource, ScanQuery};
 use segsync::ids::ContactId;
 use segsync_sandbox::{Faults, SandboxConfig};
 use serde_json::Value;
-use support::{gateway, start};
 
 async fn scan_all(gw: &Gateway, query: &ScanQuery) -> Result<(Vec<String>, u64), GatewayError> {
     let mut scan = gw.scan::<Value>(query);
@@ -145,7 +144,7 @@ async fn server_ignoring_offset_is_switched_to_pages() {
     let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("detected and read by page");
     assert_eq!(ids.len(), 5_000, "each contact once");
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 5_000);
-    let learned = gw.paging(Endpoint::Contacts);
+    let learned = gw.paging(Resource::Contacts);
     assert_eq!((learned.page_size, learned.pagination), (1000, Pagination::Page), "pages of 1,000 by `page`");
     // First page, up to 3 pages found ignoring `offset`, then pages 1..4 and the empty one.
     let requests = sandbox.stats().count("GET /contacts");
@@ -176,7 +175,7 @@ async fn refused_large_pages_fall_back_to_the_seed_size() {
     let gw = gateway(&sandbox, RatePlan::Unlimited);
     let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("scan");
     assert_eq!(ids.len(), 1_500);
-    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 100);
+    assert_eq!(gw.paging(Resource::Contacts).page_size, 100);
     assert_eq!(sandbox.stats().count_outcome("GET /contacts", "400"), 1, "{:?}", sandbox.stats());
     assert_eq!(sandbox.stats().count_outcome("GET /contacts", "200"), 16, "15 pages and the empty one");
     scan_all(&gw, &ScanQuery::default()).await.expect("again");
@@ -284,11 +283,11 @@ async fn learned_pagination_recovers_with_the_server() {
     let gw = Gateway::new(config).expect("client");
     let err = scan_all(&gw, &ScanQuery::default()).await.expect_err("ignores both forms during the episode");
     assert!(matches!(err, GatewayError::PagingIgnored { .. }), "{err}");
-    assert_eq!(gw.paging(Endpoint::Contacts).pagination, Pagination::Page, "the episode taught `page`");
+    assert_eq!(gw.paging(Resource::Contacts).pagination, Pagination::Page, "the episode taught `page`");
     episode.store(false, std::sync::atomic::Ordering::SeqCst);
     let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("recovered");
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3_000, "each contact once");
-    assert_eq!(gw.paging(Endpoint::Contacts).pagination, Pagination::Offset, "back to `offset`");
+    assert_eq!(gw.paging(Resource::Contacts).pagination, Pagination::Offset, "back to `offset`");
     sandbox.shutdown().await;
 }
 
@@ -299,13 +298,13 @@ async fn learned_page_size_is_probed_again() {
     let sandbox = start(support::sandbox_config(1_500)).await;
     let gw = gateway(&sandbox, RatePlan::Unlimited);
     scan_all(&gw, &ScanQuery::default()).await.expect("scan");
-    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 100);
+    assert_eq!(gw.paging(Resource::Contacts).page_size, 100);
     gw.reprobe_older_than(Duration::from_secs(3600));
-    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 100, "not yet due");
-    assert_eq!(gw.expected_paging(Endpoint::Contacts).page_size, 100);
+    assert_eq!(gw.paging(Resource::Contacts).page_size, 100, "not yet due");
+    assert_eq!(gw.expected_paging(Resource::Contacts).page_size, 100);
     gw.reprobe_older_than(Duration::ZERO);
-    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 1000, "due: probed from the configuration");
-    assert_eq!(gw.expected_paging(Endpoint::Contacts).page_size, 100, "planning still expects 100");
+    assert_eq!(gw.paging(Resource::Contacts).page_size, 1000, "due: probed from the configuration");
+    assert_eq!(gw.expected_paging(Resource::Contacts).page_size, 100, "planning still expects 100");
     scan_all(&gw, &ScanQuery::default()).await.expect("scan");
     assert_eq!(sandbox.stats().count_outcome("GET /contacts", "400"), 2, "probed once more: {:?}", sandbox.stats());
     sandbox.shutdown().await;
@@ -335,7 +334,7 @@ async fn short_pages_teach_the_page_size() {
     let gw = Gateway::new(config).expect("client");
     let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("adapts");
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3_000);
-    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 100);
+    assert_eq!(gw.paging(Resource::Contacts).page_size, 100);
     assert_eq!(sandbox.stats().count("GET /contacts"), 31, "30 pages of 100 and the empty one");
     sandbox.shutdown().await;
 }
@@ -367,10 +366,10 @@ async fn echoes_and_other_limits_teach_nothing() {
     let gw = Gateway::new(config).expect("client");
     let err = scan_all(&gw, &ScanQuery::default()).await.expect_err("another limit is an error");
     assert!(err.to_string().contains("export quota"), "{err}");
-    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 1000, "nothing learned from it");
+    assert_eq!(gw.paging(Resource::Contacts).page_size, 1000, "nothing learned from it");
     let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("next read");
     assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3_000);
-    assert_eq!(gw.paging(Endpoint::Contacts).page_size, 1000, "an echo of 5 over 1,000 rows is not believed");
+    assert_eq!(gw.paging(Resource::Contacts).page_size, 1000, "an echo of 5 over 1,000 rows is not believed");
     assert!(sandbox.stats().count("GET /contacts") <= 8, "pages of 1,000: {:?}", sandbox.stats());
     sandbox.shutdown().await;
 }

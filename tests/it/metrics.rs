@@ -1,7 +1,6 @@
 //! `[metrics] listen`: the daemon's Prometheus endpoint scraped during and after a pass and checked
 //! against the pass's own summary events, `/healthz`, and the shipped alert rules.
-
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

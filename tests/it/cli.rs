@@ -1,7 +1,6 @@
 //! The `segsync` binary as users run it: `check`, `test`, `sync` exit codes, crash safety of a
 //! killed sync, the instance lock, and the shipped config and rules.
-
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -9,7 +8,7 @@ use std::time::Duration;
 
 use segsync_sandbox::{Faults, Sandbox, SandboxConfig};
 
-use support::KEY_VAR;
+use crate::support::KEY_VAR;
 
 fn segsync() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_segsync"));

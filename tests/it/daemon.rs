@@ -1,7 +1,6 @@
 //! `segsync run` as a process against the real sandbox: rule edits, invalid edits, deleted rules,
 //! SIGHUP with valid and invalid configs, coalescing, SIGTERM mid-apply, and systemd notifications.
-
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 use segsync_sandbox::{Faults, Sandbox, SandboxConfig};
 use serde_json::Value;
 
-use support::KEY_VAR;
+use crate::support::KEY_VAR;
 
 struct Daemon {
     child: Child,
@@ -137,6 +136,67 @@ fn count_where(sandbox: &Sandbox, pred: impl Fn(&segsync_sandbox::store::Contact
 
 fn spent(c: &segsync_sandbox::store::Contact) -> f64 {
     support::spent(c).unwrap_or(0.0)
+}
+
+/// A fake systemd notify socket: every datagram the daemon sends, with when it arrived.
+struct NotifySocket {
+    path: PathBuf,
+    got: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+/// What the test sends itself to know every earlier datagram has been read (datagrams arrive in order).
+const NOTIFY_END: &str = "TEST_END=1";
+
+impl NotifySocket {
+    fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).expect("bind");
+        let got: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+        let sink = got.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let end = message == NOTIFY_END;
+                sink.lock().expect("lock").push((Instant::now(), message));
+                if end {
+                    return;
+                }
+            }
+        });
+        Self { path, got }
+    }
+
+    fn env(&self) -> (&'static str, String) {
+        ("NOTIFY_SOCKET", self.path.display().to_string())
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.got.lock().expect("lock").iter().map(|(_, m)| m.clone()).collect()
+    }
+
+    /// When each datagram containing `what` arrived.
+    fn times_of(&self, what: &str) -> Vec<Instant> {
+        self.got.lock().expect("lock").iter().filter(|(_, m)| m.contains(what)).map(|(t, _)| *t).collect()
+    }
+
+    /// Waits until the datagrams received satisfy `done`.
+    async fn wait_until(&self, secs: u64, what: &str, done: impl Fn(&[String]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !done(&self.messages()) {
+            assert!(Instant::now() < deadline, "no {what} within {secs} s: {:?}", self.messages());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every datagram sent before now (the sender has exited): ends the reader with a marker.
+    async fn drain(&self) -> Vec<String> {
+        UnixDatagram::unbound().expect("socket").send_to(NOTIFY_END.as_bytes(), &self.path).expect("send");
+        self.wait_until(10, "end marker", |m| m.last().is_some_and(|m| m == NOTIFY_END)).await;
+        let mut all = self.messages();
+        all.pop();
+        all
+    }
 }
 
 // Startup runs every rule; an edit runs the rule at once; an invalid edit keeps the old rule and logs
@@ -331,27 +391,14 @@ async fn long_passes_report_progress() {
     let slow = "plan = \"custom\"\nrequests_per_minute = 600\nrequests_per_second = 3\nbudget_share = 1.0";
     let text = std::fs::read_to_string(&config).expect("read").replace("plan = \"unlimited\"", slow);
     std::fs::write(&config, text).expect("write");
-    let socket_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).expect("bind");
-    socket.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
-    let messages: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = messages.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(90) {
-            if let Ok(n) = socket.recv(&mut buf) {
-                sink.lock().expect("lock").push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-    });
-    let daemon = Daemon::start(&config, &[("NOTIFY_SOCKET", socket_path.display().to_string())]);
+    let notify = NotifySocket::bind(dir.path());
+    let daemon = Daemon::start(&config, &[notify.env()]);
     let started = daemon.wait_for(1, "pass started", &[("trigger", "startup")], 20).await;
     assert_eq!(started[0]["rules"], 5, "{}", started[0]);
     let progress = daemon.wait_for(1, "pass progress", &[("trigger", "startup")], 30).await;
     assert!(progress[0]["api_requests"].as_u64().is_some_and(|n| n > 0), "{}", progress[0]);
     assert!(progress[0]["contacts"].as_u64().is_some_and(|n| n > 0), "{}", progress[0]);
-    let status = messages.lock().expect("lock").clone();
+    let status = notify.messages();
     assert!(status.iter().any(|m| m.starts_with("STATUS=pass (startup, 5 rule(s)) ")), "{status:?}");
     daemon.wait_for(1, "pass finished", &[("trigger", "startup")], 60).await;
     drop(daemon);
@@ -426,33 +473,20 @@ async fn sigterm_mid_apply_then_restart_converges() {
 async fn systemd_notifications() {
     let sandbox = support::start(support::sandbox_config(500)).await;
     let (dir, config) = setup(&sandbox, "");
-    let socket_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).expect("bind");
-    socket.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
-    let messages: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = messages.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(60) {
-            if let Ok(n) = socket.recv(&mut buf) {
-                sink.lock().expect("lock").push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-    });
-    let mut daemon = Daemon::start(
-        &config,
-        &[("NOTIFY_SOCKET", socket_path.display().to_string()), ("WATCHDOG_USEC", "300000".into())],
-    );
+    let notify = NotifySocket::bind(dir.path());
+    let mut daemon = Daemon::start(&config, &[notify.env(), ("WATCHDOG_USEC", "300000".into())]);
     daemon.wait_for(5, "rule run", &[("trigger", "startup")], 60).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pinged = |m: &[String]| m.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2;
+    notify.wait_until(10, "two WATCHDOG=1", pinged).await;
     daemon.signal("HUP");
     daemon.wait_for(1, "reloaded", &[], 30).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ready_again = |m: &[String]| {
+        m.iter().position(|m| m.contains("RELOADING=1")).is_some_and(|r| m[r..].iter().any(|m| m.contains("READY=1")))
+    };
+    notify.wait_until(10, "READY=1 after RELOADING=1", ready_again).await;
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(15).await, 0);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let got = messages.lock().expect("lock").clone();
+    let got = notify.drain().await;
     let index = |pred: &dyn Fn(&String) -> bool| got.iter().position(pred);
     let ready = index(&|m| m.contains("READY=1")).expect("READY=1");
     assert!(got[ready].contains("STATUS="), "{got:?}");
@@ -464,6 +498,39 @@ async fn systemd_notifications() {
     // STOPPING=1 comes after the reload's READY=1: the shutdown is the last state change.
     let stopping = index(&|m| m.contains("STOPPING=1")).expect("STOPPING=1");
     assert!(stopping > reloading, "{got:?}");
+    drop(daemon);
+    sandbox.shutdown().await;
+}
+
+// A pass's commit holding the state database for 5 s (as a first sync's million history rows do;
+// injected with SEGSYNC_FAULT) does not hold up the event loop: WATCHDOG=1 keeps coming, every gap
+// under the 2 s WATCHDOG_USEC systemd would kill at. Before the daemon's state reads and writes
+// moved off the loop, its 2-second request poll waited on the database for the whole commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_is_fed_through_a_long_state_write() {
+    let sandbox = support::start(support::sandbox_config(500)).await;
+    let (dir, config) = setup(&sandbox, "");
+    let notify = NotifySocket::bind(dir.path());
+    let started = Instant::now();
+    let mut daemon = Daemon::start(
+        &config,
+        &[notify.env(), ("WATCHDOG_USEC", "2000000".into()), ("SEGSYNC_FAULT", "slow-commit:vip:5000".into())],
+    );
+    let run = daemon.wait_for(1, "rule run", &[("rule", "vip"), ("trigger", "startup")], 60).await;
+    let committed = Instant::now();
+    assert_eq!(run[0]["outcome"], "ok", "{run:?}");
+    assert!(committed.duration_since(started) >= Duration::from_secs(5), "the commit was held 5 s");
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(15).await, 0);
+    notify.drain().await;
+    let pings = notify.times_of("WATCHDOG=1");
+    // The held commit ended just before `rule run` was logged: the 5 s before it are covered.
+    let window: Vec<Instant> = std::iter::once(committed - Duration::from_secs(5))
+        .chain(pings.iter().copied().filter(|t| *t > committed - Duration::from_secs(5) && *t <= committed))
+        .chain(std::iter::once(committed))
+        .collect();
+    let worst = window.windows(2).map(|w| w[1] - w[0]).max().expect("a window");
+    assert!(worst < Duration::from_secs(2), "the watchdog went {worst:?} unfed during the commit: {pings:?}");
     drop(daemon);
     sandbox.shutdown().await;
 }
@@ -533,7 +600,7 @@ async fn cron_fires_through_the_loop_across_dst() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let cron_run = loop {
         let runs = runs_in(&db);
-        if let Some(run) = runs.iter().find(|r| r.trigger == segsync::run::Trigger::Cron) {
+        if let Some(run) = runs.iter().find(|r| r.trigger == segsync::outcome::Trigger::Cron) {
             break run.clone();
         }
         if daemon.is_finished() {
@@ -543,10 +610,10 @@ async fn cron_fires_through_the_loop_across_dst() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(cron_run.rule.as_str(), "at3", "{cron_run:?}");
-    assert_eq!(cron_run.outcome, segsync::run::Outcome::Ok, "{cron_run:?}");
+    assert_eq!(cron_run.outcome, segsync::outcome::Outcome::Ok, "{cron_run:?}");
     let runs = runs_in(&db);
-    assert_eq!(runs.iter().filter(|r| r.trigger == segsync::run::Trigger::Startup).count(), 2, "{runs:?}");
-    assert!(!runs.iter().any(|r| r.rule.as_str() == "at4" && r.trigger == segsync::run::Trigger::Cron), "{runs:?}");
+    assert_eq!(runs.iter().filter(|r| r.trigger == segsync::outcome::Trigger::Startup).count(), 2, "{runs:?}");
+    assert!(!runs.iter().any(|r| r.rule.as_str() == "at4" && r.trigger == segsync::outcome::Trigger::Cron), "{runs:?}");
     stop.cancel();
     let ended = tokio::time::timeout(Duration::from_secs(10), daemon).await.expect("stops").expect("joins");
     assert!(ended.is_ok(), "{ended:?}");

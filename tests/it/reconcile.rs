@@ -1,8 +1,7 @@
 //! Reconcile passes against the real sandbox over HTTP: lists end up holding exactly what the
 //! rules select (checked by predicates written here, not by segsync's planner), changes move
 //! exactly the changed contacts, nothing is written when nothing changed, and the guards hold.
-
-mod support;
+use crate::support;
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
@@ -10,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::NaiveDate;
-use segsync::config::Guards;
 use segsync::ids::Account;
+use segsync::reconcile::Guards;
 use segsync::reconcile::{MemberSource, Outcome, Parts, PassReport, PassRequest, ReadKind, Reconciler, Trigger};
 use segsync::rules::{self, Date, Rule};
 use segsync::state::State;
@@ -122,7 +121,7 @@ impl World {
     }
 }
 
-use support::spent;
+use crate::support::spent;
 
 fn days_since_purchase(c: &Contact) -> Option<i64> {
     let d = c.custom_fields.get("lastPurchaseDate")?.as_str()?;

@@ -2,8 +2,7 @@
 //! and extracted into a temporary root, the installed binary's start gate on the installed config,
 //! and each installed unit played as systemd would play it (without systemd as PID 1): its own
 //! `ExecStartPre=`, `ExecStart=` and `ExecReload=` lines, run with the environment systemd gives.
-
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;

@@ -1,0 +1,251 @@
+//! Judging records as their pages arrive: a list's members (each on its own member record), and
+//! candidates for several rules at once (each record converted once), on the gateway's blocking
+//! threads. Contacts are streamed, never all held at once. A list whose members come from the
+//! cache has them judged on the shared scan's records.
+
+use std::sync::Arc;
+
+use rhai::Engine;
+use tokio_util::sync::CancellationToken;
+
+use super::ReconcileError;
+use super::plan::Evaluation;
+use crate::contact::ContactRecord;
+use crate::gateway::{Gateway, Scan, ScanQuery};
+use crate::ids::{BitSet, ContactIdSet, ListId};
+use crate::rules::{Date, Facts, FilterTerm, Mode, Rule};
+
+/// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
+/// threads as they were parsed). Returns the server's last reported total.
+async fn fold_pages<R>(
+    mut scan: Scan<R>,
+    cancel: &CancellationToken,
+    mut fold: impl FnMut(R),
+) -> Result<u64, ReconcileError> {
+    let mut total = 0;
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return Err(ReconcileError::Interrupted),
+            next = scan.next() => next,
+        };
+        let Some(page) = next else { break };
+        let page = page?;
+        total = page.total;
+        fold(page.records);
+    }
+    Ok(total)
+}
+
+/// A member's verdict on its own current record. A member the FILTER cannot judge is an
+/// evaluation error (kept), exactly as a field `matches` cannot read; only a clear "no" can
+/// remove it. `Ok(true)` from the FILTER still needs `matches`: the caller runs it.
+fn member_filter(rule: &Rule, record: &ContactRecord, part: &mut Evaluation) -> bool {
+    match rule.filter_verdict(record) {
+        Ok(true) => true,
+        Ok(false) => {
+            part.member_fails(&record.id, rule.filter_failure(record));
+            false
+        }
+        Err(e) => {
+            part.error(&record.id, e);
+            false
+        }
+    }
+}
+
+/// Reads a list's members and judges each on its own current record.
+pub async fn members(
+    cancel: &CancellationToken,
+    gw: &Gateway,
+    engine: &Arc<Engine>,
+    rule: &Arc<Rule>,
+    list: &ListId,
+    today: Date,
+) -> Result<Evaluation, ReconcileError> {
+    let (engine, rule_for_work) = (engine.clone(), rule.clone());
+    let mut eval = Evaluation::default();
+    let scan = gw.scan_with(
+        &ScanQuery { list_ids: vec![list.clone()], ..ScanQuery::default() },
+        move |records: Vec<ContactRecord>| {
+            let mut part = Evaluation::default();
+            for record in records {
+                part.members.insert(record.id.as_str());
+                // add_only never removes, so its members need no verdict.
+                if rule_for_work.mode == Mode::Mirror {
+                    part.evaluated += 1;
+                    if member_filter(&rule_for_work, &record, &mut part) {
+                        // The member's last use: hand the record over instead of cloning it.
+                        let facts = rule_for_work.facts(&record);
+                        let ContactRecord { id, fields } = record;
+                        let verdict = rule_for_work.call_matches(&engine, fields, today);
+                        part.member_verdict(&rule_for_work, &id, verdict, &facts);
+                    }
+                }
+            }
+            part
+        },
+    );
+    fold_pages(scan, cancel, |part| eval.merge(part)).await?;
+    Ok(eval)
+}
+
+/// Whether a record passes every term, as the server would judge it.
+fn passes(terms: &[FilterTerm], record: &rhai::Map) -> bool {
+    terms.iter().all(|t| t.judge(record) == Ok(true))
+}
+
+/// A rule reading candidates.
+pub struct Target {
+    pub rule: Arc<Rule>,
+    pub members: Arc<ContactIdSet>,
+    /// The members come from the cache: each one the read returns is marked seen and (in mirror
+    /// mode) judged on that record. Otherwise they were judged on their member records already,
+    /// and are skipped.
+    pub cached: bool,
+    /// The filter derived from `matches`: not applied here (`matches` decides), only counted, so
+    /// the planner knows how large the rule's own read would be.
+    pub derived: Vec<FilterTerm>,
+}
+
+/// What a read saw of a cached list's members (indexes into the cached set).
+#[derive(Debug, Clone, Default)]
+pub struct CachedSeen {
+    /// Verdicts on the members' records from this read (mirror mode).
+    pub eval: Evaluation,
+    pub seen: BitSet,
+    /// `matches` said true: were one of them not a member after all, it is a candidate to add.
+    pub matched: BitSet,
+}
+
+/// One page's part of a [`CachedSeen`]: indexes, not bit sets the size of the list.
+#[derive(Default)]
+struct PageSeen {
+    eval: Evaluation,
+    seen: Vec<u32>,
+    matched: Vec<u32>,
+}
+
+impl CachedSeen {
+    fn merge(&mut self, page: PageSeen) {
+        self.eval.merge(page.eval);
+        for i in page.seen {
+            self.seen.set(i);
+        }
+        for i in page.matched {
+            self.matched.set(i);
+        }
+    }
+}
+
+/// What a candidate read found, per target, plus counts the planner remembers.
+pub struct Found {
+    /// Per target: its candidates (non-members) only.
+    pub per_target: Vec<Evaluation>,
+    /// Per target with a cached list: its members as this read saw them.
+    pub cached: Vec<Option<CachedSeen>>,
+    /// Per target: non-members passing its FILTER and derived filter (the size of its own read).
+    pub in_filter: Vec<u64>,
+    pub total: u64,
+}
+
+/// Reads `query` once and evaluates every target on each contact (converted once): members of a
+/// cached list as members, everyone else as a candidate.
+pub async fn candidates(
+    cancel: &CancellationToken,
+    gw: &Gateway,
+    engine: &Arc<Engine>,
+    query: &ScanQuery,
+    targets: Vec<Target>,
+    today: Date,
+) -> Result<Found, ReconcileError> {
+    let n = targets.len();
+    let targets = Arc::new(targets);
+    let mut out = Found {
+        per_target: vec![Evaluation::default(); n],
+        cached: targets
+            .iter()
+            .map(|t| {
+                t.cached.then(|| CachedSeen {
+                    seen: BitSet::with_len(t.members.len()),
+                    matched: BitSet::with_len(t.members.len()),
+                    ..CachedSeen::default()
+                })
+            })
+            .collect(),
+        in_filter: vec![0; n],
+        total: 0,
+    };
+    let (engine, work_targets) = (engine.clone(), targets.clone());
+    let scan = gw.scan_with(query, move |records: Vec<ContactRecord>| {
+        let targets = &work_targets;
+        let mut parts = vec![Evaluation::default(); targets.len()];
+        let mut cached: Vec<Option<PageSeen>> = targets.iter().map(|t| t.cached.then(PageSeen::default)).collect();
+        let mut in_filter = vec![0u64; targets.len()];
+        // (target, cached member index and its facts) for each `matches` call this record needs.
+        let mut due: Vec<(usize, Option<(u32, Facts)>)> = Vec::with_capacity(targets.len());
+        for record in records {
+            due.clear();
+            for (i, target) in targets.iter().enumerate() {
+                let Some(index) = target.members.index_of(record.id.as_str()) else {
+                    parts[i].evaluated += 1;
+                    if target.rule.passes_filter(&record) {
+                        if target.derived.is_empty() || record.map().is_some_and(|m| passes(&target.derived, &m)) {
+                            in_filter[i] += 1;
+                        }
+                        due.push((i, None));
+                    }
+                    continue;
+                };
+                // A member judged on its member record, or an add_only member: nothing to judge.
+                let Some(seen) = cached[i].as_mut() else { continue };
+                seen.seen.push(index);
+                if target.rule.mode == Mode::Mirror {
+                    seen.eval.evaluated += 1;
+                    if member_filter(&target.rule, &record, &mut seen.eval) {
+                        due.push((i, Some((index, target.rule.facts(&record)))));
+                    }
+                }
+            }
+            // Each evaluation consumes a copy of the contact; the last one takes the record itself.
+            let ContactRecord { id, fields } = record;
+            let mut fields = Some(fields);
+            for (k, (i, member)) in due.iter().enumerate() {
+                let i = *i;
+                let arg = if k + 1 == due.len() {
+                    fields.take().unwrap_or_default()
+                } else {
+                    fields.clone().unwrap_or_default()
+                };
+                let verdict = targets[i].rule.call_matches(&engine, arg, today);
+                if let (Some((index, facts)), Some(seen)) = (member, cached[i].as_mut()) {
+                    if verdict == Ok(true) {
+                        seen.matched.push(*index);
+                    }
+                    seen.eval.member_verdict(&targets[i].rule, &id, verdict, facts);
+                    continue;
+                }
+                let part = &mut parts[i];
+                match verdict {
+                    Ok(true) => {
+                        part.matched += 1;
+                        part.candidates_matching.push(id.clone());
+                    }
+                    Ok(false) => {}
+                    Err(e) => part.error(&id, e),
+                }
+            }
+        }
+        (parts, cached, in_filter)
+    });
+    out.total = fold_pages(scan, cancel, |(parts, cached, in_filter)| {
+        for (i, (part, seen)) in parts.into_iter().zip(cached).enumerate() {
+            out.per_target[i].merge(part);
+            if let (Some(all), Some(seen)) = (out.cached[i].as_mut(), seen) {
+                all.merge(seen);
+            }
+            out.in_filter[i] += in_filter[i];
+        }
+    })
+    .await?;
+    Ok(out)
+}
