@@ -206,8 +206,12 @@ struct RawSandbox {
 /// Every key config.toml accepts, as `section.key`, from the declaration above (for the README's
 /// table and its test).
 pub fn accepted_keys() -> Vec<String> {
-    let mut keys = Vec::new();
-    for (section, fields) in [
+    sections().iter().flat_map(|(section, fields)| fields.iter().map(move |f| format!("{section}.{f}"))).collect()
+}
+
+/// Every section config.toml accepts, with its keys, from the declaration above.
+fn sections() -> [(&'static str, &'static [&'static str]); 8] {
+    [
         ("api", field_names::<RawApi>()),
         ("rules", field_names::<RawRules>()),
         ("state", field_names::<RawState>()),
@@ -216,10 +220,7 @@ pub fn accepted_keys() -> Vec<String> {
         ("log", field_names::<RawLog>()),
         ("sandbox", field_names::<RawSandbox>()),
         ("metrics", field_names::<RawMetrics>()),
-    ] {
-        keys.extend(fields.iter().map(|f| format!("{section}.{f}")));
-    }
-    keys
+    ]
 }
 
 /// The field names serde would accept for `T`, asked of its `Deserialize` impl itself.
@@ -354,6 +355,262 @@ impl Reader<'_> {
             }
         }
     }
+
+    /// Every key the declaration does not know, with the keys its section does.
+    fn unknown(&mut self, keys: Vec<String>) {
+        for key in keys {
+            let message = match key.split_once('.') {
+                Some((section, name)) => {
+                    let known: Vec<String> = accepted_keys()
+                        .into_iter()
+                        .filter_map(|k| k.strip_prefix(&format!("{section}.")).map(str::to_owned))
+                        .collect();
+                    format!("unknown key `{name}` in [{section}] (known keys: {})", known.join(", "))
+                }
+                None => format!(
+                    "unknown section or key `{key}` (known: {})",
+                    sections().map(|(s, _)| format!("[{s}]")).join(", ")
+                ),
+            };
+            self.error(&key, message);
+        }
+    }
+
+    /// `[api]`'s server: the sandbox, or a base URL with exactly one source for its key.
+    fn server(&mut self, raw: &RawApi, base: &Path) -> Option<Server> {
+        let relative = |p: String| if Path::new(&p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
+
+        let base_url = self.string(&raw.base_url, "api.base_url").unwrap_or_else(|| SANDBOX.into());
+        let key_env = self.string(&raw.key_env, "api.key_env");
+        let key_file = self.string(&raw.key_file, "api.key_file");
+        let key_credential = self.string(&raw.key_credential, "api.key_credential");
+        let basic_user = self.string(&raw.basic_user, "api.basic_user");
+        if base_url == SANDBOX {
+            Some(Server::Sandbox)
+        } else {
+            let url = match Url::parse(&base_url) {
+                Ok(u) if matches!(u.scheme(), "https" | "http") && u.has_host() => Some(u),
+                Ok(_) => {
+                    self.error(
+                        "api.base_url",
+                        format!("api.base_url must be an http(s) URL or \"sandbox\", got {base_url:?}"),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.error("api.base_url", format!("api.base_url {base_url:?} is not a URL: {e}"));
+                    None
+                }
+            };
+            let key = match (key_env, key_file, key_credential) {
+                (Some(env), None, None) => Some(KeySource::Env(env)),
+                (None, Some(file), None) => Some(KeySource::File(relative(file))),
+                (None, None, Some(name)) => Some(KeySource::Credential(name)),
+                (None, None, None) => {
+                    self.error(
+                        "api.base_url",
+                        "a real gateway needs a key: set api.key_env (an environment variable), api.key_file (a file) \
+                         or api.key_credential (a systemd credential)"
+                            .into(),
+                    );
+                    None
+                }
+                _ => {
+                    self.error("api.key_env", "set only one of api.key_env, api.key_file, api.key_credential".into());
+                    None
+                }
+            };
+            match (url, key) {
+                (Some(base_url), Some(key)) => Some(Server::Remote { base_url, key, basic_user }),
+                _ => None,
+            }
+        }
+    }
+
+    /// `[api]`: the server, its key, the rate plan and the client's settings.
+    fn api(&mut self, raw: &RawApi, base: &Path) -> ApiConfig {
+        let server = self.server(raw, base);
+        let plans = [
+            ("production", Some(RatePlan::Production)),
+            ("trial", Some(RatePlan::Trial)),
+            ("unlimited", Some(RatePlan::Unlimited)),
+            ("custom", None),
+        ];
+        let plan = self.choice(&raw.plan, "api.plan", &plans).unwrap_or(Some(RatePlan::Production));
+        let per_minute = self.integer(&raw.requests_per_minute, "api.requests_per_minute", 1..=1_000_000);
+        let per_second = self.integer(&raw.requests_per_second, "api.requests_per_second", 1..=100_000);
+        let limits = match (plan, per_minute, per_second) {
+            (None, Some(m), Some(s)) => Some(RateLimits { per_minute: m as u32, per_second: s as u32 }),
+            (None, _, _) => {
+                self.error(
+                    "api.plan",
+                    "plan = \"custom\" needs api.requests_per_minute and api.requests_per_second".into(),
+                );
+                None
+            }
+            (Some(p), None, None) => p.limits(),
+            (Some(_), _, _) => {
+                self.error(
+                    "api.requests_per_minute",
+                    "requests_per_minute / requests_per_second apply only with plan = \"custom\"".into(),
+                );
+                None
+            }
+        };
+        let defaults = ClientSettings::default();
+        let client = ClientSettings {
+            limits,
+            page_size: self.integer(&raw.page_size, "api.page_size", 1..=1000).map_or(defaults.page_size, |n| n as u32),
+            timeout: self
+                .integer(&raw.timeout_secs, "api.timeout_secs", 1..=600)
+                .map_or(defaults.timeout, |n| Duration::from_secs(n as u64)),
+            max_retries: self
+                .integer(&raw.max_retries, "api.max_retries", 0..=20)
+                .map_or(defaults.max_retries, |n| n as u32),
+            concurrency: self
+                .integer(&raw.concurrency, "api.concurrency", 1..=32)
+                .map_or(defaults.concurrency, |n| n as usize),
+            pagination: self
+                .choice(
+                    &raw.pagination,
+                    "api.pagination",
+                    &[("auto", None), ("offset", Some(Pagination::Offset)), ("page", Some(Pagination::Page))],
+                )
+                .unwrap_or(defaults.pagination),
+            max_response_bytes: self
+                .integer(&raw.max_response_bytes, "api.max_response_bytes", 65_536..=1_073_741_824)
+                .map_or(defaults.max_response_bytes, |n| n as u64),
+            max_retry_after: self
+                .integer(&raw.max_retry_after_secs, "api.max_retry_after_secs", 1..=86_400)
+                .map_or(defaults.max_retry_after, |n| Duration::from_secs(n as u64)),
+            budget_share: match self.share(&raw.budget_share, "api.budget_share") {
+                Some(share) if share > 0.0 => share,
+                Some(_) => {
+                    self.error("api.budget_share", "api.budget_share must be above 0 (a share, 0.8 = 80 %)".into());
+                    defaults.budget_share
+                }
+                None => defaults.budget_share,
+            },
+        };
+        ApiConfig { plan: plan.unwrap_or(RatePlan::Production), client, server: server.unwrap_or(Server::Sandbox) }
+    }
+
+    /// `[rules]`: the folder, the default schedule, the time zone and the default removal grace.
+    fn rules(&mut self, raw: &RawRules, base: &Path) -> (PathBuf, Schedule, Tz, Option<Duration>) {
+        let relative = |p: String| if Path::new(&p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
+        let rules_dir = relative(self.string(&raw.dir, "rules.dir").unwrap_or_else(|| "rules".into()));
+        let schedule_text =
+            self.string(&raw.default_schedule, "rules.default_schedule").unwrap_or_else(|| "0 */15 * * * *".into());
+        let default_schedule = Schedule::parse(&schedule_text).unwrap_or_else(|e| {
+            self.error("rules.default_schedule", format!("rules.default_schedule: {e}"));
+            Schedule::parse("0 */15 * * * *").unwrap_or_else(|_| unreachable!("a constant, valid expression"))
+        });
+        let tz_text = self.string(&raw.time_zone, "rules.time_zone").unwrap_or_else(|| "UTC".into());
+        let time_zone = tz_text.parse::<Tz>().unwrap_or_else(|_| {
+            self.error(
+                "rules.time_zone",
+                format!("rules.time_zone {tz_text:?} is not an IANA time zone (e.g. \"Europe/Rome\")"),
+            );
+            Tz::UTC
+        });
+
+        let default_remove_after =
+            self.duration(&raw.default_remove_after, "rules.default_remove_after", Duration::ZERO);
+        (rules_dir, default_schedule, time_zone, default_remove_after)
+    }
+
+    /// `[state]`: the database, the cache's verification age and the history's retention and facts.
+    fn state(&mut self, raw: &RawState, base: &Path) -> (PathBuf, Duration, Duration, bool) {
+        let relative = |p: String| if Path::new(&p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
+        let state_path = relative(self.string(&raw.path, "state.path").unwrap_or_else(|| "segsync.db".into()));
+        let verify_members_every = self
+            .duration(&raw.verify_members_every, "state.verify_members_every", Duration::from_secs(60))
+            .unwrap_or(Duration::from_secs(24 * 3600));
+        let history_retention = self
+            .duration(&raw.history_retention, "state.history_retention", Duration::from_secs(86_400))
+            .unwrap_or(Duration::from_secs(180 * 86_400));
+        let history_facts = self.boolean(&raw.history_facts, "state.history_facts").unwrap_or(true);
+        (state_path, verify_members_every, history_retention, history_facts)
+    }
+
+    /// `[guards]`.
+    fn guards(&mut self, raw: &RawGuards) -> Guards {
+        Guards {
+            max_removal_share: self.share(&raw.max_removal_share, "guards.max_removal_share").unwrap_or(0.20),
+            max_removals: self.integer(&raw.max_removals, "guards.max_removals", 0..=i64::MAX).map(|n| n as u64),
+            max_error_share: self.share(&raw.max_error_share, "guards.max_error_share").unwrap_or(0.01),
+            mass_removal_floor: self
+                .integer(&raw.mass_removal_floor, "guards.mass_removal_floor", 0..=i64::MAX)
+                .unwrap_or(10) as u64,
+        }
+    }
+
+    /// `[daemon]`: the shutdown deadline and whether the rules folder is watched.
+    fn daemon(&mut self, raw: &RawDaemon) -> (Duration, bool) {
+        let shutdown_timeout = Duration::from_secs(
+            self.integer(&raw.shutdown_timeout_secs, "daemon.shutdown_timeout_secs", 1..=3600).unwrap_or(30) as u64,
+        );
+        let watch_rules = self.boolean(&raw.watch_rules, "daemon.watch_rules").unwrap_or(true);
+
+        (shutdown_timeout, watch_rules)
+    }
+
+    /// `[log]`.
+    fn log(&mut self, raw: &RawLog) -> LogFormat {
+        self.choice(
+            &raw.format,
+            "log.format",
+            &[("auto", LogFormat::Auto), ("json", LogFormat::Json), ("text", LogFormat::Text)],
+        )
+        .unwrap_or_default()
+    }
+
+    /// `[sandbox]`: the bundled sandbox's demo data, on the configured plan.
+    fn sandbox(&mut self, raw: &RawSandbox, plan: RatePlan) -> SandboxConfig {
+        let defaults = SandboxConfig::default();
+        SandboxConfig {
+            contacts: self
+                .integer(&raw.contacts, "sandbox.contacts", 0..=5_000_000)
+                .map_or(defaults.contacts, |n| n as u64),
+            seed: self.integer(&raw.seed, "sandbox.seed", 0..=i64::MAX).map_or(defaults.seed, |n| n as u64),
+            churn_per_minute: self
+                .integer(&raw.churn_per_minute, "sandbox.churn_per_minute", 0..=1_000_000)
+                .map_or(defaults.churn_per_minute, |n| n as u32),
+            plan: sandbox_plan(plan),
+            ..defaults
+        }
+    }
+
+    /// `[metrics]`: where to serve, and when a rule is overdue.
+    fn metrics(&mut self, raw: &RawMetrics) -> MetricsConfig {
+        let listen = self.string(&raw.listen, "metrics.listen").and_then(|text| {
+            // A bare port (or ":port") means loopback: metrics are not published by accident.
+            let port_only = text.trim_start_matches(':').parse::<u16>().ok();
+            match port_only.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))).or_else(|| text.parse().ok()) {
+                Some(addr) => Some(addr),
+                None => {
+                    self.error(
+                        "metrics.listen",
+                        format!("metrics.listen must be \"HOST:PORT\" or a port, got {text:?}"),
+                    );
+                    None
+                }
+            }
+        });
+        let overdue_factor = match raw.overdue_factor.as_ref() {
+            None => 3.0,
+            Some(Value::Float(f)) if *f >= 1.0 => *f,
+            Some(Value::Integer(i)) if *i >= 1 => *i as f64,
+            Some(other) => {
+                self.error(
+                    "metrics.overdue_factor",
+                    format!("metrics.overdue_factor must be a number of at least 1, got {other}"),
+                );
+                3.0
+            }
+        };
+        MetricsConfig { listen, overdue_factor }
+    }
 }
 
 /// Key path ("api.page_size") → 1-based line and column, from the parser's spans.
@@ -408,226 +665,16 @@ impl Config {
         let raw: RawConfig =
             serde_ignored::deserialize(document, |key| unknown.push(key.to_string())).map_err(|e| at(&e))?;
         let mut r = Reader { file: path, spans: key_spans(text), errors: Vec::new() };
-        for key in unknown {
-            let message = match key.split_once('.') {
-                Some((section, name)) => {
-                    let known: Vec<String> = accepted_keys()
-                        .into_iter()
-                        .filter_map(|k| k.strip_prefix(&format!("{section}.")).map(str::to_owned))
-                        .collect();
-                    format!("unknown key `{name}` in [{section}] (known keys: {})", known.join(", "))
-                }
-                None => format!(
-                    "unknown section or key `{key}` (known: {})",
-                    ["api", "rules", "state", "guards", "daemon", "log", "sandbox", "metrics"]
-                        .map(|s| format!("[{s}]"))
-                        .join(", ")
-                ),
-            };
-            r.error(&key, message);
-        }
+        r.unknown(unknown);
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let relative = |p: String| if Path::new(&p).is_absolute() { PathBuf::from(p) } else { base.join(p) };
-
-        let base_url = r.string(&raw.api.base_url, "api.base_url").unwrap_or_else(|| SANDBOX.into());
-        let key_env = r.string(&raw.api.key_env, "api.key_env");
-        let key_file = r.string(&raw.api.key_file, "api.key_file");
-        let key_credential = r.string(&raw.api.key_credential, "api.key_credential");
-        let basic_user = r.string(&raw.api.basic_user, "api.basic_user");
-        let server = if base_url == SANDBOX {
-            Some(Server::Sandbox)
-        } else {
-            let url = match Url::parse(&base_url) {
-                Ok(u) if matches!(u.scheme(), "https" | "http") && u.has_host() => Some(u),
-                Ok(_) => {
-                    r.error(
-                        "api.base_url",
-                        format!("api.base_url must be an http(s) URL or \"sandbox\", got {base_url:?}"),
-                    );
-                    None
-                }
-                Err(e) => {
-                    r.error("api.base_url", format!("api.base_url {base_url:?} is not a URL: {e}"));
-                    None
-                }
-            };
-            let key = match (key_env, key_file, key_credential) {
-                (Some(env), None, None) => Some(KeySource::Env(env)),
-                (None, Some(file), None) => Some(KeySource::File(relative(file))),
-                (None, None, Some(name)) => Some(KeySource::Credential(name)),
-                (None, None, None) => {
-                    r.error(
-                        "api.base_url",
-                        "a real gateway needs a key: set api.key_env (an environment variable), api.key_file (a file) \
-                         or api.key_credential (a systemd credential)"
-                            .into(),
-                    );
-                    None
-                }
-                _ => {
-                    r.error("api.key_env", "set only one of api.key_env, api.key_file, api.key_credential".into());
-                    None
-                }
-            };
-            match (url, key) {
-                (Some(base_url), Some(key)) => Some(Server::Remote { base_url, key, basic_user }),
-                _ => None,
-            }
-        };
-        let plans = [
-            ("production", Some(RatePlan::Production)),
-            ("trial", Some(RatePlan::Trial)),
-            ("unlimited", Some(RatePlan::Unlimited)),
-            ("custom", None),
-        ];
-        let plan = r.choice(&raw.api.plan, "api.plan", &plans).unwrap_or(Some(RatePlan::Production));
-        let per_minute = r.integer(&raw.api.requests_per_minute, "api.requests_per_minute", 1..=1_000_000);
-        let per_second = r.integer(&raw.api.requests_per_second, "api.requests_per_second", 1..=100_000);
-        let limits = match (plan, per_minute, per_second) {
-            (None, Some(m), Some(s)) => Some(RateLimits { per_minute: m as u32, per_second: s as u32 }),
-            (None, _, _) => {
-                r.error(
-                    "api.plan",
-                    "plan = \"custom\" needs api.requests_per_minute and api.requests_per_second".into(),
-                );
-                None
-            }
-            (Some(p), None, None) => p.limits(),
-            (Some(_), _, _) => {
-                r.error(
-                    "api.requests_per_minute",
-                    "requests_per_minute / requests_per_second apply only with plan = \"custom\"".into(),
-                );
-                None
-            }
-        };
-        let defaults = ClientSettings::default();
-        let client = ClientSettings {
-            limits,
-            page_size: r
-                .integer(&raw.api.page_size, "api.page_size", 1..=1000)
-                .map_or(defaults.page_size, |n| n as u32),
-            timeout: r
-                .integer(&raw.api.timeout_secs, "api.timeout_secs", 1..=600)
-                .map_or(defaults.timeout, |n| Duration::from_secs(n as u64)),
-            max_retries: r
-                .integer(&raw.api.max_retries, "api.max_retries", 0..=20)
-                .map_or(defaults.max_retries, |n| n as u32),
-            concurrency: r
-                .integer(&raw.api.concurrency, "api.concurrency", 1..=32)
-                .map_or(defaults.concurrency, |n| n as usize),
-            pagination: r
-                .choice(
-                    &raw.api.pagination,
-                    "api.pagination",
-                    &[("auto", None), ("offset", Some(Pagination::Offset)), ("page", Some(Pagination::Page))],
-                )
-                .unwrap_or(defaults.pagination),
-            max_response_bytes: r
-                .integer(&raw.api.max_response_bytes, "api.max_response_bytes", 65_536..=1_073_741_824)
-                .map_or(defaults.max_response_bytes, |n| n as u64),
-            max_retry_after: r
-                .integer(&raw.api.max_retry_after_secs, "api.max_retry_after_secs", 1..=86_400)
-                .map_or(defaults.max_retry_after, |n| Duration::from_secs(n as u64)),
-            budget_share: match r.share(&raw.api.budget_share, "api.budget_share") {
-                Some(share) if share > 0.0 => share,
-                Some(_) => {
-                    r.error("api.budget_share", "api.budget_share must be above 0 (a share, 0.8 = 80 %)".into());
-                    defaults.budget_share
-                }
-                None => defaults.budget_share,
-            },
-        };
-        let api =
-            ApiConfig { plan: plan.unwrap_or(RatePlan::Production), client, server: server.unwrap_or(Server::Sandbox) };
-
-        let rules_dir = relative(r.string(&raw.rules.dir, "rules.dir").unwrap_or_else(|| "rules".into()));
-        let schedule_text =
-            r.string(&raw.rules.default_schedule, "rules.default_schedule").unwrap_or_else(|| "0 */15 * * * *".into());
-        let default_schedule = Schedule::parse(&schedule_text).unwrap_or_else(|e| {
-            r.error("rules.default_schedule", format!("rules.default_schedule: {e}"));
-            Schedule::parse("0 */15 * * * *").unwrap_or_else(|_| unreachable!("a constant, valid expression"))
-        });
-        let tz_text = r.string(&raw.rules.time_zone, "rules.time_zone").unwrap_or_else(|| "UTC".into());
-        let time_zone = tz_text.parse::<Tz>().unwrap_or_else(|_| {
-            r.error(
-                "rules.time_zone",
-                format!("rules.time_zone {tz_text:?} is not an IANA time zone (e.g. \"Europe/Rome\")"),
-            );
-            Tz::UTC
-        });
-
-        let state_path = relative(r.string(&raw.state.path, "state.path").unwrap_or_else(|| "segsync.db".into()));
-        let verify_members_every = r
-            .duration(&raw.state.verify_members_every, "state.verify_members_every", Duration::from_secs(60))
-            .unwrap_or(Duration::from_secs(24 * 3600));
-        let history_retention = r
-            .duration(&raw.state.history_retention, "state.history_retention", Duration::from_secs(86_400))
-            .unwrap_or(Duration::from_secs(180 * 86_400));
-        let history_facts = r.boolean(&raw.state.history_facts, "state.history_facts").unwrap_or(true);
-        let default_remove_after =
-            r.duration(&raw.rules.default_remove_after, "rules.default_remove_after", Duration::ZERO);
-
-        let guards = Guards {
-            max_removal_share: r.share(&raw.guards.max_removal_share, "guards.max_removal_share").unwrap_or(0.20),
-            max_removals: r.integer(&raw.guards.max_removals, "guards.max_removals", 0..=i64::MAX).map(|n| n as u64),
-            max_error_share: r.share(&raw.guards.max_error_share, "guards.max_error_share").unwrap_or(0.01),
-            mass_removal_floor: r
-                .integer(&raw.guards.mass_removal_floor, "guards.mass_removal_floor", 0..=i64::MAX)
-                .unwrap_or(10) as u64,
-        };
-
-        let shutdown_timeout = Duration::from_secs(
-            r.integer(&raw.daemon.shutdown_timeout_secs, "daemon.shutdown_timeout_secs", 1..=3600).unwrap_or(30) as u64,
-        );
-        let watch_rules = r.boolean(&raw.daemon.watch_rules, "daemon.watch_rules").unwrap_or(true);
-
-        let log_format = r
-            .choice(
-                &raw.log.format,
-                "log.format",
-                &[("auto", LogFormat::Auto), ("json", LogFormat::Json), ("text", LogFormat::Text)],
-            )
-            .unwrap_or_default();
-
-        let defaults = SandboxConfig::default();
-        let sandbox = SandboxConfig {
-            contacts: r
-                .integer(&raw.sandbox.contacts, "sandbox.contacts", 0..=5_000_000)
-                .map_or(defaults.contacts, |n| n as u64),
-            seed: r.integer(&raw.sandbox.seed, "sandbox.seed", 0..=i64::MAX).map_or(defaults.seed, |n| n as u64),
-            churn_per_minute: r
-                .integer(&raw.sandbox.churn_per_minute, "sandbox.churn_per_minute", 0..=1_000_000)
-                .map_or(defaults.churn_per_minute, |n| n as u32),
-            plan: sandbox_plan(api.plan),
-            ..defaults
-        };
-
-        let listen = r.string(&raw.metrics.listen, "metrics.listen").and_then(|text| {
-            // A bare port (or ":port") means loopback: metrics are not published by accident.
-            let port_only = text.trim_start_matches(':').parse::<u16>().ok();
-            match port_only.map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p))).or_else(|| text.parse().ok()) {
-                Some(addr) => Some(addr),
-                None => {
-                    r.error("metrics.listen", format!("metrics.listen must be \"HOST:PORT\" or a port, got {text:?}"));
-                    None
-                }
-            }
-        });
-        let overdue_factor = match raw.metrics.overdue_factor.as_ref() {
-            None => 3.0,
-            Some(Value::Float(f)) if *f >= 1.0 => *f,
-            Some(Value::Integer(i)) if *i >= 1 => *i as f64,
-            Some(other) => {
-                r.error(
-                    "metrics.overdue_factor",
-                    format!("metrics.overdue_factor must be a number of at least 1, got {other}"),
-                );
-                3.0
-            }
-        };
-        let metrics = MetricsConfig { listen, overdue_factor };
-
+        let api = r.api(&raw.api, &base);
+        let (rules_dir, default_schedule, time_zone, default_remove_after) = r.rules(&raw.rules, &base);
+        let (state_path, verify_members_every, history_retention, history_facts) = r.state(&raw.state, &base);
+        let guards = r.guards(&raw.guards);
+        let (shutdown_timeout, watch_rules) = r.daemon(&raw.daemon);
+        let log_format = r.log(&raw.log);
+        let sandbox = r.sandbox(&raw.sandbox, api.plan);
+        let metrics = r.metrics(&raw.metrics);
         if !r.errors.is_empty() {
             let mut errors = r.errors;
             errors.sort_by_key(|e| (e.line, e.col));

@@ -2,8 +2,9 @@
 //!
 //! - `panic-in-pass:RULE` panics inside any pass that runs rule `RULE`, so a test can show what a
 //!   panic there does;
-//! - `slow-commit:RULE:MILLIS` holds the state database for `MILLIS` inside `RULE`'s commit, as a
-//!   first sync's million history rows do, so a test can show the daemon's loop does not wait.
+//! - `hold-commit:RULE:PATH` holds the state database inside each commit of `RULE`'s run, as a
+//!   first sync's million history rows do, until the file `PATH` exists (it creates `PATH.held`
+//!   when it starts holding), so a test decides exactly how long a run is in progress.
 //!
 //! A release build ignores the variable (the check is `cfg!(debug_assertions)`, a constant).
 
@@ -23,15 +24,16 @@ pub fn panic_in_pass(rule: &str) {
     }
 }
 
-/// Blocks the calling thread (which holds the state database) when the environment asks for a
-/// slow commit of `rule`.
-pub fn slow_commit(rule: &str) {
-    let Some(arg) = asked("slow-commit") else { return };
-    if let Some((name, millis)) = arg.split_once(':')
-        && name == rule
-        && let Ok(millis) = millis.parse()
-    {
-        std::thread::sleep(std::time::Duration::from_millis(millis));
+/// Blocks the calling thread (which holds the state database) while the environment asks to hold
+/// `rule`'s commit: until the release file exists, or a minute at most.
+pub fn hold_commit(rule: &str) {
+    let Some(arg) = asked("hold-commit") else { return };
+    let Some((name, release)) = arg.split_once(':').filter(|(name, _)| *name == rule) else { return };
+    let release = std::path::Path::new(release);
+    let _ = std::fs::write(format!("{}.held", release.display()), name);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !release.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

@@ -70,7 +70,7 @@ pub const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
     ("reload requested", &[("config", Text)]),
     ("config rejected", &[("file", Text), ("line", Integer), ("col", Integer), ("error", Text)]),
     ("reload failed", &[("error", Text)]),
-    ("reloaded", &[("rules", Integer)]),
+    ("reloaded", &[("rules", Integer), ("watching", Bool)]),
     ("account changed", &[("account", Text)]),
     ("metrics served", &[("listen", Text)]),
     ("run requested", &[("rule", Text), ("allow_mass_removal", Bool)]),

@@ -4,7 +4,7 @@
 //! every turn. `/metrics` is the Prometheus text exposition (prometheus-client), `/healthz` answers
 //! 200 while the loop is alive and no rule is overdue, 503 with a JSON reason otherwise.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -224,18 +224,19 @@ impl Default for Metrics {
 
 /// What `/healthz` judges: the loop's heartbeat, and each rule's last success against its schedule.
 pub struct Health {
-    started: DateTime<Utc>,
     heartbeat: AtomicI64,
     /// A rule is overdue when its last success is older than this many of its schedule's intervals.
     overdue_factor: f64,
     rules: Mutex<BTreeMap<RuleName, RuleHealth>>,
 }
 
-/// A rule's schedule interval and last success, as `/healthz` sees them.
+/// A rule's schedule interval, last success and load time, as `/healthz` sees them.
 #[derive(Debug, Clone)]
 pub struct RuleHealth {
     pub interval: Duration,
     pub last_success: Option<DateTime<Utc>>,
+    /// When a daemon first loaded it (what `status` reads from the state).
+    pub loaded_at: DateTime<Utc>,
 }
 
 /// How stale the loop's heartbeat may be (the loop beats at least every 2 s).
@@ -244,12 +245,7 @@ const HEARTBEAT_STALE: i64 = 30;
 impl Health {
     pub fn new(overdue_factor: f64) -> Self {
         let now = Utc::now();
-        Self {
-            started: now,
-            heartbeat: AtomicI64::new(now.timestamp()),
-            overdue_factor,
-            rules: Mutex::new(BTreeMap::new()),
-        }
+        Self { heartbeat: AtomicI64::new(now.timestamp()), overdue_factor, rules: Mutex::new(BTreeMap::new()) }
     }
 
     /// The event loop is alive.
@@ -257,14 +253,30 @@ impl Health {
         self.heartbeat.store(Utc::now().timestamp(), Ordering::Relaxed);
     }
 
-    /// The rules and their schedule intervals after a load (last successes are kept).
-    pub fn set_rules(&self, intervals: impl IntoIterator<Item = (RuleName, Duration)>) {
+    /// What the state remembers from earlier processes, at startup: when each rule was loaded and
+    /// last succeeded (so `/healthz` judges exactly as `status` does).
+    pub fn remember(&self, loaded: &[crate::state::LoadedRule], successes: &HashMap<RuleName, DateTime<Utc>>) {
+        let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        for r in loaded {
+            let last_success = successes.get(&r.rule).copied();
+            rules.insert(r.rule.clone(), RuleHealth { interval: Duration::MAX, last_success, loaded_at: r.loaded_at });
+        }
+    }
+
+    /// The rules and their schedule intervals after a load, at `now`. A rule already known keeps
+    /// its last success and load time; a new one is loaded now. Returns every rule's load time.
+    pub fn set_rules(
+        &self,
+        intervals: impl IntoIterator<Item = (RuleName, Duration)>,
+        now: DateTime<Utc>,
+    ) -> Vec<(RuleName, DateTime<Utc>)> {
         let mut rules = self.rules.lock().unwrap_or_else(|p| p.into_inner());
         let old = std::mem::take(&mut *rules);
         for (name, interval) in intervals {
-            let last_success = old.get(&name).and_then(|h| h.last_success);
-            rules.insert(name, RuleHealth { interval, last_success });
+            let (last_success, loaded_at) = old.get(&name).map_or((None, now), |h| (h.last_success, h.loaded_at));
+            rules.insert(name, RuleHealth { interval, last_success, loaded_at });
         }
+        rules.iter().map(|(name, h)| (name.clone(), h.loaded_at)).collect()
     }
 
     /// A rule ran with outcome ok.
@@ -282,15 +294,12 @@ impl Health {
             reasons.push(serde_json::json!({"problem": "event loop stalled", "silent_s": silent}));
         }
         for (name, h) in self.rules.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let allowed =
-                chrono::Duration::from_std(h.interval.mul_f64(self.overdue_factor)).unwrap_or(chrono::Duration::MAX);
-            let since = h.last_success.unwrap_or(self.started);
-            if now - since > allowed {
+            if crate::schedule::is_overdue(h.interval, self.overdue_factor, h.last_success, h.loaded_at, now) {
                 reasons.push(serde_json::json!({
                     "problem": "rule overdue",
                     "rule": name,
                     "last_success": h.last_success.map(|t| t.to_rfc3339()),
-                    "allowed_s": allowed.num_seconds(),
+                    "allowed_s": h.interval.mul_f64(self.overdue_factor).as_secs(),
                 }));
             }
         }
@@ -348,14 +357,16 @@ mod tests {
     #[test]
     fn overdue_rules_make_the_check_fail() {
         let health = Health::new(3.0);
-        health.set_rules([(RuleName::from("vip"), Duration::from_secs(60))]);
+        let now = Utc::now();
+        health.set_rules([(RuleName::from("vip"), Duration::from_secs(60))], now);
         let overdue = |at: DateTime<Utc>| -> Vec<String> {
             let Some(p) = health.problems(at) else { return Vec::new() };
             let list = p["problems"].as_array().cloned().unwrap_or_default();
             list.iter().filter(|x| x["problem"] == "rule overdue").map(|x| x["rule"].to_string()).collect()
         };
-        let now = Utc::now();
         assert!(health.problems(now).is_none(), "just started");
+        // Never a success: counted from the load.
+        assert_eq!(overdue(now + chrono::Duration::seconds(181)), ["\"vip\""]);
         health.succeeded(&RuleName::from("vip"), now);
         assert!(overdue(now + chrono::Duration::seconds(179)).is_empty());
         assert_eq!(overdue(now + chrono::Duration::seconds(181)), ["\"vip\""]);

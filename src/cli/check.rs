@@ -5,20 +5,7 @@ use std::sync::Arc;
 use super::Exit;
 use crate::config::Config;
 use crate::ids::RuleName;
-use crate::rules::{self, Diagnostic, Rule, RuleSet};
-
-/// Loads the rules of `config` with the one engine: as the daemon does (rules whose own tests
-/// fail are refused) when `tested`, else every rule that compiles (for `test` and `explain`).
-pub(super) fn load_rules(config: &Config, tested: bool) -> (rhai::Engine, RuleSet, Vec<Diagnostic>) {
-    let engine = rules::engine::build(config.time_zone);
-    let (set, errors) = if tested {
-        let (set, errors, _) = rules::load_tested(&engine, &config.rules_dir);
-        (set, errors)
-    } else {
-        rules::load_dir(&engine, &config.rules_dir)
-    };
-    (engine, set, errors)
-}
+use crate::rules::{self, Diagnostic, Loaded, Rule, Unselectable};
 
 /// How `check` and `test` print.
 #[derive(Debug, Clone, Copy, Default)]
@@ -154,24 +141,6 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
     if failing == 0 { Exit::Ok } else { Exit::Invalid }
 }
 
-/// The rules named on the command line (all when none), or the names that do not exist.
-pub(super) fn select(set: &RuleSet, names: &[String]) -> Result<Vec<Arc<Rule>>, String> {
-    if names.is_empty() {
-        return Ok(set.iter().cloned().collect());
-    }
-    let mut out = Vec::new();
-    for name in names {
-        match set.get(&RuleName::from(name.as_str())) {
-            Some(rule) => out.push(rule.clone()),
-            None => {
-                let known: Vec<&str> = set.rules.keys().map(RuleName::as_str).collect();
-                return Err(format!("no valid rule named {name:?} (loaded: {})", known.join(", ")));
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Loads the rules, prints the broken ones, and picks the named ones (all when none are named);
 /// `Err` is the exit code when a named rule is not among the valid ones.
 pub(super) fn load_selected(
@@ -180,15 +149,15 @@ pub(super) fn load_selected(
     tested: bool,
     quiet: bool,
 ) -> Result<(rhai::Engine, Vec<Arc<Rule>>, bool), Exit> {
-    let (engine, set, errors) = load_rules(config, tested);
-    for e in errors.iter().filter(|_| !quiet) {
+    let loaded = Loaded::load(&config.rules_dir, config.time_zone, tested);
+    for e in loaded.errors.iter().filter(|_| !quiet) {
         say!("{e}");
     }
-    match select(&set, names) {
-        Ok(selected) => Ok((engine, selected, errors.is_empty())),
+    match loaded.select(names) {
+        Ok(selected) => Ok((loaded.engine, selected, loaded.errors.is_empty())),
         Err(e) => {
             say!("{e}");
-            Err(unselectable(&set, &errors, names))
+            Err(unselectable(&e))
         }
     }
 }
@@ -196,10 +165,8 @@ pub(super) fn load_selected(
 /// The exit code when a named rule cannot be selected, the same for every command that names
 /// rules: a name no rule file carries is wrong usage (2); when every name missing from the valid
 /// rules is a file that is there but broken, the rules are invalid (3).
-pub(super) fn unselectable(set: &RuleSet, errors: &[Diagnostic], names: &[String]) -> Exit {
-    let broken = |name: &String| errors.iter().any(|e| e.file.file_stem().is_some_and(|s| s == name.as_str()));
-    let missing: Vec<&String> = names.iter().filter(|n| set.get(&RuleName::from(n.as_str())).is_none()).collect();
-    if !missing.is_empty() && missing.iter().all(|n| broken(n)) { Exit::Invalid } else { Exit::Usage }
+pub(super) fn unselectable(e: &Unselectable) -> Exit {
+    if e.broken { Exit::Invalid } else { Exit::Usage }
 }
 
 pub(super) fn test(config: &Config, names: &[String], out: Output, junit: Option<&std::path::Path>) -> Exit {

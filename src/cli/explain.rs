@@ -3,7 +3,7 @@
 use anyhow::Context;
 
 use super::Exit;
-use super::check::{load_rules, select, unselectable};
+use super::check::unselectable;
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::contact::ContactRecord;
@@ -11,17 +11,18 @@ use crate::ids::ContactId;
 use crate::rules;
 
 pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str) -> anyhow::Result<Exit> {
-    let (engine, set, errors) = load_rules(config, false);
-    let rule = match select(&set, &[rule_name.to_owned()]) {
+    let loaded = rules::Loaded::load(&config.rules_dir, config.time_zone, false);
+    let rule = match loaded.select(&[rule_name.to_owned()]) {
         Ok(mut r) => r.remove(0),
         Err(e) => {
-            for err in errors.iter().filter(|e| e.file.file_stem().is_some_and(|s| s == rule_name)) {
+            for err in loaded.errors_of(rule_name) {
                 say!("{err}");
             }
             say!("{e}");
-            return Ok(unselectable(&set, &errors, &[rule_name.to_owned()]));
+            return Ok(unselectable(&e));
         }
     };
+    let engine = loaded.engine;
     let connection = Connection::open(config, None).await?;
     let fetched = connection.gateway.get_contact::<ContactRecord>(&ContactId::from(contact_id)).await;
     connection.close().await;

@@ -163,66 +163,75 @@ struct RuleStatus {
 /// `status`: per rule, the last run, members, next run, whether the daemon runs the file on disk,
 /// held removals and overdue rules. Exit 0 when every rule's last run is ok; 1 when one failed, is
 /// partial or is overdue; 4 when one holds removals.
-pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result<Exit> {
-    let now = chrono::Utc::now();
-    let state = if config.state_path.exists() { Some(crate::state::State::open(&config.state_path)?) } else { None };
-    let daemon_pid = match &state {
-        Some(_) => match crate::state::lock(&config.state_path) {
+/// What the state remembers for `status` (all empty when there is no state yet).
+#[derive(Default)]
+struct Remembered {
+    daemon_pid: Option<String>,
+    history: Vec<crate::state::RunRecord>,
+    pending: std::collections::HashMap<String, u64>,
+    /// What a daemon loaded and when: kept after it stops, so a rule that never succeeded since is
+    /// overdue here exactly as `/healthz` says.
+    loaded: Vec<crate::state::LoadedRule>,
+    successes: std::collections::HashMap<crate::ids::RuleName, chrono::DateTime<chrono::Utc>>,
+    set_aside: Vec<crate::state::SetAside>,
+}
+
+impl Remembered {
+    fn read(config: &Config) -> anyhow::Result<Self> {
+        if !config.state_path.exists() {
+            return Ok(Self::default());
+        }
+        let state = crate::state::State::open(&config.state_path)?;
+        let daemon_pid = match crate::state::lock(&config.state_path) {
             Err(crate::state::StateError::Locked { pid, .. }) => Some(pid),
             _ => None,
-        },
-        None => None,
-    };
-    let history = match &state {
-        Some(state) => state.last_runs(1000)?,
-        None => Vec::new(),
-    };
-    let pending = match &state {
-        Some(state) => state.pending_counts()?,
-        None => Default::default(),
-    };
-    let loaded = match (&state, &daemon_pid) {
-        (Some(state), Some(_)) => state.loaded()?,
-        _ => Vec::new(),
-    };
-    let engine = crate::rules::engine::build(config.time_zone);
-    let (on_disk, broken, _) = crate::rules::load_tested(&engine, &config.rules_dir);
-    let broken: Vec<String> =
-        broken.iter().filter_map(|e| e.file.file_stem().and_then(|s| s.to_str()).map(str::to_owned)).collect();
-    let mut names: std::collections::BTreeSet<String> = on_disk.rules.keys().map(|n| n.to_string()).collect();
-    names.extend(history.iter().map(|r| r.rule.to_string()));
-    names.extend(loaded.iter().map(|(r, _)| r.to_string()));
+        };
+        Ok(Self {
+            daemon_pid,
+            history: state.last_runs(1000)?,
+            pending: state.pending_counts()?,
+            loaded: state.loaded()?,
+            successes: state.last_successes()?,
+            set_aside: state.set_aside()?,
+        })
+    }
 
-    let mut rows = Vec::new();
-    for name in names {
+    /// One rule's row: its runs, its file on disk (`disk`, or `broken`), its schedule.
+    fn rule_status(
+        &self,
+        name: &str,
+        disk: Option<&crate::rules::Rule>,
+        broken: bool,
+        config: &Config,
+        runs: usize,
+    ) -> RuleStatus {
+        let now = chrono::Utc::now();
+        let (history, successes, loaded, daemon_pid) = (&self.history, &self.successes, &self.loaded, &self.daemon_pid);
         let rule_runs: Vec<&crate::state::RunRecord> = history.iter().filter(|r| r.rule.as_str() == name).collect();
         let last = rule_runs.first().copied();
-        let last_success = rule_runs.iter().find(|r| r.outcome == Outcome::Ok).map(|r| r.finished_at.clone());
-        let disk = on_disk.get(&crate::ids::RuleName::from(name.as_str()));
+        let rule_name = crate::ids::RuleName::from(name);
+        let success = successes.get(&rule_name).copied();
+        let last_success = success.map(crate::state::at);
         let schedule = disk.map(|r| r.schedule.clone().unwrap_or_else(|| config.default_schedule.clone()));
         let next_run = schedule.as_ref().and_then(|s| s.next_after(now, config.time_zone));
-        let interval = schedule.as_ref().and_then(|s| {
-            let first = s.next_after(now, config.time_zone)?;
-            (s.next_after(first, config.time_zone)? - first).to_std().ok()
-        });
-        let overdue = match (interval, &last_success) {
-            (Some(interval), Some(at)) => chrono::DateTime::parse_from_rfc3339(at).is_ok_and(|t| {
-                now - t.to_utc()
-                    > chrono::Duration::from_std(interval.mul_f64(config.metrics.overdue_factor))
-                        .unwrap_or(chrono::Duration::MAX)
-            }),
+        let interval = schedule.as_ref().and_then(|s| s.interval_after(now, config.time_zone));
+        let loaded_rule = loaded.iter().find(|r| r.rule == rule_name);
+        let overdue = match (interval, loaded_rule.map(|r| r.loaded_at).or(success)) {
+            (Some(interval), Some(since)) => {
+                crate::schedule::is_overdue(interval, config.metrics.overdue_factor, success, since, now)
+            }
             _ => false,
         };
-        let running = loaded.iter().find(|(r, _)| r.as_str() == name).map(|(_, h)| h.as_str());
+        let running = loaded_rule.filter(|_| daemon_pid.is_some()).map(|r| r.hash.as_str());
         let file = daemon_pid.as_ref().map(|_| match (disk, running) {
             (Some(d), Some(h)) if d.hash == h => "running",
             (Some(_), Some(_)) => "changed",
-            (None, Some(_)) if broken.contains(&name) => "broken",
+            (None, Some(_)) if broken => "broken",
             (None, Some(_)) => "deleted",
             (_, None) => "not_loaded",
         });
-        rows.push(RuleStatus {
-            rule: name.clone(),
+        RuleStatus {
+            rule: name.to_owned(),
             list_id: last.and_then(|r| r.list_id.as_ref().map(|l| l.to_string())),
             last_run: last.map(|r| r.finished_at.clone()),
             trigger: last.map(|r| r.trigger),
@@ -235,21 +244,41 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
             next_run: next_run.map(|t| t.with_timezone(&config.time_zone).to_rfc3339()),
             file,
             held_removals: last.filter(|r| r.outcome == Outcome::Held).map_or(0, |r| r.to_remove),
-            pending_removal: pending.get(name.as_str()).copied().unwrap_or(0),
+            pending_removal: self.pending.get(name).copied().unwrap_or(0),
             overdue,
             runs: rule_runs.iter().take(runs).map(|r| (*r).clone()).collect(),
-        });
+        }
     }
+}
+
+/// `status`: per rule, the last run, members, next run, whether the daemon runs the file on disk,
+/// held removals and overdue rules. Exit 0 when every rule's last run is ok; 1 when one failed, is
+/// partial or is overdue; 4 when one holds removals.
+pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result<Exit> {
+    let remembered = Remembered::read(config)?;
+    let engine = crate::rules::engine::build(config.time_zone);
+    let (on_disk, broken, _) = crate::rules::load_tested(&engine, &config.rules_dir);
+    let broken: Vec<String> =
+        broken.iter().filter_map(|e| e.file.file_stem().and_then(|s| s.to_str()).map(str::to_owned)).collect();
+    let mut names: std::collections::BTreeSet<String> = on_disk.rules.keys().map(|n| n.to_string()).collect();
+    names.extend(remembered.history.iter().map(|r| r.rule.to_string()));
+    if remembered.daemon_pid.is_some() {
+        names.extend(remembered.loaded.iter().map(|r| r.rule.to_string()));
+    }
+    let rows: Vec<RuleStatus> = names
+        .iter()
+        .map(|name| {
+            let disk = on_disk.get(&crate::ids::RuleName::from(name.as_str())).map(|r| r.as_ref());
+            remembered.rule_status(name, disk, broken.contains(name), config, runs)
+        })
+        .collect();
     let mut outcomes: Vec<Outcome> =
         rows.iter().filter_map(|r| r.outcome).filter(|o| *o != Outcome::Interrupted).collect();
     if rows.iter().any(|r| r.overdue) {
         outcomes.push(Outcome::Failed);
     }
     let exit = Exit::for_outcomes(outcomes);
-    let set_aside = match &state {
-        Some(state) => state.set_aside()?,
-        None => Vec::new(),
-    };
+    let (daemon_pid, set_aside) = (&remembered.daemon_pid, &remembered.set_aside);
     let warnings: Vec<String> = crate::state::privacy_problem(&config.state_path)
         .into_iter()
         .chain(set_aside.iter().map(|s| {
@@ -276,16 +305,22 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
         say!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(exit);
     }
-    match &daemon_pid {
+    print_status(&rows, daemon_pid.as_deref(), &warnings);
+    Ok(exit)
+}
+
+/// `status` for people.
+fn print_status(rows: &[RuleStatus], daemon_pid: Option<&str>, warnings: &[String]) {
+    match daemon_pid {
         Some(pid) => say!("daemon: running (pid {pid})"),
         None => say!("daemon: not running"),
     }
-    for warning in &warnings {
+    for warning in warnings {
         say!("warning: {warning}");
     }
     if rows.is_empty() {
         say!("no rules and no runs yet");
-        return Ok(exit);
+        return;
     }
     say!(
         "{:<20} {:<25} {:<8} {:>8} {:>7} {:>7} {:<11} {:<25} {:<10}  detail",
@@ -300,7 +335,7 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
         "file"
     );
     let dash = || "-".to_owned();
-    for r in &rows {
+    for r in rows {
         let mut outcome = r.outcome.map_or_else(dash, |o| o.to_string());
         if r.overdue {
             outcome.push_str(",overdue");
@@ -339,7 +374,6 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
             );
         }
     }
-    Ok(exit)
 }
 
 /// `history CONTACT_ID` or `history --rule RULE`, newest first, optionally `--since 7d`.

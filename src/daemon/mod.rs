@@ -28,7 +28,7 @@ use crate::rules::{self, Diagnostic, Rule, RuleSet};
 use crate::schedule::watch::RulesWatcher;
 use crate::schedule::{Clock, CronTable, timer, watch as rules_watch};
 use crate::signals::{Signal, Signals};
-use crate::state::{InstanceLock, RunAnswer, RunRequest, State};
+use crate::state::{InstanceLock, LoadedRule, RunAnswer, RunRequest, State};
 
 /// Everything that can make the daemon act.
 #[derive(Debug)]
@@ -158,45 +158,12 @@ struct Daemon {
 
 /// Runs the daemon until SIGTERM/SIGINT (or `stop`), then shuts down within the configured deadline.
 pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyhow::Result<()> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     // Signal handlers first: the default SIGHUP action would kill the process.
     spawn_signals(tx.clone(), stop.clone())?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config.path.display(), pid = std::process::id(), "segsync started");
-
-    let lock = crate::state::lock(&config.state_path)?;
-    let state = State::open(&config.state_path)?;
-    let connection = Connection::open(&config, Some(&state)).await?;
-    let (table, table_rx) = watch::channel(CronTable::default());
-    let daemon_overdue_factor = config.metrics.overdue_factor;
     let producers = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let mut daemon = Daemon {
-        engine: Arc::new(rules::engine::build(config.time_zone)),
-        config,
-        rules: RuleSet::default(),
-        connection,
-        retired: Vec::new(),
-        writes: StateWrites::start(&state, &tracker),
-        state,
-        _lock: lock,
-        running: HashSet::new(),
-        pending: BTreeMap::new(),
-        approved: HashSet::new(),
-        tx: tx.clone(),
-        table,
-        tracker,
-        apply_cancel: CancellationToken::new(),
-        watcher: None,
-        status: String::new(),
-        metrics: Arc::new(Metrics::new()),
-        health: Arc::new(Health::new(daemon_overdue_factor)),
-    };
-    if let Some(listen) = daemon.config.metrics.listen {
-        let bound = crate::metrics::serve(listen, daemon.metrics.clone(), daemon.health.clone(), producers.clone())
-            .await
-            .with_context(|| format!("serving metrics on {listen} ([metrics] listen)"))?;
-        tracing::info!(listen = %bound, "metrics served");
-    }
+    let (mut daemon, table_rx) = Daemon::start(config, tx.clone(), &producers).await?;
 
     // Startup is a rules reload from nothing. With no usable rule at all there is nothing to run:
     // refuse to start, as `segsync check` (the unit's start gate) does.
@@ -213,53 +180,10 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
         let _ = due_tx.send(Event::Due(due));
     });
     spawn_critical("cron timer", timer, tx.clone());
+    spawn_request_poll(daemon.state.clone(), tx, producers.clone());
     notify(&[NotifyState::Ready, NotifyState::Status(&format!("{} rule(s) loaded", daemon.rules.len()))]);
     daemon.start_pending();
-
-    if daemon.connection.sandbox.is_some()
-        && let Err(e) = daemon.state.forget_other_sandboxes(&daemon.connection.account)
-    {
-        tracing::warn!(error = %e, "state warning");
-    }
-    let watchdog = sd_notify::watchdog_enabled();
-    spawn_request_poll(daemon.state.clone(), tx.clone(), producers.clone());
-    let mut rescan = tokio::time::interval_at(tokio::time::Instant::now() + RESCAN, RESCAN);
-    let mut watchdog_tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
-    let mut failure = None;
-    loop {
-        daemon.health.beat();
-        tokio::select! {
-            event = rx.recv() => {
-                let Some(event) = event else { break };
-                match event {
-                    Event::Shutdown => break,
-                    Event::Due(names) => {
-                        for name in names.into_iter().filter(|n| daemon.rules.get(n).is_some()) {
-                            daemon.pending.entry(name).or_insert(Trigger::Cron);
-                        }
-                    }
-                    Event::RulesChanged => {
-                        if let Some((loaded, errors)) = load_rules(&daemon.engine, &daemon.config.rules_dir).await {
-                            daemon.apply_rules(loaded, errors, Trigger::File, clock);
-                        }
-                    }
-                    Event::Reload => daemon.reload(clock).await,
-                    Event::PassDone(report) => daemon.pass_done(&report),
-                    Event::RunRequests(requests) => daemon.take_requests(requests),
-                    Event::TaskFailed { task, error } => {
-                        tracing::error!(task, error = %error, "daemon task failed");
-                        failure = Some(anyhow::anyhow!("the daemon's {task} failed: {error}"));
-                        break;
-                    }
-                }
-                daemon.start_pending();
-            }
-            _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[NotifyState::Watchdog]),
-            _ = rescan.tick() => {
-                let _ = daemon.tx.send(Event::RulesChanged);
-            }
-        }
-    }
+    let failure = daemon.event_loop(rx, clock).await;
     daemon.shutdown(producers).await;
     failure.map_or(Ok(()), Err)
 }
@@ -318,6 +242,101 @@ fn log_rejected(errors: &[Diagnostic]) {
 }
 
 impl Daemon {
+    /// The daemon's parts, before any rule is loaded: the instance lock, the state, the connection,
+    /// health remembered from the state, and the metrics endpoint.
+    async fn start(
+        config: Config,
+        tx: mpsc::UnboundedSender<Event>,
+        producers: &CancellationToken,
+    ) -> anyhow::Result<(Self, watch::Receiver<CronTable>)> {
+        let lock = crate::state::lock(&config.state_path)?;
+        let state = State::open(&config.state_path)?;
+        let connection = Connection::open(&config, Some(&state)).await?;
+        if connection.sandbox.is_some()
+            && let Err(e) = state.forget_other_sandboxes(&connection.account)
+        {
+            tracing::warn!(error = %e, "state warning");
+        }
+        let (table, table_rx) = watch::channel(CronTable::default());
+        let health = Arc::new(Health::new(config.metrics.overdue_factor));
+        // `/healthz` judges from what the state remembers, exactly as `status` does.
+        match (state.loaded(), state.last_successes()) {
+            (Ok(loaded), Ok(successes)) => health.remember(&loaded, &successes),
+            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "state warning"),
+        }
+        let metrics = Arc::new(Metrics::new());
+        if let Some(listen) = config.metrics.listen {
+            let bound = crate::metrics::serve(listen, metrics.clone(), health.clone(), producers.clone())
+                .await
+                .with_context(|| format!("serving metrics on {listen} ([metrics] listen)"))?;
+            tracing::info!(listen = %bound, "metrics served");
+        }
+        let tracker = TaskTracker::new();
+        let daemon = Daemon {
+            engine: Arc::new(rules::engine::build(config.time_zone)),
+            config,
+            rules: RuleSet::default(),
+            connection,
+            retired: Vec::new(),
+            writes: StateWrites::start(&state, &tracker),
+            state,
+            _lock: lock,
+            running: HashSet::new(),
+            pending: BTreeMap::new(),
+            approved: HashSet::new(),
+            tx,
+            table,
+            tracker,
+            apply_cancel: CancellationToken::new(),
+            watcher: None,
+            status: String::new(),
+            metrics,
+            health,
+        };
+        Ok((daemon, table_rx))
+    }
+
+    /// The event loop, until shutdown; `Some` when a critical task failed. It never waits on the
+    /// state, so the heartbeat and the watchdog go on whatever a pass is doing.
+    async fn event_loop(&mut self, mut rx: mpsc::UnboundedReceiver<Event>, clock: Clock) -> Option<anyhow::Error> {
+        let watchdog = sd_notify::watchdog_enabled();
+        let mut rescan = tokio::time::interval_at(tokio::time::Instant::now() + RESCAN, RESCAN);
+        let mut watchdog_tick = tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
+        loop {
+            self.health.beat();
+            tokio::select! {
+                event = rx.recv() => {
+                    let event = event?;
+                    match event {
+                        Event::Shutdown => return None,
+                        Event::Due(names) => {
+                            for name in names.into_iter().filter(|n| self.rules.get(n).is_some()) {
+                                self.pending.entry(name).or_insert(Trigger::Cron);
+                            }
+                        }
+                        Event::RulesChanged => {
+                            if let Some((loaded, errors)) = load_rules(&self.engine, &self.config.rules_dir).await {
+                                self.apply_rules(loaded, errors, Trigger::File, clock);
+                            }
+                        }
+                        Event::Reload => self.reload(clock).await,
+                        Event::PassDone(report) => self.pass_done(&report),
+                        Event::RunRequests(requests) => self.take_requests(requests),
+                        Event::TaskFailed { task, error } => {
+                            tracing::error!(task, error = %error, "daemon task failed");
+                            return Some(anyhow::anyhow!("the daemon's {task} failed: {error}"));
+                        }
+                    }
+                    self.start_pending();
+                }
+                _ = watchdog_tick.tick(), if watchdog.is_some() => notify(&[NotifyState::Watchdog]),
+                _ = rescan.tick() => {
+                    let _ = self.tx.send(Event::RulesChanged);
+                }
+            }
+        }
+    }
+
     fn reconciler(&self) -> Reconciler {
         Reconciler::from_config(
             &self.config,
@@ -345,8 +364,6 @@ impl Daemon {
             self.pending.remove(&old.name);
         }
         self.rules = change.next;
-        let loaded: Vec<(RuleName, String)> = self.rules.iter().map(|r| (r.name.clone(), r.hash.clone())).collect();
-        self.writes.send(move |state| state.set_loaded(&loaded));
         let table = CronTable {
             entries: self
                 .rules
@@ -357,10 +374,19 @@ impl Daemon {
         };
         let now = clock.now();
         let next_runs = table.next_after(now);
-        self.health.set_rules(next_runs.iter().filter_map(|(name, next)| {
-            let after = table.entries.get(name)?.next_after(*next, self.config.time_zone)?;
-            Some((name.clone(), (after - *next).to_std().ok()?))
-        }));
+        let tz = self.config.time_zone;
+        let intervals = table.entries.iter().filter_map(|(name, s)| Some((name.clone(), s.interval_after(now, tz)?)));
+        let since = self.health.set_rules(intervals, chrono::Utc::now());
+        let loaded: Vec<LoadedRule> = self
+            .rules
+            .iter()
+            .map(|r| LoadedRule {
+                rule: r.name.clone(),
+                hash: r.hash.clone(),
+                loaded_at: since.iter().find(|(n, _)| n == &r.name).map_or_else(chrono::Utc::now, |(_, t)| *t),
+            })
+            .collect();
+        self.writes.send(move |state| state.set_loaded(&loaded));
         self.metrics.rules(self.rules.rules.keys(), errors.len());
         for rule in self.rules.iter().filter(|r| self.pending.get(&r.name) == Some(&trigger)) {
             tracing::info!(
@@ -423,7 +449,7 @@ impl Daemon {
                         }
                         // The folder or watch_rules may have changed: watch anew.
                         self.start_watcher();
-                        tracing::info!(rules = self.rules.len(), "reloaded");
+                        tracing::info!(rules = self.rules.len(), watching = self.watcher.is_some(), "reloaded");
                     }
                     Err(e) => tracing::error!(error = format!("{e:#}"), "reload failed"),
                 }

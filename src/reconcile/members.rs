@@ -14,7 +14,9 @@ use super::bind::Bound;
 use super::cost::{self, RuleCost};
 use super::{Evaluation, Flow, MemberSource, ReadKind, ReconcileError, Reconciler, Stopped, judge};
 use crate::gateway::ListInfo;
+use crate::ids::ListId;
 use crate::rules::Date;
+use crate::state::StateError;
 
 /// A bound list's members.
 pub(super) struct Members {
@@ -103,8 +105,8 @@ impl Reconciler {
         dry_run: bool,
         today: Date,
     ) -> Flow<Members> {
-        if use_cache {
-            match self.load_cache(&bound).await {
+        if let Some(list) = bound.list.clone().filter(|_| use_cache) {
+            match self.load_cache(list).await {
                 Ok(eval) => return Ok(Members { bound, eval, from: MemberSource::Cache, listed }),
                 // The cache cannot be read: read the list instead.
                 Err(error) => tracing::warn!(rule = %bound.job.rule.name, error = %error, "cache not readable"),
@@ -116,16 +118,12 @@ impl Reconciler {
         }
     }
 
-    /// The cached members of the bound list, read on a blocking thread.
-    async fn load_cache(&self, bound: &Bound) -> Result<Evaluation, String> {
+    /// The cached members of `list`, read on a blocking thread.
+    async fn load_cache(&self, list: ListId) -> Result<Evaluation, StateError> {
         let (state, account) = (self.state.clone(), self.account.clone());
-        let list = bound.list.clone().ok_or("no list")?;
         let loaded = tokio::task::spawn_blocking(move || state.cached_members(&account, &list)).await;
-        match loaded {
-            Ok(Ok(members)) => Ok(Evaluation { members, ..Evaluation::default() }),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        }
+        let members = loaded.map_err(|e| StateError::Thread(e.to_string()))??;
+        Ok(Evaluation { members, ..Evaluation::default() })
     }
 
     /// Reads the bound list's members and judges each on its own record. A list deleted since it

@@ -131,97 +131,15 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         .run_ast_with_scope(&mut scope, &ast)
         .map_err(|e| vec![at_pos(path, e.position(), format!("at load: {}", e.unwrap_inner()))])?;
 
-    let mut errors = Vec::new();
-    let setting = |errors: &mut Vec<Diagnostic>, name: &str, message: String| {
-        let (line, col) = const_position(&source, name);
-        errors.push(at(line, col, message));
-    };
-    let text = |scope: &Scope, name: &str| -> Result<Option<String>, String> {
-        match scope.get(name) {
-            None => Ok(None),
-            Some(v) if v.is_string() => Ok(Some(v.clone().into_string().unwrap_or_default())),
-            Some(v) => Err(format!("{name} must be a string, got {} {v}", v.type_name())),
-        }
-    };
-
-    let list = match text(&scope, "LIST") {
-        Ok(Some(l)) if !l.trim().is_empty() => l.trim().to_owned(),
-        Ok(Some(_)) => {
-            setting(&mut errors, "LIST", "LIST is empty; name the list this rule fills".into());
-            String::new()
-        }
-        Ok(None) => {
-            errors.push(at(1, 1, "LIST is missing: add `const LIST = \"List name\";`".into()));
-            String::new()
-        }
-        Err(e) => {
-            setting(&mut errors, "LIST", e);
-            String::new()
-        }
-    };
-    let description = text(&scope, "DESCRIPTION").unwrap_or_else(|e| {
-        setting(&mut errors, "DESCRIPTION", e);
-        None
-    });
-    let schedule = match text(&scope, "SCHEDULE") {
-        Ok(Some(s)) => {
-            Schedule::parse(s.trim()).map_err(|e| setting(&mut errors, "SCHEDULE", format!("SCHEDULE: {e}"))).ok()
-        }
-        Ok(None) => None,
-        Err(e) => {
-            setting(&mut errors, "SCHEDULE", e);
-            None
-        }
-    };
-    let mode = match text(&scope, "MODE") {
-        Ok(None) => Mode::Mirror,
-        Ok(Some(m)) if m == "mirror" => Mode::Mirror,
-        Ok(Some(m)) if m == "add_only" => Mode::AddOnly,
-        Ok(Some(m)) => {
-            setting(&mut errors, "MODE", format!("MODE must be \"mirror\" or \"add_only\", got {m:?}"));
-            Mode::Mirror
-        }
-        Err(e) => {
-            setting(&mut errors, "MODE", e);
-            Mode::Mirror
-        }
-    };
-    let remove_after = match text(&scope, "REMOVE_AFTER") {
-        Ok(None) => None,
-        Ok(Some(t)) => crate::duration::parse(&t)
-            .map_err(|e| setting(&mut errors, "REMOVE_AFTER", format!("REMOVE_AFTER: {e}")))
-            .ok(),
-        Err(e) => {
-            setting(&mut errors, "REMOVE_AFTER", e);
-            None
-        }
-    };
-    let filter = match scope.get("FILTER") {
-        None => Vec::new(),
-        Some(v) => match read_filter(v) {
-            Ok(terms) => terms,
-            Err(problems) => {
-                for p in problems {
-                    setting(&mut errors, "FILTER", p);
-                }
-                Vec::new()
-            }
-        },
-    };
-    let matches: Vec<_> = ast.iter_functions().filter(|f| f.name == "matches").collect();
-    match matches.as_slice() {
-        [] => errors.push(at(1, 1, "fn matches(contact) is missing: the rule needs it to decide".into())),
-        [one] if one.params.len() == 1 => {}
-        _ => {
-            let (line, col) = fn_position(&source);
-            let arities: Vec<String> = matches.iter().map(|f| f.params.len().to_string()).collect();
-            errors.push(at(
-                line,
-                col,
-                format!("matches must take exactly one parameter (the contact), found arity {}", arities.join(", ")),
-            ));
-        }
-    }
+    let mut settings = Settings { path, source: &source, scope: &scope, errors: Vec::new() };
+    let list = settings.list();
+    let description = settings.text("DESCRIPTION");
+    let schedule = settings.schedule();
+    let mode = settings.mode();
+    let remove_after = settings.remove_after();
+    let filter = settings.filter();
+    let mut errors = settings.errors;
+    errors.extend(matches_problem(&ast, path, &source));
     if !errors.is_empty() {
         errors.sort_by_key(|e| (e.line, e.col));
         return Err(errors);
@@ -242,6 +160,105 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
             .map_or_else(|e| super::PushDown::None(format!("not compacted: {e}")), |c| super::derive::from_script(&c)),
         ast,
     })
+}
+
+/// Reads a rule's settings (its top-level constants) from the scope its top level left, each
+/// problem at the setting's line.
+struct Settings<'a> {
+    path: &'a Path,
+    source: &'a str,
+    scope: &'a Scope<'a>,
+    errors: Vec<Diagnostic>,
+}
+
+impl Settings<'_> {
+    fn error(&mut self, name: &str, message: String) {
+        let (line, col) = const_position(self.source, name);
+        self.errors.push(Diagnostic { file: self.path.into(), line, col, message });
+    }
+
+    /// A text setting: absent, or a string (anything else is an error).
+    fn string(&self, name: &str) -> Result<Option<String>, String> {
+        match self.scope.get(name) {
+            None => Ok(None),
+            Some(v) if v.is_string() => Ok(Some(v.clone().into_string().unwrap_or_default())),
+            Some(v) => Err(format!("{name} must be a string, got {} {v}", v.type_name())),
+        }
+    }
+
+    /// A text setting, its problem recorded.
+    fn text(&mut self, name: &str) -> Option<String> {
+        self.string(name).unwrap_or_else(|e| {
+            self.error(name, e);
+            None
+        })
+    }
+
+    fn list(&mut self) -> String {
+        match self.string("LIST") {
+            Ok(Some(l)) if !l.trim().is_empty() => l.trim().to_owned(),
+            Ok(Some(_)) => {
+                self.error("LIST", "LIST is empty; name the list this rule fills".into());
+                String::new()
+            }
+            Ok(None) => {
+                let message = "LIST is missing: add `const LIST = \"List name\";`".into();
+                self.errors.push(Diagnostic { file: self.path.into(), line: 1, col: 1, message });
+                String::new()
+            }
+            Err(e) => {
+                self.error("LIST", e);
+                String::new()
+            }
+        }
+    }
+
+    fn schedule(&mut self) -> Option<Schedule> {
+        let text = self.text("SCHEDULE")?;
+        Schedule::parse(text.trim()).map_err(|e| self.error("SCHEDULE", format!("SCHEDULE: {e}"))).ok()
+    }
+
+    fn mode(&mut self) -> Mode {
+        match self.text("MODE").as_deref() {
+            None | Some("mirror") => Mode::Mirror,
+            Some("add_only") => Mode::AddOnly,
+            Some(m) => {
+                self.error("MODE", format!("MODE must be \"mirror\" or \"add_only\", got {m:?}"));
+                Mode::Mirror
+            }
+        }
+    }
+
+    fn remove_after(&mut self) -> Option<std::time::Duration> {
+        let text = self.text("REMOVE_AFTER")?;
+        crate::duration::parse(&text).map_err(|e| self.error("REMOVE_AFTER", format!("REMOVE_AFTER: {e}"))).ok()
+    }
+
+    fn filter(&mut self) -> Vec<FilterTerm> {
+        let Some(value) = self.scope.get("FILTER") else { return Vec::new() };
+        read_filter(value).unwrap_or_else(|problems| {
+            for p in problems {
+                self.error("FILTER", p);
+            }
+            Vec::new()
+        })
+    }
+}
+
+/// What is wrong with the rule's `fn matches`, if anything: it must exist once, with one parameter.
+fn matches_problem(ast: &rhai::AST, path: &Path, source: &str) -> Option<Diagnostic> {
+    let at = |(line, col): (usize, usize), message: String| Diagnostic { file: path.into(), line, col, message };
+    let matches: Vec<_> = ast.iter_functions().filter(|f| f.name == "matches").collect();
+    match matches.as_slice() {
+        [] => Some(at((1, 1), "fn matches(contact) is missing: the rule needs it to decide".into())),
+        [one] if one.params.len() == 1 => None,
+        _ => {
+            let arities: Vec<String> = matches.iter().map(|f| f.params.len().to_string()).collect();
+            let message =
+                format!("matches must take exactly one parameter (the contact), found arity {}", arities.join(", "));
+            Some(at(fn_position(source), message))
+        }
+    }
 }
 
 fn at_pos(path: &Path, pos: Position, message: String) -> Diagnostic {

@@ -9,6 +9,7 @@ mod eval;
 mod filter;
 pub mod fixtures;
 mod load;
+mod select;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,6 +21,7 @@ pub use engine::Date;
 pub use eval::{EvalError, Facts};
 pub use filter::FilterTerm;
 pub use load::{load_dir, load_file, load_tested};
+pub use select::{Loaded, Unselectable};
 
 pub use crate::diagnostic::Diagnostic;
 

@@ -93,6 +93,13 @@ impl Schedule {
         let local = after.with_timezone(&tz);
         self.cron.find_next_occurrence(&local, false).ok().map(|t| t.with_timezone(&Utc))
     }
+
+    /// The time between the first two occurrences after `after`: the interval a rule is judged
+    /// overdue by.
+    pub fn interval_after(&self, after: DateTime<Utc>, tz: Tz) -> Option<std::time::Duration> {
+        let first = self.next_after(after, tz)?;
+        (self.next_after(first, tz)? - first).to_std().ok()
+    }
 }
 
 #[cfg(test)]

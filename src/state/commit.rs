@@ -51,7 +51,7 @@ impl State {
     /// Writes one rule's run in one transaction. Blocking: call it off the async workers.
     pub fn commit(&self, c: &Commit<'_>) -> Result<(), StateError> {
         self.write(|tx| {
-            crate::fault::slow_commit(c.rule.as_str());
+            crate::fault::hold_commit(c.rule.as_str());
             if let Some(old) = c.binding.forget {
                 forget_list_in(tx, c.account, c.rule, c.list_name, old)?;
             }

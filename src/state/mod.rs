@@ -15,6 +15,7 @@ pub use commit::{BindingWrite, CacheWrite, Commit};
 pub use history::{Action, HistoryEntry, Movements};
 pub use members::{CacheWrites, CachedList};
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -47,11 +48,22 @@ pub enum StateError {
     TooNew { path: PathBuf, found: i64, known: i64 },
 }
 
+/// Why the database could not be created or written.
+#[derive(Debug, thiserror::Error)]
+pub enum Unwritable {
+    #[error("{} is a folder, not a database file", .0.display())]
+    IsFolder(PathBuf),
+    #[error("{} is not a folder, so {} cannot be created", dir.display(), db.display())]
+    NotAFolder { dir: PathBuf, db: PathBuf },
+    #[error("cannot write in {} ({cause}), so {} cannot be created or updated", dir.display(), db.display())]
+    Denied { dir: PathBuf, db: PathBuf, cause: std::io::Error },
+}
+
 /// Whether the database at `db_path` could be created or opened for writing: its folder (or the
 /// nearest existing ancestor, which `lock` would create it in) is a folder this process can write.
-pub fn check_writable(db_path: &Path) -> Result<(), String> {
+pub fn check_writable(db_path: &Path) -> Result<(), Unwritable> {
     if db_path.is_dir() {
-        return Err(format!("{} is a folder, not a database file", db_path.display()));
+        return Err(Unwritable::IsFolder(db_path.into()));
     }
     let mut dir = db_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     while !dir.exists() {
@@ -61,7 +73,7 @@ pub fn check_writable(db_path: &Path) -> Result<(), String> {
         }
     }
     if !dir.is_dir() {
-        return Err(format!("{} is not a folder, so {} cannot be created", dir.display(), db_path.display()));
+        return Err(Unwritable::NotAFolder { dir: dir.into(), db: db_path.into() });
     }
     let probe = dir.join(format!(".segsync-check-{}", std::process::id()));
     match OpenOptions::new().write(true).create_new(true).open(&probe) {
@@ -69,11 +81,7 @@ pub fn check_writable(db_path: &Path) -> Result<(), String> {
             let _ = std::fs::remove_file(&probe);
             Ok(())
         }
-        Err(e) => Err(format!(
-            "cannot write in {} ({e}), so {} cannot be created or updated",
-            dir.display(),
-            db_path.display()
-        )),
+        Err(cause) => Err(Unwritable::Denied { dir: dir.into(), db: db_path.into(), cause }),
     }
 }
 
@@ -515,27 +523,48 @@ impl State {
     }
 
     /// Records the rules the daemon runs now, replacing the previous set (for `status`).
-    pub fn set_loaded(&self, rules: &[(RuleName, String)]) -> Result<(), StateError> {
-        let now = now();
-        self.with(|c| {
-            let tx = c.transaction()?;
+    pub fn set_loaded(&self, rules: &[LoadedRule]) -> Result<(), StateError> {
+        self.write(|tx| {
             tx.execute("DELETE FROM loaded", [])?;
-            for (rule, hash) in rules {
+            for r in rules {
                 tx.execute(
                     "INSERT INTO loaded (rule, rule_hash, loaded_at) VALUES (?1, ?2, ?3)",
-                    params![rule.as_str(), hash, now],
+                    params![r.rule.as_str(), r.hash, at(r.loaded_at)],
                 )?;
             }
-            tx.commit()
+            Ok(())
         })
     }
 
-    /// The rules the daemon last said it runs, with their content hashes.
-    pub fn loaded(&self) -> Result<Vec<(RuleName, String)>, StateError> {
+    /// The rules the daemon last said it runs, with their content hashes and since when.
+    pub fn loaded(&self) -> Result<Vec<LoadedRule>, StateError> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT rule, rule_hash FROM loaded ORDER BY rule")?;
-            let rows = stmt.query_map([], |r| Ok((RuleName::from(r.get::<_, String>(0)?), r.get::<_, String>(1)?)))?;
+            let mut stmt = c.prepare("SELECT rule, rule_hash, loaded_at FROM loaded ORDER BY rule")?;
+            let rows = stmt.query_map([], |r| {
+                let loaded_at = r.get::<_, String>(2)?;
+                Ok(LoadedRule {
+                    rule: RuleName::from(r.get::<_, String>(0)?),
+                    hash: r.get(1)?,
+                    loaded_at: parse_at(&loaded_at).unwrap_or_default(),
+                })
+            })?;
             rows.collect()
+        })
+    }
+
+    /// When each rule last ran with outcome ok.
+    pub fn last_successes(&self) -> Result<HashMap<RuleName, chrono::DateTime<chrono::Utc>>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT rule, MAX(finished_at) FROM run WHERE outcome = 'ok' GROUP BY rule")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = HashMap::new();
+            for row in rows {
+                let (rule, finished) = row?;
+                if let Some(t) = parse_at(&finished) {
+                    out.insert(RuleName::from(rule), t);
+                }
+            }
+            Ok(out)
         })
     }
 
@@ -717,6 +746,19 @@ impl Estimate {
             Self::Candidates(rule) => format!("candidates:{rule}"),
         }
     }
+}
+
+/// A rule a daemon runs, and since when (kept across reloads and restarts while it stays loaded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedRule {
+    pub rule: RuleName,
+    pub hash: String,
+    pub loaded_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A stored time, read back.
+pub fn parse_at(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(text).ok().map(|t| t.to_utc())
 }
 
 /// Now, as stored: RFC 3339 UTC with milliseconds.

@@ -17,6 +17,8 @@ use crate::support::KEY_VAR;
 struct Daemon {
     child: Child,
     logs: Arc<Mutex<Vec<Value>>>,
+    /// Reads the log until the daemon closes it.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -32,14 +34,14 @@ impl Daemon {
         let stdout = child.stderr.take().expect("stderr");
         let logs: Arc<Mutex<Vec<Value>>> = Arc::default();
         let sink = logs.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
                     sink.lock().expect("lock").push(v);
                 }
             }
         });
-        Self { child, logs }
+        Self { child, logs, reader: Some(reader) }
     }
 
     /// Log events with this message and all these field values.
@@ -77,6 +79,10 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
+                // Every line it logged is read once the reader sees the end of the log.
+                if let Some(reader) = self.reader.take() {
+                    reader.join().expect("log reader");
+                }
                 return status.code().unwrap_or(-1);
             }
             assert!(Instant::now() < deadline, "the daemon did not exit within {secs} s");
@@ -282,7 +288,7 @@ async fn edit_failing_its_tests_is_rejected() {
 async fn sighup_reloads_or_keeps_running() {
     let sandbox = support::start(support::sandbox_config(1_000)).await;
     let (dir, config) = setup(&sandbox, "");
-    let daemon = Daemon::start(&config, &[]);
+    let mut daemon = Daemon::start(&config, &[]);
     daemon.wait_for(5, "rule run", &[("trigger", "startup")], 60).await;
 
     std::fs::write(&config, "[api]\nbase_url = 42\n[nonsense]\n").expect("break config");
@@ -294,16 +300,12 @@ async fn sighup_reloads_or_keeps_running() {
     // A valid config that turns the watcher off, so the next edit is seen only through SIGHUP.
     write_config(&config, &sandbox.base_url(), "[daemon]\nwatch_rules = false\n");
     daemon.signal("HUP");
-    daemon.wait_for(1, "reloaded", &[], 30).await;
+    let reloaded = daemon.wait_for(1, "reloaded", &[], 30).await;
+    assert_eq!(reloaded[0]["watching"], false, "the reload stopped the watcher: {}", reloaded[0]);
     let lombardia = dir.path().join("rules/geo-lombardia.rhai");
     let text = std::fs::read_to_string(&lombardia).expect("read");
     std::fs::write(&lombardia, format!("// Edited while the watcher is off: only SIGHUP sees this.\n{text}"))
         .expect("edit");
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(
-        daemon.events("rule run", &[("rule", "geo-lombardia"), ("trigger", "file")]).is_empty(),
-        "the watcher is off"
-    );
     daemon.signal("HUP");
     daemon.wait_for(2, "reloaded", &[], 30).await;
     let run = daemon.wait_for(1, "rule run", &[("rule", "geo-lombardia"), ("trigger", "reload")], 30).await;
@@ -313,6 +315,10 @@ async fn sighup_reloads_or_keeps_running() {
         list_members(&sandbox, "Geo - Lombardia"),
         count_where(&sandbox, |c| c.region.as_deref() == Some("Lombardia"))
     );
+    // From the complete log: the edit was only ever seen by the reload.
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(15).await, 0);
+    assert!(daemon.events("rule run", &[("trigger", "file")]).is_empty(), "the watcher was off");
     drop(daemon);
     sandbox.shutdown().await;
 }
@@ -405,30 +411,35 @@ async fn long_passes_report_progress() {
     sandbox.shutdown().await;
 }
 
-// Edits arriving while a rule runs coalesce: a burst of four edits gives at most one follow-up run.
+// Edits arriving while a rule runs coalesce into one follow-up run. vip's startup run is held in
+// its commit (SEGSYNC_FAULT) until the test has seen the daemon load four edits; once released,
+// exactly one file-triggered run follows, on the last edit. Counted from the complete log after
+// the daemon exits, so a late extra run cannot escape the count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triggers_during_a_run_coalesce() {
-    let faults = Faults { latency: Duration::from_millis(200), ..Faults::default() };
-    let sandbox = support::start(SandboxConfig { faults, ..support::sandbox_config(4_000) }).await;
+    let sandbox = support::start(support::sandbox_config(4_000)).await;
     let (dir, config) = setup(&sandbox, "");
-    let daemon = Daemon::start(&config, &[]);
-    daemon.wait_for(5, "rule run", &[("trigger", "startup")], 60).await;
+    let release = dir.path().join("release");
+    let mut daemon = Daemon::start(&config, &[("SEGSYNC_FAULT", format!("hold-commit:vip:{}", release.display()))]);
+    // The watcher is started before the startup pass.
+    daemon.wait_for(1, "pass started", &[("trigger", "startup")], 30).await;
     let vip = dir.path().join("rules/vip.rhai");
-    for threshold in [4000, 3000, 2000, 1000] {
+    for (k, threshold) in [4000, 3000, 2000, 1000].into_iter().enumerate() {
         std::fs::write(&vip, format!("const LIST = \"VIP - Spend > 5000 EUR\";\nfn matches(c) {{ c.customFields.totalSpent > {threshold}.0 }}\n"))
             .expect("edit");
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // The startup load logged vip once; each edit is one more load.
+        daemon.wait_for(k + 2, "rule loaded", &[("rule", "vip")], 30).await;
     }
+    assert!(dir.path().join("release.held").exists(), "vip's startup run was still in progress");
+    assert!(daemon.events("rule run", &[("rule", "vip")]).is_empty(), "no vip run has finished yet");
+    std::fs::write(&release, "").expect("release");
     daemon.wait_for(1, "rule run", &[("rule", "vip"), ("trigger", "file")], 60).await;
-    // Let any follow-up finish, then count.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while list_members(&sandbox, "VIP - Spend > 5000 EUR") != count_where(&sandbox, |c| spent(c) > 1000.0) {
-        assert!(Instant::now() < deadline, "the last edit was never applied");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let runs = daemon.events("rule run", &[("rule", "vip"), ("trigger", "file")]);
-    assert!(runs.len() <= 2, "four edits, at most one run plus one follow-up, got {}", runs.len());
+    assert_eq!(list_members(&sandbox, "VIP - Spend > 5000 EUR"), count_where(&sandbox, |c| spent(c) > 1000.0));
+    daemon.signal("TERM");
+    assert_eq!(daemon.wait_exit(15).await, 0);
+    let runs = daemon.events("rule run", &[("rule", "vip")]);
+    let triggers: Vec<&str> = runs.iter().filter_map(|r| r["trigger"].as_str()).collect();
+    assert_eq!(triggers, ["startup", "file"], "four edits during a run: one follow-up run");
     drop(daemon);
     sandbox.shutdown().await;
 }
@@ -502,32 +513,49 @@ async fn systemd_notifications() {
     sandbox.shutdown().await;
 }
 
-// A pass's commit holding the state database for 5 s (as a first sync's million history rows do;
-// injected with SEGSYNC_FAULT) does not hold up the event loop: WATCHDOG=1 keeps coming, every gap
-// under the 2 s WATCHDOG_USEC systemd would kill at. Before the daemon's state reads and writes
-// moved off the loop, its 2-second request poll waited on the database for the whole commit.
+// A pass's commit holding the state database (as a first sync's million history rows do; injected
+// with SEGSYNC_FAULT, held until the test releases it) does not hold up the event loop: three more
+// WATCHDOG=1 arrive while it is held, every gap under the 2 s WATCHDOG_USEC systemd would kill at.
+// Before the daemon's state reads and writes moved off the loop, its 2-second request poll waited
+// on the database for the whole commit, and no ping came until the release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watchdog_is_fed_through_a_long_state_write() {
     let sandbox = support::start(support::sandbox_config(500)).await;
     let (dir, config) = setup(&sandbox, "");
     let notify = NotifySocket::bind(dir.path());
-    let started = Instant::now();
+    let release = dir.path().join("release");
     let mut daemon = Daemon::start(
         &config,
-        &[notify.env(), ("WATCHDOG_USEC", "2000000".into()), ("SEGSYNC_FAULT", "slow-commit:vip:5000".into())],
+        &[
+            notify.env(),
+            ("WATCHDOG_USEC", "2000000".into()),
+            ("SEGSYNC_FAULT", format!("hold-commit:vip:{}", release.display())),
+        ],
     );
+    let held = dir.path().join("release.held");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !held.exists() {
+        assert!(Instant::now() < deadline, "vip's commit never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held_at = Instant::now();
+    let before = notify.times_of("WATCHDOG=1").len();
+    notify
+        .wait_until(15, "three WATCHDOG=1 while the commit is held", |m| {
+            m.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= before + 3
+        })
+        .await;
+    std::fs::write(&release, "").expect("release");
+    let released_at = Instant::now();
     let run = daemon.wait_for(1, "rule run", &[("rule", "vip"), ("trigger", "startup")], 60).await;
-    let committed = Instant::now();
     assert_eq!(run[0]["outcome"], "ok", "{run:?}");
-    assert!(committed.duration_since(started) >= Duration::from_secs(5), "the commit was held 5 s");
     daemon.signal("TERM");
     assert_eq!(daemon.wait_exit(15).await, 0);
     notify.drain().await;
     let pings = notify.times_of("WATCHDOG=1");
-    // The held commit ended just before `rule run` was logged: the 5 s before it are covered.
-    let window: Vec<Instant> = std::iter::once(committed - Duration::from_secs(5))
-        .chain(pings.iter().copied().filter(|t| *t > committed - Duration::from_secs(5) && *t <= committed))
-        .chain(std::iter::once(committed))
+    let window: Vec<Instant> = std::iter::once(held_at)
+        .chain(pings.iter().copied().filter(|t| (held_at..=released_at).contains(t)))
+        .chain(std::iter::once(released_at))
         .collect();
     let worst = window.windows(2).map(|w| w[1] - w[0]).max().expect("a window");
     assert!(worst < Duration::from_secs(2), "the watchdog went {worst:?} unfed during the commit: {pings:?}");

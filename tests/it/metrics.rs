@@ -43,37 +43,24 @@ fn sum(scrape: &str, name: &str) -> f64 {
         .sum()
 }
 
-async fn get(url: &str) -> (u16, String) {
-    match support::http().get(url).send().await {
-        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
-        Err(_) => (0, String::new()),
-    }
+/// A config for `sandbox` (unlimited plan, rules due once a year unless they say otherwise) serving
+/// metrics on `port`, with `metrics` added to its `[metrics]` section.
+fn write_config(config: &std::path::Path, sandbox: &segsync_sandbox::Sandbox, port: u16, metrics: &str) {
+    let text = format!(
+        "[api]\nbase_url = \"{}\"\nkey_env = \"{}\"\nplan = \"unlimited\"\n[rules]\ndefault_schedule = \"0 0 3 1 1 *\"\n\
+         [metrics]\nlisten = \"{port}\"\n{metrics}",
+        sandbox.base_url(),
+        support::KEY_VAR
+    );
+    std::fs::write(config, text).expect("config");
 }
 
-// During a pass the endpoint answers and counts requests; after it, every per-rule value and the
-// request total equal what the pass's own `rule run` and `pass finished` events say; /healthz is 200.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scrape_matches_the_pass_summary() {
-    let faults = Faults { latency: Duration::from_millis(40), ..Faults::default() };
-    let sandbox = support::start(SandboxConfig { faults, ..support::sandbox_config(3_000) }).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    support::copy_shipped_rules(dir.path(), false, |t| t.replace("const SCHEDULE = \"0 */5 * * * *\";\n", ""));
-    let port = free_port();
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[api]\nbase_url = \"{}\"\nkey_env = \"{}\"\nplan = \"unlimited\"\n[rules]\ndefault_schedule = \"0 0 3 1 1 *\"\n\
-             [metrics]\nlisten = \"{port}\"\n",
-            sandbox.base_url(),
-            support::KEY_VAR
-        ),
-    )
-    .expect("config");
+/// `segsync run` on `config`, and its JSON log events as they come.
+fn spawn(config: &std::path::Path) -> (Killed, Arc<Mutex<Vec<Value>>>) {
     let mut child = Killed(
         Command::new(env!("CARGO_BIN_EXE_segsync"))
             .args(["run", "--log-format", "json", "--config"])
-            .arg(&config)
+            .arg(config)
             .env(support::KEY_VAR, support::KEY)
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
@@ -91,6 +78,27 @@ async fn scrape_matches_the_pass_summary() {
             }
         }
     });
+    (child, logs)
+}
+
+async fn get(url: &str) -> (u16, String) {
+    match support::http().get(url).send().await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+// During a pass the endpoint answers and counts requests; after it, every per-rule value and the
+// request total equal what the pass's own `rule run` and `pass finished` events say; /healthz is 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrape_matches_the_pass_summary() {
+    let faults = Faults { latency: Duration::from_millis(40), ..Faults::default() };
+    let sandbox = support::start(SandboxConfig { faults, ..support::sandbox_config(3_000) }).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    support::copy_shipped_rules(dir.path(), false, |t| t.replace("const SCHEDULE = \"0 */5 * * * *\";\n", ""));
+    let (port, config) = (free_port(), dir.path().join("config.toml"));
+    write_config(&config, &sandbox, port, "");
+    let (mut child, logs) = spawn(&config);
     let base = format!("http://127.0.0.1:{port}");
     let events = |message: &str| -> Vec<Value> {
         logs.lock().expect("lock").iter().filter(|v| v["message"] == message).cloned().collect()
@@ -144,6 +152,65 @@ async fn scrape_matches_the_pass_summary() {
     Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status().expect("kill");
     let status = child.0.wait().expect("exit");
     assert_eq!(status.code(), Some(0));
+    sandbox.shutdown().await;
+}
+
+// `status` and `/healthz` judge "overdue" by one rule (`schedule::is_overdue`): a rule that has
+// never succeeded is overdue once `overdue_factor` of its intervals have passed since the daemon
+// loaded it, in both; a rule that succeeded is overdue in neither. (`status` used to need a last
+// success, so it never called a rule that had none overdue.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_healthz_agree_on_overdue() {
+    let sandbox = support::start(support::sandbox_config(200)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).expect("rules");
+    std::fs::write(rules.join("fine.rhai"), "const LIST = \"Everyone\";\nfn matches(c) { true }\n").expect("fine");
+    // Errors on every contact, so every run fails; due every second.
+    std::fs::write(
+        rules.join("broken.rhai"),
+        "const LIST = \"Broken\";\nconst SCHEDULE = \"* * * * * *\";\nfn matches(c) { c.customFields.noSuchField > 1 }\n",
+    )
+    .expect("broken");
+    let (port, config) = (free_port(), dir.path().join("config.toml"));
+    write_config(&config, &sandbox, port, "overdue_factor = 1\n");
+    let (mut child, logs) = spawn(&config);
+    let healthz = format!("http://127.0.0.1:{port}/healthz");
+    let overdue_in = |body: &str| -> Vec<String> {
+        let doc: Value = serde_json::from_str(body).unwrap_or_default();
+        let problems = doc["problems"].as_array().cloned().unwrap_or_default();
+        problems
+            .iter()
+            .filter(|p| p["problem"] == "rule overdue")
+            .filter_map(|p| p["rule"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = get(&healthz).await;
+        let fine_ran = logs.lock().expect("lock").iter().any(|v| v["message"] == "rule run" && v["rule"] == "fine");
+        if status == 503 && fine_ran && overdue_in(&body) == ["broken"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/healthz never called broken overdue: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_segsync"))
+        .args(["status", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .expect("status");
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let overdue = |rule: &str| {
+        doc["rules"].as_array().and_then(|r| r.iter().find(|r| r["rule"] == rule)).map(|r| r["overdue"].clone())
+    };
+    assert_eq!(overdue("broken"), Some(Value::Bool(true)), "{doc}");
+    assert_eq!(overdue("fine"), Some(Value::Bool(false)), "{doc}");
+    assert_eq!(out.status.code(), Some(1), "an overdue rule is a failure");
+    let (_, body) = get(&healthz).await;
+    assert_eq!(overdue_in(&body), ["broken"], "still the same verdict: {body}");
+    Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status().expect("kill");
+    assert_eq!(child.0.wait().expect("exit").code(), Some(0));
     sandbox.shutdown().await;
 }
 
