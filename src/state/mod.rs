@@ -186,6 +186,27 @@ pub struct RunRecord {
 
 const SCHEMA_VERSION: i64 = 7;
 
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Switches the database to WAL. The switch takes an exclusive lock, and SQLite answers BUSY at once,
+/// without waiting on the busy handler, when another connection opening the same new file holds a
+/// shared lock it also wants to raise (`segsync status` opening while the daemon starts): so the
+/// switch is tried again, for up to the busy timeout.
+fn wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs kept per rule; older ones are pruned as new ones are recorded.
 const KEEP_RUNS: i64 = 1000;
 
@@ -365,8 +386,8 @@ impl State {
         let sql = |cause| StateError::Sqlite { path: path.into(), cause };
         create_private(path).map_err(|cause| StateError::Io { path: path.into(), cause })?;
         let mut conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
+        wal(&conn).map_err(sql)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
         // Each migration reads the version and applies the next step inside one write transaction
         // (`BEGIN IMMEDIATE`), so two processes opening a new database at once (the daemon starting
