@@ -138,6 +138,7 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
     let mode = settings.mode();
     let remove_after = settings.remove_after();
     let filter = settings.filter();
+    settings.unknown();
     let mut errors = settings.errors;
     errors.extend(matches_problem(&ast, path, &source));
     if !errors.is_empty() {
@@ -171,7 +172,43 @@ struct Settings<'a> {
     errors: Vec<Diagnostic>,
 }
 
+/// The settings a rule file may define as top-level constants.
+pub const SETTINGS: [&str; 6] = ["LIST", "DESCRIPTION", "SCHEDULE", "FILTER", "MODE", "REMOVE_AFTER"];
+
+/// The setting `name` was most likely meant to be, if one is close.
+fn closest_setting(name: &str) -> Option<&'static str> {
+    let upper = name.to_ascii_uppercase();
+    SETTINGS
+        .into_iter()
+        .map(|s| (strsim::damerau_levenshtein(&upper, s), s))
+        .filter(|(distance, s)| *distance <= (s.len() / 3).max(2))
+        .min()
+        .map(|(_, s)| s)
+}
+
 impl Settings<'_> {
+    /// Every top-level constant that is not a setting is an error: a slip such as `FILTERS` would
+    /// otherwise be ignored, and the rule would select everyone.
+    fn unknown(&mut self) {
+        let unknown: Vec<String> = self
+            .scope
+            .iter_raw()
+            .filter(|(name, constant, _)| *constant && !SETTINGS.contains(name))
+            .map(|(name, _, _)| name.to_owned())
+            .collect();
+        for name in unknown {
+            let hint = match closest_setting(&name) {
+                Some(setting) => format!("did you mean {setting}?"),
+                None => format!("the settings are {}.", SETTINGS.join(", ")),
+            };
+            let message = format!(
+                "{name} is not a setting; {hint} A top-level constant is not visible inside `fn matches` either: \
+                 to name a value there, use a `let` inside the function"
+            );
+            self.error(&name, message);
+        }
+    }
+
     fn error(&mut self, name: &str, message: String) {
         let (line, col) = const_position(self.source, name);
         self.errors.push(Diagnostic { file: self.path.into(), line, col, message });
@@ -468,6 +505,26 @@ mod tests {
 
     fn messages(src: &str) -> Vec<(usize, usize, String)> {
         load(src).expect_err("must fail").into_iter().map(|e| (e.line, e.col, e.message)).collect()
+    }
+
+    // A top-level constant that is not a setting is an error at its line, naming the setting it was
+    // most likely meant to be and why a constant cannot carry a value into `matches`.
+    #[test]
+    fn unknown_settings_are_errors_with_the_likely_fix() {
+        let got = messages(
+            "const LIST = \"Geo - Lazio\";\nconst FILTERS = #{ region: \"Lazio\" };\nconst SCHEDUEL = \"0 9 * * *\";\n\
+             const NORTH = [\"Lombardia\"];\nfn matches(c) { true }\n",
+        );
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!((got[0].0, got[0].1), (2, 1), "{got:?}");
+        assert!(got[0].2.starts_with("FILTERS is not a setting; did you mean FILTER?"), "{got:?}");
+        assert!(got[0].2.contains("use a `let` inside the function"), "{got:?}");
+        assert_eq!(got[1].0, 3);
+        assert!(got[1].2.starts_with("SCHEDUEL is not a setting; did you mean SCHEDULE?"), "{got:?}");
+        assert_eq!(got[2].0, 4);
+        assert!(got[2].2.starts_with("NORTH is not a setting; the settings are LIST, DESCRIPTION"), "{got:?}");
+        assert_eq!(closest_setting("list"), Some("LIST"));
+        assert_eq!(closest_setting("REMOVE_AFTR"), Some("REMOVE_AFTER"));
     }
 
     // A valid rule loads with its settings, filter, mode and hash.
