@@ -68,6 +68,7 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
     let (set, errors, passed) = rules::load_tested(&engine, &config.rules_dir);
     let severity = if strict { "error" } else { "warning" };
     problems.extend(errors.iter().map(|e| Problem::of(severity, e)));
+    problems.extend(set.iter().flat_map(|r| r.warnings.iter()).map(|w| Problem::of(severity, w)));
     if set.is_empty() {
         let message = format!("no usable rule in {}; segsync run would refuse to start", config.rules_dir.display());
         problems.push(Problem::of("error", &whole(message)));
@@ -118,7 +119,7 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
                 if warnings == 0 {
                     String::new()
                 } else {
-                    format!("; {warnings} warning(s) above (a broken rule is not run)")
+                    format!("; {warnings} warning(s) above (a broken rule is not run; `--strict` fails on any)")
                 }
             );
         } else {

@@ -123,7 +123,8 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
     if stem.is_empty() || !stem.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(vec![at(0, 0, format!("rule file names may use letters, digits, '-' and '_' only, got {stem:?}"))]);
     }
-    let mut ast = engine.compile(&source).map_err(|e| vec![at_pos(path, e.position(), e.err_type().to_string())])?;
+    let mut ast =
+        engine.compile(&source).map_err(|e| vec![at_pos(path, e.position(), compile_message(&e, &source))])?;
     ast.set_source(path.display().to_string());
 
     let mut scope = Scope::new();
@@ -138,6 +139,7 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
     let mode = settings.mode();
     let remove_after = settings.remove_after();
     let filter = settings.filter();
+    let warnings = frozen_filter(path, &source, &filter).into_iter().collect();
     settings.unknown();
     let mut errors = settings.errors;
     errors.extend(matches_problem(&ast, path, &source));
@@ -159,6 +161,7 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         pushdown: engine
             .compact_script(&source)
             .map_or_else(|e| super::PushDown::None(format!("not compacted: {e}")), |c| super::derive::from_script(&c)),
+        warnings,
         ast,
     })
 }
@@ -296,6 +299,57 @@ fn matches_problem(ast: &rhai::AST, path: &Path, source: &str) -> Option<Diagnos
             Some(at(fn_position(source), message))
         }
     }
+}
+
+/// A `FILTER` computed from `today()`: its dates are fixed when the file loads, so a "last 90 days"
+/// filter silently stops moving. A warning showing the value it was fixed at.
+fn frozen_filter(path: &Path, source: &str, filter: &[FilterTerm]) -> Option<Diagnostic> {
+    let (line, col) = const_position(source, "FILTER");
+    let declaration: String = source.lines().skip(line.saturating_sub(1)).collect::<Vec<_>>().join("\n");
+    let declaration = &declaration[..declaration.find(';').unwrap_or(declaration.len())];
+    let uses_today = declaration.match_indices("today").any(|(i, _)| {
+        let before = declaration[..i].chars().next_back();
+        let after = declaration[i + 5..].trim_start();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '_') && after.starts_with('(')
+    });
+    if filter.is_empty() || !uses_today {
+        return None;
+    }
+    let values: Vec<String> = filter.iter().map(|t| t.query_pair()).map(|(k, v)| format!("{k}={v}")).collect();
+    let message = format!(
+        "FILTER is computed from today() when the file loads, so its value is fixed at {} until the file is \
+         reloaded; put relative dates in `fn matches` (e.g. `days_since(contact.customFields.lastPurchaseDate) > 90`): \
+         segsync derives the server filter from `matches` itself",
+        values.join(", ")
+    );
+    Some(Diagnostic { file: path.into(), line, col, message })
+}
+
+/// A compile error as people need it: an undefined variable says why it is not visible.
+fn compile_message(e: &rhai::ParseError, source: &str) -> String {
+    match e.err_type() {
+        rhai::ParseErrorType::VariableUndefined(name) if const_declared(source, name) => format!(
+            "{}: {name} is a top-level constant, and top-level constants are not visible inside functions; \
+             declare it with `let {name} = …;` inside the function that uses it",
+            e.err_type()
+        ),
+        rhai::ParseErrorType::VariableUndefined(name) => format!(
+            "{}: declare {name} with `let` in the function that uses it (top-level names are not visible there)",
+            e.err_type()
+        ),
+        other => other.to_string(),
+    }
+}
+
+/// Whether `source` declares a top-level `const name`.
+fn const_declared(source: &str, name: &str) -> bool {
+    source.lines().any(|line| {
+        line.trim_start().strip_prefix("const ").is_some_and(|rest| {
+            rest.trim_start()
+                .strip_prefix(name)
+                .is_some_and(|r| !r.starts_with(|c: char| c.is_alphanumeric() || c == '_'))
+        })
+    })
 }
 
 fn at_pos(path: &Path, pos: Position, message: String) -> Diagnostic {
@@ -525,6 +579,38 @@ mod tests {
         assert!(got[2].2.starts_with("NORTH is not a setting; the settings are LIST, DESCRIPTION"), "{got:?}");
         assert_eq!(closest_setting("list"), Some("LIST"));
         assert_eq!(closest_setting("REMOVE_AFTR"), Some("REMOVE_AFTER"));
+    }
+
+    // A top-level constant used inside `matches` is an undefined variable there: the error says so
+    // and how to fix it, at the line of the use.
+    #[test]
+    fn an_undefined_variable_says_why() {
+        let got = messages(
+            "const LIST = \"North\";\nconst NORTH = [\"Lombardia\"];\nfn matches(c) {\n    c.region in NORTH\n}\n",
+        );
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, 4, "{got:?}");
+        assert!(got[0].2.contains("NORTH is a top-level constant"), "{got:?}");
+        assert!(got[0].2.contains("`let NORTH = …;` inside the function"), "{got:?}");
+        let got = messages("const LIST = \"X\";\nfn matches(c) { threshold > 1 }\n");
+        assert!(got[0].2.contains("declare threshold with `let`"), "{got:?}");
+    }
+
+    // A FILTER computed from today() loads, with a warning at its line showing the frozen value; a
+    // literal FILTER has none.
+    #[test]
+    fn a_filter_from_today_is_a_warning() {
+        let rule = load(
+            "const LIST = \"Lapsed\";\nconst FILTER = #{ \"customFields.lastPurchaseDate.before\": `${today() - 90}` };\nfn matches(c) { true }\n",
+        )
+        .expect("loads");
+        assert_eq!(rule.warnings.len(), 1, "{:?}", rule.warnings);
+        let w = &rule.warnings[0];
+        assert_eq!(w.line, 2);
+        assert!(w.message.starts_with("FILTER is computed from today() when the file loads"), "{}", w.message);
+        assert!(w.message.contains("customFields.lastPurchaseDate.before=20"), "the frozen value: {}", w.message);
+        let plain = load("const LIST = \"V\";\nconst FILTER = #{ region: \"Veneto\" };\nfn matches(c) { true }\n");
+        assert!(plain.expect("loads").warnings.is_empty());
     }
 
     // A valid rule loads with its settings, filter, mode and hash.

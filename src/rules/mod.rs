@@ -65,6 +65,8 @@ pub struct Rule {
     pub remove_after: Option<std::time::Duration>,
     /// The server filter `matches` implies, for the rule's own candidate reads.
     pub pushdown: PushDown,
+    /// What loads but is likely not what the author meant (`check` shows them).
+    pub warnings: Vec<Diagnostic>,
     ast: rhai::AST,
 }
 
