@@ -1,7 +1,9 @@
 //! Stage 7, `apply`: writing a plan to the gateway: adds in batches of at most 1,000, then
 //! removals in bulk batches. Between batches it checks for shutdown, so a stop never cuts a batch
 //! in half. Both writes are idempotent (set union, set difference), so a retry or a rerun is
-//! harmless. Nothing is written in a dry run, or when a guard refused the plan.
+//! harmless. Nothing is written in a dry run, or when a guard refused the plan. A rule's new list is
+//! created here, just before its first write, so a rule that fails before (a read, the error
+//! share) leaves no list behind.
 
 use tokio_util::sync::CancellationToken;
 
@@ -45,11 +47,19 @@ pub(super) struct Written {
 
 impl Reconciler {
     pub(super) async fn apply(&self, planned: Flow<Planned>, dry_run: bool) -> Flow<Written> {
-        let planned = planned?;
+        let mut planned = planned?;
+        if dry_run || planned.plan.refused.is_some() {
+            return Ok(Written { planned, applied: Applied::default(), error: None });
+        }
+        // A new list is created here, by a run that writes: never by one that cannot judge.
+        if planned.judged.bound.list.is_none()
+            && let Err(e) = self.create(&mut planned.judged.bound).await
+        {
+            return Ok(Written { planned, applied: Applied::default(), error: Some(e) });
+        }
         let bound = &planned.judged.bound;
-        let list = match &bound.list {
-            Some(list) if !dry_run && planned.plan.refused.is_none() => list.clone(),
-            _ => return Ok(Written { planned, applied: Applied::default(), error: None }),
+        let Some(list) = bound.list.clone() else {
+            return Ok(Written { planned, applied: Applied::default(), error: None });
         };
         let (applied, error) = match write(&bound.job.gateway, &list, &planned.plan, &self.cancel).await {
             Ok(applied) => (applied, None),

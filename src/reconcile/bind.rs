@@ -71,22 +71,17 @@ impl Reconciler {
         }
     }
 
-    /// Binds the job's rule to its list (creating it when none exists, unless a dry run).
-    pub(super) async fn bind(&self, job: Flow<Job>, dry_run: bool, directory: Option<&[ListInfo]>) -> Flow<Bound> {
+    /// Binds the job's rule to its list, or marks the list new (created when the run writes).
+    pub(super) async fn bind(&self, job: Flow<Job>, directory: Option<&[ListInfo]>) -> Flow<Bound> {
         let mut bound = Bound::unbound(job?);
-        match self.bind_list(&mut bound, dry_run, directory).await {
+        match self.bind_list(&mut bound, directory).await {
             Ok(()) => Ok(bound),
             Err(e) => Err(Stopped::new(bound, e)),
         }
     }
 
     /// The rule's list: its binding, else an existing list of that exact name, else a new one.
-    async fn bind_list(
-        &self,
-        bound: &mut Bound,
-        dry_run: bool,
-        directory: Option<&[ListInfo]>,
-    ) -> Result<(), ReconcileError> {
+    async fn bind_list(&self, bound: &mut Bound, directory: Option<&[ListInfo]>) -> Result<(), ReconcileError> {
         let (rule, recalled) = (&bound.job.rule, &bound.job.recalled);
         if let Some(id) = recalled.binding.clone() {
             // A remembered id is written only while the directory shows it under the rule's
@@ -122,17 +117,16 @@ impl Reconciler {
         } else if let Some((old_name, old_id)) = &recalled.other_binding {
             tracing::info!(rule = %rule.name, old_list = %old_name, old_list_id = %old_id, list = %rule.list, "list changed");
         }
-        let found = self.find_or_create(bound, dry_run, directory).await?;
+        let found = self.find(bound, directory).await?;
         bound.rebind(found);
         Ok(())
     }
 
-    /// The list of the rule's exact name (the oldest, if several), else a new one (`None` in a
-    /// dry run); with whether it is new.
-    pub(super) async fn find_or_create(
+    /// The list of the rule's exact name (the oldest, if several); else `(None, true)`: a new list,
+    /// created by `apply` only when the run writes (a rule that cannot judge creates nothing).
+    pub(super) async fn find(
         &self,
         bound: &Bound,
-        dry_run: bool,
         directory: Option<&[ListInfo]>,
     ) -> Result<(Option<ListId>, bool), ReconcileError> {
         let (rule, gateway) = (&bound.job.rule, &bound.job.gateway);
@@ -144,12 +138,17 @@ impl Reconciler {
             }
             None => gateway.find_lists(&rule.list).await?,
         };
-        if !found.is_empty() {
-            return Ok((Some(oldest_of(rule, found)), false));
-        }
-        if dry_run {
+        if found.is_empty() {
             return Ok((None, true));
         }
+        Ok((Some(oldest_of(rule, found)), false))
+    }
+
+    /// Creates the rule's new list, just before its first write. Another segsync may have created
+    /// one of the same name meanwhile: the directory is read again and the oldest of that name is
+    /// bound, so a segment is never split.
+    pub(super) async fn create(&self, bound: &mut Bound) -> Result<(), ReconcileError> {
+        let (rule, gateway) = (&bound.job.rule, &bound.job.gateway);
         let list = gateway.create_list(&rule.list, &rule.description).await?;
         tracing::info!(rule = %rule.name, list = %rule.list, list_id = %list.id, "list created");
         // Another segsync may have created the same list meanwhile: read the directory again and
@@ -161,16 +160,17 @@ impl Reconciler {
         }
         let oldest = oldest_of(rule, again);
         let created = oldest == list.id;
-        Ok((Some(oldest), created))
+        bound.rebind((Some(oldest), created));
+        Ok(())
     }
 
     /// After a member read found the bound list gone: binds the rule again by name.
-    pub(super) async fn rebind_gone(&self, bound: &mut Bound, dry_run: bool) -> Result<(), ReconcileError> {
+    pub(super) async fn rebind_gone(&self, bound: &mut Bound) -> Result<(), ReconcileError> {
         let rule = &bound.job.rule;
         if let Some(list) = &bound.list {
             tracing::warn!(rule = %rule.name, list_id = %list, list = %rule.list, "list gone");
         }
-        let found = self.find_or_create(bound, dry_run, None).await?;
+        let found = self.find(bound, None).await?;
         bound.rebind(found);
         Ok(())
     }

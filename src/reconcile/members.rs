@@ -43,7 +43,6 @@ impl Reconciler {
         bound: Vec<Flow<Bound>>,
         directory: Option<&[ListInfo]>,
         contacts: Option<u64>,
-        dry_run: bool,
         today: Date,
     ) -> (ReadKind, Vec<Flow<Members>>) {
         let consulted: Vec<Flow<Consulted>> =
@@ -52,7 +51,7 @@ impl Reconciler {
         let members = join_all(consulted.into_iter().map(|c| async move {
             let c = c?;
             let use_cache = c.trusted && read == ReadKind::SharedScan;
-            self.give_members(c.bound, c.listed, use_cache, dry_run, today).await
+            self.give_members(c.bound, c.listed, use_cache, today).await
         }))
         .await;
         (read, members)
@@ -97,14 +96,7 @@ impl Reconciler {
         cost::cheaper(&costs, contacts, self.page()).0
     }
 
-    async fn give_members(
-        &self,
-        mut bound: Bound,
-        listed: Option<u64>,
-        use_cache: bool,
-        dry_run: bool,
-        today: Date,
-    ) -> Flow<Members> {
+    async fn give_members(&self, mut bound: Bound, listed: Option<u64>, use_cache: bool, today: Date) -> Flow<Members> {
         if let Some(list) = bound.list.clone().filter(|_| use_cache) {
             match self.load_cache(list).await {
                 Ok(eval) => return Ok(Members { bound, eval, from: MemberSource::Cache, listed }),
@@ -112,7 +104,7 @@ impl Reconciler {
                 Err(error) => tracing::warn!(rule = %bound.job.rule.name, error = %error, "cache not readable"),
             }
         }
-        match self.read_members(&mut bound, dry_run, today).await {
+        match self.read_members(&mut bound, today).await {
             Ok((eval, from)) => Ok(Members { bound, eval, from, listed }),
             Err(e) => Err(Stopped::new(bound, e)),
         }
@@ -131,7 +123,6 @@ impl Reconciler {
     pub(super) async fn read_members(
         &self,
         bound: &mut Bound,
-        dry_run: bool,
         today: Date,
     ) -> Result<(Evaluation, MemberSource), ReconcileError> {
         for _ in 0..2 {
@@ -139,7 +130,7 @@ impl Reconciler {
             let (gateway, rule) = (&bound.job.gateway, &bound.job.rule);
             match judge::members(&self.cancel, gateway, &self.engine, rule, &list, today).await {
                 Ok(eval) => return Ok((eval, MemberSource::Read)),
-                Err(ReconcileError::Gateway(e)) if e.is_unknown_list() => self.rebind_gone(bound, dry_run).await?,
+                Err(ReconcileError::Gateway(e)) if e.is_unknown_list() => self.rebind_gone(bound).await?,
                 Err(e) => return Err(e),
             }
         }

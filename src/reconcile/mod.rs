@@ -372,10 +372,10 @@ impl Reconciler {
         );
 
         let directory = self.list_directory(&directory_meter).await;
-        let bound = join_all(jobs.into_iter().map(|job| self.bind(job, req.dry_run, directory.as_deref()))).await;
-        let (read, members) = self.members(bound, directory.as_deref(), contacts, req.dry_run, today).await;
+        let bound = join_all(jobs.into_iter().map(|job| self.bind(job, directory.as_deref()))).await;
+        let (read, members) = self.members(bound, directory.as_deref(), contacts, today).await;
         let candidates = self.read(members, read, &shared_meter, today).await;
-        let judged = self.settle(candidates, req.dry_run, today).await;
+        let judged = self.settle(candidates, today).await;
         reporter.writing();
         let shared_usage = shared_meter.usage();
         let reports = join_all(judged.into_iter().map(|judged| async {

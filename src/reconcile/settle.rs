@@ -27,16 +27,11 @@ pub(super) struct Judged {
 }
 
 impl Reconciler {
-    pub(super) async fn settle(
-        &self,
-        candidates: Vec<Flow<Candidates>>,
-        dry_run: bool,
-        today: Date,
-    ) -> Vec<Flow<Judged>> {
-        join_all(candidates.into_iter().map(|c| async move { self.settle_one(c?, dry_run, today).await })).await
+    pub(super) async fn settle(&self, candidates: Vec<Flow<Candidates>>, today: Date) -> Vec<Flow<Judged>> {
+        join_all(candidates.into_iter().map(|c| async move { self.settle_one(c?, today).await })).await
     }
 
-    async fn settle_one(&self, c: Candidates, dry_run: bool, today: Date) -> Flow<Judged> {
+    async fn settle_one(&self, c: Candidates, today: Date) -> Flow<Judged> {
         let Candidates { members, found, in_filter, seen, estimates } = c;
         let (mut bound, mut eval, mut from) = (members.bound, members.eval, members.from);
         let mut unseen = Vec::new();
@@ -55,7 +50,7 @@ impl Reconciler {
                 tracing::debug!(rule = %bound.job.rule.name, listed = ?members.listed, seen = seen.seen.count(),
                     "the list's count disagrees with the cache; reading its members");
                 let cached = std::mem::take(&mut eval.members);
-                (eval, from) = match self.read_members(&mut bound, dry_run, today).await {
+                (eval, from) = match self.read_members(&mut bound, today).await {
                     Ok(read) => read,
                     Err(error) => return Err(Box::new(Stopped { bound, eval: found, error })),
                 };

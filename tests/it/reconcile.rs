@@ -608,3 +608,31 @@ async fn derived_filter_keeps_far_zone_stamps() {
     assert_eq!(w.members("Lapsed"), BTreeSet::from([far_id]), "the far-zone contact is added, nobody else");
     w.sandbox.shutdown().await;
 }
+
+// A list is created only by a run that can write (issue 21): a rule that errors on every contact
+// is refused by the error-share guard and leaves no list on the gateway, in `plan` as in `sync`;
+// once fixed, its first run creates the list and fills it.
+#[tokio::test]
+async fn a_rule_that_cannot_judge_creates_no_list() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rule = dir.path().join("broken.rhai");
+    std::fs::write(&rule, "const LIST = \"Broken\";\nfn matches(c) { c.customFields.noSuchField > 1 }\n")
+        .expect("rule");
+    let w = world(support::sandbox_config(300), dir.path()).await;
+    let lists = |w: &World| w.sandbox.with_store(|s| s.lists().iter().filter(|l| l.name == "Broken").count());
+    let report = w.sync().await;
+    let run = &report.rules[0];
+    assert_eq!(run.outcome, Outcome::Failed, "{run:?}");
+    assert!(run.detail.as_deref().is_some_and(|d| d.contains("max_error_share")), "{run:?}");
+    assert_eq!((run.list_id.clone(), lists(&w)), (None, 0), "no list for a rule that cannot judge");
+
+    std::fs::write(&rule, "const LIST = \"Broken\";\nfn matches(c) { c.region == \"Veneto\" }\n").expect("fix");
+    let engine = rules::engine::build(chrono_tz::UTC);
+    let fixed = Arc::new(rules::load_file(&engine, &rule).expect("fixed rule"));
+    let report = w.pass(vec![fixed], false).await;
+    assert_eq!(report.rules[0].outcome, Outcome::Ok, "{:?}", report.rules[0]);
+    assert!(report.rules[0].list_created);
+    assert_eq!(lists(&w), 1);
+    assert_eq!(w.members("Broken"), w.expected(|c| c.region.as_deref() == Some("Veneto")));
+    w.sandbox.shutdown().await;
+}
