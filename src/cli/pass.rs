@@ -24,12 +24,16 @@ pub(super) enum PassCommand {
 
 /// `plan` and `sync`: one pass over the selected rules, dry or real.
 pub(super) async fn pass(config: &Config, names: &[String], command: PassCommand) -> anyhow::Result<Exit> {
+    let dry_run = matches!(command, PassCommand::Plan { .. });
+    // `sync` runs only rules that pass their own tests (as the daemon does); `plan` previews a rule
+    // failing them too, marked, because a dry run helps fix it.
     let (engine, selected, all_valid) =
-        match load_selected(config, names, true, matches!(command, PassCommand::Plan { json: true, .. })) {
+        match load_selected(config, names, !dry_run, matches!(command, PassCommand::Plan { json: true, .. })) {
             Ok(loaded) => loaded,
             Err(code) => return Ok(code),
         };
-    let dry_run = matches!(command, PassCommand::Plan { .. });
+    let failing_tests = if dry_run { failing_tests(&engine, &selected) } else { Default::default() };
+    let all_valid = all_valid && failing_tests.is_empty();
     let allow_mass_removal = matches!(command, PassCommand::Sync { allow_mass_removal: true, .. });
     // `--full`: the cache of these rules' lists is distrusted, so the pass (here, or the daemon's
     // when it runs) reads their members.
@@ -90,10 +94,28 @@ pub(super) async fn pass(config: &Config, names: &[String], command: PassCommand
     connection.close().await;
     match command {
         PassCommand::Plan { json: true, .. } => {
-            let rows: Vec<serde_json::Value> = report.rules.iter().map(plan_json).collect();
+            let rows: Vec<serde_json::Value> = report
+                .rules
+                .iter()
+                .map(|r| {
+                    let mut row = plan_json(r);
+                    row["fails_tests"] =
+                        serde_json::json!(failing_tests.get(&r.rule.name).cloned().unwrap_or_default());
+                    row
+                })
+                .collect();
             say!("{}", serde_json::to_string_pretty(&rows)?);
         }
-        _ => print_pass(&report, dry_run),
+        _ => {
+            print_pass(&report, dry_run);
+            for (rule, failures) in &failing_tests {
+                for failure in failures {
+                    say!(
+                        "{rule}: fails its tests: {failure} (previewed; sync and the daemon refuse it until they pass)"
+                    );
+                }
+            }
+        }
     }
     let exit = Exit::for_outcomes(report.rules.iter().map(|r| r.outcome)).unless_invalid(all_valid);
     let pending = report.rules.iter().any(|r| !r.plan.is_empty() || (r.list_id.is_none() && r.list_created));
@@ -101,6 +123,23 @@ pub(super) async fn pass(config: &Config, names: &[String], command: PassCommand
         PassCommand::Plan { detailed_exitcode: true, .. } if exit == Exit::Ok && pending => Exit::Pending,
         _ => exit,
     })
+}
+
+/// The selected rules whose own tests fail, with each failing case (or why the test file is broken).
+fn failing_tests(
+    engine: &rhai::Engine,
+    rules: &[Arc<Rule>],
+) -> std::collections::BTreeMap<crate::ids::RuleName, Vec<String>> {
+    rules
+        .iter()
+        .filter_map(|rule| {
+            let failures = match crate::rules::fixtures::run(engine, rule) {
+                Ok(report) => report.failures,
+                Err(broken) => vec![format!("its test file is broken: {broken}")],
+            };
+            (!failures.is_empty()).then(|| (rule.name.clone(), failures))
+        })
+        .collect()
 }
 
 /// How long the daemon has to answer a run request. It looks for requests every 2 s; a holder

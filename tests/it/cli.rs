@@ -631,3 +631,38 @@ async fn bad_inputs_are_refused_and_the_state_is_private() {
     assert_eq!(code, 2, "{out}");
     sandbox.shutdown().await;
 }
+
+// A rule failing its own tests (issue 21): `plan RULE` still previews it, marked with the failing
+// case, and exits 3; `sync RULE` refuses it with exit 3, naming the case; an unknown rule stays 2.
+#[test]
+fn a_rule_failing_its_tests_is_previewed_not_synced() {
+    let (dir, config) = setup(None);
+    let rules = dir.path().join("rules");
+    std::fs::write(
+        rules.join("luxury-vip.rhai"),
+        "const LIST = \"Luxury VIP\";\nfn matches(c) { (c.customFields.get(\"totalSpent\") ?? 0.0) > 9000.0 }\n",
+    )
+    .expect("rule");
+    std::fs::write(
+        rules.join("luxury-vip.test.toml"),
+        "today = \"2026-11-28\"\n\n[[case]]\nname = \"a 6,000 EUR customer is luxury\"\nexpect = true\n\
+         contact = { id = \"t1\", customFields = { totalSpent = 6000.0 } }\n",
+    )
+    .expect("tests");
+    let (code, text) = run(segsync().args(["plan", "luxury-vip", "--config"]).arg(&config));
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("luxury-vip → \"Luxury VIP\""), "previewed: {text}");
+    assert!(
+        text.contains("luxury-vip: fails its tests: ") && text.contains("a 6,000 EUR customer is luxury"),
+        "{text}"
+    );
+    let out = segsync().args(["plan", "luxury-vip", "--json", "--config"]).arg(&config).output().expect("runs");
+    assert_eq!(out.status.code(), Some(3));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("plan --json");
+    assert!(rows[0]["fails_tests"][0].as_str().is_some_and(|f| f.contains("a 6,000 EUR customer is luxury")), "{rows}");
+    let (code, text) = run(segsync().args(["sync", "luxury-vip", "--config"]).arg(&config));
+    assert_eq!(code, 3, "{text}");
+    assert!(text.contains("a 6,000 EUR customer is luxury"), "sync names the case: {text}");
+    let (code, _) = run(segsync().args(["plan", "no-such-rule", "--config"]).arg(&config));
+    assert_eq!(code, 2);
+}
