@@ -151,16 +151,24 @@ pub(super) fn load_selected(
     quiet: bool,
 ) -> Result<(rhai::Engine, Vec<Arc<Rule>>, bool), Exit> {
     let loaded = Loaded::load(&config.rules_dir, config.time_zone, tested);
-    for e in loaded.errors.iter().filter(|_| !quiet) {
+    // Named rules: only their own files' problems (another file's are not this command's).
+    let relevant = relevant_errors(&loaded, names);
+    for e in relevant.iter().filter(|_| !quiet) {
         say!("{e}");
     }
     match loaded.select(names) {
-        Ok(selected) => Ok((loaded.engine, selected, loaded.errors.is_empty())),
+        Ok(selected) => Ok((loaded.engine, selected, relevant.is_empty())),
         Err(e) => {
             say!("{e}");
             Err(unselectable(&e))
         }
     }
+}
+
+/// The load problems a command naming `names` (every rule when none) reports.
+fn relevant_errors(loaded: &Loaded, names: &[String]) -> Vec<Diagnostic> {
+    let named = |e: &&Diagnostic| names.iter().any(|n| e.file.file_stem().is_some_and(|s| s == n.as_str()));
+    loaded.errors.iter().filter(|e| names.is_empty() || named(e)).cloned().collect()
 }
 
 /// The exit code when a named rule cannot be selected, the same for every command that names
@@ -176,7 +184,16 @@ pub(super) fn test(config: &Config, names: &[String], out: Output, junit: Option
         Err(code) => return code,
     };
     let (mut passed, mut failed, mut untested) = (0, 0, Vec::new());
-    let mut results = Vec::new();
+    // A rule file that does not load is a failure in the JUnit report too, so the XML agrees
+    // with the exit code.
+    let mut results: Vec<_> = relevant_errors(&Loaded::load(&config.rules_dir, config.time_zone, false), names)
+        .into_iter()
+        .map(|e| {
+            let rule = e.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let cases = vec![("(the rule file)".to_owned(), Some(e.to_string()))];
+            (rule, Some(e.file.clone()), rules::fixtures::TestReport { cases, ..Default::default() })
+        })
+        .collect();
     for rule in &selected {
         let report = match rules::fixtures::run(&engine, rule) {
             Ok(r) => r,
@@ -198,7 +215,8 @@ pub(super) fn test(config: &Config, names: &[String], out: Output, junit: Option
         if report.file.is_none() {
             untested.push(rule.name.to_string());
         }
-        if !out.json {
+        // A rule without tests adds no line of its own (it is named once, below).
+        if !out.json && report.file.is_some() {
             for f in &report.failures {
                 say!("FAIL {f}");
             }

@@ -666,3 +666,33 @@ fn a_rule_failing_its_tests_is_previewed_not_synced() {
     let (code, _) = run(segsync().args(["plan", "no-such-rule", "--config"]).arg(&config));
     assert_eq!(code, 2);
 }
+
+// `segsync test RULE` reports only that rule; a rule without tests adds no line of its own; the
+// JUnit report counts a rule file that does not load as a failure, so it agrees with the exit code.
+#[test]
+fn test_reports_only_the_named_rule_and_junit_agrees() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).expect("rules");
+    std::fs::write(rules.join("plain.rhai"), "const LIST = \"Plain\";\nfn matches(c) { true }\n").expect("plain");
+    std::fs::write(rules.join("broken.rhai"), "const LIST = \"Broken\";\nfn matches(c) {\n").expect("broken");
+    std::fs::write(rules.join("picky.rhai"), "const LIST = \"Picky\";\nfn matches(c) { false }\n").expect("picky");
+    std::fs::write(
+        rules.join("picky.test.toml"),
+        "today = \"2026-11-28\"\n\n[[case]]\nname = \"everyone is picked\"\nexpect = true\ncontact = { id = \"t1\" }\n",
+    )
+    .expect("tests");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[api]\nbase_url = \"sandbox\"\n").expect("config");
+    let (code, text) = run(segsync().args(["test", "picky", "--config"]).arg(&config));
+    assert_eq!(code, 1, "{text}");
+    assert!(!text.contains("broken.rhai"), "another rule's problem is not this command's: {text}");
+    assert_eq!(text.matches("everyone is picked").count(), 1, "each failing case once: {text}");
+    let junit = dir.path().join("junit.xml");
+    let (code, text) = run(segsync().args(["test", "--config"]).arg(&config).arg("--junit").arg(&junit));
+    assert_eq!(code, 1, "{text}");
+    assert!(!text.contains("plain:"), "a rule without tests adds no line: {text}");
+    let xml = std::fs::read_to_string(&junit).expect("junit");
+    assert!(xml.contains("failures=\"2\""), "the broken file and the failing case: {xml}");
+    assert!(xml.contains("<testsuite name=\"broken\" tests=\"1\" failures=\"1\""), "{xml}");
+}
