@@ -10,7 +10,7 @@ use crate::contact::ContactRecord;
 use crate::ids::ContactId;
 use crate::rules;
 
-pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str) -> anyhow::Result<Exit> {
+pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, verbose: bool) -> anyhow::Result<Exit> {
     let loaded = rules::Loaded::load(&config.rules_dir, config.time_zone, false);
     let rule = match loaded.select(&[rule_name.to_owned()]) {
         Ok(mut r) => r.remove(0),
@@ -25,8 +25,13 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str) 
     let engine = loaded.engine;
     let connection = Connection::open(config, None).await?;
     let fetched = connection.gateway.get_contact::<ContactRecord>(&ContactId::from(contact_id)).await;
+    let in_list = match &fetched {
+        Ok(_) => in_list_now(&connection.gateway, &rule.list, contact_id).await,
+        Err(_) => Ok(None),
+    };
     connection.close().await;
     let contact = fetched.with_context(|| format!("fetching contact {contact_id}"))?;
+    let in_list = in_list.with_context(|| format!("reading the list {:?}", rule.list))?;
     let today = rules::Date(chrono::Utc::now().with_timezone(&config.time_zone).date_naive());
     say!("rule      {} ({}, hash {})", rule.name, rule.path.display(), rule.short_hash());
     say!("list      {}", rule.list);
@@ -42,16 +47,55 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str) 
         };
         say!("filter    {key} = {value:?}: {verdict} (contact has {})", show_field(&map, &key));
     }
-    say!("derived   {}", derived_text(&rule, today));
+    if verbose {
+        say!("derived   {}", derived_text(&rule, today));
+    }
     for (path, value) in fields_read(&map, &rule.mentions) {
         say!("reads     {path} = {value}");
     }
-    match rule.evaluate(&engine, &contact, today) {
+    let answer = rule.evaluate(&engine, &contact, today);
+    match &answer {
         Ok(true) => say!("answer    IN the segment: the list should hold this contact"),
         Ok(false) => say!("answer    NOT in the segment: the list should not hold this contact"),
         Err(e) => say!("answer    ERROR, so the contact is neither added nor removed: {e}"),
     }
+    let now = match (&in_list, &answer) {
+        (None, _) => "the list does not exist yet; the rule's first run that writes creates it".to_owned(),
+        (Some((list, true)), Ok(true)) => format!("IN the list ({list}), as it should be"),
+        (Some((list, false)), Ok(false)) => format!("not in the list ({list}), as it should be"),
+        (Some((list, false)), Ok(true)) => format!("not in the list ({list}) yet: the next run adds it"),
+        (Some((list, true)), Ok(false)) => {
+            format!("IN the list ({list}): the next run removes it (after REMOVE_AFTER, if the rule sets one)")
+        }
+        (Some((list, member)), Err(_)) => {
+            format!(
+                "{} the list ({list}); it stays as it is while the rule cannot judge it",
+                if *member { "IN" } else { "not in" }
+            )
+        }
+    };
+    say!("list now  {now}");
     Ok(Exit::Ok)
+}
+
+/// Whether `contact` is in the list named `list` now, by a read of that list (the oldest of the
+/// name, as a run binds it); `None` when no list carries the name.
+async fn in_list_now(
+    gateway: &crate::gateway::Gateway,
+    list: &str,
+    contact: &str,
+) -> Result<Option<(crate::ids::ListId, bool)>, crate::gateway::GatewayError> {
+    let Some(found) = gateway.find_lists(list).await?.into_iter().find(|l| l.name == list) else { return Ok(None) };
+    let target = contact.to_owned();
+    let query = crate::gateway::ScanQuery { list_ids: vec![found.id.clone()], ..Default::default() };
+    let mut scan =
+        gateway.scan_with(&query, move |records: Vec<ContactRecord>| records.iter().any(|r| r.id.as_str() == target));
+    while let Some(page) = scan.next().await {
+        if page?.records {
+            return Ok(Some((found.id, true)));
+        }
+    }
+    Ok(Some((found.id, false)))
 }
 
 /// The server filter derived from `matches` for `today` (what the rule's own reads ask for), or

@@ -78,7 +78,13 @@ pub enum Command {
         junit: Option<PathBuf>,
     },
     /// Fetch one contact and show why it is or is not in RULE's segment.
-    Explain { rule: String, contact_id: String },
+    Explain {
+        rule: String,
+        contact_id: String,
+        /// Also show the server filter segsync derives from `matches` (or why there is none).
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Dry run: per rule, what a sync would add and remove (with a sample of ids); changes nothing.
     Plan {
         /// Rules to plan (default: all).
@@ -288,7 +294,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Test { rules, json, junit } => {
             Ok(check::test(&config, &rules, check::Output { json, verbose: false }, junit.as_deref()))
         }
-        Command::Explain { rule, contact_id } => runtime()?.block_on(explain::explain(&config, &rule, &contact_id)),
+        Command::Explain { rule, contact_id, verbose } => {
+            runtime()?.block_on(explain::explain(&config, &rule, &contact_id, verbose))
+        }
         Command::Plan { rules, json, detailed_exitcode } => {
             runtime()?.block_on(pass::pass(&config, &rules, pass::PassCommand::Plan { json, detailed_exitcode }))
         }

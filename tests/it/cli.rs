@@ -363,14 +363,31 @@ async fn plan_is_dry_and_explain_explains() {
     let vip_ids = support::ids_where(&sandbox, |c| support::spent(c).is_some_and(|v| v > 5000.0));
     assert_eq!(vip["to_add"].as_u64(), Some(vip_ids.len() as u64));
 
+    let explain = |args: Vec<String>| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || run(segsync().arg("explain").args(args).arg("--config").arg(&config)))
+    };
     let id = vip_ids[0].clone();
-    let (code, out) =
-        tokio::task::spawn_blocking(move || run(segsync().args(["explain", "vip", &id]).arg("--config").arg(&config)))
-            .await
-            .expect("join");
+    let (code, out) = explain(vec!["vip".into(), id.clone()]).await.expect("join");
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("reads     customFields.totalSpent = "), "{out}");
     assert!(out.contains("answer    IN the segment"), "{out}");
+    assert!(out.contains("list now  the list does not exist yet"), "{out}");
+    assert!(!out.contains("derived"), "internal wording only with --verbose: {out}");
+    let (_, out) = explain(vec!["vip".into(), id.clone(), "--verbose".into()]).await.expect("join");
+    assert!(out.contains("derived   "), "{out}");
+
+    // After a sync the contact is in the list, and explain says so (from a read of the list).
+    let c = config.clone();
+    let (code, out) = tokio::task::spawn_blocking(move || run(segsync().args(["sync", "vip", "--config"]).arg(&c)))
+        .await
+        .expect("join");
+    assert_eq!(code, 0, "{out}");
+    let (_, out) = explain(vec!["vip".into(), id]).await.expect("join");
+    assert!(out.contains("list now  IN the list (") && out.contains("as it should be"), "{out}");
+    let outsider = support::ids_where(&sandbox, |c| support::spent(c).is_some_and(|v| v < 100.0))[0].clone();
+    let (_, out) = explain(vec!["vip".into(), outsider]).await.expect("join");
+    assert!(out.contains("list now  not in the list (") && out.contains("as it should be"), "{out}");
     sandbox.shutdown().await;
 }
 
