@@ -115,6 +115,8 @@ pub const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
             ("pending_removal", Integer),
             ("eval_errors", Integer),
             ("first_eval_error", Text),
+            ("absent_fields", Text),
+            ("filter_matched_none", Text),
             ("api_requests", Integer),
             ("retries", Integer),
             ("read_plan", Text),

@@ -13,6 +13,8 @@ pub(super) struct Output {
     pub json: bool,
     /// `check`: each rule's next firings too.
     pub verbose: bool,
+    /// `check --sample N`: also run every rule on about N contacts read from the gateway.
+    pub sample: Option<u64>,
 }
 
 /// One problem `check` found.
@@ -73,6 +75,19 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
         let message = format!("no usable rule in {}; segsync run would refuse to start", config.rules_dir.display());
         problems.push(Problem::of("error", &whole(message)));
     }
+    let preview = match out.sample.filter(|_| !set.is_empty()) {
+        None => None,
+        Some(n) => match sample_preview(config, &set, n) {
+            Ok(preview) => {
+                problems.extend(preview_problems(&preview, severity));
+                Some(preview)
+            }
+            Err(e) => {
+                say!("sample: {e:#}");
+                return Exit::Failure;
+            }
+        },
+    };
     let failing = problems.iter().filter(|p| p.severity == "error").count();
     let now = chrono::Utc::now();
     let schedules: Vec<serde_json::Value> = set
@@ -95,6 +110,7 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
             "problems": problems,
             "rules": schedules,
             "rule_tests_passed": passed,
+            "sample": preview,
         });
         say!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
@@ -107,6 +123,9 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
                 message: p.message.clone(),
             };
             say!("{label}{d}");
+        }
+        if let Some(preview) = &preview {
+            super::sample::print(preview);
         }
         let names: Vec<&str> = set.rules.keys().map(RuleName::as_str).collect();
         if failing == 0 {
@@ -140,6 +159,35 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
         }
     }
     if failing == 0 { Exit::Ok } else { Exit::Invalid }
+}
+
+/// Runs `check --sample`'s live preview on its own runtime.
+fn sample_preview(config: &Config, set: &rules::RuleSet, n: u64) -> anyhow::Result<super::sample::Preview> {
+    let engine = rules::engine::build(config.time_zone);
+    super::runtime()?.block_on(super::sample::preview(config, engine, set.iter().cloned().collect(), n))
+}
+
+/// The sample's findings and evaluation errors, as problems at each rule's file.
+fn preview_problems(preview: &super::sample::Preview, severity: &'static str) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for r in &preview.rules {
+        let at = |message: String| Problem::of(severity, &Diagnostic::whole_file(&r.path, message));
+        problems.extend(r.warnings.iter().map(|w| {
+            let d = Diagnostic {
+                file: r.path.clone(),
+                line: w.line,
+                col: w.col,
+                message: format!("sample: {}", w.message),
+            };
+            Problem::of(severity, &d)
+        }));
+        if r.eval_errors > 0 {
+            let first = r.first_eval_error.as_deref().unwrap_or_default();
+            let n = rules::thousands(preview.contacts);
+            problems.push(at(format!("sample: errored on {} of {n} contacts; first: {first}", r.eval_errors)));
+        }
+    }
+    problems
 }
 
 /// Loads the rules, prints the broken ones, and picks the named ones (all when none are named);

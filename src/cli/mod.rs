@@ -16,6 +16,7 @@ macro_rules! say {
 mod check;
 mod explain;
 mod pass;
+mod sample;
 mod sandbox;
 mod show;
 
@@ -65,6 +66,11 @@ pub enum Command {
         /// Also print each rule's schedule and its next three firings.
         #[arg(long, short)]
         verbose: bool,
+        /// The live preview: read about N contacts from the gateway (the bundled sandbox by default)
+        /// and run every rule on them; report matches, absent fields, FILTER values never seen and
+        /// evaluation errors. Writes nothing.
+        #[arg(long, value_name = "N")]
+        sample: Option<u64>,
     },
     /// Run rule unit tests (rules/NAME.test.toml beside rules/NAME.rhai).
     Test {
@@ -290,9 +296,11 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             ))?;
             Ok(Exit::Ok)
         }
-        Command::Check { strict, json, verbose } => Ok(check::check(&config, strict, check::Output { json, verbose })),
+        Command::Check { strict, json, verbose, sample } => {
+            Ok(check::check(&config, strict, check::Output { json, verbose, sample }))
+        }
         Command::Test { rules, json, junit } => {
-            Ok(check::test(&config, &rules, check::Output { json, verbose: false }, junit.as_deref()))
+            Ok(check::test(&config, &rules, check::Output { json, ..Default::default() }, junit.as_deref()))
         }
         Command::Explain { rule, contact_id, verbose } => {
             runtime()?.block_on(explain::explain(&config, &rule, &contact_id, verbose))
@@ -311,6 +319,6 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     crate::runtime().context("starting the async runtime")
 }

@@ -27,6 +27,7 @@ pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
         "matched": r.matched,
         "eval_errors": r.eval_errors,
         "first_eval_error": r.first_error,
+        "warnings": r.findings,
         "to_add": r.plan.to_add.len(),
         "to_remove": r.plan.to_remove.len(),
         "sample_add": sample(&r.plan.to_add, 10),
@@ -107,6 +108,9 @@ pub(super) fn print_pass(report: &PassReport, dry_run: bool) {
         }
         if let Some(e) = &r.first_error {
             say!("  first evaluation error: {e}");
+        }
+        for finding in &r.findings {
+            say!("  warning: {}:{}:{}: {}", r.rule.path.display(), finding.line, finding.col, finding.message);
         }
         say!("  outcome {}{}", r.outcome, r.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default());
     }

@@ -545,7 +545,9 @@ impl Gateway {
         if !query.not_list_ids.is_empty() {
             filters.push(("notListIds".into(), join(&query.not_list_ids)));
         }
-        self.paged(scan::Request { op, resource: Resource::Contacts, path: &["contacts"], filters }, work)
+        let request =
+            scan::Request { op, resource: Resource::Contacts, path: &["contacts"], filters, sample: query.sample };
+        self.paged(request, work)
     }
 
     /// Every list whose name contains `search` (case-insensitive; `None` for all lists): a
@@ -554,7 +556,13 @@ impl Gateway {
     pub async fn lists(&self, search: Option<&str>) -> Result<Vec<ListInfo>, GatewayError> {
         let filters = search.map(|text| vec![("search".to_owned(), text.to_owned())]).unwrap_or_default();
         let mut scan = self.paged(
-            scan::Request { op: Operation::FindList, resource: Resource::Lists, path: &["contacts", "list"], filters },
+            scan::Request {
+                op: Operation::FindList,
+                resource: Resource::Lists,
+                path: &["contacts", "list"],
+                filters,
+                sample: None,
+            },
             |lists: Vec<ListInfo>| lists,
         );
         let mut all = Vec::new();
@@ -707,6 +715,9 @@ pub struct ScanQuery {
     pub filters: Vec<(String, String)>,
     pub list_ids: Vec<ListId>,
     pub not_list_ids: Vec<ListId>,
+    /// A sample, not a read: only the first pages, about this many records. Incomplete by design,
+    /// so what it returns may inform people (`check --sample`, a finding) but never decide a removal.
+    pub sample: Option<u64>,
 }
 
 #[derive(Deserialize)]

@@ -76,6 +76,8 @@ pub(super) struct Request {
     pub resource: Resource,
     pub path: &'static [&'static str],
     pub filters: Vec<(String, String)>,
+    /// Stop after the pages holding about this many records (`ScanQuery::sample`).
+    pub sample: Option<u64>,
 }
 
 /// The churn a live account explains between the pages of one read: 1 % of the total, plus 2.
@@ -254,6 +256,7 @@ impl Gateway {
         let seen = Arc::new(Seen { hasher: RandomState::new(), ids: std::sync::Mutex::new(HashSet::new()) });
         let first = self.first_page(&req, &mut paging, &seen, work).await;
         let mut read = Read::new(req.op, u64::from(paging.page_size));
+        let stop_at = req.sample.unwrap_or(u64::MAX);
         let mut in_flight = FuturesOrdered::new();
         in_flight.push_back(futures_util::future::Either::Left(std::future::ready(first)));
         let mut next_offset = read.limit;
@@ -264,7 +267,7 @@ impl Gateway {
         loop {
             // Keep up to `concurrency` pages in flight, but only where the first page's total says
             // there are records; past it, one page at a time until a short or empty one.
-            while read.end.is_none() && in_flight.len() < self.inner.concurrency {
+            while read.end.is_none() && in_flight.len() < self.inner.concurrency && next_offset < stop_at {
                 let ahead = read.first_total.is_some_and(|total| next_offset < total);
                 if !(ahead || in_flight.is_empty()) {
                     break;
@@ -311,7 +314,7 @@ impl Gateway {
                 }
             }
         }
-        if let Err(e) = read.finish() {
+        if let Err(e) = read.finish(stop_at) {
             let _ = tx.send(Err(e)).await;
         }
     }
@@ -375,9 +378,9 @@ impl Read {
         Ok(Some(page))
     }
 
-    /// The whole read agrees with what its first page announced.
-    fn finish(&self) -> Result<(), GatewayError> {
-        let first = self.first_total.unwrap_or(0);
+    /// The whole read (or a sample's first `stop_at` records) agrees with what its first page announced.
+    fn finish(&self, stop_at: u64) -> Result<(), GatewayError> {
+        let first = self.first_total.unwrap_or(0).min(stop_at);
         if self.distinct + churn_margin(first) < first {
             return Err(self.inconsistent(format!(
                 "read {} distinct records, but the first page announced {first}; the server stopped short",
@@ -416,15 +419,15 @@ mod tests {
             read.accept(fetched(page * 100, 100, 3000)).expect("ok");
         }
         read.accept(fetched(1000, 0, 3000)).expect("ok");
-        let err = read.finish().expect_err("1000 of 3000");
+        let err = read.finish(u64::MAX).expect_err("1000 of 3000");
         assert!(err.to_string().contains("read 1000 distinct records, but the first page announced 3000"), "{err}");
         // 100 announced: a margin of 3, so 97 delivered is churn and 96 is not.
         let mut close = Read::new(Operation::ScanContacts, 100);
         close.accept(fetched(0, 97, 100)).expect("ok");
-        close.finish().expect("3 missing of 100 is churn");
+        close.finish(u64::MAX).expect("3 missing of 100 is churn");
         let mut short = Read::new(Operation::ScanContacts, 100);
         short.accept(fetched(0, 96, 100)).expect("ok");
-        assert!(short.finish().is_err(), "4 missing of 100 is not churn");
+        assert!(short.finish(u64::MAX).is_err(), "4 missing of 100 is not churn");
     }
 
     // A total that moves more than churn explains, or an absurd one, fails at once.

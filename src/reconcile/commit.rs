@@ -239,6 +239,7 @@ fn count(report: &mut RuleReport, eval: &Evaluation) {
     report.matched = eval.matched;
     report.eval_errors = eval.errors;
     report.first_error = eval.first_error.as_ref().map(|(id, e)| format!("contact {id}: {e}"));
+    report.findings = report.rule.findings(&eval.observed, crate::rules::ABSENT_MIN_JUDGED);
 }
 
 /// How a run that went through every stage ended, and why if not `ok`.
@@ -320,6 +321,11 @@ fn log_commit_error(record: &RunRecord, written: Result<Result<(), crate::state:
 
 /// The rule run's one summary event.
 fn log_summary(r: &RuleReport, record: &RunRecord) {
+    let subjects = |kind: &str| {
+        let found: Vec<&str> = r.findings.iter().filter(|f| f.kind == kind).map(|f| f.subject.as_str()).collect();
+        (!found.is_empty()).then(|| found.join(", "))
+    };
+    let (absent_fields, filter_matched_none) = (subjects("absent_field"), subjects("filter_matched_none"));
     macro_rules! summary {
         ($level:ident) => {
             tracing::$level!(
@@ -337,6 +343,8 @@ fn log_summary(r: &RuleReport, record: &RunRecord) {
                 pending_removal = r.plan.pending.len(),
                 eval_errors = record.eval_errors,
                 first_eval_error = r.first_error.as_deref(),
+                absent_fields = absent_fields.as_deref(),
+                filter_matched_none = filter_matched_none.as_deref(),
                 api_requests = record.api_requests,
                 retries = record.retries,
                 read_plan = r.read.as_str(),
@@ -349,7 +357,9 @@ fn log_summary(r: &RuleReport, record: &RunRecord) {
         };
     }
     match r.outcome {
-        Outcome::Ok => summary!(info),
+        // A rule reading a field no contact has selects nobody without an error: a warning.
+        Outcome::Ok if r.findings.is_empty() => summary!(info),
+        Outcome::Ok => summary!(warn),
         Outcome::Held | Outcome::Partial | Outcome::Interrupted => summary!(warn),
         Outcome::Failed => summary!(error),
     }

@@ -13,7 +13,7 @@ use super::plan::Evaluation;
 use crate::contact::ContactRecord;
 use crate::gateway::{Gateway, Scan, ScanQuery};
 use crate::ids::{BitSet, ContactIdSet, ListId};
-use crate::rules::{Date, Facts, FilterTerm, Mode, Rule};
+use crate::rules::{Date, Facts, FilterTerm, Mode, Observed, Rule};
 
 /// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
 /// threads as they were parsed). Returns the server's last reported total.
@@ -73,7 +73,9 @@ pub async fn members(
                 // add_only never removes, so its members need no verdict.
                 if rule_for_work.mode == Mode::Mirror {
                     part.evaluated += 1;
-                    if member_filter(&rule_for_work, &record, &mut part) {
+                    let judged = member_filter(&rule_for_work, &record, &mut part);
+                    rule_for_work.observe(&record, judged, &mut part.observed);
+                    if judged {
                         // The member's last use: hand the record over instead of cloning it.
                         let facts = rule_for_work.facts(&record);
                         let ContactRecord { id, fields } = record;
@@ -188,7 +190,9 @@ pub async fn candidates(
             for (i, target) in targets.iter().enumerate() {
                 let Some(index) = target.members.index_of(record.id.as_str()) else {
                     parts[i].evaluated += 1;
-                    if target.rule.passes_filter(&record) {
+                    let in_filter_now = target.rule.passes_filter(&record);
+                    target.rule.observe(&record, in_filter_now, &mut parts[i].observed);
+                    if in_filter_now {
                         if target.derived.is_empty() || record.map().is_some_and(|m| passes(&target.derived, &m)) {
                             in_filter[i] += 1;
                         }
@@ -201,7 +205,9 @@ pub async fn candidates(
                 seen.seen.push(index);
                 if target.rule.mode == Mode::Mirror {
                     seen.eval.evaluated += 1;
-                    if member_filter(&target.rule, &record, &mut seen.eval) {
+                    let judged = member_filter(&target.rule, &record, &mut seen.eval);
+                    target.rule.observe(&record, judged, &mut seen.eval.observed);
+                    if judged {
                         due.push((i, Some((index, target.rule.facts(&record)))));
                     }
                 }
@@ -248,4 +254,25 @@ pub async fn candidates(
     })
     .await?;
     Ok(out)
+}
+
+/// What one unfiltered page of contacts shows about `rule`'s FILTER: one request, never a decision.
+pub async fn filter_sample(
+    cancel: &CancellationToken,
+    gw: &Gateway,
+    rule: &Arc<Rule>,
+) -> Result<Observed, ReconcileError> {
+    let page = u64::from(gw.paging(crate::gateway::Resource::Contacts).page_size);
+    let work_rule = rule.clone();
+    let scan =
+        gw.scan_with(&ScanQuery { sample: Some(page), ..ScanQuery::default() }, move |records: Vec<ContactRecord>| {
+            let mut seen = Observed::default();
+            for record in &records {
+                work_rule.observe(record, false, &mut seen);
+            }
+            seen
+        });
+    let mut seen = Observed::default();
+    fold_pages(scan, cancel, |part| seen.merge(part)).await?;
+    Ok(seen)
 }

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::gateway::{Gateway, GatewayError, Meter, Usage};
 use crate::ids::{Account, ListId};
 pub use crate::outcome::{Outcome, Trigger};
-use crate::rules::{Date, Rule};
+use crate::rules::{Date, Finding, Rule};
 use crate::state::{State, StateError};
 pub use commit::sample;
 pub use grace::Grace;
@@ -173,6 +173,9 @@ pub struct RuleReport {
     pub matched: u64,
     pub eval_errors: u64,
     pub first_error: Option<String>,
+    /// What the data showed that is likely a mistake in the rule (a field no contact has, a
+    /// FILTER value no contact holds).
+    pub findings: Vec<Finding>,
     pub plan: Plan,
     pub added: u64,
     pub removed: u64,
@@ -204,6 +207,7 @@ impl RuleReport {
             matched: 0,
             eval_errors: 0,
             first_error: None,
+            findings: Vec::new(),
             plan: Plan::default(),
             added: 0,
             removed: 0,

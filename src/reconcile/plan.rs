@@ -9,7 +9,7 @@ use super::grace::Grace;
 use super::settle::Judged;
 use super::{Flow, PassRequest, ReconcileError, Reconciler, Stopped};
 use crate::ids::{ContactId, ContactIdSet};
-use crate::rules::{EvalError, Facts, Mode, Rule};
+use crate::rules::{EvalError, Facts, Mode, Observed, Rule};
 
 /// The guards that hold or refuse a plan (`[guards]`).
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +41,8 @@ pub struct Evaluation {
     pub matched: u64,
     pub errors: u64,
     pub first_error: Option<(ContactId, EvalError)>,
+    /// Fields and FILTER values the judged records showed (for the rule's findings).
+    pub observed: Observed,
 }
 
 impl Evaluation {
@@ -82,6 +84,7 @@ impl Evaluation {
         if self.first_error.is_none() {
             self.first_error = other.first_error;
         }
+        self.observed.merge(other.observed);
     }
 }
 

@@ -11,7 +11,7 @@ use super::members::Members;
 use super::{Evaluation, Flow, MemberSource, ReadKind, ReconcileError, Reconciler, Stopped};
 use crate::gateway::{Meter, ScanQuery};
 use crate::ids::ContactIdSet;
-use crate::rules::Date;
+use crate::rules::{Date, Observed, Rule};
 use crate::state::Estimate;
 
 /// A list's members and the candidates its rule matched.
@@ -90,8 +90,26 @@ impl Reconciler {
             ..ScanQuery::default()
         };
         let targets = vec![target(m, set, today)];
-        judge::candidates(&self.cancel, &bound.job.gateway, &self.engine, &query, targets, today).await
+        let mut found =
+            judge::candidates(&self.cancel, &bound.job.gateway, &self.engine, &query, targets, today).await?;
+        let rule = &bound.job.rule;
+        if let Some(candidates) = found.per_target.first_mut()
+            && needs_filter_sample(rule, &m.eval, &candidates.observed)
+        {
+            // The server's filtered read says only "nothing": one unfiltered page says what the
+            // FILTER's fields hold instead (a finding), at one request.
+            candidates.observed.merge(judge::filter_sample(&self.cancel, &bound.job.gateway, rule).await?);
+        }
+        Ok(found)
     }
+}
+
+/// Whether a rule's own read left its FILTER unexplained: the server returned no one, and no member
+/// showed that the FILTER matches someone.
+fn needs_filter_sample(rule: &Rule, members: &Evaluation, candidates: &Observed) -> bool {
+    !rule.filter.is_empty()
+        && candidates.filtered() == 0
+        && (members.members.is_empty() || (members.observed.filtered() > 0 && !members.observed.filter_matched()))
 }
 
 fn target(m: &Members, set: &Arc<ContactIdSet>, today: Date) -> Target {

@@ -50,18 +50,36 @@ impl FilterTerm {
     /// The server's semantics, applied to a record: strings exactly, numbers numerically, dates
     /// by day. A record that lacks the field, holds null there, or holds a value of another kind
     /// cannot be judged: that is an error (the contact is kept as it is), never "does not match".
-    pub fn judge(&self, record: &Map) -> Result<bool, String> {
-        let key = self.query_pair().0;
-        let value = match self {
+    /// The value of the field this term reads, `None` when the record lacks it.
+    fn field_value(&self, record: &Map) -> Result<Option<Dynamic>, String> {
+        Ok(match self {
             Self::Standard { field, .. } => record.get(field.as_str()).cloned(),
             Self::Custom { field, .. } | Self::Before { field, .. } => match record.get("customFields") {
                 None => None,
                 Some(c) => match c.read_lock::<Map>() {
                     Some(m) => m.get(field.as_str()).cloned(),
-                    None => return Err(format!("FILTER {key}: customFields is {}, not a map", kind(c))),
+                    None => {
+                        return Err(format!("FILTER {}: customFields is {}, not a map", self.query_pair().0, kind(c)));
+                    }
                 },
             },
-        };
+        })
+    }
+
+    /// The field's value on `record` as people read it: the text itself, a number, `(absent)`.
+    pub fn value_of(&self, record: &Map) -> String {
+        match self.field_value(record) {
+            Ok(Some(v)) if v.is_string() => v.into_string().unwrap_or_default(),
+            Ok(Some(v)) if v.is_unit() => "(null)".into(),
+            Ok(Some(v)) => v.to_string(),
+            Ok(None) => "(absent)".into(),
+            Err(_) => "(customFields not a map)".into(),
+        }
+    }
+
+    pub fn judge(&self, record: &Map) -> Result<bool, String> {
+        let key = self.query_pair().0;
+        let value = self.field_value(record)?;
         let Some(value) = value else {
             return Err(format!("FILTER {key}: the record has no such field"));
         };

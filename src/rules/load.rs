@@ -143,10 +143,15 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
     settings.unknown();
     let mut errors = settings.errors;
     errors.extend(matches_problem(&ast, path, &source));
+    let known = super::calls::known(engine, &ast);
+    errors.extend(super::calls::undefined(&known, &ast, path));
     if !errors.is_empty() {
         errors.sort_by_key(|e| (e.line, e.col));
         return Err(errors);
     }
+    // `today().year` reads a property of a date, not a contact's field.
+    let (mentions, mentioned_at) =
+        mentions_at(&source).into_iter().filter(|(m, _)| !super::calls::is_getter(&known, m)).unzip();
     Ok(Rule {
         name: RuleName::from(stem),
         path: path.into(),
@@ -156,7 +161,9 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         filter,
         mode,
         hash: hex(&Sha256::digest(source.as_bytes())),
-        mentions: mentions(&source),
+        mentions,
+        mentioned_at,
+        filter_at: const_position(&source, "FILTER"),
         remove_after,
         pushdown: engine
             .compact_script(&source)
@@ -411,11 +418,12 @@ fn fn_position(source: &str) -> (usize, usize) {
     source.lines().enumerate().find_map(|(i, l)| l.find("fn matches").map(|c| (i + 1, c + 1))).unwrap_or((1, 1))
 }
 
-/// Property names the file reads (`contact.customFields.totalSpent` → customFields, totalSpent).
-fn mentions(source: &str) -> Vec<String> {
+/// Property names the file reads (`contact.customFields.totalSpent` → customFields, totalSpent),
+/// each with the line and column (1-based) of its first use.
+fn mentions_at(source: &str) -> Vec<(String, (usize, usize))> {
     let code = blank_literals(source);
     let bytes = code.as_bytes();
-    let mut words = Vec::new();
+    let mut words: Vec<(String, (usize, usize))> = Vec::new();
     for (i, _) in code.match_indices('.') {
         let start = i + 1;
         let end = bytes[start..]
@@ -434,8 +442,10 @@ fn mentions(source: &str) -> Vec<String> {
             } else {
                 word
             };
-            if !word.is_empty() && !words.iter().any(|w| w == word) {
-                words.push(word.to_owned());
+            if !word.is_empty() && !words.iter().any(|(w, _)| w == word) {
+                let line_start = code[..start].rfind('\n').map_or(0, |n| n + 1);
+                let line = code[..start].matches('\n').count() + 1;
+                words.push((word.to_owned(), (line, start - line_start + 1)));
             }
         }
     }
@@ -613,6 +623,29 @@ mod tests {
         assert!(plain.expect("loads").warnings.is_empty());
     }
 
+    // A call to a function that exists nowhere is an error at its line with the closest name; a
+    // method that no type has is one too. A method some type has is left to run time.
+    #[test]
+    fn undefined_functions_and_methods_are_errors() {
+        let got = messages(
+            "const LIST = \"VIP\";\nfn spent(c) { c.customFields.get(\"totalSpent\") ?? 0.0 }\nfn matches(c) {\n    \
+             in_segment(\"vip\", c) || spnet(c) > 1.0\n        || c.email.endswith(\"@x.it\")\n}\n",
+        );
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!((got[0].0, got[0].1), (4, 5), "{got:?}");
+        assert!(got[0].2.starts_with("in_segment() is not a function; define it in this file"), "{got:?}");
+        assert_eq!(got[1].0, 4, "{got:?}");
+        assert_eq!(got[1].2, "spnet() is not a function; did you mean spent()?", "{got:?}");
+        assert_eq!(got[2].0, 5, "{got:?}");
+        assert_eq!(got[2].2, "no type has a method endswith(); did you mean ends_with()?", "{got:?}");
+        // Built-ins, helpers, keywords and methods of some type all pass.
+        load(
+            "const LIST = \"ok\";\nfn matches(c) { let t = type_of(c); days_since(today()) == 0 && c.email.len() > 0 \
+             && c.tags.contains(\"x\") && `${c.id}`.to_upper() != \"\" && is_def_var(\"t\") }\n",
+        )
+        .expect("every call exists");
+    }
+
     // A valid rule loads with its settings, filter, mode and hash.
     #[test]
     fn loads_a_valid_rule() {
@@ -635,7 +668,9 @@ mod tests {
         let source = "const LIST = \"x.y\"; // contact.comment\n/* c.block /* nested.z */ c.still */\n\
                       fn matches(c) { c.email.ends_with(\"@example.it\") && c.customFields.get(\"tier\") == 'a' \
                       && `v.${c.region}` != \"\\\".q\" }";
-        assert_eq!(mentions(source), ["email", "customFields", "tier", "region"]);
+        let (names, at): (Vec<String>, Vec<(usize, usize)>) = mentions_at(source).into_iter().unzip();
+        assert_eq!(names, ["email", "customFields", "tier", "region"]);
+        assert_eq!(at, [(3, 19), (3, 55), (3, 68), (3, 97)]);
     }
 
     // Every problem of a file is reported at once, each at its line and column.

@@ -3,12 +3,14 @@
 //! Owns the only Rhai `Engine` (`engine::build`). Knows nothing about HTTP: contacts arrive as
 //! JSON-shaped records and verdicts leave as booleans or errors.
 
+mod calls;
 mod derive;
 pub mod engine;
 mod eval;
 mod filter;
 pub mod fixtures;
 mod load;
+mod observe;
 mod select;
 
 use std::collections::BTreeMap;
@@ -21,6 +23,7 @@ pub use engine::Date;
 pub use eval::{EvalError, Facts};
 pub use filter::FilterTerm;
 pub use load::{load_dir, load_file, load_tested};
+pub use observe::{ABSENT_MIN_JUDGED, Finding, Observed, thousands};
 pub use select::{Loaded, Unselectable};
 
 pub use crate::diagnostic::Diagnostic;
@@ -61,6 +64,10 @@ pub struct Rule {
     pub hash: String,
     /// Words the `matches` function reads as properties (for `explain`).
     pub mentions: Vec<String>,
+    /// Where each of `mentions` is first read (line, column), for findings about it.
+    pub mentioned_at: Vec<(usize, usize)>,
+    /// Where `FILTER` is declared (line, column).
+    pub filter_at: (usize, usize),
     /// `REMOVE_AFTER`: a member is removed only after failing the rule continuously this long.
     pub remove_after: Option<std::time::Duration>,
     /// The server filter `matches` implies, for the rule's own candidate reads.

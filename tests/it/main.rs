@@ -9,6 +9,7 @@ mod gateway;
 mod hostile;
 mod logs;
 mod metrics;
+mod mistakes;
 mod package;
 mod reconcile;
 mod sandbox_api;
