@@ -273,7 +273,7 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn error(&mut self, key: &str, message: String) {
         let (line, col) = self.spans.get(key).copied().unwrap_or((1, 1));
-        self.errors.push(Diagnostic { file: self.file.into(), line, col, message });
+        self.errors.push(Diagnostic { rule: None, file: self.file.into(), line, col, message });
     }
 
     fn string(&mut self, value: &Raw, key: &str) -> Option<String> {
@@ -646,6 +646,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let text = crate::files::read_text(path).map_err(|e| {
             ConfigErrors(vec![Diagnostic {
+                rule: None,
                 file: path.into(),
                 line: 0,
                 col: 0,
@@ -658,7 +659,13 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigErrors> {
         let at = |e: &toml::de::Error| {
             let (line, col) = e.span().map_or((0, 0), |s| crate::diagnostic::line_col(text, s.start));
-            ConfigErrors(vec![Diagnostic { file: path.into(), line, col, message: e.message().trim().to_owned() }])
+            ConfigErrors(vec![Diagnostic {
+                rule: None,
+                file: path.into(),
+                line,
+                col,
+                message: e.message().trim().to_owned(),
+            }])
         };
         let document = toml::Deserializer::parse(text).map_err(|e| at(&e))?;
         let mut unknown = Vec::new();

@@ -35,6 +35,12 @@ impl ContactRecord {
     pub fn map(&self) -> Option<impl std::ops::Deref<Target = Map> + '_> {
         self.fields.read_lock::<Map>()
     }
+
+    /// A record from fields a rule already holds (the contact it passes on to `segment`).
+    pub fn from_fields(fields: Dynamic) -> Self {
+        let id = fields.read_lock::<Map>().and_then(|m| m.get("id").map(ToString::to_string)).unwrap_or_default();
+        Self { id: ContactId::from(id), fields }
+    }
 }
 
 impl<'de> Deserialize<'de> for ContactRecord {

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
+    /// The rule file this problem stops, when that is not `file`: a problem inside a helper
+    /// (`rules/lib/money.rhai`) stops each rule importing it, and is reported once per rule.
+    pub rule: Option<PathBuf>,
     pub file: PathBuf,
     /// 1-based; 0 when no position is known.
     pub line: usize,
@@ -16,7 +19,12 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// A problem with the file as a whole (no position).
     pub fn whole_file(file: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Self { file: file.into(), line: 0, col: 0, message: message.into() }
+        Self { rule: None, file: file.into(), line: 0, col: 0, message: message.into() }
+    }
+
+    /// The name of the rule this problem stops: the stem of its rule file.
+    pub fn rule_name(&self) -> Option<&str> {
+        self.rule.as_ref().unwrap_or(&self.file).file_stem().and_then(|s| s.to_str())
     }
 }
 
@@ -61,7 +69,7 @@ mod tests {
     fn positions() {
         assert_eq!(line_col("ab\ncd", 4), (2, 2));
         assert_eq!(Diagnostic::whole_file("c.toml", "unreadable").to_string(), "c.toml: unreadable");
-        let d = Diagnostic { file: "r.rhai".into(), line: 3, col: 7, message: "bad".into() };
+        let d = Diagnostic { rule: None, file: "r.rhai".into(), line: 3, col: 7, message: "bad".into() };
         assert_eq!(d.to_string(), "r.rhai:3:7: bad");
         assert_eq!(without_rhai_position("Unknown x (line 3, position 7)".into()), "Unknown x");
     }

@@ -117,6 +117,7 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
         for (p, e) in problems.iter().zip(problems.iter().map(|p| p.severity)) {
             let label = if e == "warning" { "warning: " } else { "" };
             let d = Diagnostic {
+                rule: None,
                 file: p.file.clone().into(),
                 line: p.line.unwrap_or(0),
                 col: p.col.unwrap_or(0),
@@ -174,6 +175,7 @@ fn preview_problems(preview: &super::sample::Preview, severity: &'static str) ->
         let at = |message: String| Problem::of(severity, &Diagnostic::whole_file(&r.path, message));
         problems.extend(r.warnings.iter().map(|w| {
             let d = Diagnostic {
+                rule: None,
                 file: r.path.clone(),
                 line: w.line,
                 col: w.col,
@@ -215,7 +217,7 @@ pub(super) fn load_selected(
 
 /// The load problems a command naming `names` (every rule when none) reports.
 fn relevant_errors(loaded: &Loaded, names: &[String]) -> Vec<Diagnostic> {
-    let named = |e: &&Diagnostic| names.iter().any(|n| e.file.file_stem().is_some_and(|s| s == n.as_str()));
+    let named = |e: &&Diagnostic| names.iter().any(|n| e.rule_name() == Some(n.as_str()));
     loaded.errors.iter().filter(|e| names.is_empty() || named(e)).cloned().collect()
 }
 
@@ -237,7 +239,7 @@ pub(super) fn test(config: &Config, names: &[String], out: Output, junit: Option
     let mut results: Vec<_> = relevant_errors(&Loaded::load(&config.rules_dir, config.time_zone, false), names)
         .into_iter()
         .map(|e| {
-            let rule = e.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let rule = e.rule_name().unwrap_or_default().to_owned();
             let cases = vec![("(the rule file)".to_owned(), Some(e.to_string()))];
             (rule, Some(e.file.clone()), rules::fixtures::TestReport { cases, ..Default::default() })
         })

@@ -262,8 +262,7 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
     let remembered = Remembered::read(config)?;
     let engine = crate::rules::engine::build(config.time_zone);
     let (on_disk, broken, _) = crate::rules::load_tested(&engine, &config.rules_dir);
-    let broken: Vec<String> =
-        broken.iter().filter_map(|e| e.file.file_stem().and_then(|s| s.to_str()).map(str::to_owned)).collect();
+    let broken: Vec<String> = broken.iter().filter_map(|e| e.rule_name().map(str::to_owned)).collect();
     let mut names: std::collections::BTreeSet<String> = on_disk.rules.keys().map(|n| n.to_string()).collect();
     names.extend(remembered.history.iter().map(|r| r.rule.to_string()));
     if remembered.daemon_pid.is_some() {

@@ -25,8 +25,7 @@ pub struct RuleSetDiff {
 /// An unchanged rule keeps its running value, unless `reload` (SIGHUP) asks for the freshly
 /// compiled one (the engine may have changed with the config); either way it does not run.
 pub fn diff(running: &RuleSet, loaded: RuleSet, errors: &[Diagnostic], reload: bool) -> RuleSetDiff {
-    let broken =
-        |name: &RuleName| errors.iter().any(|e| e.file.file_stem().and_then(|s| s.to_str()) == Some(name.as_str()));
+    let broken = |name: &RuleName| errors.iter().any(|e| e.rule_name() == Some(name.as_str()));
     let mut out = RuleSetDiff::default();
     let mut next: BTreeMap<RuleName, Arc<Rule>> = BTreeMap::new();
     for (name, rule) in loaded.rules {

@@ -236,7 +236,7 @@ fn notify(states: &[NotifyState]) {
 
 fn log_rejected(errors: &[Diagnostic]) {
     for e in errors {
-        let rule = e.file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let rule = e.rule_name().unwrap_or_default();
         tracing::error!(rule, file = %e.file.display(), line = e.line, col = e.col, error = %e.message, "rule rejected");
     }
 }

@@ -29,12 +29,40 @@ pub(super) fn is_getter(known: &BTreeSet<String>, name: &str) -> bool {
     known.contains(&format!("get${name}"))
 }
 
+/// A helper as a rule imported it: its alias and the functions it defines.
+pub(super) type Imported<'a> = (&'a str, &'a BTreeSet<String>);
+
 /// One call of a function that exists nowhere, at its position, with the closest existing name.
-pub(super) fn undefined(known: &BTreeSet<String>, ast: &AST, path: &Path) -> Vec<Diagnostic> {
+/// `alias::name(…)` must name an imported helper and a function it defines.
+pub(super) fn undefined(known: &BTreeSet<String>, ast: &AST, path: &Path, helpers: &[Imported]) -> Vec<Diagnostic> {
+    let at = |pos: Position, message: String| Diagnostic {
+        rule: None,
+        file: path.into(),
+        line: pos.line().unwrap_or(0),
+        col: pos.position().unwrap_or(0),
+        message,
+    };
+    let mut problems = Vec::new();
     // Every call of a name that exists nowhere: (name, where, whether it is a method call).
     let mut unknown: Vec<(String, Position, bool)> = Vec::new();
     let mut note = |call: &FnCallExpr, pos: Position, method: bool| {
-        if !call.is_operator_call() && is_identifier(&call.name) && !known.contains(call.name.as_str()) {
+        if call.is_qualified() {
+            let root = call.namespace.root();
+            match helpers.iter().find(|(alias, _)| *alias == root) {
+                None => problems.push(at(
+                    pos,
+                    format!("{root}:: is not an imported helper; add `import \"{root}\" as {root};` at the top"),
+                )),
+                Some((_, functions)) if !functions.contains(call.name.as_str()) => {
+                    let hint = closest(&call.name, functions).map(|f| format!("; did you mean {root}::{f}()?"));
+                    problems.push(at(
+                        pos,
+                        format!("{root}::{}() is not defined in that helper{}", call.name, hint.unwrap_or_default()),
+                    ));
+                }
+                Some(_) => {}
+            }
+        } else if !call.is_operator_call() && is_identifier(&call.name) && !known.contains(call.name.as_str()) {
             unknown.push((call.name.to_string(), pos, method));
         }
     };
@@ -48,26 +76,20 @@ pub(super) fn undefined(known: &BTreeSet<String>, ast: &AST, path: &Path) -> Vec
         }
         true
     });
-    unknown
-        .into_iter()
-        .map(|(name, pos, method)| {
-            let name = name.as_str();
-            let what =
-                if method { format!("no type has a method {name}()") } else { format!("{name}() is not a function") };
-            let hint = match closest(name, known) {
-                Some(fix) => format!("; did you mean {fix}()?"),
-                None => format!(
-                    "; define it in this file with `fn {name}(…) {{ … }}`, or see the README for segsync's helpers"
-                ),
-            };
-            Diagnostic {
-                file: path.into(),
-                line: pos.line().unwrap_or(0),
-                col: pos.position().unwrap_or(0),
-                message: format!("{what}{hint}"),
+    problems.extend(unknown.into_iter().map(|(name, pos, method)| {
+        let name = name.as_str();
+        let what =
+            if method { format!("no type has a method {name}()") } else { format!("{name}() is not a function") };
+        let hint = match closest(name, known) {
+            Some(fix) => format!("; did you mean {fix}()?"),
+            None => {
+                format!("; define it in this file with `fn {name}(…) {{ … }}`, or see the README for segsync's helpers")
             }
-        })
-        .collect()
+        };
+        at(pos, format!("{what}{hint}"))
+    }));
+    problems.sort_by_key(|d| (d.line, d.col));
+    problems
 }
 
 fn is_identifier(name: &str) -> bool {

@@ -1,6 +1,6 @@
 //! The one constructor of the Rhai `Engine` every rule runs in, and the helpers rules can call.
 //!
-//! The engine is a sandbox: no module imports (the `no_module` build), no `eval`, `print`/`debug`
+//! The engine is a sandbox: `import` resolves only to `rules/lib/NAME.rhai` (see `helpers`), no `eval`, `print`/`debug`
 //! to the log (never stdout), every limit set explicitly so debug and release builds behave the
 //! same. Relational operators on mismatched types are errors, not a silent `false`, and reading a
 //! missing property is an error: a rule that cannot judge a contact says so.
@@ -37,20 +37,50 @@ pub fn build(tz: Tz) -> Engine {
     // Registered operators must win over the built-in "different types compare false".
     engine.set_fast_operators(false);
     engine.disable_symbol("eval");
+    // Rhai's default resolver reads any file: ours reads only the rules' helpers folder.
+    engine.set_module_resolver(super::helpers::LibResolver);
     engine.on_print(|text| tracing::info!(target: "segsync::rule", text, "rule print"));
     engine.on_debug(|text, source, pos| {
         tracing::debug!(target: "segsync::rule", text, file = source.unwrap_or(""), line = pos.line().unwrap_or(0), "rule debug");
     });
     register_dates(&mut engine, tz);
+    register_segments(&mut engine);
     register_strict_comparisons(&mut engine);
     engine
 }
 
+/// What one call of a rule carries as its tag: the run's frozen date, and the rules this one may
+/// name with `segment(…)`.
+#[derive(Clone)]
+pub(super) struct CallTag {
+    pub today: Date,
+    pub segments: std::sync::Arc<super::Segments>,
+}
+
 /// Today's date as the evaluation sees it: frozen per run and passed as the call's tag.
 fn today(ctx: &NativeCallContext, tz: Tz) -> NaiveDate {
-    ctx.tag()
-        .and_then(|t| t.clone().try_cast::<Date>())
-        .map_or_else(|| chrono::Utc::now().with_timezone(&tz).date_naive(), |d| d.0)
+    let tag = ctx.tag();
+    tag.and_then(|t| t.read_lock::<CallTag>().map(|c| c.today.0))
+        .or_else(|| tag.and_then(|t| t.read_lock::<Date>().map(|d| d.0)))
+        .unwrap_or_else(|| chrono::Utc::now().with_timezone(&tz).date_naive())
+}
+
+/// `segment("vip", contact)`: rule `vip`'s verdict (its FILTER and `matches`) on this record, on
+/// the same frozen today. An error there is an error here, so the contact is kept, never removed.
+fn register_segments(engine: &mut Engine) {
+    engine.register_type_with_name::<CallTag>("segsync call");
+    engine.register_fn(
+        "segment",
+        |ctx: NativeCallContext, name: ImmutableString, contact: Dynamic| -> Fallible<bool> {
+            let tag = ctx.tag().and_then(|t| t.read_lock::<CallTag>().map(|c| c.clone()));
+            let Some(tag) = tag else { return Err(format!("segment({name:?}): not available here").into()) };
+            let Some(rule) = tag.segments.get(name.as_str()) else {
+                return Err(format!("segment({name:?}): no such rule is loaded").into());
+            };
+            let record = crate::contact::ContactRecord::from_fields(contact);
+            rule.evaluate(ctx.engine(), &record, tag.today).map_err(|e| format!("segment({name:?}): {e}").into())
+        },
+    );
 }
 
 /// Reads `YYYY-MM-DD`, or an RFC 3339 timestamp taken as its date in `tz`.

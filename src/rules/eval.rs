@@ -128,7 +128,8 @@ impl Rule {
     /// `matches` on a contact that already passed `FILTER`. Rhai takes arguments by value, so the
     /// caller hands over the contact: a clone, or the record itself for its last evaluation.
     pub fn call_matches(&self, engine: &Engine, fields: Dynamic, today: Date) -> Result<bool, EvalError> {
-        let options = CallFnOptions::new().eval_ast(false).rewind_scope(true).with_tag(today);
+        let tag = super::engine::CallTag { today, segments: self.segments.clone() };
+        let options = CallFnOptions::new().eval_ast(self.imports).rewind_scope(true).with_tag(Dynamic::from(tag));
         // A panic inside the engine or a helper is this contact's evaluation error, never the
         // end of the thread that judges a whole page for every rule.
         let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

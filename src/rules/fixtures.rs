@@ -70,14 +70,21 @@ pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, Diagnostic> {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TestReport::default()),
         Err(e) => {
-            return Err(Diagnostic { file: path.clone(), line: 0, col: 0, message: format!("cannot read: {e}") });
+            return Err(Diagnostic {
+                rule: None,
+                file: path.clone(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read: {e}"),
+            });
         }
     };
     let fixture: FixtureFile = toml::from_str(&text).map_err(|e| {
         let (line, col) = e.span().map_or((0, 0), |s| crate::diagnostic::line_col(&text, s.start));
-        Diagnostic { file: path.clone(), line, col, message: e.message().to_owned() }
+        Diagnostic { rule: None, file: path.clone(), line, col, message: e.message().to_owned() }
     })?;
     let today = NaiveDate::parse_from_str(&fixture.today, "%Y-%m-%d").map_err(|_| Diagnostic {
+        rule: None,
         file: path.clone(),
         line: 1,
         col: 1,

@@ -32,6 +32,7 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<Diagnostic>) {
             .collect(),
         Err(e) => {
             errors.push(Diagnostic {
+                rule: None,
                 file: dir.into(),
                 line: 0,
                 col: 0,
@@ -60,6 +61,7 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<Diagnostic>) {
                 rules.iter().filter(|o| o.name != rule.name).map(|o| o.path.display().to_string()).collect();
             let (line, col) = const_position(&crate::files::read_text(&rule.path).unwrap_or_default(), "LIST");
             errors.push(Diagnostic {
+                rule: None,
                 file: rule.path.clone(),
                 line,
                 col,
@@ -71,8 +73,10 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<Diagnostic>) {
             clashing.push(rule.name.clone());
         }
     }
-    let rules =
-        loaded.into_iter().filter(|r| !clashing.contains(&r.name)).map(|r| (r.name.clone(), Arc::new(r))).collect();
+    let loaded: Vec<Rule> = loaded.into_iter().filter(|r| !clashing.contains(&r.name)).collect();
+    let broken: std::collections::BTreeSet<String> =
+        errors.iter().filter_map(|e| e.rule_name().map(str::to_owned)).collect();
+    let rules = super::segments::wire(loaded, &broken, &mut errors).into_iter().map(|r| (r.name.clone(), r)).collect();
     (RuleSet { rules }, errors)
 }
 
@@ -111,12 +115,13 @@ fn is_hidden(p: &Path) -> bool {
 pub fn load_file(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_rule(engine, path))).unwrap_or_else(|panic| {
         let message = format!("loading the rule panicked: {}", super::eval::panic_text(&panic));
-        Err(vec![Diagnostic { file: path.into(), line: 0, col: 0, message }])
+        Err(vec![Diagnostic { rule: None, file: path.into(), line: 0, col: 0, message }])
     })
 }
 
 fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
-    let at = |line: usize, col: usize, message: String| Diagnostic { file: path.into(), line, col, message };
+    let at =
+        |line: usize, col: usize, message: String| Diagnostic { rule: None, file: path.into(), line, col, message };
     let source =
         crate::files::read_text(path).map_err(|e| vec![at(0, 0, format!("cannot read the rule file: {e}"))])?;
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
@@ -126,6 +131,18 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
     let mut ast =
         engine.compile(&source).map_err(|e| vec![at_pos(path, e.position(), compile_message(&e, &source))])?;
     ast.set_source(path.display().to_string());
+    let imports = super::helpers::imports(&ast);
+    let mut helpers = Vec::new();
+    let mut helper_errors = Vec::new();
+    for import in &imports {
+        match super::helpers::load(engine, path, import) {
+            Ok(helper) => helpers.push((import.alias.clone(), helper)),
+            Err(mut problems) => helper_errors.append(&mut problems),
+        }
+    }
+    if !helper_errors.is_empty() {
+        return Err(helper_errors);
+    }
 
     let mut scope = Scope::new();
     engine
@@ -143,8 +160,11 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
     settings.unknown();
     let mut errors = settings.errors;
     errors.extend(matches_problem(&ast, path, &source));
+    let (segment_refs, segment_problems) = super::segments::refs(&ast, path);
+    errors.extend(segment_problems);
     let known = super::calls::known(engine, &ast);
-    errors.extend(super::calls::undefined(&known, &ast, path));
+    let imported: Vec<super::calls::Imported> = helpers.iter().map(|(a, h)| (a.as_str(), &h.functions)).collect();
+    errors.extend(super::calls::undefined(&known, &ast, path, &imported));
     if !errors.is_empty() {
         errors.sort_by_key(|e| (e.line, e.col));
         return Err(errors);
@@ -160,7 +180,7 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         schedule,
         filter,
         mode,
-        hash: hex(&Sha256::digest(source.as_bytes())),
+        hash: content_hash(&source, &helpers),
         mentions,
         mentioned_at,
         filter_at: const_position(&source, "FILTER"),
@@ -169,8 +189,53 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
             .compact_script(&source)
             .map_or_else(|e| super::PushDown::None(format!("not compacted: {e}")), |c| super::derive::from_script(&c)),
         warnings,
-        ast,
+        helpers: helpers.iter().map(|(_, h)| h.path.clone()).collect(),
+        imports: !helpers.is_empty(),
+        segment_refs,
+        segments: Arc::default(),
+        ast: callable(ast, &helpers).map_err(|e| vec![at_pos(path, e.position(), e.to_string())])?,
     })
+}
+
+/// The AST `matches` is called on. A rule importing helpers gets, as its only top-level
+/// statements, its `import`s with the helpers embedded (already loaded, so a call resolves them by
+/// a table lookup, never from disk); its calls then run those statements first (`Rule::imports`).
+/// A rule without imports is called as compiled, at no extra cost.
+fn callable(
+    ast: rhai::AST,
+    helpers: &[(String, super::helpers::Helper)],
+) -> Result<rhai::AST, Box<rhai::EvalAltResult>> {
+    if helpers.is_empty() {
+        return Ok(ast);
+    }
+    let mut embedded = rhai::module_resolvers::StaticModuleResolver::new();
+    let mut statements = String::new();
+    for (alias, helper) in helpers {
+        let name = helper.path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        embedded.insert(name, (*helper.module).clone());
+        statements.push_str(&format!("import {name:?} as {alias};\n"));
+    }
+    let mut resolver = Engine::new_raw();
+    resolver.set_module_resolver(embedded);
+    let imports = resolver.compile_into_self_contained(&Scope::new(), statements)?;
+    let mut callable = imports.merge(&ast.clone_functions_only());
+    if let Some(source) = ast.source() {
+        callable.set_source(source.to_owned());
+    }
+    Ok(callable)
+}
+
+/// The rule's identity: its file and every helper it imports, so a helper edit is a rule edit.
+fn content_hash(source: &str, helpers: &[(String, super::helpers::Helper)]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(source.as_bytes());
+    for (alias, helper) in helpers {
+        hasher.update(b"\0import\0");
+        hasher.update(alias.as_bytes());
+        hasher.update(b"\0");
+        hasher.update(helper.source.as_bytes());
+    }
+    hex(&hasher.finalize())
 }
 
 /// Reads a rule's settings (its top-level constants) from the scope its top level left, each
@@ -221,7 +286,7 @@ impl Settings<'_> {
 
     fn error(&mut self, name: &str, message: String) {
         let (line, col) = const_position(self.source, name);
-        self.errors.push(Diagnostic { file: self.path.into(), line, col, message });
+        self.errors.push(Diagnostic { rule: None, file: self.path.into(), line, col, message });
     }
 
     /// A text setting: absent, or a string (anything else is an error).
@@ -250,7 +315,7 @@ impl Settings<'_> {
             }
             Ok(None) => {
                 let message = "LIST is missing: add `const LIST = \"List name\";`".into();
-                self.errors.push(Diagnostic { file: self.path.into(), line: 1, col: 1, message });
+                self.errors.push(Diagnostic { rule: None, file: self.path.into(), line: 1, col: 1, message });
                 String::new()
             }
             Err(e) => {
@@ -294,7 +359,8 @@ impl Settings<'_> {
 
 /// What is wrong with the rule's `fn matches`, if anything: it must exist once, with one parameter.
 fn matches_problem(ast: &rhai::AST, path: &Path, source: &str) -> Option<Diagnostic> {
-    let at = |(line, col): (usize, usize), message: String| Diagnostic { file: path.into(), line, col, message };
+    let at =
+        |(line, col): (usize, usize), message: String| Diagnostic { rule: None, file: path.into(), line, col, message };
     let matches: Vec<_> = ast.iter_functions().filter(|f| f.name == "matches").collect();
     match matches.as_slice() {
         [] => Some(at((1, 1), "fn matches(contact) is missing: the rule needs it to decide".into())),
@@ -329,7 +395,7 @@ fn frozen_filter(path: &Path, source: &str, filter: &[FilterTerm]) -> Option<Dia
          segsync derives the server filter from `matches` itself",
         values.join(", ")
     );
-    Some(Diagnostic { file: path.into(), line, col, message })
+    Some(Diagnostic { rule: None, file: path.into(), line, col, message })
 }
 
 /// A compile error as people need it: an undefined variable says why it is not visible.
@@ -361,7 +427,13 @@ fn const_declared(source: &str, name: &str) -> bool {
 
 fn at_pos(path: &Path, pos: Position, message: String) -> Diagnostic {
     let message = crate::diagnostic::without_rhai_position(message);
-    Diagnostic { file: path.into(), line: pos.line().unwrap_or(0), col: pos.position().unwrap_or(0), message }
+    Diagnostic {
+        rule: None,
+        file: path.into(),
+        line: pos.line().unwrap_or(0),
+        col: pos.position().unwrap_or(0),
+        message,
+    }
 }
 
 /// `FILTER = #{ region: "Lombardia", "customFields.x.before": "2026-01-09" }`; a nested

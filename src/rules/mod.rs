@@ -9,8 +9,10 @@ pub mod engine;
 mod eval;
 mod filter;
 pub mod fixtures;
+mod helpers;
 mod load;
 mod observe;
+mod segments;
 mod select;
 
 use std::collections::BTreeMap;
@@ -22,8 +24,10 @@ pub use derive::{Derived, PushDown};
 pub use engine::Date;
 pub use eval::{EvalError, Facts};
 pub use filter::FilterTerm;
+pub use helpers::{LIB, lib_dir};
 pub use load::{load_dir, load_file, load_tested};
 pub use observe::{ABSENT_MIN_JUDGED, Finding, Observed, thousands};
+pub use segments::{SegmentRef, Segments};
 pub use select::{Loaded, Unselectable};
 
 pub use crate::diagnostic::Diagnostic;
@@ -74,6 +78,14 @@ pub struct Rule {
     pub pushdown: PushDown,
     /// What loads but is likely not what the author meant (`check` shows them).
     pub warnings: Vec<Diagnostic>,
+    /// The helper files (`rules/lib/*.rhai`) the rule imports.
+    pub helpers: Vec<PathBuf>,
+    /// The rule imports helpers: each call first runs its `import`s (embedded in `ast`).
+    imports: bool,
+    /// The `segment("name", …)` calls in the file.
+    pub segment_refs: Vec<SegmentRef>,
+    /// The rules those calls name, wired when the folder loads.
+    pub segments: Arc<Segments>,
     ast: rhai::AST,
 }
 

@@ -55,7 +55,7 @@ impl Loaded {
         let Some(first) = missing.first() else {
             return Ok(names.iter().filter_map(|n| self.set.get(&RuleName::from(n.as_str())).cloned()).collect());
         };
-        let broken = |name: &String| self.errors.iter().any(|e| e.file.file_stem().is_some_and(|s| s == name.as_str()));
+        let broken = |name: &String| self.errors.iter().any(|e| e.rule_name() == Some(name.as_str()));
         Err(Unselectable {
             name: (*first).clone(),
             loaded: self.set.rules.keys().map(|n| n.to_string()).collect(),
@@ -65,6 +65,6 @@ impl Loaded {
 
     /// The problems of the file behind rule `name`, if it is broken.
     pub fn errors_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Diagnostic> {
-        self.errors.iter().filter(move |e| e.file.file_stem().is_some_and(|s| s == name))
+        self.errors.iter().filter(move |e| e.rule_name() == Some(name))
     }
 }

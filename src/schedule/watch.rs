@@ -21,23 +21,32 @@ pub struct WatchError {
     cause: notify_debouncer_full::notify::Error,
 }
 
+/// Whether a change of `path` can change what the rules in `dir` do: a `*.rhai` rule in `dir`, or a
+/// helper in `dir/lib` (a helper edit is an edit of every rule importing it). Hidden files are
+/// editors' scratch.
+fn is_rule_source(dir: &Path, path: &Path) -> bool {
+    // The file may be gone (removed, renamed away); its folder is still there to compare.
+    let folder = path.parent().and_then(|p| p.canonicalize().ok());
+    let in_place = folder.is_some_and(|f| f == dir || f == crate::rules::lib_dir(&dir.join("x")));
+    in_place
+        && path.extension().is_some_and(|x| x == "rhai")
+        && !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+}
+
 /// Calls `on_change` (from the watcher's own thread) after a quiet `debounce` following any
-/// create, change, rename or removal of a `*.rhai` file in `dir`.
+/// create, change, rename or removal of a `*.rhai` file in `dir` or in its helpers folder `dir/lib`.
 pub fn watch(
     dir: &Path,
     debounce: Duration,
     on_change: impl Fn() + Send + 'static,
 ) -> Result<RulesWatcher, WatchError> {
     let failed = |cause| WatchError { dir: dir.to_path_buf(), cause };
+    let root = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| match result {
         Ok(events) => {
-            let relevant = events.iter().any(|e| {
-                !matches!(e.kind, EventKind::Access(_))
-                    && e.paths.iter().any(|p| {
-                        p.extension().is_some_and(|x| x == "rhai")
-                            && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
-                    })
-            });
+            let relevant = events
+                .iter()
+                .any(|e| !matches!(e.kind, EventKind::Access(_)) && e.paths.iter().any(|p| is_rule_source(&root, p)));
             if relevant {
                 on_change();
             }
@@ -49,6 +58,7 @@ pub fn watch(
         }
     })
     .map_err(failed)?;
-    debouncer.watch(dir, RecursiveMode::NonRecursive).map_err(failed)?;
+    // Recursive, so a `lib` folder created later is watched too; `is_rule_source` ignores the rest.
+    debouncer.watch(dir, RecursiveMode::Recursive).map_err(failed)?;
     Ok(RulesWatcher { _debouncer: debouncer })
 }

@@ -649,6 +649,23 @@ async fn bad_inputs_are_refused_and_the_state_is_private() {
     sandbox.shutdown().await;
 }
 
+// The shipped examples (a helper, a segment built on a segment) load and pass their own tests.
+#[test]
+fn shipped_examples_check_clean() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    let examples = std::fs::canonicalize("rules/examples").expect("examples");
+    std::fs::write(
+        &config,
+        format!("[api]\nbase_url = \"sandbox\"\n[rules]\ndir = {:?}\n", examples.display().to_string()),
+    )
+    .expect("config");
+    let (code, out) = run(segsync().args(["check", "--strict", "--config"]).arg(&config));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 rule(s) (vip, vip-lombardia)"), "{out}");
+    assert!(out.contains("10 rule test(s) passed"), "{out}");
+}
+
 // A rule failing its own tests (issue 21): `plan RULE` still previews it, marked with the failing
 // case, and exits 3; `sync RULE` refuses it with exit 3, naming the case; an unknown rule stays 2.
 #[test]

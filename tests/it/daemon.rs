@@ -695,3 +695,80 @@ async fn a_request_the_daemon_cannot_take_is_answered() {
     drop(daemon);
     sandbox.shutdown().await;
 }
+
+// A helper edit is a rule edit (issue 22): changing rules/lib/money.rhai reloads, retests and reruns
+// every rule importing it, and only those, with a new hash; a broken helper is rejected at the
+// helper's own line for each importer, and the last good versions keep running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helper_edit_reruns_its_importers() {
+    let sandbox = support::start(support::sandbox_config(3_000)).await;
+    let (dir, config) = setup(&sandbox, "");
+    let lib = dir.path().join("rules/lib");
+    std::fs::create_dir(&lib).expect("lib");
+    let money = lib.join("money.rhai");
+    let helper = |threshold: &str| {
+        format!("fn spent(c) {{ c.customFields.get(\"totalSpent\") ?? 0.0 }}\nfn threshold() {{ {threshold} }}\n")
+    };
+    std::fs::write(&money, helper("5000.0")).expect("helper");
+    for (name, list, factor) in [("big", "Big spenders", "1.0"), ("half", "Half big spenders", "0.5")] {
+        std::fs::write(
+            dir.path().join(format!("rules/{name}.rhai")),
+            format!(
+                "import \"money\" as money;\nconst LIST = \"{list}\";\n\
+                 fn matches(c) {{ money::spent(c) > money::threshold() * {factor} }}\n"
+            ),
+        )
+        .expect("rule");
+    }
+    // A segment of a segment: rerun when the helper under `big` changes.
+    std::fs::write(
+        dir.path().join("rules/big-lombardy.rhai"),
+        "const LIST = \"Big spenders Lombardia\";\nfn matches(c) { segment(\"big\", c) && c.region == \"Lombardia\" }\n",
+    )
+    .expect("rule");
+    let lombard = |c: &segsync_sandbox::store::Contact| c.region.as_deref() == Some("Lombardia");
+    let daemon = Daemon::start(&config, &[]);
+    let started = daemon.wait_for(8, "rule run", &[("trigger", "startup"), ("outcome", "ok")], 60).await;
+    assert_eq!(list_members(&sandbox, "Big spenders"), count_where(&sandbox, |c| spent(c) > 5000.0));
+    let big_lombardy = count_where(&sandbox, |c| spent(c) > 5000.0 && lombard(c));
+    assert!(big_lombardy > 0);
+    assert_eq!(list_members(&sandbox, "Big spenders Lombardia"), big_lombardy);
+    assert_eq!(list_members(&sandbox, "Half big spenders"), count_where(&sandbox, |c| spent(c) > 2500.0));
+
+    std::fs::write(&money, helper("4000.0")).expect("edit");
+    let big = daemon.wait_for(1, "rule run", &[("rule", "big"), ("trigger", "file")], 30).await;
+    daemon.wait_for(1, "rule run", &[("rule", "half"), ("trigger", "file")], 30).await;
+    daemon.wait_for(1, "rule run", &[("rule", "big-lombardy"), ("trigger", "file")], 30).await;
+    assert_eq!(list_members(&sandbox, "Big spenders"), count_where(&sandbox, |c| spent(c) > 4000.0));
+    assert_eq!(
+        list_members(&sandbox, "Big spenders Lombardia"),
+        count_where(&sandbox, |c| spent(c) > 4000.0 && lombard(c))
+    );
+    assert_eq!(list_members(&sandbox, "Half big spenders"), count_where(&sandbox, |c| spent(c) > 2000.0));
+    let before = started.iter().find(|e| e["rule"] == "big").expect("big ran at startup");
+    assert_ne!(big[0]["rule_hash"], before["rule_hash"], "the helper is part of the rule's hash");
+    let rerun = daemon.events("rule run", &[("trigger", "file")]);
+    assert!(rerun.iter().all(|e| ["big", "half", "big-lombardy"].iter().any(|r| e["rule"] == *r)), "only importers");
+
+    std::fs::write(&money, "fn spent(c) {\n    c.customFields.totalSpent +\n}\n").expect("break");
+    // Each importer at the helper's line, and the segment built on one of them at its own call.
+    let rejected = daemon.wait_for(3, "rule rejected", &[], 30).await;
+    let at_helper: Vec<&serde_json::Value> =
+        rejected.iter().filter(|e| e["file"].as_str().is_some_and(|f| f.ends_with("lib/money.rhai"))).collect();
+    assert!(at_helper.iter().all(|e| e["line"] == 3), "{at_helper:?}");
+    let mut stopped: Vec<&str> = at_helper.iter().filter_map(|e| e["rule"].as_str()).collect();
+    stopped.sort_unstable();
+    assert_eq!(stopped, ["big", "half"], "reported once for each importer");
+    let dependent = rejected.iter().find(|e| e["rule"] == "big-lombardy").expect("the dependent is refused too");
+    assert_eq!(dependent["line"], 2, "{dependent}");
+    daemon.wait_for(1, "rule kept", &[("rule", "big-lombardy")], 5).await;
+    daemon.wait_for(1, "rule kept", &[("rule", "big")], 5).await;
+    daemon.wait_for(1, "rule kept", &[("rule", "half")], 5).await;
+    assert_eq!(
+        daemon.events("rule run", &[("rule", "big"), ("trigger", "file")]).len(),
+        1,
+        "no run for a broken helper"
+    );
+    drop(daemon);
+    sandbox.shutdown().await;
+}

@@ -54,12 +54,15 @@ pub fn http() -> reqwest::Client {
 /// The environment variable the tests' configs read the key from.
 pub const KEY_VAR: &str = "SEGSYNC_TEST_API_KEY";
 
-/// Copies the shipped `rules/` into `dir/rules` (with their tests when `with_tests`), each file
-/// through `edit`.
+/// Copies the shipped active rules (`rules/*.rhai`, not `rules/examples/`) into `dir/rules` (with
+/// their tests when `with_tests`), each file through `edit`.
 pub fn copy_shipped_rules(dir: &std::path::Path, with_tests: bool, edit: impl Fn(String) -> String) {
     std::fs::create_dir_all(dir.join("rules")).expect("mkdir rules");
     for entry in std::fs::read_dir("rules").expect("shipped rules") {
         let path = entry.expect("entry").path();
+        if path.is_dir() {
+            continue;
+        }
         let is_rule = path.extension().is_some_and(|x| x == "rhai");
         if !with_tests && !is_rule {
             continue;
