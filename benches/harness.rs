@@ -284,6 +284,7 @@ async fn run(s: &Scenario) {
         default_remove_after: None,
         history_retention: std::time::Duration::from_secs(180 * 86_400),
         history_facts: true,
+        max_lists_per_rule: segsync::config::DEFAULT_MAX_LISTS,
     });
     let today = Date(chrono::Utc::now().with_timezone(&chrono_tz::Europe::Rome).date_naive());
     let mut rows = Vec::new();
@@ -433,6 +434,7 @@ async fn history_growth() {
         default_remove_after: Some(std::time::Duration::from_secs(2 * 86_400)),
         history_retention: std::time::Duration::from_secs(180 * 86_400),
         history_facts: true,
+        max_lists_per_rule: segsync::config::DEFAULT_MAX_LISTS,
     });
     let today = Date(chrono::Utc::now().with_timezone(&chrono_tz::Europe::Rome).date_naive());
     let t0 = chrono::Utc::now();

@@ -69,6 +69,8 @@ pub struct Config {
     pub history_facts: bool,
     /// The removal grace of rules without their own `REMOVE_AFTER`.
     pub default_remove_after: Option<Duration>,
+    /// The most lists a rule with `fn list` may fill, unless its `MAX_LISTS` says otherwise.
+    pub max_lists_per_rule: u64,
     pub guards: Guards,
     pub shutdown_timeout: Duration,
     pub watch_rules: bool,
@@ -148,6 +150,9 @@ struct RawApi {
     budget_share: Raw,
 }
 
+/// `[rules] max_lists_per_rule` when unset.
+pub const DEFAULT_MAX_LISTS: u64 = 50;
+
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(default)]
 struct RawRules {
@@ -155,6 +160,7 @@ struct RawRules {
     default_schedule: Raw,
     time_zone: Raw,
     default_remove_after: Raw,
+    max_lists_per_rule: Raw,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -676,6 +682,13 @@ impl Config {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let api = r.api(&raw.api, &base);
         let (rules_dir, default_schedule, time_zone, default_remove_after) = r.rules(&raw.rules, &base);
+        let max_lists_per_rule = r
+            .integer(
+                &raw.rules.max_lists_per_rule,
+                "rules.max_lists_per_rule",
+                1..=crate::rules::MAX_LISTS_CEILING as i64,
+            )
+            .map_or(DEFAULT_MAX_LISTS, |n| n as u64);
         let (state_path, verify_members_every, history_retention, history_facts) = r.state(&raw.state, &base);
         let guards = r.guards(&raw.guards);
         let (shutdown_timeout, watch_rules) = r.daemon(&raw.daemon);
@@ -698,6 +711,7 @@ impl Config {
             history_retention,
             history_facts,
             default_remove_after,
+            max_lists_per_rule,
             guards,
             shutdown_timeout,
             watch_rules,

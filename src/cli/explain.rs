@@ -25,6 +25,30 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, 
     let engine = loaded.engine;
     let connection = Connection::open(config, None).await?;
     let fetched = connection.gateway.get_contact::<ContactRecord>(&ContactId::from(contact_id)).await;
+    let today = rules::Date(chrono::Utc::now().with_timezone(&config.time_zone).date_naive());
+    // A rule with `fn list`: explained as the one list it names for this contact.
+    let rule = match &fetched {
+        Ok(contact) if rule.is_partitioned() => match named_list(&engine, &rule, contact, today) {
+            Ok(Some(list)) => std::sync::Arc::new(rule.partition(&list)),
+            Ok(None) => {
+                connection.close().await;
+                say!("rule      {} ({}, hash {})", rule.name, rule.path.display(), rule.short_hash());
+                say!(
+                    "answer    fn list names no list for contact {contact_id}: it belongs to none of this rule's lists"
+                );
+                return Ok(Exit::Ok);
+            }
+            Err(e) => {
+                connection.close().await;
+                say!(
+                    "answer    ERROR, so the contact is neither added to nor removed from any list of {}: {e}",
+                    rule.name
+                );
+                return Ok(Exit::Ok);
+            }
+        },
+        _ => rule,
+    };
     let in_list = match &fetched {
         Ok(_) => in_list_now(&connection.gateway, &rule.list, contact_id).await,
         Err(_) => Ok(None),
@@ -32,7 +56,6 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, 
     connection.close().await;
     let contact = fetched.with_context(|| format!("fetching contact {contact_id}"))?;
     let in_list = in_list.with_context(|| format!("reading the list {:?}", rule.list))?;
-    let today = rules::Date(chrono::Utc::now().with_timezone(&config.time_zone).date_naive());
     say!("rule      {} ({}, hash {})", rule.name, rule.path.display(), rule.short_hash());
     say!("list      {}", rule.list);
     say!("contact   {}", contact.id);
@@ -76,6 +99,19 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, 
     };
     say!("list now  {now}");
     Ok(Exit::Ok)
+}
+
+/// The list a partitioned rule names for `contact` (`None`: no list, the FILTER included).
+fn named_list(
+    engine: &rhai::Engine,
+    rule: &rules::Rule,
+    contact: &ContactRecord,
+    today: rules::Date,
+) -> Result<Option<String>, rules::EvalError> {
+    if !rule.filter_verdict(contact)? {
+        return Ok(None);
+    }
+    rule.list_of(engine, contact.fields.clone(), today)
 }
 
 /// Whether `contact` is in the list named `list` now, by a read of that list (the oldest of the

@@ -43,6 +43,21 @@ pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
 
 pub(super) fn print_pass(report: &PassReport, dry_run: bool) {
     for r in &report.rules {
+        if matches!(r.rule.lists, crate::rules::Lists::Partitioned { .. }) {
+            let (add, remove) = if dry_run {
+                (format!("would add {}", r.plan.to_add.len()), format!("would remove {}", r.plan.to_remove.len()))
+            } else {
+                (format!("added {}", r.added), format!("removed {}", r.removed))
+            };
+            say!("{} → the lists fn list names ({})", r.rule.name, r.rule.mode);
+            if r.plan.to_add.is_empty() && r.plan.to_remove.is_empty() && dry_run {
+                say!("  {}", r.detail.as_deref().unwrap_or_default());
+            } else {
+                say!("  {add}, {remove}; {}", r.detail.as_deref().unwrap_or_default());
+            }
+            say!("  outcome {}", r.outcome);
+            continue;
+        }
         // A rule that stopped before its list was resolved says so, not "would be created".
         let stopped = matches!(r.outcome, Outcome::Failed | Outcome::Interrupted);
         let list = match (&r.list_id, r.list_created) {

@@ -541,7 +541,9 @@ impl Daemon {
     fn pass_done(&mut self, report: &PassReport) {
         let finished = chrono::Utc::now();
         self.metrics.observe(report, finished);
-        for r in &report.rules {
+        // The daemon schedules rule files: a partitioned rule's lists are summed up in its own report.
+        let files = report.rules.iter().filter(|r| !matches!(r.rule.lists, crate::rules::Lists::Partition { .. }));
+        for r in files.clone() {
             self.running.remove(&r.rule.name);
             if r.outcome == Outcome::Ok {
                 self.health.succeeded(&r.rule.name, finished);
@@ -549,7 +551,7 @@ impl Daemon {
         }
         let now = chrono::Utc::now().with_timezone(&self.config.time_zone).format("%H:%M:%S");
         let parts: Vec<String> =
-            report.rules.iter().map(|r| format!("{} {} +{}/-{}", r.rule.name, r.outcome, r.added, r.removed)).collect();
+            files.map(|r| format!("{} {} +{}/-{}", r.rule.name, r.outcome, r.added, r.removed)).collect();
         self.status = format!("last pass {now}: {}", parts.join(", "));
         if report.rules.iter().any(|r| r.outcome != Outcome::Ok) {
             self.status.push_str(" (see the log)");

@@ -70,8 +70,9 @@ impl Reconciler {
         report
     }
 
-    /// Records a run that failed before it could say more (a panic in the pass).
-    pub(super) async fn record_failed(&self, report: &RuleReport, trigger: Trigger, started_at: &str, dry_run: bool) {
+    /// Records a run that has only its record: one that failed before it could say more (a panic in
+    /// the pass, a partitioned rule refused whole), or a partitioned rule's summary of its lists.
+    pub(super) async fn record_alone(&self, report: &RuleReport, trigger: Trigger, started_at: &str, dry_run: bool) {
         if dry_run {
             return;
         }

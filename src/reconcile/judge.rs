@@ -17,7 +17,7 @@ use crate::rules::{Date, Facts, FilterTerm, Mode, Observed, Rule};
 
 /// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
 /// threads as they were parsed). Returns the server's last reported total.
-async fn fold_pages<R>(
+pub(super) async fn fold_pages<R>(
     mut scan: Scan<R>,
     cancel: &CancellationToken,
     mut fold: impl FnMut(R),

@@ -20,6 +20,7 @@ mod cost;
 mod grace;
 mod judge;
 mod members;
+mod partition;
 pub mod plan;
 mod progress;
 mod read;
@@ -138,6 +139,8 @@ pub struct Reconciler {
     history_retention: Duration,
     /// Whether removals are recorded with the field values that made the rule say no.
     history_facts: bool,
+    /// The most lists a partitioned rule may fill without its own `MAX_LISTS`.
+    max_lists_per_rule: u64,
 }
 
 #[derive(Clone)]
@@ -257,6 +260,8 @@ pub struct Parts {
     pub history_retention: Duration,
     /// `[state] history_facts`.
     pub history_facts: bool,
+    /// `[rules] max_lists_per_rule`.
+    pub max_lists_per_rule: u64,
 }
 
 impl Reconciler {
@@ -276,6 +281,7 @@ impl Reconciler {
             default_remove_after,
             history_retention,
             history_facts,
+            max_lists_per_rule,
         } = parts;
         let gateway = gateway.cancelled_by(cancel.clone());
         Self {
@@ -290,6 +296,7 @@ impl Reconciler {
             default_remove_after,
             history_retention,
             history_facts,
+            max_lists_per_rule,
         }
     }
 
@@ -314,6 +321,7 @@ impl Reconciler {
             default_remove_after: config.default_remove_after,
             history_retention: config.history_retention,
             history_facts: config.history_facts,
+            max_lists_per_rule: config.max_lists_per_rule,
         })
     }
 
@@ -345,7 +353,7 @@ impl Reconciler {
         let reports: Vec<RuleReport> =
             rules.iter().map(|rule| RuleReport::failed(rule.clone(), detail.clone())).collect();
         for report in &reports {
-            self.record_failed(report, trigger, &started_at, dry_run).await;
+            self.record_alone(report, trigger, &started_at, dry_run).await;
         }
         PassReport { rules: reports, read: ReadKind::SharedScan, usage: Usage::default(), duration: started.elapsed() }
     }
@@ -357,17 +365,20 @@ impl Reconciler {
         // Learned paging is probed again at least every `verify_members_every` (and by every new
         // process), so no lesson is kept forever.
         self.gateway.reprobe_older_than(self.verify_members_every);
-        let memory = self.recall(&req.rules).await;
+        let partition_meter = Arc::new(Meter::default());
+        let partitioned = self.partition(&req.rules, today, &partition_meter).await;
+        let rules = partitioned.rules;
+        let memory = self.recall(&rules).await;
         let contacts = memory.contacts;
-        let jobs = self.jobs(&req.rules, memory.rules);
+        let jobs = self.jobs(&rules, memory.rules);
         let (directory_meter, shared_meter) = (Arc::new(Meter::default()), Arc::new(Meter::default()));
         let mut meters: Vec<Arc<Meter>> =
             jobs.iter().map(|j| j.as_ref().map_or_else(|s| s.meter(), |j| j.meter.clone())).collect();
-        meters.extend([directory_meter.clone(), shared_meter.clone()]);
+        meters.extend([directory_meter.clone(), shared_meter.clone(), partition_meter]);
         let (predicted, estimated) = cost::predict(&jobs, contacts, self.page(), today);
         let reporter = progress::Reporter::start(
             req.trigger,
-            req.rules.len(),
+            rules.len(),
             predicted.as_str(),
             estimated,
             estimated.and_then(|n| self.gateway.least_time(n)),
@@ -382,7 +393,7 @@ impl Reconciler {
         let judged = self.settle(candidates, today).await;
         reporter.writing();
         let shared_usage = shared_meter.usage();
-        let reports = join_all(judged.into_iter().map(|judged| async {
+        let mut reports = join_all(judged.into_iter().map(|judged| async {
             let run = (&req, read, &shared_usage, (started, started_at.as_str()));
             let written = match judged {
                 Ok(judged) => self.apply(self.plan(judged, &req).await, req.dry_run).await,
@@ -391,6 +402,20 @@ impl Reconciler {
             self.commit(written, run).await
         }))
         .await;
+        // A partitioned rule's run, as its file: refused whole, or the summary of its lists.
+        for report in partitioned.refused {
+            self.record_alone(&report, req.trigger, &started_at, req.dry_run).await;
+            reports.push(report);
+        }
+        for parent in req.rules.iter().filter(|r| matches!(r.lists, crate::rules::Lists::Partitioned { .. })) {
+            if reports.iter().any(|r| Arc::ptr_eq(&r.rule, parent)) {
+                continue;
+            }
+            let lists: Vec<&RuleReport> = reports.iter().filter(|r| r.rule.file_rule() == &parent.name).collect();
+            let summary = partition::summary(parent, &lists);
+            self.record_alone(&summary, req.trigger, &started_at, req.dry_run).await;
+            reports.push(summary);
+        }
 
         if !req.dry_run {
             self.prune_history().await;

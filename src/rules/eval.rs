@@ -125,25 +125,52 @@ impl Rule {
         self.call_matches(engine, contact.fields.clone(), today)
     }
 
-    /// `matches` on a contact that already passed `FILTER`. Rhai takes arguments by value, so the
-    /// caller hands over the contact: a clone, or the record itself for its last evaluation.
+    /// `matches` on a contact that already passed `FILTER` (for one list of a partitioned rule:
+    /// whether `fn list` names that list). Rhai takes arguments by value, so the caller hands over
+    /// the contact: a clone, or the record itself for its last evaluation.
     pub fn call_matches(&self, engine: &Engine, fields: Dynamic, today: Date) -> Result<bool, EvalError> {
-        let tag = super::engine::CallTag { today, segments: self.segments.clone() };
-        let options = CallFnOptions::new().eval_ast(self.imports).rewind_scope(true).with_tag(Dynamic::from(tag));
-        // A panic inside the engine or a helper is this contact's evaluation error, never the
-        // end of the thread that judges a whole page for every rule.
-        let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine.call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.ast, "matches", (fields,))
-        }))
-        .map_err(|panic| EvalError {
-            message: format!("the rule panicked: {}", panic_text(&panic)),
-            line: 0,
-            col: 0,
-        })??;
+        if self.is_partitioned() {
+            return self.list_of(engine, fields, today).map(|list| list.as_deref() == Some(self.list.as_str()));
+        }
+        let verdict = self.call(engine, "matches", fields, today)?;
         verdict.as_bool().map_err(|type_name| EvalError {
             message: format!("matches must return true or false, got {type_name} {verdict}"),
             line: 0,
             col: 0,
         })
+    }
+
+    /// What a partitioned rule's `fn list` says of a contact that passed `FILTER`: the name of
+    /// its list, or `None` for no list.
+    pub fn list_of(&self, engine: &Engine, fields: Dynamic, today: Date) -> Result<Option<String>, EvalError> {
+        let named = self.call(engine, "list", fields, today)?;
+        if named.is_unit() {
+            return Ok(None);
+        }
+        match named.clone().into_string() {
+            Ok(name) if !name.trim().is_empty() => Ok(Some(name.trim().to_owned())),
+            _ => Err(EvalError {
+                message: format!(
+                    "list must return a list name (a non-empty string) or (), got {} {named}",
+                    named.type_name()
+                ),
+                line: 0,
+                col: 0,
+            }),
+        }
+    }
+
+    /// Calls the rule's function `name` on a contact, with the run's frozen today and the rules
+    /// `segment` may name as the call's tag.
+    fn call(&self, engine: &Engine, name: &str, fields: Dynamic, today: Date) -> Result<Dynamic, EvalError> {
+        let tag = super::engine::CallTag { today, segments: self.segments.clone() };
+        let options = CallFnOptions::new().eval_ast(self.imports).rewind_scope(true).with_tag(Dynamic::from(tag));
+        // A panic inside the engine or a helper is this contact's evaluation error, never the
+        // end of the thread that judges a whole page for every rule.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.ast, name, (fields,))
+        }))
+        .map_err(|panic| EvalError { message: format!("the rule panicked: {}", panic_text(&panic)), line: 0, col: 0 })?
+        .map_err(EvalError::from)
     }
 }

@@ -34,11 +34,13 @@ struct Case {
     contact: toml::Table,
 }
 
-#[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy)]
+#[derive(Debug, Deserialize, PartialEq, Eq, Clone)]
 #[serde(untagged)]
 enum Expect {
     Answer(bool),
     Error(ErrorWord),
+    /// For a rule with `fn list`: the list the contact belongs to (`false` for none).
+    List(String),
 }
 
 #[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy)]
@@ -102,9 +104,20 @@ pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, Diagnostic> {
                 continue;
             }
         };
-        let actual = rule.evaluate(engine, &contact, Date(today));
+        // What the rule says: a verdict, or for a rule with `fn list` the list it names.
+        let actual: Result<Option<String>, _> = if rule.is_partitioned() {
+            match rule.filter_verdict(&contact) {
+                Ok(true) => rule.list_of(engine, contact.fields.clone(), Date(today)),
+                Ok(false) => Ok(None),
+                Err(e) => Err(e),
+            }
+        } else {
+            rule.evaluate(engine, &contact, Date(today)).map(|b| b.then(String::new))
+        };
         let ok = match (&case.expect, &actual) {
-            (Expect::Answer(want), Ok(got)) => want == got,
+            (Expect::Answer(want), Ok(got)) if !rule.is_partitioned() => *want == got.is_some(),
+            (Expect::Answer(false), Ok(got)) => got.is_none(),
+            (Expect::List(want), Ok(Some(got))) => want == got,
             (Expect::Error(_), Err(_)) => true,
             _ => false,
         };
@@ -112,12 +125,16 @@ pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, Diagnostic> {
             report.passed += 1;
             report.cases.push((case.name.clone(), None));
         } else {
-            let expected = match case.expect {
+            let expected = match &case.expect {
+                Expect::Answer(false) if rule.is_partitioned() => "no list".into(),
                 Expect::Answer(b) => b.to_string(),
                 Expect::Error(_) => "an evaluation error".into(),
+                Expect::List(list) => format!("list {list:?}"),
             };
             let got = match actual {
-                Ok(b) => b.to_string(),
+                Ok(Some(list)) if rule.is_partitioned() => format!("list {list:?}"),
+                Ok(None) if rule.is_partitioned() => "no list".into(),
+                Ok(answer) => answer.is_some().to_string(),
                 Err(e) => format!("error: {e}"),
             };
             let failure = format!(

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rhai::{Dynamic, Engine, Map, Position, Scope};
 use sha2::{Digest, Sha256};
 
-use super::{Diagnostic, FilterTerm, Mode, Rule, RuleSet};
+use super::{Diagnostic, FilterTerm, Lists, Mode, Rule, RuleSet};
 use crate::ids::RuleName;
 use crate::schedule::Schedule;
 
@@ -51,7 +51,7 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<Diagnostic>) {
     }
     // Two rules fighting over one list would undo each other's work: refuse both.
     let mut by_list: BTreeMap<&str, Vec<&Rule>> = BTreeMap::new();
-    for rule in &loaded {
+    for rule in loaded.iter().filter(|r| r.fills_its_list()) {
         by_list.entry(rule.list.as_str()).or_default().push(rule);
     }
     let mut clashing = Vec::new();
@@ -150,16 +150,22 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         .map_err(|e| vec![at_pos(path, e.position(), format!("at load: {}", e.unwrap_inner()))])?;
 
     let mut settings = Settings { path, source: &source, scope: &scope, errors: Vec::new() };
-    let list = settings.list();
+    let partitioned = ast.iter_functions().any(|f| f.name == "list");
+    let mode = settings.mode();
+    let (list, lists) = if partitioned {
+        (settings.no_list("fn list(contact)"), Lists::Partitioned { max: settings.max_lists() })
+    } else {
+        settings.no_max_lists();
+        (settings.list(), Lists::One)
+    };
     let description = settings.text("DESCRIPTION");
     let schedule = settings.schedule();
-    let mode = settings.mode();
     let remove_after = settings.remove_after();
     let filter = settings.filter();
     let warnings = frozen_filter(path, &source, &filter).into_iter().collect();
     settings.unknown();
     let mut errors = settings.errors;
-    errors.extend(matches_problem(&ast, path, &source));
+    errors.extend(decider_problem(&ast, path, &source, partitioned));
     let (segment_refs, segment_problems) = super::segments::refs(&ast, path);
     errors.extend(segment_problems);
     let known = super::calls::known(engine, &ast);
@@ -176,6 +182,7 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         name: RuleName::from(stem),
         path: path.into(),
         list,
+        lists,
         description: description.unwrap_or_default(),
         schedule,
         filter,
@@ -248,7 +255,10 @@ struct Settings<'a> {
 }
 
 /// The settings a rule file may define as top-level constants.
-pub const SETTINGS: [&str; 6] = ["LIST", "DESCRIPTION", "SCHEDULE", "FILTER", "MODE", "REMOVE_AFTER"];
+pub const SETTINGS: [&str; 7] = ["LIST", "DESCRIPTION", "SCHEDULE", "FILTER", "MODE", "REMOVE_AFTER", "MAX_LISTS"];
+
+/// The most lists `MAX_LISTS` may allow: beyond it a rule is a slip, not a segmentation.
+pub const MAX_LISTS_CEILING: u64 = 10_000;
 
 /// The setting `name` was most likely meant to be, if one is close.
 fn closest_setting(name: &str) -> Option<&'static str> {
@@ -325,6 +335,47 @@ impl Settings<'_> {
         }
     }
 
+    /// A rule that fills no one list (`fn list` names its lists; a suppression fills none) has no
+    /// `LIST`: one would be ambiguous.
+    fn no_list(&mut self, because: &str) -> String {
+        if self.scope.contains("LIST") {
+            let message = if because.starts_with("fn list") {
+                "LIST and fn list(contact) both name the lists: keep `const LIST` with `fn matches` for one \
+                 list, or `fn list` alone for one list per value"
+                    .to_owned()
+            } else {
+                format!(
+                    "a rule with {because} fills no list: remove LIST (its contacts are kept out of the other rules' lists)"
+                )
+            };
+            self.error("LIST", message);
+        }
+        String::new()
+    }
+
+    /// `MAX_LISTS`: how many lists a partitioned rule may fill, a whole number from 1.
+    fn max_lists(&mut self) -> Option<u64> {
+        let value = self.scope.get("MAX_LISTS")?;
+        match value.as_int().ok().and_then(|n| u64::try_from(n).ok()) {
+            Some(n @ 1..=MAX_LISTS_CEILING) => Some(n),
+            _ => {
+                let message = format!("MAX_LISTS must be a whole number from 1 to {MAX_LISTS_CEILING}, got {value}");
+                self.error("MAX_LISTS", message);
+                None
+            }
+        }
+    }
+
+    /// `MAX_LISTS` bounds `fn list`; on a rule with one `LIST` it means nothing.
+    fn no_max_lists(&mut self) {
+        if self.scope.contains("MAX_LISTS") {
+            self.error(
+                "MAX_LISTS",
+                "MAX_LISTS bounds the lists of a rule with fn list(contact); this rule has one LIST".into(),
+            );
+        }
+    }
+
     fn schedule(&mut self) -> Option<Schedule> {
         let text = self.text("SCHEDULE")?;
         Schedule::parse(text.trim()).map_err(|e| self.error("SCHEDULE", format!("SCHEDULE: {e}"))).ok()
@@ -357,19 +408,26 @@ impl Settings<'_> {
     }
 }
 
-/// What is wrong with the rule's `fn matches`, if anything: it must exist once, with one parameter.
-fn matches_problem(ast: &rhai::AST, path: &Path, source: &str) -> Option<Diagnostic> {
+/// What is wrong with the function that decides, if anything: `fn matches` (or, for a partitioned
+/// rule, `fn list` and no `fn matches`) exists once, with one parameter.
+fn decider_problem(ast: &rhai::AST, path: &Path, source: &str, partitioned: bool) -> Option<Diagnostic> {
     let at =
         |(line, col): (usize, usize), message: String| Diagnostic { rule: None, file: path.into(), line, col, message };
-    let matches: Vec<_> = ast.iter_functions().filter(|f| f.name == "matches").collect();
-    match matches.as_slice() {
+    let name = if partitioned { "list" } else { "matches" };
+    if partitioned && ast.iter_functions().any(|f| f.name == "matches") {
+        let message = "fn matches and fn list(contact) both decide: a rule with fn list fills the list it returns \
+                       for each contact; fold the condition into fn list (return () for no list)";
+        return Some(at(fn_position(source, "matches"), message.into()));
+    }
+    let found: Vec<_> = ast.iter_functions().filter(|f| f.name == name).collect();
+    match found.as_slice() {
         [] => Some(at((1, 1), "fn matches(contact) is missing: the rule needs it to decide".into())),
         [one] if one.params.len() == 1 => None,
         _ => {
-            let arities: Vec<String> = matches.iter().map(|f| f.params.len().to_string()).collect();
+            let arities: Vec<String> = found.iter().map(|f| f.params.len().to_string()).collect();
             let message =
-                format!("matches must take exactly one parameter (the contact), found arity {}", arities.join(", "));
-            Some(at(fn_position(source), message))
+                format!("{name} must take exactly one parameter (the contact), found arity {}", arities.join(", "));
+            Some(at(fn_position(source, name), message))
         }
     }
 }
@@ -486,8 +544,9 @@ fn const_position(source: &str, name: &str) -> (usize, usize) {
     (1, 1)
 }
 
-fn fn_position(source: &str) -> (usize, usize) {
-    source.lines().enumerate().find_map(|(i, l)| l.find("fn matches").map(|c| (i + 1, c + 1))).unwrap_or((1, 1))
+fn fn_position(source: &str, name: &str) -> (usize, usize) {
+    let needle = format!("fn {name}");
+    source.lines().enumerate().find_map(|(i, l)| l.find(&needle).map(|c| (i + 1, c + 1))).unwrap_or((1, 1))
 }
 
 /// Property names the file reads (`contact.customFields.totalSpent` → customFields, totalSpent),
@@ -716,6 +775,40 @@ mod tests {
              && c.tags.contains(\"x\") && `${c.id}`.to_upper() != \"\" && is_def_var(\"t\") }\n",
         )
         .expect("every call exists");
+    }
+
+    // A rule with fn list fills the lists it names: LIST or fn matches beside it is an error, and
+    // MAX_LISTS bounds it (and only it).
+    #[test]
+    fn partitioned_rules_are_checked() {
+        let rule = load("const MAX_LISTS = 3;\nfn list(c) { if c.region == \"Veneto\" { \"Geo - Veneto\" } }\n")
+            .expect("a partitioned rule");
+        assert_eq!(rule.lists, Lists::Partitioned { max: Some(3) });
+        let part = rule.partition("Geo - Veneto");
+        assert_eq!((part.name.as_str(), part.list.as_str()), ("r:Geo - Veneto", "Geo - Veneto"));
+        let engine = super::super::engine::build(chrono_tz::Europe::Rome);
+        let today = super::super::Date(chrono::NaiveDate::from_ymd_opt(2026, 11, 28).expect("date"));
+        let contact = |region: &str| -> rhai::Dynamic {
+            serde_json::from_str(&format!(r#"{{"id":"a","region":"{region}"}}"#)).expect("json")
+        };
+        assert_eq!(rule.list_of(&engine, contact("Veneto"), today), Ok(Some("Geo - Veneto".into())));
+        assert_eq!(rule.list_of(&engine, contact("Lazio"), today), Ok(None));
+        assert_eq!(part.call_matches(&engine, contact("Veneto"), today), Ok(true));
+        assert_eq!(part.call_matches(&engine, contact("Lazio"), today), Ok(false));
+
+        let got = messages("const LIST = \"X\";\nfn list(c) { \"A\" }\n");
+        assert!(got[0].2.starts_with("LIST and fn list(contact) both name the lists"), "{got:?}");
+        let got = messages("fn list(c) { \"A\" }\nfn matches(c) { true }\n");
+        assert_eq!(got[0].0, 2, "{got:?}");
+        assert!(got[0].2.starts_with("fn matches and fn list(contact) both decide"), "{got:?}");
+        let got = messages("const MAX_LISTS = 0;\nfn list(c) { \"A\" }\n");
+        assert!(got[0].2.starts_with("MAX_LISTS must be a whole number from 1"), "{got:?}");
+        let got = messages("const LIST = \"X\";\nconst MAX_LISTS = 5;\nfn matches(c) { true }\n");
+        assert_eq!(got[0].0, 2, "{got:?}");
+        assert!(got[0].2.contains("this rule has one LIST"), "{got:?}");
+        let odd = load("fn list(c) { 42 }\n").expect("loads");
+        let err = odd.list_of(&engine, contact("Veneto"), today).expect_err("not a name");
+        assert!(err.message.contains("list must return a list name"), "{err}");
     }
 
     // A valid rule loads with its settings, filter, mode and hash.

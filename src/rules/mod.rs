@@ -25,7 +25,7 @@ pub use engine::Date;
 pub use eval::{EvalError, Facts};
 pub use filter::FilterTerm;
 pub use helpers::{LIB, lib_dir};
-pub use load::{load_dir, load_file, load_tested};
+pub use load::{MAX_LISTS_CEILING, load_dir, load_file, load_tested};
 pub use observe::{ABSENT_MIN_JUDGED, Finding, Observed, thousands};
 pub use segments::{SegmentRef, Segments};
 pub use select::{Loaded, Unselectable};
@@ -54,12 +54,27 @@ impl fmt::Display for Mode {
     }
 }
 
+/// How a rule names its lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lists {
+    /// `const LIST` and `fn matches`: one list.
+    One,
+    /// `fn list(contact)` names the list each contact belongs to (or `()`): at most `max` lists
+    /// (`MAX_LISTS`; else `[rules] max_lists_per_rule`). A pass runs one `Partition` per list.
+    Partitioned { max: Option<u64> },
+    /// One list of the partitioned rule `parent`, as a pass runs it: its contacts are those whose
+    /// `fn list` returns this rule's `list`.
+    Partition { parent: RuleName },
+}
+
 /// A compiled, validated rule file.
+#[derive(Clone)]
 pub struct Rule {
     pub name: RuleName,
     pub path: PathBuf,
-    /// The target list's name.
+    /// The target list's name (empty for a partitioned rule, whose lists come from `fn list`).
     pub list: String,
+    pub lists: Lists,
     pub description: String,
     pub schedule: Option<Schedule>,
     pub filter: Vec<FilterTerm>,
@@ -99,7 +114,38 @@ impl fmt::Debug for Rule {
     }
 }
 
+/// The separator between a partitioned rule's name and a list's in a partition's name.
+pub const PARTITION_SEPARATOR: char = ':';
+
 impl Rule {
+    /// The rule a pass runs for one list of this partitioned rule: named `rule:list`, so its
+    /// binding, cache, grace and runs are its own.
+    pub fn partition(&self, list: &str) -> Rule {
+        let mut part = self.clone();
+        part.name = RuleName::from(format!("{}{PARTITION_SEPARATOR}{list}", self.name));
+        part.list = list.to_owned();
+        part.lists = Lists::Partition { parent: self.name.clone() };
+        part
+    }
+
+    /// The rule file's name: a partition's parent, else the rule's own (what the daemon schedules).
+    pub fn file_rule(&self) -> &RuleName {
+        match &self.lists {
+            Lists::Partition { parent } => parent,
+            _ => &self.name,
+        }
+    }
+
+    /// Whether the rule fills exactly the one list its `LIST` names.
+    pub fn fills_its_list(&self) -> bool {
+        !self.is_partitioned()
+    }
+
+    /// Whether the rule names its lists with `fn list` (a partitioned rule or one of its lists).
+    pub fn is_partitioned(&self) -> bool {
+        self.lists != Lists::One
+    }
+
     /// The first 12 hex digits of the content hash, as logs show it.
     pub fn short_hash(&self) -> &str {
         &self.hash[..12.min(self.hash.len())]

@@ -58,12 +58,19 @@ pub(super) fn refs(ast: &AST, path: &std::path::Path) -> (Vec<SegmentRef>, Vec<D
 pub(super) fn wire(loaded: Vec<Rule>, broken: &BTreeSet<String>, errors: &mut Vec<Diagnostic>) -> Vec<Arc<Rule>> {
     let mut pending: BTreeMap<String, Rule> = loaded.into_iter().map(|r| (r.name.to_string(), r)).collect();
     let names: Vec<String> = pending.keys().cloned().collect();
+    let partitioned: BTreeSet<String> =
+        pending.values().filter(|r| r.is_partitioned()).map(|r| r.name.to_string()).collect();
     // Problems of the names themselves.
     let mut refused: BTreeSet<String> = BTreeSet::new();
     for rule in pending.values() {
         for r in &rule.segment_refs {
             let problem = if r.name == rule.name.as_str() {
                 Some("a rule cannot name itself".to_owned())
+            } else if partitioned.contains(&r.name) {
+                Some(format!(
+                    "rule {} names a list per contact (fn list), not a yes or no; segment needs a rule with fn matches",
+                    r.name
+                ))
             } else if broken.contains(&r.name) {
                 Some(format!("rule {} does not load (see its errors)", r.name))
             } else if !names.contains(&r.name) {
@@ -185,10 +192,13 @@ mod tests {
             ("a", "const LIST = \"A\";\nfn matches(c) {\n    segment(\"b\", c)\n}\n"),
             ("b", "const LIST = \"B\";\nfn matches(c) { segment(\"a\", c) }\n"),
             ("dynamic", "const LIST = \"D\";\nfn matches(c) { let n = \"vip\"; segment(n, c) }\n"),
+            ("geo", "fn list(c) { c.region }\n"),
+            ("on-geo", "const LIST = \"G\";\nfn matches(c) { segment(\"geo\", c) }\n"),
         ]);
         let names: Vec<&str> = set.rules.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["vip"], "{errors:?}");
+        assert_eq!(names, ["geo", "vip"], "{errors:?}");
         let find = |file: &str| errors.iter().find(|e| e.file.ends_with(file)).unwrap_or_else(|| panic!("{errors:?}"));
+        assert!(find("on-geo.rhai").message.contains("names a list per contact (fn list)"));
         let e = find("typo.rhai");
         assert_eq!((e.line, e.col), (2, 17), "{e}");
         assert!(e.message.contains("there is no rule \"vpi\"; did you mean \"vip\"?"), "{e}");

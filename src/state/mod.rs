@@ -434,6 +434,20 @@ impl State {
         .map(|id| id.map(ListId::from))
     }
 
+    /// The lists the partitioned rule `parent` filled on this account (its partitions' bindings,
+    /// named `parent:LIST`), by name.
+    pub fn partition_lists(&self, account: &Account, parent: &RuleName) -> Result<Vec<String>, StateError> {
+        let prefix = format!("{parent}{}", crate::rules::PARTITION_SEPARATOR);
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT DISTINCT list_name FROM binding WHERE account = ?1 AND substr(rule, 1, length(?2)) = ?2 \
+                 ORDER BY list_name",
+            )?;
+            let names = stmt.query_map(params![account.as_str(), prefix], |r| r.get::<_, String>(0))?;
+            names.collect()
+        })
+    }
+
     /// The list the rule was last bound to under another LIST name, if any (to log a rename).
     pub fn other_binding(
         &self,

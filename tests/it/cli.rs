@@ -649,7 +649,8 @@ async fn bad_inputs_are_refused_and_the_state_is_private() {
     sandbox.shutdown().await;
 }
 
-// The shipped examples (a helper, a segment built on a segment) load and pass their own tests.
+// The shipped examples (a helper, a segment built on a segment, one list per value) load and pass
+// their own tests.
 #[test]
 fn shipped_examples_check_clean() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -662,8 +663,8 @@ fn shipped_examples_check_clean() {
     .expect("config");
     let (code, out) = run(segsync().args(["check", "--strict", "--config"]).arg(&config));
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("2 rule(s) (vip, vip-lombardia)"), "{out}");
-    assert!(out.contains("10 rule test(s) passed"), "{out}");
+    assert!(out.contains("3 rule(s) (geo, vip, vip-lombardia)"), "{out}");
+    assert!(out.contains("14 rule test(s) passed"), "{out}");
 }
 
 // A rule failing its own tests (issue 21): `plan RULE` still previews it, marked with the failing

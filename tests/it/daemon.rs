@@ -772,3 +772,35 @@ async fn a_helper_edit_reruns_its_importers() {
     drop(daemon);
     sandbox.shutdown().await;
 }
+
+// A partitioned rule in the daemon (issue 22): each list runs and is logged on its own (`geo:LIST`),
+// and the rule file gets one summary run, so health and `status` see the file as run, not overdue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_rule_runs_per_list_and_as_a_file() {
+    let sandbox = support::start(support::sandbox_config(2_000)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("rules")).expect("rules");
+    std::fs::write(
+        dir.path().join("rules/geo.rhai"),
+        "fn list(c) {\n    if c.region in [\"Lombardia\", \"Veneto\"] { \"Geo - \" + c.region }\n}\n",
+    )
+    .expect("rule");
+    let config = dir.path().join("config.toml");
+    write_config(&config, &sandbox.base_url(), "");
+    let daemon = Daemon::start(&config, &[]);
+    let summary = daemon.wait_for(1, "rule run", &[("rule", "geo"), ("trigger", "startup")], 60).await;
+    assert_eq!(summary[0]["outcome"], "ok", "{}", summary[0]);
+    for region in ["Lombardia", "Veneto"] {
+        let list = format!("Geo - {region}");
+        let runs = daemon.events("rule run", &[("rule", &format!("geo:{list}"))]);
+        assert_eq!(runs.len(), 1, "one run for {list}");
+        assert_eq!(list_members(&sandbox, &list), count_where(&sandbox, |c| c.region.as_deref() == Some(region)));
+    }
+    let out = command(&["status", "--json"], &config).await;
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    let geo = status["rules"].as_array().expect("rules").iter().find(|r| r["rule"] == "geo").expect("geo").clone();
+    assert_eq!(geo["outcome"], "ok", "{geo}");
+    assert_eq!(out.status.code(), Some(0), "{status}");
+    drop(daemon);
+    sandbox.shutdown().await;
+}

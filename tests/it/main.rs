@@ -11,6 +11,7 @@ mod logs;
 mod metrics;
 mod mistakes;
 mod package;
+mod partitions;
 mod reconcile;
 mod sandbox_api;
 mod support;

@@ -52,6 +52,7 @@ async fn world_in(config: SandboxConfig, rules_dir: &Path, time_zone: chrono_tz:
         default_remove_after: None,
         history_retention: Duration::from_secs(180 * 86_400),
         history_facts: true,
+        max_lists_per_rule: segsync::config::DEFAULT_MAX_LISTS,
     });
     World { sandbox, reconciler, rules: set.iter().cloned().collect(), _dir: dir }
 }
@@ -492,6 +493,7 @@ async fn hand_edits_are_corrected_in_the_next_pass() {
             default_remove_after: None,
             history_retention: Duration::from_secs(180 * 86_400),
             history_facts: true,
+            max_lists_per_rule: segsync::config::DEFAULT_MAX_LISTS,
         }),
         ..w
     };
@@ -549,6 +551,7 @@ async fn removal_grace_waits_out_remove_after() {
             default_remove_after: None,
             history_retention: Duration::from_secs(180 * 86_400),
             history_facts: true,
+            max_lists_per_rule: segsync::config::DEFAULT_MAX_LISTS,
         }),
         ..w
     };

@@ -1,0 +1,142 @@
+//! Partitioned rules (issue 22): one rule, one list per value of `fn list(contact)`, run as users
+//! run them (`segsync sync`) against the real sandbox over HTTP. Every list is checked exactly
+//! against a predicate written here, independently of the rule.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use segsync_sandbox::store::Contact;
+use segsync_sandbox::{Sandbox, SandboxConfig};
+
+use crate::support::{self, KEY_VAR};
+
+const REGIONS: [&str; 3] = ["Lombardia", "Veneto", "Emilia-Romagna"];
+
+fn geo_rule(regions: &[&str], extra: &str) -> String {
+    let quoted: Vec<String> = regions.iter().map(|r| format!("{r:?}")).collect();
+    format!(
+        "// One list per region.\n{extra}fn list(contact) {{\n    let region = contact.region;\n    \
+         if region in [{}] {{ \"Geo - \" + region }}\n}}\n",
+        quoted.join(", ")
+    )
+}
+
+fn setup(sandbox: &Sandbox, rule: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("rules")).expect("rules");
+    std::fs::write(dir.path().join("rules/geo.rhai"), rule).expect("rule");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\nbase_url = \"{}\"\nkey_env = \"{KEY_VAR}\"\nplan = \"unlimited\"\npage_size = 100\n\
+             [rules]\ntime_zone = \"Europe/Rome\"\n",
+            sandbox.base_url()
+        ),
+    )
+    .expect("config");
+    (dir, config)
+}
+
+async fn segsync(args: &[&str], config: &Path) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_segsync"));
+    cmd.args(args).arg("--config").arg(config).env(KEY_VAR, support::KEY).env("RUST_LOG", "warn").stdin(Stdio::null());
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("runs")).await.expect("join");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The ids in the list named `name` (none when there is no such list), sorted.
+fn members(sandbox: &Sandbox, name: &str) -> Option<Vec<String>> {
+    sandbox.with_store(|s| {
+        let list = s.lists().iter().find(|l| l.name == name)?.id.clone();
+        let mut ids = s.member_ids(&list).ok()?;
+        ids.sort();
+        Some(ids)
+    })
+}
+
+fn in_region(sandbox: &Sandbox, region: &str) -> Vec<String> {
+    support::ids_where(sandbox, |c: &Contact| c.region.as_deref() == Some(region))
+}
+
+fn move_to(sandbox: &Sandbox, id: &str, region: &str) {
+    sandbox.with_store(|s| s.update(id, |c| c.region = Some(region.into()))).expect("update");
+}
+
+// A partitioned rule fills one list per value; a contact whose value changes leaves its old list
+// and joins the new one in the same sync; a new value gets its list in the same sync; a value no
+// contact returns any more keeps its list, emptied under the mass-removal guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_rule_fills_one_list_per_value_and_contacts_move() {
+    let sandbox = support::start(SandboxConfig { churn_per_minute: 0, ..support::sandbox_config(2_000) }).await;
+    let (dir, config) = setup(&sandbox, &geo_rule(&REGIONS, ""));
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 0, "{out}");
+    for region in REGIONS {
+        assert_eq!(members(&sandbox, &format!("Geo - {region}")), Some(in_region(&sandbox, region)), "{region}");
+    }
+    assert!(out.contains("geo:Geo - Veneto → \"Geo - Veneto\""), "every output names the list: {out}");
+
+    // Two moves: Lombardia → Veneto, and Veneto → a region with no list.
+    let (mover, leaver) = (in_region(&sandbox, "Lombardia")[0].clone(), in_region(&sandbox, "Veneto")[0].clone());
+    move_to(&sandbox, &mover, "Veneto");
+    move_to(&sandbox, &leaver, "Lazio");
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 0, "{out}");
+    for region in REGIONS {
+        assert_eq!(members(&sandbox, &format!("Geo - {region}")), Some(in_region(&sandbox, region)), "{region}");
+    }
+    assert!(members(&sandbox, "Geo - Veneto").expect("list").contains(&mover), "joined the new list");
+    assert!(!members(&sandbox, "Geo - Lombardia").expect("list").contains(&mover), "left the old one");
+
+    // A new value: its list is created and filled in the same sync.
+    std::fs::write(
+        dir.path().join("rules/geo.rhai"),
+        geo_rule(&["Lombardia", "Veneto", "Emilia-Romagna", "Lazio"], ""),
+    )
+    .expect("edit");
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(members(&sandbox, "Geo - Lazio"), Some(in_region(&sandbox, "Lazio")));
+
+    // Veneto no longer returned: its list is kept; emptying it all is a mass removal, held.
+    std::fs::write(dir.path().join("rules/geo.rhai"), geo_rule(&["Lombardia", "Emilia-Romagna", "Lazio"], ""))
+        .expect("edit");
+    let veneto = members(&sandbox, "Geo - Veneto").expect("list");
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 4, "held: {out}");
+    assert_eq!(members(&sandbox, "Geo - Veneto"), Some(veneto), "held, not emptied");
+    let (code, out) = segsync(&["sync", "geo", "--allow-mass-removal"], &config).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(members(&sandbox, "Geo - Veneto"), Some(Vec::new()), "emptied, and the list is kept");
+    sandbox.shutdown().await;
+}
+
+// A rule that would fill more lists than MAX_LISTS (or [rules] max_lists_per_rule) changes
+// nothing, and says how many and which; `fn list(c) { c.id }` cannot create 2,000 lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_lists_than_allowed_change_nothing() {
+    let sandbox = support::start(SandboxConfig { churn_per_minute: 0, ..support::sandbox_config(2_000) }).await;
+    let (dir, config) = setup(&sandbox, &geo_rule(&REGIONS, "const MAX_LISTS = 2;\n"));
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("fn list names 3 lists, more than MAX_LISTS 2"), "{out}");
+    assert!(out.contains("Most contacts: \"Geo - Lombardia\""), "{out}");
+    assert!(sandbox.with_store(|s| s.lists().is_empty()), "no list was created");
+
+    std::fs::write(dir.path().join("rules/geo.rhai"), "fn list(c) { c.id }\n").expect("edit");
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("lists, more than MAX_LISTS 50"), "the configured default: {out}");
+    assert!(sandbox.with_store(|s| s.lists().is_empty()), "no list was created");
+
+    // A list another rule fills by LIST is not taken over: the partitioned rule changes nothing.
+    std::fs::write(dir.path().join("rules/geo.rhai"), geo_rule(&REGIONS, "")).expect("edit");
+    std::fs::write(dir.path().join("rules/veneto.rhai"), "const LIST = \"Geo - Veneto\";\nfn matches(c) { false }\n")
+        .expect("rule");
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("fn list names \"Geo - Veneto\", which is the LIST of rule veneto"), "{out}");
+    assert!(members(&sandbox, "Geo - Lombardia").is_none(), "nothing changed");
+    sandbox.shutdown().await;
+}
