@@ -129,6 +129,11 @@ pub struct DemoData {
     region_weight_total: u32,
 }
 
+/// Whether demo contact `seq` opted out of marketing: 1 in 50, spread evenly.
+pub fn opted_out(seq: u64) -> bool {
+    seq % 50 == 7
+}
+
 impl DemoData {
     pub fn new(seed: u64, today: NaiveDate) -> Self {
         Self { rng: ChaCha8Rng::seed_from_u64(seed), today, region_weight_total: REGIONS.iter().map(|r| r.1).sum() }
@@ -152,6 +157,11 @@ impl DemoData {
         custom.insert("lastPurchaseDate".into(), Value::String(self.purchase_date().to_string()));
         custom.insert("totalSpent".into(), json!(self.total_spent()));
         custom.insert("preferredChannel".into(), Value::String(self.channel().into()));
+        // About 2 % opted out of marketing (GDPR). Decided by the sequence number, not the random
+        // stream, so every other field of every contact is what it was before this field existed.
+        if opted_out(seq) {
+            custom.insert("gdprOptOut".into(), Value::Bool(true));
+        }
         Contact {
             id: format!("cnt-{seq:06}"),
             first_name: Some(first.into()),

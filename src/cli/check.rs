@@ -192,22 +192,22 @@ fn preview_problems(preview: &super::sample::Preview, severity: &'static str) ->
     problems
 }
 
+/// The rules a command runs: the engine, the named rules (all when none are named), every loaded
+/// suppression rule (each applies to every pass), and whether the named files all loaded.
+pub(super) type Selected = (rhai::Engine, Vec<Arc<Rule>>, Vec<Arc<Rule>>, bool);
+
 /// Loads the rules, prints the broken ones, and picks the named ones (all when none are named);
 /// `Err` is the exit code when a named rule is not among the valid ones.
-pub(super) fn load_selected(
-    config: &Config,
-    names: &[String],
-    tested: bool,
-    quiet: bool,
-) -> Result<(rhai::Engine, Vec<Arc<Rule>>, bool), Exit> {
+pub(super) fn load_selected(config: &Config, names: &[String], tested: bool, quiet: bool) -> Result<Selected, Exit> {
     let loaded = Loaded::load(&config.rules_dir, config.time_zone, tested);
     // Named rules: only their own files' problems (another file's are not this command's).
     let relevant = relevant_errors(&loaded, names);
     for e in relevant.iter().filter(|_| !quiet) {
         say!("{e}");
     }
+    let suppressors = loaded.set.iter().filter(|r| r.mode == rules::Mode::Suppress).cloned().collect();
     match loaded.select(names) {
-        Ok(selected) => Ok((loaded.engine, selected, relevant.is_empty())),
+        Ok(selected) => Ok((loaded.engine, selected, suppressors, relevant.is_empty())),
         Err(e) => {
             say!("{e}");
             Err(unselectable(&e))
@@ -229,7 +229,7 @@ pub(super) fn unselectable(e: &Unselectable) -> Exit {
 }
 
 pub(super) fn test(config: &Config, names: &[String], out: Output, junit: Option<&std::path::Path>) -> Exit {
-    let (engine, selected, all_valid) = match load_selected(config, names, false, out.json) {
+    let (engine, selected, _, all_valid) = match load_selected(config, names, false, out.json) {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };

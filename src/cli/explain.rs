@@ -23,6 +23,8 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, 
         }
     };
     let engine = loaded.engine;
+    let suppressors: Vec<std::sync::Arc<rules::Rule>> =
+        loaded.set.iter().filter(|s| s.suppresses(&rule)).cloned().collect();
     let connection = Connection::open(config, None).await?;
     let fetched = connection.gateway.get_contact::<ContactRecord>(&ContactId::from(contact_id)).await;
     let today = rules::Date(chrono::Utc::now().with_timezone(&config.time_zone).date_naive());
@@ -76,11 +78,30 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, 
     for (path, value) in fields_read(&map, &rule.mentions) {
         say!("reads     {path} = {value}");
     }
-    let answer = rule.evaluate(&engine, &contact, today);
+    let mut answer = rule.evaluate(&engine, &contact, today);
     match &answer {
         Ok(true) => say!("answer    IN the segment: the list should hold this contact"),
         Ok(false) => say!("answer    NOT in the segment: the list should not hold this contact"),
         Err(e) => say!("answer    ERROR, so the contact is neither added nor removed: {e}"),
+    }
+    // A suppression rule overrides the answer: its contacts are in no list it applies to.
+    for s in &suppressors {
+        match s.evaluate(&engine, &contact, today) {
+            Ok(true) => {
+                say!("suppress  SUPPRESSED by rule {}: kept out of this list, and removed at once if in it", s.name);
+                answer = Ok(false);
+            }
+            Ok(false) => say!("suppress  not suppressed by rule {}", s.name),
+            Err(e) => {
+                say!(
+                    "suppress  rule {} cannot judge it ({e}): it is not added; a member is not removed for it",
+                    s.name
+                );
+                if answer == Ok(true) {
+                    answer = Err(e);
+                }
+            }
+        }
     }
     let now = match (&in_list, &answer) {
         (None, _) => "the list does not exist yet; the rule's first run that writes creates it".to_owned(),

@@ -27,7 +27,7 @@ pub(super) async fn pass(config: &Config, names: &[String], command: PassCommand
     let dry_run = matches!(command, PassCommand::Plan { .. });
     // `sync` runs only rules that pass their own tests (as the daemon does); `plan` previews a rule
     // failing them too, marked, because a dry run helps fix it.
-    let (engine, selected, all_valid) =
+    let (engine, selected, suppressors, all_valid) =
         match load_selected(config, names, !dry_run, matches!(command, PassCommand::Plan { json: true, .. })) {
             Ok(loaded) => loaded,
             Err(code) => return Ok(code),
@@ -85,7 +85,13 @@ pub(super) async fn pass(config: &Config, names: &[String], command: PassCommand
             bar.set_message(format!("{}: {} contacts{eta}", p.stage, p.contacts));
         })
     });
-    let request = PassRequest { dry_run, allow_mass_removal, progress, ..PassRequest::new(selected, Trigger::Manual) };
+    let request = PassRequest {
+        dry_run,
+        allow_mass_removal,
+        progress,
+        suppressors,
+        ..PassRequest::new(selected, Trigger::Manual)
+    };
     let report = reconciler.run_pass(request).await;
     if let Some(bar) = bar {
         bar.finish_and_clear();

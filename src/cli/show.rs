@@ -34,6 +34,8 @@ pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
         "sample_remove": sample(&r.plan.to_remove, 10),
         "held": r.plan.held,
         "pending_removal": r.plan.pending.len(),
+        "suppressed_removals": r.plan.suppressed.len(),
+        "kept_out": r.plan.kept_out,
         "sample_pending": r.plan.pending.iter().take(10).map(|(id, since)| serde_json::json!({"contact": id, "failing_since": since, "due": due(r, since)})).collect::<Vec<_>>(),
         "outcome": r.outcome,
         "detail": r.detail,
@@ -43,6 +45,19 @@ pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
 
 pub(super) fn print_pass(report: &PassReport, dry_run: bool) {
     for r in &report.rules {
+        if r.rule.mode == crate::rules::Mode::Suppress {
+            let whom = match &r.rule.suppress_from {
+                Some(names) => format!("out of the lists of {}", names.join(", ")),
+                None => "out of every list".into(),
+            };
+            say!("{} → keeps the contacts it selects {whom} (suppress)", r.rule.name);
+            say!("  scanned {}, suppressed {}, eval errors {}", r.scanned, r.matched, r.eval_errors);
+            if let Some(e) = &r.first_error {
+                say!("  first evaluation error: {e} (such contacts are added to no list)");
+            }
+            say!("  outcome {}{}", r.outcome, r.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default());
+            continue;
+        }
         if matches!(r.rule.lists, crate::rules::Lists::Partitioned { .. }) {
             let (add, remove) = if dry_run {
                 (format!("would add {}", r.plan.to_add.len()), format!("would remove {}", r.plan.to_remove.len()))
@@ -118,6 +133,18 @@ pub(super) fn print_pass(report: &PassReport, dry_run: bool) {
                     format!(" … (+{} more)", r.plan.pending.len() - 5)
                 } else {
                     String::new()
+                }
+            );
+        }
+        if !r.plan.suppressed.is_empty() || r.plan.kept_out > 0 {
+            say!(
+                "  suppressed: {} member(s) removed at once, {} matching contact(s) kept out{}",
+                r.plan.suppressed.len(),
+                r.plan.kept_out,
+                if r.plan.suppressed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (removed: {})", sample(&r.plan.suppressed, 5).join(", "))
                 }
             );
         }

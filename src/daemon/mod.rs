@@ -529,8 +529,13 @@ impl Daemon {
                 );
                 notify(&[NotifyState::Status(&line)]);
             });
-            let request =
-                PassRequest { allow_mass_removal, progress: Some(status), ..PassRequest::new(rules, trigger) };
+            let suppressors = self.rules.iter().filter(|r| r.mode == rules::Mode::Suppress).cloned().collect();
+            let request = PassRequest {
+                allow_mass_removal,
+                progress: Some(status),
+                suppressors,
+                ..PassRequest::new(rules, trigger)
+            };
             self.tracker.spawn(async move {
                 let report = reconciler.run_pass(request).await;
                 let _ = tx.send(Event::PassDone(report));

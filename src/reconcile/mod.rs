@@ -26,6 +26,7 @@ mod progress;
 mod read;
 mod recall;
 mod settle;
+mod suppress;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -156,12 +157,24 @@ pub struct PassRequest {
     pub progress: Option<ProgressSink>,
     /// The run's "now" for removal grace and history; `None` means the clock's.
     pub now: Option<chrono::DateTime<chrono::Utc>>,
+    /// Every loaded suppression rule (`MODE = "suppress"`), run or not: each keeps its contacts
+    /// out of the lists it applies to in every pass.
+    pub suppressors: Vec<Arc<Rule>>,
 }
 
 impl PassRequest {
     /// A pass over `rules`, writing, with no progress sink.
     pub fn new(rules: Vec<Arc<Rule>>, trigger: Trigger) -> Self {
-        Self { rules, trigger, dry_run: false, allow_mass_removal: false, today: None, progress: None, now: None }
+        Self {
+            rules,
+            trigger,
+            dry_run: false,
+            allow_mass_removal: false,
+            today: None,
+            progress: None,
+            now: None,
+            suppressors: Vec::new(),
+        }
     }
 }
 
@@ -367,7 +380,13 @@ impl Reconciler {
         self.gateway.reprobe_older_than(self.verify_members_every);
         let partition_meter = Arc::new(Meter::default());
         let partitioned = self.partition(&req.rules, today, &partition_meter).await;
-        let rules = partitioned.rules;
+        // Suppression rules fill no list: each is judged once, for every list it applies to.
+        let (suppressing, rules): (Vec<Arc<Rule>>, Vec<Arc<Rule>>) =
+            partitioned.rules.into_iter().partition(|r| r.mode == crate::rules::Mode::Suppress);
+        let mut suppressing_all = req.suppressors.clone();
+        suppressing_all
+            .extend(suppressing.iter().filter(|r| !req.suppressors.iter().any(|s| s.name == r.name)).cloned());
+        let suppressors = self.suppressors(&suppressing_all, today, &partition_meter).await;
         let memory = self.recall(&rules).await;
         let contacts = memory.contacts;
         let jobs = self.jobs(&rules, memory.rules);
@@ -396,12 +415,21 @@ impl Reconciler {
         let mut reports = join_all(judged.into_iter().map(|judged| async {
             let run = (&req, read, &shared_usage, (started, started_at.as_str()));
             let written = match judged {
-                Ok(judged) => self.apply(self.plan(judged, &req).await, req.dry_run).await,
+                Ok(judged) => {
+                    let suppression = suppress::for_rule(&suppressors, &judged.bound.job.rule);
+                    self.apply(self.plan(judged, &req, suppression).await, req.dry_run).await
+                }
                 Err(stopped) => Err(stopped),
             };
             self.commit(written, run).await
         }))
         .await;
+        // A suppression rule the pass ran: what it selected.
+        for s in suppressors.iter().filter(|s| suppressing.iter().any(|r| r.name == s.rule.name)) {
+            let report = suppress::report(s);
+            self.record_alone(&report, req.trigger, &started_at, req.dry_run).await;
+            reports.push(report);
+        }
         // A partitioned rule's run, as its file: refused whole, or the summary of its lists.
         for report in partitioned.refused {
             self.record_alone(&report, req.trigger, &started_at, req.dry_run).await;

@@ -7,6 +7,7 @@
 
 use super::grace::Grace;
 use super::settle::Judged;
+use super::suppress::Suppression;
 use super::{Flow, PassRequest, ReconcileError, Reconciler, Stopped};
 use crate::ids::{ContactId, ContactIdSet};
 use crate::rules::{EvalError, Facts, Mode, Observed, Rule};
@@ -99,6 +100,10 @@ pub struct Plan {
     pub refused: Option<String>,
     /// Failing members still within their removal grace, with when each first failed (RFC 3339).
     pub pending: Vec<(ContactId, String)>,
+    /// Of `to_remove`, the members a suppression rule removes at once (no grace).
+    pub suppressed: Vec<ContactId>,
+    /// Matching contacts a suppression rule keeps out (suppressed, or not judged by it).
+    pub kept_out: u64,
 }
 
 impl Plan {
@@ -119,15 +124,25 @@ impl Plan {
 /// Decides the changes for one list. The ids move from `eval` into the plan (a first sync of a
 /// million contacts would otherwise hold them twice). Members within their removal grace are
 /// pending, not removed, and the guards count only what is due.
-pub fn plan(eval: &mut Evaluation, mode: Mode, guards: &Guards, allow_mass_removal: bool, grace: &Grace) -> Plan {
+pub fn plan(
+    eval: &mut Evaluation,
+    mode: Mode,
+    guards: &Guards,
+    allow_mass_removal: bool,
+    grace: &Grace,
+    suppression: &Suppression,
+) -> Plan {
     let members = &eval.members;
     let mut to_add: Vec<ContactId> =
         std::mem::take(&mut eval.candidates_matching).into_iter().filter(|id| !members.contains(id.as_str())).collect();
     to_add.sort();
     to_add.dedup();
+    let matching = to_add.len();
+    to_add.retain(|id| !suppression.blocks_add(id));
+    let kept_out = (matching - to_add.len()) as u64;
     let mut to_remove = match mode {
         Mode::Mirror => std::mem::take(&mut eval.members_failing),
-        Mode::AddOnly => Vec::new(),
+        Mode::AddOnly | Mode::Suppress => Vec::new(),
     };
     to_remove.sort();
     to_remove.dedup();
@@ -144,7 +159,25 @@ pub fn plan(eval: &mut Evaluation, mode: Mode, guards: &Guards, allow_mass_remov
             })
             .collect();
     }
-    let mut plan = Plan { to_add, to_remove, held: None, refused: None, pending };
+    // Suppressed members leave at once, whatever the rule says of them and however young their grace.
+    let mut suppressed: Vec<ContactId> = Vec::new();
+    for (by, judged) in &suppression.by {
+        for id in judged.ids.iter().filter(|id| eval.members.contains(id.as_str())) {
+            suppressed.push(id.clone());
+            eval.reasons.push((id.clone(), format!("suppressed by rule {by}")));
+        }
+    }
+    suppressed.sort();
+    suppressed.dedup();
+    pending.retain(|(id, _)| suppressed.binary_search(id).is_err());
+    to_remove.extend(suppressed.iter().cloned());
+    to_remove.sort();
+    to_remove.dedup();
+    let mut plan = Plan { to_add, to_remove, held: None, refused: None, pending, suppressed, kept_out };
+    if let Some(why) = &suppression.failed {
+        plan.refused = Some(why.clone());
+        return plan;
+    }
 
     if eval.evaluated > 0 && eval.errors as f64 > guards.max_error_share * eval.evaluated as f64 {
         let (share, limit) = percents(eval.errors as f64 / eval.evaluated as f64, guards.max_error_share);
@@ -181,7 +214,7 @@ pub(super) struct Planned {
 
 impl Reconciler {
     /// Plans one rule's changes at the run's "now", with its removal grace and the guards.
-    pub(super) async fn plan(&self, mut judged: Judged, req: &PassRequest) -> Flow<Planned> {
+    pub(super) async fn plan(&self, mut judged: Judged, req: &PassRequest, suppression: Suppression) -> Flow<Planned> {
         let rule = judged.bound.job.rule.clone();
         crate::fault::panic_in_pass(rule.name.as_str());
         let grace = Grace {
@@ -192,7 +225,7 @@ impl Reconciler {
         let (guards, allow) = (self.guards.clone(), req.allow_mass_removal);
         let shell = judged.bound.shell();
         let planned = tokio::task::spawn_blocking(move || {
-            let plan = plan(&mut judged.eval, rule.mode, &guards, allow, &grace);
+            let plan = plan(&mut judged.eval, rule.mode, &guards, allow, &grace, &suppression);
             Planned { judged, plan, grace }
         });
         planned.await.map_err(|e| Stopped::new(shell, ReconcileError::Planning(e.to_string())))
@@ -263,7 +296,7 @@ mod tests {
             ..Evaluation::default()
         };
         let mut eval = eval;
-        let p = plan(&mut eval, c.mode, &guards(), c.allow, &Grace::none());
+        let p = plan(&mut eval, c.mode, &guards(), c.allow, &Grace::none(), &Suppression::default());
         assert_eq!(p.to_add, ids(c.add), "{}: to_add", c.name);
         assert_eq!(p.to_remove, ids(c.remove), "{}: to_remove", c.name);
         assert_eq!(p.held.is_some(), c.held, "{}: held {:?}", c.name, p.held);

@@ -76,6 +76,26 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<Diagnostic>) {
     let loaded: Vec<Rule> = loaded.into_iter().filter(|r| !clashing.contains(&r.name)).collect();
     let broken: std::collections::BTreeSet<String> =
         errors.iter().filter_map(|e| e.rule_name().map(str::to_owned)).collect();
+    let names: Vec<String> = loaded.iter().map(|r| r.name.to_string()).chain(broken.iter().cloned()).collect();
+    let unknown_targets: Vec<String> = loaded
+        .iter()
+        .filter_map(|rule| {
+            let unknown: Vec<&String> = rule.suppress_from.iter().flatten().filter(|n| !names.contains(n)).collect();
+            let first = unknown.first()?;
+            let close = names.iter().min_by_key(|n| strsim::damerau_levenshtein(n, first));
+            let hint = match close {
+                Some(c) if strsim::damerau_levenshtein(c, first) <= (first.len() / 3).max(2) => {
+                    format!("; did you mean {c:?}?")
+                }
+                _ => format!(" (rules: {})", names.join(", ")),
+            };
+            let (line, col) = const_position(&crate::files::read_text(&rule.path).unwrap_or_default(), "SUPPRESS_FROM");
+            let message = format!("SUPPRESS_FROM names {first:?}, which is no rule{hint}");
+            errors.push(Diagnostic { rule: None, file: rule.path.clone(), line, col, message });
+            Some(rule.name.to_string())
+        })
+        .collect();
+    let loaded: Vec<Rule> = loaded.into_iter().filter(|r| !unknown_targets.contains(&r.name.to_string())).collect();
     let rules = super::segments::wire(loaded, &broken, &mut errors).into_iter().map(|r| (r.name.clone(), r)).collect();
     (RuleSet { rules }, errors)
 }
@@ -152,8 +172,15 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
     let mut settings = Settings { path, source: &source, scope: &scope, errors: Vec::new() };
     let partitioned = ast.iter_functions().any(|f| f.name == "list");
     let mode = settings.mode();
+    let suppress_from = settings.suppress_from(mode);
     let (list, lists) = if partitioned {
+        if mode == Mode::Suppress {
+            settings.error("MODE", "a suppression rule selects contacts with fn matches, not fn list".into());
+        }
         (settings.no_list("fn list(contact)"), Lists::Partitioned { max: settings.max_lists() })
+    } else if mode == Mode::Suppress {
+        settings.no_max_lists();
+        (settings.no_list("MODE = \"suppress\""), Lists::One)
     } else {
         settings.no_max_lists();
         (settings.list(), Lists::One)
@@ -198,6 +225,7 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         warnings,
         helpers: helpers.iter().map(|(_, h)| h.path.clone()).collect(),
         imports: !helpers.is_empty(),
+        suppress_from,
         segment_refs,
         segments: Arc::default(),
         ast: callable(ast, &helpers).map_err(|e| vec![at_pos(path, e.position(), e.to_string())])?,
@@ -255,7 +283,8 @@ struct Settings<'a> {
 }
 
 /// The settings a rule file may define as top-level constants.
-pub const SETTINGS: [&str; 7] = ["LIST", "DESCRIPTION", "SCHEDULE", "FILTER", "MODE", "REMOVE_AFTER", "MAX_LISTS"];
+pub const SETTINGS: [&str; 8] =
+    ["LIST", "DESCRIPTION", "SCHEDULE", "FILTER", "MODE", "REMOVE_AFTER", "MAX_LISTS", "SUPPRESS_FROM"];
 
 /// The most lists `MAX_LISTS` may allow: beyond it a rule is a slip, not a segmentation.
 pub const MAX_LISTS_CEILING: u64 = 10_000;
@@ -353,6 +382,27 @@ impl Settings<'_> {
         String::new()
     }
 
+    /// `SUPPRESS_FROM = ["vip", …]`: the rules a suppression applies to (only with `MODE = "suppress"`).
+    fn suppress_from(&mut self, mode: Mode) -> Option<Vec<String>> {
+        let value = self.scope.get("SUPPRESS_FROM")?;
+        if mode != Mode::Suppress {
+            self.error("SUPPRESS_FROM", "SUPPRESS_FROM needs MODE = \"suppress\"".into());
+            return None;
+        }
+        let names: Option<Vec<String>> =
+            value.read_lock::<rhai::Array>().and_then(|a| a.iter().map(|v| v.clone().into_string().ok()).collect());
+        match names {
+            Some(names) if !names.is_empty() => Some(names),
+            _ => {
+                self.error(
+                    "SUPPRESS_FROM",
+                    format!("SUPPRESS_FROM must be a list of rule names such as [\"vip\"], got {value}"),
+                );
+                None
+            }
+        }
+    }
+
     /// `MAX_LISTS`: how many lists a partitioned rule may fill, a whole number from 1.
     fn max_lists(&mut self) -> Option<u64> {
         let value = self.scope.get("MAX_LISTS")?;
@@ -385,8 +435,9 @@ impl Settings<'_> {
         match self.text("MODE").as_deref() {
             None | Some("mirror") => Mode::Mirror,
             Some("add_only") => Mode::AddOnly,
+            Some("suppress") => Mode::Suppress,
             Some(m) => {
-                self.error("MODE", format!("MODE must be \"mirror\" or \"add_only\", got {m:?}"));
+                self.error("MODE", format!("MODE must be \"mirror\", \"add_only\" or \"suppress\", got {m:?}"));
                 Mode::Mirror
             }
         }

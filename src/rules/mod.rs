@@ -43,6 +43,9 @@ pub enum Mode {
     Mirror,
     /// Add matches; never remove.
     AddOnly,
+    /// Fill no list: the contacts `matches` selects must be in no managed list (opt-outs,
+    /// erasure requests): never added, and removed at once, without `REMOVE_AFTER`.
+    Suppress,
 }
 
 impl fmt::Display for Mode {
@@ -50,6 +53,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Self::Mirror => "mirror",
             Self::AddOnly => "add_only",
+            Self::Suppress => "suppress",
         })
     }
 }
@@ -97,6 +101,9 @@ pub struct Rule {
     pub helpers: Vec<PathBuf>,
     /// The rule imports helpers: each call first runs its `import`s (embedded in `ast`).
     imports: bool,
+    /// `MODE = "suppress"`: the rules whose lists it keeps its contacts out of (`SUPPRESS_FROM`;
+    /// `None`: every rule).
+    pub suppress_from: Option<Vec<String>>,
     /// The `segment("name", …)` calls in the file.
     pub segment_refs: Vec<SegmentRef>,
     /// The rules those calls name, wired when the folder loads.
@@ -136,9 +143,16 @@ impl Rule {
         }
     }
 
+    /// Whether this suppression rule keeps its contacts out of `rule`'s lists.
+    pub fn suppresses(&self, rule: &Rule) -> bool {
+        self.mode == Mode::Suppress
+            && rule.mode != Mode::Suppress
+            && self.suppress_from.as_ref().is_none_or(|names| names.iter().any(|n| n == rule.file_rule().as_str()))
+    }
+
     /// Whether the rule fills exactly the one list its `LIST` names.
     pub fn fills_its_list(&self) -> bool {
-        !self.is_partitioned()
+        !self.is_partitioned() && self.mode != Mode::Suppress
     }
 
     /// Whether the rule names its lists with `fn list` (a partitioned rule or one of its lists).

@@ -663,8 +663,8 @@ fn shipped_examples_check_clean() {
     .expect("config");
     let (code, out) = run(segsync().args(["check", "--strict", "--config"]).arg(&config));
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("3 rule(s) (geo, vip, vip-lombardia)"), "{out}");
-    assert!(out.contains("14 rule test(s) passed"), "{out}");
+    assert!(out.contains("4 rule(s) (geo, optout, vip, vip-lombardia)"), "{out}");
+    assert!(out.contains("16 rule test(s) passed"), "{out}");
 }
 
 // A rule failing its own tests (issue 21): `plan RULE` still previews it, marked with the failing

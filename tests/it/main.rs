@@ -15,4 +15,5 @@ mod partitions;
 mod reconcile;
 mod sandbox_api;
 mod support;
+mod suppression;
 mod systemd;

@@ -2,12 +2,11 @@
 //! run them (`segsync sync`) against the real sandbox over HTTP. Every list is checked exactly
 //! against a predicate written here, independently of the rule.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use segsync_sandbox::store::Contact;
 use segsync_sandbox::{Sandbox, SandboxConfig};
 
-use crate::support::{self, KEY_VAR};
+use crate::support;
 
 const REGIONS: [&str; 3] = ["Lombardia", "Veneto", "Emilia-Romagna"];
 
@@ -21,28 +20,11 @@ fn geo_rule(regions: &[&str], extra: &str) -> String {
 }
 
 fn setup(sandbox: &Sandbox, rule: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(dir.path().join("rules")).expect("rules");
-    std::fs::write(dir.path().join("rules/geo.rhai"), rule).expect("rule");
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[api]\nbase_url = \"{}\"\nkey_env = \"{KEY_VAR}\"\nplan = \"unlimited\"\npage_size = 100\n\
-             [rules]\ntime_zone = \"Europe/Rome\"\n",
-            sandbox.base_url()
-        ),
-    )
-    .expect("config");
-    (dir, config)
+    support::rules_folder(&sandbox.base_url(), &[("geo", rule)], "")
 }
 
 async fn segsync(args: &[&str], config: &Path) -> (i32, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_segsync"));
-    cmd.args(args).arg("--config").arg(config).env(KEY_VAR, support::KEY).env("RUST_LOG", "warn").stdin(Stdio::null());
-    let out = tokio::task::spawn_blocking(move || cmd.output().expect("runs")).await.expect("join");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
+    support::segsync(args, config).await
 }
 
 /// The ids in the list named `name` (none when there is no such list), sorted.

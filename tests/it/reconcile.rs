@@ -85,6 +85,7 @@ impl World {
                 today: Some(today()),
                 progress: None,
                 now,
+                suppressors: Vec::new(),
             })
             .await
     }

@@ -108,3 +108,37 @@ pub fn assert_log_schema<'a>(lines: impl IntoIterator<Item = &'a serde_json::Val
         }
     }
 }
+
+/// A config folder for `base_url` (pages of 100, the unlimited plan) with `rules` written into its
+/// rules folder and `extra` appended to its config.
+pub fn rules_folder(base_url: &str, rules: &[(&str, &str)], extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("rules")).expect("rules");
+    for (name, text) in rules {
+        std::fs::write(dir.path().join(format!("rules/{name}.rhai")), text).expect("rule");
+    }
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\nbase_url = \"{base_url}\"\nkey_env = \"{KEY_VAR}\"\nplan = \"unlimited\"\npage_size = 100\n\
+             [rules]\ntime_zone = \"Europe/Rome\"\n{extra}"
+        ),
+    )
+    .expect("config");
+    (dir, config)
+}
+
+/// Runs `segsync ARGS --config CONFIG` off the async runtime: its exit code and all it printed.
+pub async fn segsync(args: &[&str], config: &std::path::Path) -> (i32, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_segsync"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(config)
+        .env(KEY_VAR, KEY)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null());
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("runs")).await.expect("join");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
