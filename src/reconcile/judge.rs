@@ -12,8 +12,9 @@ use super::ReconcileError;
 use super::plan::Evaluation;
 use crate::contact::ContactRecord;
 use crate::gateway::{Gateway, Scan, ScanQuery};
+use crate::ids::RuleName;
 use crate::ids::{BitSet, ContactIdSet, ListId};
-use crate::rules::{Date, Facts, FilterTerm, Mode, Observed, Rule};
+use crate::rules::{Date, EvalError, Facts, FilterTerm, Lists, Mode, Observed, Rule};
 
 /// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
 /// threads as they were parsed). Returns the server's last reported total.
@@ -185,6 +186,8 @@ pub async fn candidates(
         let mut in_filter = vec![0u64; targets.len()];
         // (target, cached member index and its facts) for each `matches` call this record needs.
         let mut due: Vec<(usize, Option<(u32, Facts)>)> = Vec::with_capacity(targets.len());
+        // What each partitioned rule's `fn list` said of this record, by rule.
+        let mut named: Vec<(RuleName, Result<Option<String>, EvalError>)> = Vec::new();
         for record in records {
             due.clear();
             for (i, target) in targets.iter().enumerate() {
@@ -215,14 +218,27 @@ pub async fn candidates(
             // Each evaluation consumes a copy of the contact; the last one takes the record itself.
             let ContactRecord { id, fields } = record;
             let mut fields = Some(fields);
+            named.clear();
             for (k, (i, member)) in due.iter().enumerate() {
                 let i = *i;
-                let arg = if k + 1 == due.len() {
-                    fields.take().unwrap_or_default()
+                let rule = &targets[i].rule;
+                let verdict = if let Lists::Partition { parent } = &rule.lists {
+                    // The lists of one partitioned rule share one `fn list` call per record.
+                    let known = named.iter().find(|(p, _)| p == parent).map(|(_, listed)| listed.clone());
+                    let listed = known.unwrap_or_else(|| {
+                        let listed = rule.list_of(&engine, fields.clone().unwrap_or_default(), today);
+                        named.push((parent.clone(), listed.clone()));
+                        listed
+                    });
+                    listed.map(|l| l.as_deref() == Some(rule.list.as_str()))
                 } else {
-                    fields.clone().unwrap_or_default()
+                    let arg = if k + 1 == due.len() {
+                        fields.take().unwrap_or_default()
+                    } else {
+                        fields.clone().unwrap_or_default()
+                    };
+                    rule.call_matches(&engine, arg, today)
                 };
-                let verdict = targets[i].rule.call_matches(&engine, arg, today);
                 if let (Some((index, facts)), Some(seen)) = (member, cached[i].as_mut()) {
                     if verdict == Ok(true) {
                         seen.matched.push(*index);

@@ -81,6 +81,26 @@ fn register_segments(engine: &mut Engine) {
             rule.evaluate(ctx.engine(), &record, tag.today).map_err(|e| format!("segment({name:?}): {e}").into())
         },
     );
+    // `segment_list("geo", contact)`: the list the partitioned rule `geo` puts this contact in, or ().
+    engine.register_fn(
+        "segment_list",
+        |ctx: NativeCallContext, name: ImmutableString, contact: Dynamic| -> Fallible<Dynamic> {
+            let tag = ctx.tag().and_then(|t| t.read_lock::<CallTag>().map(|c| c.clone()));
+            let Some(tag) = tag else { return Err(format!("segment_list({name:?}): not available here").into()) };
+            let Some(rule) = tag.segments.get(name.as_str()) else {
+                return Err(format!("segment_list({name:?}): no such rule is loaded").into());
+            };
+            let record = crate::contact::ContactRecord::from_fields(contact);
+            let listed = match rule.filter_verdict(&record) {
+                Ok(true) => rule.list_of(ctx.engine(), record.fields, tag.today),
+                Ok(false) => Ok(None),
+                Err(e) => Err(e),
+            };
+            listed
+                .map(|l| l.map_or(Dynamic::UNIT, Dynamic::from))
+                .map_err(|e| format!("segment_list({name:?}): {e}").into())
+        },
+    );
 }
 
 /// Reads `YYYY-MM-DD`, or an RFC 3339 timestamp taken as its date in `tz`.

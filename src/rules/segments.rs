@@ -14,10 +14,12 @@ use super::{Diagnostic, Rule};
 /// The rules a rule may name with `segment`, by name.
 pub type Segments = BTreeMap<String, Arc<Rule>>;
 
-/// One `segment("name", …)` call in a rule file.
+/// One `segment("name", …)` or `segment_list("name", …)` call in a rule file.
 #[derive(Debug, Clone)]
 pub struct SegmentRef {
     pub name: String,
+    /// `segment_list`: the named rule must have `fn list`; `segment`: it must not.
+    pub list: bool,
     pub line: usize,
     pub col: usize,
 }
@@ -31,19 +33,23 @@ pub(super) fn refs(ast: &AST, path: &std::path::Path) -> (Vec<SegmentRef>, Vec<D
             Some(ASTNode::Expr(Expr::FnCall(call, pos)) | ASTNode::Stmt(Stmt::FnCall(call, pos))) => Some((call, *pos)),
             _ => None,
         };
-        if let Some((call, pos)) = call.filter(|(c, _)| c.name == "segment" && !c.is_qualified()) {
+        let named = |c: &rhai::FnCallExpr| (c.name == "segment" || c.name == "segment_list") && !c.is_qualified();
+        if let Some((call, pos)) = call.filter(|(c, _)| named(c)) {
             let (line, col) = (pos.line().unwrap_or(0), pos.position().unwrap_or(0));
+            let list = call.name == "segment_list";
             match call.args.first() {
                 Some(Expr::StringConstant(name, _)) if call.args.len() == 2 => {
-                    found.push(SegmentRef { name: name.to_string(), line, col });
+                    found.push(SegmentRef { name: name.to_string(), list, line, col });
                 }
                 _ => problems.push(Diagnostic {
                     rule: None,
                     file: path.into(),
                     line,
                     col,
-                    message: "segment takes the rule's name as a literal and the contact: segment(\"vip\", contact)"
-                        .into(),
+                    message: format!(
+                        "{} takes the rule's name as a literal and the contact: {}(\"vip\", contact)",
+                        call.name, call.name
+                    ),
                 }),
             }
         }
@@ -66,9 +72,15 @@ pub(super) fn wire(loaded: Vec<Rule>, broken: &BTreeSet<String>, errors: &mut Ve
         for r in &rule.segment_refs {
             let problem = if r.name == rule.name.as_str() {
                 Some("a rule cannot name itself".to_owned())
-            } else if partitioned.contains(&r.name) {
+            } else if !r.list && partitioned.contains(&r.name) {
                 Some(format!(
-                    "rule {} names a list per contact (fn list), not a yes or no; segment needs a rule with fn matches",
+                    "rule {} names a list per contact (fn list), not a yes or no; segment needs a rule with fn \
+                     matches (segment_list gives the list it names)",
+                    r.name
+                ))
+            } else if r.list && names.contains(&r.name) && !partitioned.contains(&r.name) {
+                Some(format!(
+                    "rule {} has one LIST; segment_list needs a rule with fn list (segment gives its verdict)",
                     r.name
                 ))
             } else if broken.contains(&r.name) {
@@ -85,7 +97,7 @@ pub(super) fn wire(loaded: Vec<Rule>, broken: &BTreeSet<String>, errors: &mut Ve
                 None
             };
             if let Some(why) = problem {
-                errors.push(at(rule, r, format!("segment({:?}): {why}", r.name)));
+                errors.push(at(rule, r, format!("{}({:?}): {why}", call_name(r), r.name)));
                 refused.insert(rule.name.to_string());
             }
         }
@@ -130,10 +142,14 @@ pub(super) fn wire(loaded: Vec<Rule>, broken: &BTreeSet<String>, errors: &mut Ve
             } else {
                 format!("{} depends on itself through {} (a cycle)", rule.name, r.name)
             };
-            errors.push(at(rule, r, format!("segment({:?}): {why}", r.name)));
+            errors.push(at(rule, r, format!("{}({:?}): {why}", call_name(r), r.name)));
         }
     }
     built.into_values().collect()
+}
+
+fn call_name(r: &SegmentRef) -> &'static str {
+    if r.list { "segment_list" } else { "segment" }
 }
 
 fn at(rule: &Rule, r: &SegmentRef, message: String) -> Diagnostic {
@@ -192,13 +208,23 @@ mod tests {
             ("a", "const LIST = \"A\";\nfn matches(c) {\n    segment(\"b\", c)\n}\n"),
             ("b", "const LIST = \"B\";\nfn matches(c) { segment(\"a\", c) }\n"),
             ("dynamic", "const LIST = \"D\";\nfn matches(c) { let n = \"vip\"; segment(n, c) }\n"),
-            ("geo", "fn list(c) { c.region }\n"),
+            ("geo", "fn list(c) { if c.region == \"Veneto\" { \"Geo - Veneto\" } }\n"),
             ("on-geo", "const LIST = \"G\";\nfn matches(c) { segment(\"geo\", c) }\n"),
+            ("in-geo", "const LIST = \"I\";\nfn matches(c) { segment_list(\"geo\", c) == \"Geo - Veneto\" }\n"),
+            ("list-of-vip", "const LIST = \"L\";\nfn matches(c) { segment_list(\"vip\", c) == () }\n"),
         ]);
         let names: Vec<&str> = set.rules.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["geo", "vip"], "{errors:?}");
+        assert_eq!(names, ["geo", "in-geo", "vip"], "{errors:?}");
         let find = |file: &str| errors.iter().find(|e| e.file.ends_with(file)).unwrap_or_else(|| panic!("{errors:?}"));
         assert!(find("on-geo.rhai").message.contains("names a list per contact (fn list)"));
+        assert!(find("list-of-vip.rhai").message.contains("segment_list(\"vip\"): rule vip has one LIST"));
+        let in_geo = set.get(&"in-geo".into()).expect("loaded");
+        let engine = engine::build(chrono_tz::Europe::Rome);
+        let today = Date(chrono::NaiveDate::from_ymd_opt(2026, 11, 28).expect("date"));
+        let contact =
+            |region: &str| serde_json::from_str(&format!(r#"{{"id":"x","region":"{region}"}}"#)).expect("json");
+        assert_eq!(in_geo.evaluate(&engine, &contact("Veneto"), today), Ok(true));
+        assert_eq!(in_geo.evaluate(&engine, &contact("Lazio"), today), Ok(false));
         let e = find("typo.rhai");
         assert_eq!((e.line, e.col), (2, 17), "{e}");
         assert!(e.message.contains("there is no rule \"vpi\"; did you mean \"vip\"?"), "{e}");
