@@ -26,12 +26,15 @@ use crate::gateway::{Operation, PROCESS, Usage};
 use crate::ids::RuleName;
 use crate::outcome::Outcome;
 use crate::reconcile::PassReport;
+use crate::rules::Rule;
 
 type Labels = Vec<(String, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
 
-fn rule(name: &RuleName) -> Labels {
-    vec![("rule".into(), name.to_string())]
+/// A rule's series: its file's name and its list (one per list for a rule with `fn list`; empty
+/// for a suppression rule, which fills none).
+fn rule(r: &Rule) -> Labels {
+    vec![("rule".into(), r.file_rule().to_string()), ("list".into(), r.list.clone())]
 }
 
 fn op(op: Operation) -> Labels {
@@ -145,8 +148,9 @@ impl Metrics {
     /// Records a finished pass's per-rule results and duration (requests are counted live).
     pub fn observe(&self, report: &PassReport, finished: DateTime<Utc>) {
         let now = finished.timestamp_millis() as f64 / 1000.0;
-        for r in &report.rules {
-            let labels = rule(&r.rule.name);
+        // A partitioned rule's summary repeats its lists' figures: its lists have the series.
+        for r in report.rules.iter().filter(|r| !matches!(r.rule.lists, crate::rules::Lists::Partitioned { .. })) {
+            let labels = rule(&r.rule);
             self.last_run.get_or_create(&labels).set(now);
             if r.outcome == Outcome::Ok {
                 self.last_success.get_or_create(&labels).set(now);
@@ -170,12 +174,15 @@ impl Metrics {
     }
 
     /// The rules running and refused after a load; each running rule's counters start at 0.
-    pub fn rules<'a>(&self, loaded: impl IntoIterator<Item = &'a RuleName>, rejected: usize) {
+    pub fn rules<'a>(&self, loaded: impl IntoIterator<Item = &'a Arc<Rule>>, rejected: usize) {
         let mut count = 0;
-        for name in loaded {
-            let labels = rule(name);
-            let _ = self.added.get_or_create(&labels);
-            let _ = self.removed.get_or_create(&labels);
+        for r in loaded {
+            // A partitioned rule's lists are known when it runs; they start then.
+            if !r.is_partitioned() {
+                let labels = rule(r);
+                let _ = self.added.get_or_create(&labels);
+                let _ = self.removed.get_or_create(&labels);
+            }
             count += 1;
         }
         self.rules_loaded.set(count);

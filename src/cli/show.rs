@@ -152,7 +152,14 @@ pub(super) fn print_pass(report: &PassReport, dry_run: bool) {
             say!("  first evaluation error: {e}");
         }
         for finding in &r.findings {
-            say!("  warning: {}:{}:{}: {}", r.rule.path.display(), finding.line, finding.col, finding.message);
+            let at = crate::diagnostic::Diagnostic {
+                rule: None,
+                file: r.rule.path.clone(),
+                line: finding.line,
+                col: finding.col,
+                message: finding.message.clone(),
+            };
+            say!("  warning: {at}");
         }
         say!("  outcome {}{}", r.outcome, r.detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default());
     }

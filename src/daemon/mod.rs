@@ -387,7 +387,7 @@ impl Daemon {
             })
             .collect();
         self.writes.send(move |state| state.set_loaded(&loaded));
-        self.metrics.rules(self.rules.rules.keys(), errors.len());
+        self.metrics.rules(self.rules.rules.values(), errors.len());
         for rule in self.rules.iter().filter(|r| self.pending.get(&r.name) == Some(&trigger)) {
             tracing::info!(
                 rule = %rule.name,

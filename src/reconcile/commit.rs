@@ -241,6 +241,19 @@ fn count(report: &mut RuleReport, eval: &Evaluation) {
     report.eval_errors = eval.errors;
     report.first_error = eval.first_error.as_ref().map(|(id, e)| format!("contact {id}: {e}"));
     report.findings = report.rule.findings(&eval.observed, crate::rules::ABSENT_MIN_JUDGED);
+    // A partitioned rule's list no contact names any more is kept, and said so.
+    if matches!(report.rule.lists, crate::rules::Lists::Partition { .. }) && eval.matched == 0 && eval.errors == 0 {
+        report.findings.push(crate::rules::Finding {
+            kind: "list_not_named",
+            subject: report.rule.list.clone(),
+            line: 0,
+            col: 0,
+            message: format!(
+                "no contact is named into {:?} any more: the list is kept (emptied under the guards), never deleted",
+                report.rule.list
+            ),
+        });
+    }
 }
 
 /// How a run that went through every stage ended, and why if not `ok`.

@@ -371,6 +371,32 @@ mod tests {
         }
     }
 
+    // A suppression removes members past their grace, but under the mass-removal guard: a broken
+    // suppression rule selecting everyone cannot empty the list; the contacts it selects are never added.
+    #[test]
+    fn suppression_is_guarded() {
+        use super::super::suppress::{Suppressed, Suppression};
+        let everyone =
+            Suppressed { ids: ids(&["a", "b", "c", "d", "n"]).into_iter().collect(), ..Suppressed::default() };
+        let suppression = Suppression { by: vec![("optout".into(), std::sync::Arc::new(everyone))], failed: None };
+        let mut eval = Evaluation {
+            members: ["a", "b", "c", "d"].into_iter().collect(),
+            candidates_matching: ids(&["n", "m"]),
+            evaluated: 6,
+            ..Evaluation::default()
+        };
+        let p = plan(&mut eval, Mode::Mirror, &guards(), false, &Grace::none(), &suppression);
+        assert_eq!(p.to_add, ids(&["m"]), "the suppressed candidate is kept out");
+        assert_eq!(p.kept_out, 1);
+        assert_eq!(p.suppressed, ids(&["a", "b", "c", "d"]));
+        assert!(p.held.is_some(), "removing every member is held: {p:?}");
+        assert!(p.removals_to_apply().is_empty());
+        let failed = Suppression { failed: Some("optout could not be read".into()), ..Suppression::default() };
+        let mut eval = Evaluation { candidates_matching: ids(&["m"]), evaluated: 1, ..Evaluation::default() };
+        let p = plan(&mut eval, Mode::Mirror, &guards(), false, &Grace::none(), &failed);
+        assert!(p.refused.is_some() && p.adds_to_apply().is_empty(), "nothing changes while it cannot be judged");
+    }
+
     // A refused plan applies nothing; a held plan applies only adds.
     #[test]
     fn what_gets_applied() {

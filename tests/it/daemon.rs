@@ -778,13 +778,7 @@ async fn a_helper_edit_reruns_its_importers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_rule_runs_per_list_and_as_a_file() {
     let sandbox = support::start(support::sandbox_config(2_000)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(dir.path().join("rules")).expect("rules");
-    std::fs::write(
-        dir.path().join("rules/geo.rhai"),
-        "fn list(c) {\n    if c.region in [\"Lombardia\", \"Veneto\"] { \"Geo - \" + c.region }\n}\n",
-    )
-    .expect("rule");
+    let dir = support::rule_files(&[("geo", support::GEO_TWO_LISTS)]);
     let config = dir.path().join("config.toml");
     write_config(&config, &sandbox.base_url(), "");
     let daemon = Daemon::start(&config, &[]);

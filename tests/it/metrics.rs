@@ -239,3 +239,31 @@ fn check_alert_rules(scrape: &str) {
     }
     assert!(alerts >= 5);
 }
+
+// A partitioned rule's series carry its file's name and each list (issue 22): one series per list,
+// its members exactly the list's; the rule's summary adds no series of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_rule_has_a_series_per_list() {
+    let sandbox = support::start(SandboxConfig { churn_per_minute: 0, ..support::sandbox_config(1_000) }).await;
+    let dir = support::rule_files(&[("geo", support::GEO_TWO_LISTS)]);
+    let (port, config) = (free_port(), dir.path().join("config.toml"));
+    write_config(&config, &sandbox, port, "");
+    let (mut child, logs) = spawn(&config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !logs.lock().expect("lock").iter().any(|v| v["message"] == "pass finished") {
+        assert!(Instant::now() < deadline, "the first pass never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, scrape) = get(&format!("http://127.0.0.1:{port}/metrics")).await;
+    assert_eq!(status, 200);
+    for region in ["Lombardia", "Veneto"] {
+        let list = format!("Geo - {region}");
+        let expected = support::ids_where(&sandbox, |c| c.region.as_deref() == Some(region)).len() as f64;
+        let labels = [("rule", "geo"), ("list", list.as_str())];
+        assert_eq!(sample(&scrape, "segsync_rule_members", &labels), Some(expected), "{scrape}");
+        assert_eq!(sample(&scrape, "segsync_rule_outcome", &[("list", list.as_str()), ("outcome", "ok")]), Some(1.0));
+    }
+    assert_eq!(sample(&scrape, "segsync_rule_added_total", &[("rule", "geo"), ("list", "")]), None, "{scrape}");
+    child.0.kill().expect("kill");
+    sandbox.shutdown().await;
+}

@@ -87,6 +87,7 @@ async fn one_rule_fills_one_list_per_value_and_contacts_move() {
     let veneto = members(&sandbox, "Geo - Veneto").expect("list");
     let (code, out) = segsync(&["sync"], &config).await;
     assert_eq!(code, 4, "held: {out}");
+    assert!(out.contains("no contact is named into \"Geo - Veneto\" any more: the list is kept"), "reported: {out}");
     assert_eq!(members(&sandbox, "Geo - Veneto"), Some(veneto), "held, not emptied");
     let (code, out) = segsync(&["sync", "geo", "--allow-mass-removal"], &config).await;
     assert_eq!(code, 0, "{out}");

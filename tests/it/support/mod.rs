@@ -109,14 +109,24 @@ pub fn assert_log_schema<'a>(lines: impl IntoIterator<Item = &'a serde_json::Val
     }
 }
 
-/// A config folder for `base_url` (pages of 100, the unlimited plan) with `rules` written into its
-/// rules folder and `extra` appended to its config.
-pub fn rules_folder(base_url: &str, rules: &[(&str, &str)], extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+/// A partitioned rule with two lists, `Geo - Lombardia` and `Geo - Veneto`.
+pub const GEO_TWO_LISTS: &str =
+    "fn list(c) {\n    if c.region in [\"Lombardia\", \"Veneto\"] { \"Geo - \" + c.region }\n}\n";
+
+/// A folder holding `rules/NAME.rhai` for each of `rules`.
+pub fn rule_files(rules: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir(dir.path().join("rules")).expect("rules");
     for (name, text) in rules {
         std::fs::write(dir.path().join(format!("rules/{name}.rhai")), text).expect("rule");
     }
+    dir
+}
+
+/// A config folder for `base_url` (pages of 100, the unlimited plan) with `rules` written into its
+/// rules folder and `extra` appended to its config.
+pub fn rules_folder(base_url: &str, rules: &[(&str, &str)], extra: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = rule_files(rules);
     let config = dir.path().join("config.toml");
     std::fs::write(
         &config,
