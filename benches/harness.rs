@@ -343,6 +343,7 @@ async fn run(s: &Scenario) {
             progress: None,
             now: None,
             suppressors: Vec::new(),
+            broken_suppressors: Vec::new(),
         };
         let report = reconciler.run_pass(request).await;
         let wall = started.elapsed();

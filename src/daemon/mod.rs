@@ -154,6 +154,9 @@ struct Daemon {
     status: String,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Suppression rule files that do not load and have no running version (name, why): while
+    /// there is one, no list changes.
+    broken_suppressors: Vec<(String, String)>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (or `stop`), then shuts down within the configured deadline.
@@ -167,12 +170,12 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
 
     // Startup is a rules reload from nothing. With no usable rule at all there is nothing to run:
     // refuse to start, as `segsync check` (the unit's start gate) does.
-    if let Some((loaded, errors)) = load_rules(&daemon.engine, &daemon.config.rules_dir).await {
+    if let Some((loaded, errors, broken)) = load_rules(&daemon.engine, &daemon.config.rules_dir).await {
         if loaded.is_empty() {
             log_rejected(&errors);
             anyhow::bail!("no usable rule in {}; nothing to run", daemon.config.rules_dir.display());
         }
-        daemon.apply_rules(loaded, errors, Trigger::Startup, clock);
+        daemon.apply_rules(loaded, errors, broken, Trigger::Startup, clock);
     }
     daemon.start_watcher();
     let due_tx = tx.clone();
@@ -188,13 +191,22 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     failure.map_or(Ok(()), Err)
 }
 
+/// A load of the rules folder: the rules, the problems of the files that did not load, and the
+/// suppression files among them.
+type Load = (RuleSet, Vec<Diagnostic>, Vec<(String, String)>);
+
 /// Loads the rules folder on a blocking thread (compiling runs each file's top level in Rhai), and
 /// runs each rule's own tests: a rule that fails them is refused like a syntax error.
 /// `None` if the load itself broke; the caller then keeps what runs.
-async fn load_rules(engine: &Arc<Engine>, dir: &std::path::Path) -> Option<(RuleSet, Vec<Diagnostic>)> {
+async fn load_rules(engine: &Arc<Engine>, dir: &std::path::Path) -> Option<Load> {
     let (engine, dir) = (engine.clone(), dir.to_path_buf());
-    match tokio::task::spawn_blocking(move || rules::load_tested(&engine, &dir)).await {
-        Ok((set, errors, _)) => Some((set, errors)),
+    let load = move || {
+        let (set, errors, _) = rules::load_tested(&engine, &dir);
+        let broken = rules::broken_suppressions(&errors);
+        (set, errors, broken)
+    };
+    match tokio::task::spawn_blocking(load).await {
+        Ok(loaded) => Some(loaded),
         Err(e) => {
             tracing::error!(error = %e, "reload failed");
             None
@@ -292,6 +304,7 @@ impl Daemon {
             status: String::new(),
             metrics,
             health,
+            broken_suppressors: Vec::new(),
         };
         Ok((daemon, table_rx))
     }
@@ -315,8 +328,10 @@ impl Daemon {
                             }
                         }
                         Event::RulesChanged => {
-                            if let Some((loaded, errors)) = load_rules(&self.engine, &self.config.rules_dir).await {
-                                self.apply_rules(loaded, errors, Trigger::File, clock);
+                            if let Some((loaded, errors, broken)) =
+                                load_rules(&self.engine, &self.config.rules_dir).await
+                            {
+                                self.apply_rules(loaded, errors, broken, Trigger::File, clock);
                             }
                         }
                         Event::Reload => self.reload(clock).await,
@@ -350,7 +365,14 @@ impl Daemon {
     /// Replaces the running rules with `loaded`: new and changed rules run now (with `trigger`),
     /// unchanged ones keep running as they are, a rule whose file no longer compiles keeps its last
     /// good version, and a deleted rule stops being scheduled (its list is left as it is).
-    fn apply_rules(&mut self, loaded: RuleSet, errors: Vec<Diagnostic>, trigger: Trigger, clock: timer::Clock) {
+    fn apply_rules(
+        &mut self,
+        loaded: RuleSet,
+        errors: Vec<Diagnostic>,
+        broken: Vec<(String, String)>,
+        trigger: Trigger,
+        clock: timer::Clock,
+    ) {
         log_rejected(&errors);
         let change = diff::diff(&self.rules, loaded, &errors, trigger == Trigger::Reload);
         for name in &change.to_run {
@@ -364,6 +386,9 @@ impl Daemon {
             self.pending.remove(&old.name);
         }
         self.rules = change.next;
+        // A broken suppression file whose last good version still runs is covered by that version.
+        self.broken_suppressors =
+            broken.into_iter().filter(|(name, _)| self.rules.get(&RuleName::from(name.as_str())).is_none()).collect();
         let table = CronTable {
             entries: self
                 .rules
@@ -444,8 +469,8 @@ impl Daemon {
                     Ok(()) => {
                         self.config = config;
                         self.engine = Arc::new(rules::engine::build(self.config.time_zone));
-                        if let Some((loaded, errors)) = load_rules(&self.engine, &self.config.rules_dir).await {
-                            self.apply_rules(loaded, errors, Trigger::Reload, clock);
+                        if let Some((loaded, errors, broken)) = load_rules(&self.engine, &self.config.rules_dir).await {
+                            self.apply_rules(loaded, errors, broken, Trigger::Reload, clock);
                         }
                         // The folder or watch_rules may have changed: watch anew.
                         self.start_watcher();
@@ -534,6 +559,7 @@ impl Daemon {
                 allow_mass_removal,
                 progress: Some(status),
                 suppressors,
+                broken_suppressors: self.broken_suppressors.clone(),
                 ..PassRequest::new(rules, trigger)
             };
             self.tracker.spawn(async move {

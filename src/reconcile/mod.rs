@@ -160,6 +160,9 @@ pub struct PassRequest {
     /// Every loaded suppression rule (`MODE = "suppress"`), run or not: each keeps its contacts
     /// out of the lists it applies to in every pass.
     pub suppressors: Vec<Arc<Rule>>,
+    /// Suppression rule files that do not load (and have no running version), with why: while
+    /// there is one, no list changes (its contacts could not be kept out).
+    pub broken_suppressors: Vec<(String, String)>,
 }
 
 impl PassRequest {
@@ -174,6 +177,7 @@ impl PassRequest {
             progress: None,
             now: None,
             suppressors: Vec::new(),
+            broken_suppressors: Vec::new(),
         }
     }
 }
@@ -416,7 +420,12 @@ impl Reconciler {
             let run = (&req, read, &shared_usage, (started, started_at.as_str()));
             let written = match judged {
                 Ok(judged) => {
-                    let suppression = suppress::for_rule(&suppressors, &judged.bound.job.rule);
+                    let mut suppression = suppress::for_rule(&suppressors, &judged.bound.job.rule);
+                    if let Some((name, why)) = req.broken_suppressors.first() {
+                        suppression.failed.get_or_insert_with(|| {
+                            format!("the suppression rule {name} does not load ({why}); nothing changed until it does")
+                        });
+                    }
                     self.apply(self.plan(judged, &req, suppression).await, req.dry_run).await
                 }
                 Err(stopped) => Err(stopped),

@@ -100,6 +100,37 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<Diagnostic>) {
     (RuleSet { rules }, errors)
 }
 
+/// The suppression rules among the files that did not load, by name, with their first problem:
+/// a file whose text sets `MODE = "suppress"`. While one does not load (and no earlier version of
+/// it runs), the lists it may apply to must change nothing: its contacts cannot be kept out.
+pub fn broken_suppressions(errors: &[Diagnostic]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for e in errors {
+        let Some(name) = e.rule_name() else { continue };
+        if out.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        let path = e.rule.as_ref().unwrap_or(&e.file);
+        let text = crate::files::read_text(path).unwrap_or_default();
+        let suppresses = blank_literals_keeping_strings(&text).lines().any(|line| {
+            let line = line.trim_start();
+            line.strip_prefix("const").is_some_and(|rest| {
+                let rest = rest.trim_start();
+                rest.strip_prefix("MODE").is_some_and(|r| r.trim_start().starts_with('=') && r.contains("\"suppress\""))
+            })
+        });
+        if suppresses {
+            out.push((name.to_owned(), e.to_string()));
+        }
+    }
+    out
+}
+
+/// `source` without its comments (string literals kept): a commented-out setting sets nothing.
+fn blank_literals_keeping_strings(source: &str) -> String {
+    source.lines().map(|l| if l.trim_start().starts_with("//") { "" } else { l }).collect::<Vec<_>>().join("\n")
+}
+
 /// Loads the folder like [`load_dir`], then runs each rule's own tests (`NAME.test.toml`): a rule
 /// whose tests fail, or whose test file is broken, is refused like a syntax error, its
 /// diagnostic naming the rule file and the failing case. What the daemon runs has passed its tests.

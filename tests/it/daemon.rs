@@ -798,3 +798,44 @@ async fn a_partitioned_rule_runs_per_list_and_as_a_file() {
     drop(daemon);
     sandbox.shutdown().await;
 }
+
+// The daemon with a suppression rule (issue 22): broken at startup, no list changes (fails closed);
+// once it loads, its contacts are kept out; broken again by an edit, its last good version keeps
+// suppressing and the lists go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suppression_rule_broken_at_startup_changes_no_list() {
+    let sandbox = support::start(support::sandbox_config(500)).await;
+    let everyone = "const LIST = \"Everyone\";\nfn matches(c) { true }\n";
+    let good = "const MODE = \"suppress\";\nfn matches(c) { c.customFields.get(\"gdprOptOut\") ?? false }\n";
+    let broken = "const MODE = \"suppress\";\nfn matches(c) { c.customFields.gdprOptOut == }\n";
+    let dir = support::rule_files(&[("everyone", everyone), ("optout", broken)]);
+    let config = dir.path().join("config.toml");
+    write_config(&config, &sandbox.base_url(), "");
+    let daemon = Daemon::start(&config, &[]);
+    let run = daemon.wait_for(1, "rule run", &[("rule", "everyone"), ("trigger", "startup")], 60).await;
+    assert_eq!(run[0]["outcome"], "failed", "{}", run[0]);
+    assert!(
+        run[0]["detail"].as_str().is_some_and(|d| d.contains("suppression rule optout does not load")),
+        "{}",
+        run[0]
+    );
+    assert_eq!(list_members(&sandbox, "Everyone"), 0);
+
+    let optout = dir.path().join("rules/optout.rhai");
+    std::fs::write(&optout, good).expect("fix");
+    daemon.wait_for(1, "rule run", &[("rule", "optout"), ("trigger", "file")], 30).await;
+    std::fs::write(dir.path().join("rules/everyone.rhai"), format!("// edited\n{everyone}")).expect("edit");
+    let run = daemon.wait_for(1, "rule run", &[("rule", "everyone"), ("trigger", "file")], 30).await;
+    assert_eq!(run[0]["outcome"], "ok", "{}", run[0]);
+    let opted = |c: &segsync_sandbox::store::Contact| c.custom_fields.get("gdprOptOut").is_some();
+    assert_eq!(list_members(&sandbox, "Everyone"), count_where(&sandbox, |c| !opted(c)));
+
+    std::fs::write(&optout, broken).expect("break");
+    daemon.wait_for(1, "rule kept", &[("rule", "optout")], 30).await;
+    std::fs::write(dir.path().join("rules/everyone.rhai"), format!("// edited again\n{everyone}")).expect("edit");
+    let runs = daemon.wait_for(2, "rule run", &[("rule", "everyone"), ("trigger", "file")], 30).await;
+    assert_eq!(runs[1]["outcome"], "ok", "the kept version still suppresses: {}", runs[1]);
+    assert_eq!(list_members(&sandbox, "Everyone"), count_where(&sandbox, |c| !opted(c)));
+    drop(daemon);
+    sandbox.shutdown().await;
+}

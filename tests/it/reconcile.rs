@@ -86,6 +86,7 @@ impl World {
                 progress: None,
                 now,
                 suppressors: Vec::new(),
+                broken_suppressors: Vec::new(),
             })
             .await
     }

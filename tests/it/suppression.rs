@@ -110,3 +110,23 @@ async fn an_unjudged_contact_is_not_added_and_not_removed() {
     assert!(members(&sandbox, "Everyone").contains(&fresh), "{out}");
     sandbox.shutdown().await;
 }
+
+// A suppression rule file that does not load cannot keep its contacts out, so no list changes until
+// it loads again (fails closed); any other broken file stops only itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_suppression_rule_changes_no_list() {
+    let sandbox = support::start(SandboxConfig { churn_per_minute: 0, ..support::sandbox_config(300) }).await;
+    let broken = "const MODE = \"suppress\";\nfn matches(c) { c.customFields.gdprOptOut == }\n";
+    let other = "// const MODE = \"suppress\";\nconst LIST = \"Other\";\nfn matches(c) { true\n";
+    let (dir, config) = setup(&sandbox, &[("everyone", EVERYONE), ("optout", broken), ("other", other)]);
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("the suppression rule optout does not load"), "{out}");
+    assert!(sandbox.with_store(|s| s.lists().is_empty()), "no list changed: {out}");
+
+    std::fs::remove_file(dir.path().join("rules/optout.rhai")).expect("remove");
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 3, "the broken `other` is only itself: {out}");
+    assert_eq!(members(&sandbox, "Everyone").len(), 300, "{out}");
+    sandbox.shutdown().await;
+}
