@@ -344,6 +344,7 @@ async fn run(s: &Scenario) {
             now: None,
             suppressors: Vec::new(),
             broken_suppressors: Vec::new(),
+            loaded: Vec::new(),
         };
         let report = reconciler.run_pass(request).await;
         let wall = started.elapsed();

@@ -193,11 +193,11 @@ fn preview_problems(preview: &super::sample::Preview, severity: &'static str) ->
 }
 
 /// The rules a command runs: the engine, the named rules (all when none are named), every loaded
-/// suppression rule (each applies to every pass) and the suppression files that do not load, and
-/// whether the named files all loaded.
+/// rule (suppressions apply to every pass) and the suppression files that do not load, and whether
+/// the named files all loaded.
 pub(super) type Selected = (rhai::Engine, Vec<Arc<Rule>>, Suppressors, bool);
 
-/// The loaded suppression rules, and the suppression files that do not load (name, why).
+/// Every loaded rule, and the suppression files that do not load (name, why).
 pub(super) type Suppressors = (Vec<Arc<Rule>>, Vec<(String, String)>);
 
 /// Loads the rules, prints the broken ones, and picks the named ones (all when none are named);
@@ -209,10 +209,7 @@ pub(super) fn load_selected(config: &Config, names: &[String], tested: bool, qui
     for e in relevant.iter().filter(|_| !quiet) {
         say!("{e}");
     }
-    let suppressors = (
-        loaded.set.iter().filter(|r| r.mode == rules::Mode::Suppress).cloned().collect(),
-        rules::broken_suppressions(&loaded.errors),
-    );
+    let suppressors = (loaded.set.iter().cloned().collect(), rules::broken_suppressions(&loaded.errors));
     match loaded.select(names) {
         Ok(selected) => Ok((loaded.engine, selected, suppressors, relevant.is_empty())),
         Err(e) => {

@@ -27,7 +27,7 @@ pub(super) async fn pass(config: &Config, names: &[String], command: PassCommand
     let dry_run = matches!(command, PassCommand::Plan { .. });
     // `sync` runs only rules that pass their own tests (as the daemon does); `plan` previews a rule
     // failing them too, marked, because a dry run helps fix it.
-    let (engine, selected, (suppressors, broken_suppressors), all_valid) =
+    let (engine, selected, (loaded, broken_suppressors), all_valid) =
         match load_selected(config, names, !dry_run, matches!(command, PassCommand::Plan { json: true, .. })) {
             Ok(loaded) => loaded,
             Err(code) => return Ok(code),
@@ -89,8 +89,9 @@ pub(super) async fn pass(config: &Config, names: &[String], command: PassCommand
         dry_run,
         allow_mass_removal,
         progress,
-        suppressors,
+        suppressors: loaded.iter().filter(|r| r.mode == crate::rules::Mode::Suppress).cloned().collect(),
         broken_suppressors,
+        loaded,
         ..PassRequest::new(selected, Trigger::Manual)
     };
     let report = reconciler.run_pass(request).await;

@@ -560,6 +560,7 @@ impl Daemon {
                 progress: Some(status),
                 suppressors,
                 broken_suppressors: self.broken_suppressors.clone(),
+                loaded: self.rules.iter().cloned().collect(),
                 ..PassRequest::new(rules, trigger)
             };
             self.tracker.spawn(async move {

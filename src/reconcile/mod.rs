@@ -163,6 +163,9 @@ pub struct PassRequest {
     /// Suppression rule files that do not load (and have no running version), with why: while
     /// there is one, no list changes (its contacts could not be kept out).
     pub broken_suppressors: Vec<(String, String)>,
+    /// Every rule the caller has loaded, run or not (checks across rules: a partitioned rule's list
+    /// must not be another rule's `LIST`).
+    pub loaded: Vec<Arc<Rule>>,
 }
 
 impl PassRequest {
@@ -178,6 +181,7 @@ impl PassRequest {
             now: None,
             suppressors: Vec::new(),
             broken_suppressors: Vec::new(),
+            loaded: Vec::new(),
         }
     }
 }
@@ -383,7 +387,7 @@ impl Reconciler {
         // process), so no lesson is kept forever.
         self.gateway.reprobe_older_than(self.verify_members_every);
         let partition_meter = Arc::new(Meter::default());
-        let partitioned = self.partition(&req.rules, today, &partition_meter).await;
+        let partitioned = self.partition(&req.rules, &req.loaded, today, &partition_meter).await;
         // Suppression rules fill no list: each is judged once, for every list it applies to.
         let (suppressing, rules): (Vec<Arc<Rule>>, Vec<Arc<Rule>>) =
             partitioned.rules.into_iter().partition(|r| r.mode == crate::rules::Mode::Suppress);

@@ -28,7 +28,15 @@ pub(super) struct Partitioned {
 
 impl Reconciler {
     /// Splits each partitioned rule of `rules` into its lists; the reads are counted on `meter`.
-    pub(super) async fn partition(&self, rules: &[Arc<Rule>], today: Date, meter: &Arc<Meter>) -> Partitioned {
+    /// `loaded` are every rule the caller runs from (the daemon's or the folder's): a list another
+    /// of them fills by `LIST` is not taken over, whether or not that rule runs in this pass.
+    pub(super) async fn partition(
+        &self,
+        rules: &[Arc<Rule>],
+        loaded: &[Arc<Rule>],
+        today: Date,
+        meter: &Arc<Meter>,
+    ) -> Partitioned {
         let mut out = Partitioned { rules: Vec::new(), refused: Vec::new() };
         for rule in rules {
             let Lists::Partitioned { max } = rule.lists else {
@@ -37,7 +45,7 @@ impl Reconciler {
             };
             let max = max.unwrap_or(self.max_lists_per_rule);
             // Two rules filling one list would undo each other's work, as two LISTs of one name would.
-            let taken = |list: &String| rules.iter().find(|r| !r.is_partitioned() && &r.list == list);
+            let taken = |list: &String| rules.iter().chain(loaded).find(|r| r.fills_its_list() && &r.list == list);
             match self.lists_of(rule, max, today, meter).await {
                 Ok(lists) => match lists.iter().find_map(|l| taken(l).map(|other| (l, other))) {
                     Some((list, other)) => out.refused.push(RuleReport::failed(

@@ -87,6 +87,7 @@ impl World {
                 now,
                 suppressors: Vec::new(),
                 broken_suppressors: Vec::new(),
+                loaded: Vec::new(),
             })
             .await
     }
