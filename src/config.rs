@@ -150,6 +150,9 @@ struct RawApi {
     budget_share: Raw,
 }
 
+/// The folder of the packaged config and key.
+pub const PACKAGED_DIR: &str = "/etc/segsync";
+
 /// `[rules] max_lists_per_rule` when unset.
 pub const DEFAULT_MAX_LISTS: u64 = 50;
 
@@ -743,11 +746,12 @@ impl Config {
             KeySource::File(path) => crate::files::read_text(path)
                 .map_err(|cause| KeyError::Unreadable { source_name: self.key_source_name(), cause })?,
             KeySource::Credential(name) => {
-                let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
+                let (dir, whence) = self
+                    .credential_dir(std::env::var_os("CREDENTIALS_DIRECTORY"), Path::new(PACKAGED_DIR))
                     .ok_or_else(|| KeyError::NoCredentialsDirectory { name: name.clone() })?;
-                let path = Path::new(&dir).join(name);
+                let path = dir.join(name);
                 crate::files::read_text(&path).map_err(|cause| KeyError::Unreadable {
-                    source_name: format!("systemd credential {name} ({}, from $CREDENTIALS_DIRECTORY)", path.display()),
+                    source_name: format!("systemd credential {name} ({}, {whence})", path.display()),
                     cause,
                 })?
             }
@@ -759,6 +763,23 @@ impl Config {
         Ok(match basic_user {
             Some(user) => Credentials::Basic { user: user.clone(), password: Secret::new(secret) },
             None => Credentials::ApiKey(Secret::new(secret)),
+        })
+    }
+
+    /// Where `key_credential` is read: `$CREDENTIALS_DIRECTORY` (systemd's), or, by hand without
+    /// it, the packaged config's own folder, where the package keeps the key (`/etc/segsync/api_key`),
+    /// so `plan`/`sync`/`explain` work as root with the packaged config.
+    fn credential_dir(
+        &self,
+        from_systemd: Option<std::ffi::OsString>,
+        packaged: &Path,
+    ) -> Option<(PathBuf, &'static str)> {
+        if let Some(dir) = from_systemd {
+            return Some((PathBuf::from(dir), "from $CREDENTIALS_DIRECTORY"));
+        }
+        let folder = self.path.parent()?;
+        (folder == packaged).then(|| {
+            (folder.to_path_buf(), "read directly: $CREDENTIALS_DIRECTORY is unset and the config is the packaged one")
         })
     }
 
@@ -795,6 +816,21 @@ mod tests {
         assert!(got[4].contains("Mars/Olympus"), "{got:#?}");
         assert!(got[5].contains("max_removal_share must be between 0 and 1"), "{got:#?}");
         assert!(got[6].starts_with("config.toml:9:2: unknown section or key `extra`"), "{got:#?}");
+    }
+
+    // key_credential is read from $CREDENTIALS_DIRECTORY, or by hand from the packaged config's own
+    // folder (as root with /etc/segsync/config.toml); any other config without it has none.
+    #[test]
+    fn a_credential_outside_systemd_is_read_beside_the_packaged_config() {
+        let text = "[api]\nbase_url = \"https://lora-api.agiletelecom.com/api\"\nkey_credential = \"api_key\"\n";
+        let packaged = Config::parse(Path::new("/etc/segsync/config.toml"), text).expect("valid");
+        let systemd = packaged.credential_dir(Some("/run/credentials/segsync.service".into()), Path::new(PACKAGED_DIR));
+        assert_eq!(systemd.map(|(d, _)| d), Some(PathBuf::from("/run/credentials/segsync.service")));
+        let by_hand = packaged.credential_dir(None, Path::new(PACKAGED_DIR)).expect("the packaged folder");
+        assert_eq!(by_hand.0, PathBuf::from("/etc/segsync"));
+        assert!(by_hand.1.contains("the config is the packaged one"), "{}", by_hand.1);
+        let elsewhere = Config::parse(Path::new("/home/ops/segsync/config.toml"), text).expect("valid");
+        assert!(elsewhere.credential_dir(None, Path::new(PACKAGED_DIR)).is_none(), "only the packaged config");
     }
 
     // A real gateway needs a key source; the sandbox does not.

@@ -21,7 +21,7 @@ mod sandbox;
 mod show;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -43,9 +43,9 @@ pub struct Cli {
     /// Log format: auto (JSON unless stderr is a terminal), json or text. Overrides [log] format.
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
-    /// The configuration file.
-    #[arg(long, global = true, default_value = "config.toml")]
-    pub config: PathBuf,
+    /// The configuration file [default: $SEGSYNC_CONFIG, else ./config.toml, else /etc/segsync/config.toml].
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -275,14 +275,22 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         crate::logging::init(cli.log_format(None));
         return runtime()?.block_on(sandbox::serve(args.clone()));
     }
-    let config = match Config::load(&cli.config) {
+    let path = match locate_config(cli.config.clone(), std::env::var_os(CONFIG_VAR), Path::new(PACKAGED_CONFIG)) {
+        Ok(path) => path,
+        Err(why) => {
+            crate::logging::init(cli.log_format(None));
+            say!("{why}");
+            return Ok(Exit::Invalid);
+        }
+    };
+    let config = match Config::load(&path) {
         Ok(c) => c,
         Err(ConfigErrors(errors)) => {
             crate::logging::init(cli.log_format(None));
             for e in &errors {
                 say!("{e}");
             }
-            say!("config: {} problem(s) in {}", errors.len(), cli.config.display());
+            say!("config: {} problem(s) in {}", errors.len(), path.display());
             return Ok(Exit::Invalid);
         }
     };
@@ -317,6 +325,36 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         }
         Command::Sandbox(_) | Command::Completions { .. } | Command::Man => unreachable!("handled above"),
     }
+}
+
+/// The environment variable naming the config when `--config` is not given.
+pub const CONFIG_VAR: &str = "SEGSYNC_CONFIG";
+/// Where the Debian package installs the config.
+pub const PACKAGED_CONFIG: &str = "/etc/segsync/config.toml";
+
+/// The config a command uses: `--config`, else `$SEGSYNC_CONFIG`, else `./config.toml`, else the
+/// packaged `/etc/segsync/config.toml`. One found by the last two steps is named on stderr, so
+/// `cd /tmp && segsync status` says whose state it shows; none found says where it looked.
+fn locate_config(given: Option<PathBuf>, env: Option<std::ffi::OsString>, packaged: &Path) -> Result<PathBuf, String> {
+    if let Some(path) = given {
+        return Ok(path);
+    }
+    if let Some(path) = env.filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let local = PathBuf::from("config.toml");
+    if local.exists() {
+        return Ok(local);
+    }
+    if packaged.exists() {
+        eprintln!("segsync: using {} (no ./config.toml, ${CONFIG_VAR} unset)", packaged.display());
+        return Ok(packaged.to_path_buf());
+    }
+    Err(format!(
+        "no config: --config not given, ${CONFIG_VAR} unset, and neither ./config.toml nor {} exists; \
+         pass --config PATH",
+        packaged.display()
+    ))
 }
 
 pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -649,6 +649,39 @@ async fn bad_inputs_are_refused_and_the_state_is_private() {
     sandbox.shutdown().await;
 }
 
+// Without --config the command finds its config: $SEGSYNC_CONFIG, else ./config.toml (else the
+// packaged one); with none of them it says where it looked (issue 23).
+#[test]
+fn the_config_is_found_without_config() {
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let (_dir, config) = setup(None);
+    let mut cmd = segsync();
+    cmd.arg("check").current_dir(elsewhere.path()).env("SEGSYNC_CONFIG", &config);
+    let (code, out) = run(&mut cmd);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("ok: config {}", config.display())), "{out}");
+
+    std::fs::copy(&config, elsewhere.path().join("config.toml")).expect("copy");
+    std::fs::create_dir(elsewhere.path().join("rules")).expect("rules");
+    std::fs::write(elsewhere.path().join("rules/all.rhai"), "const LIST = \"All\";\nfn matches(c) { true }\n")
+        .expect("rule");
+    let mut cmd = segsync();
+    cmd.arg("check").current_dir(elsewhere.path()).env_remove("SEGSYNC_CONFIG");
+    let (code, out) = run(&mut cmd);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: config config.toml, 1 rule(s) (all)"), "./config.toml: {out}");
+
+    if !Path::new("/etc/segsync/config.toml").exists() {
+        let nowhere = tempfile::tempdir().expect("tempdir");
+        let mut cmd = segsync();
+        cmd.arg("status").current_dir(nowhere.path()).env_remove("SEGSYNC_CONFIG");
+        let (code, out) = run(&mut cmd);
+        assert_eq!(code, 3, "{out}");
+        assert!(out.contains("no config: --config not given, $SEGSYNC_CONFIG unset"), "{out}");
+        assert!(out.contains("/etc/segsync/config.toml"), "{out}");
+    }
+}
+
 // The shipped examples (a helper, a segment built on a segment, one list per value) load and pass
 // their own tests.
 #[test]
