@@ -64,6 +64,7 @@ pub const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
     ),
     ("rule rejected", &[("rule", Text), ("file", Text), ("line", Integer), ("col", Integer), ("error", Text)]),
     ("rule kept", &[("rule", Text), ("rule_hash", Text)]),
+    ("rule restored", &[("rule", Text), ("rule_hash", Text), ("file", Text)]),
     ("rule removed", &[("rule", Text), ("list", Text)]),
     ("rules folder entry skipped", &[("file", Text)]),
     ("rules not watched", &[("error", Text)]),
@@ -73,6 +74,8 @@ pub const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
     ("reloaded", &[("rules", Integer), ("watching", Bool)]),
     ("account changed", &[("account", Text)]),
     ("metrics served", &[("listen", Text)]),
+    ("metrics stopped", &[("listen", Text)]),
+    ("metrics not moved", &[("error", Text)]),
     ("run requested", &[("rule", Text), ("allow_mass_removal", Bool)]),
     ("run request ignored", &[("rule", Text), ("reason", Text)]),
     (

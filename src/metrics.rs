@@ -4,7 +4,7 @@
 //! every turn. `/metrics` is the Prometheus text exposition (prometheus-client), `/healthz` answers
 //! 200 while the loop is alive and no rule is overdue, 503 with a JSON reason otherwise.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,8 +60,12 @@ pub struct Metrics {
     pass_duration: Histogram,
     rules_loaded: Gauge,
     rules_rejected: Gauge,
+    /// The requests per minute segsync allows itself: the plan's limit times `budget_share`.
+    rate_budget: FloatGauge,
     /// The process-wide request counts as of the last scrape (counters advance by the difference).
     synced: Mutex<Usage>,
+    /// Each rule file's series, by file name: what goes when the file goes or its list changes.
+    series: Mutex<HashMap<String, HashSet<Labels>>>,
 }
 
 impl Metrics {
@@ -84,7 +88,9 @@ impl Metrics {
             pass_duration: Histogram::new(exponential_buckets(0.25, 2.0, 14)),
             rules_loaded: Gauge::default(),
             rules_rejected: Gauge::default(),
+            rate_budget: FloatGauge::default(),
             synced: Mutex::new(Usage::default()),
+            series: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
         registry.register(
@@ -132,6 +138,11 @@ impl Metrics {
             m.rules_rejected.clone(),
         );
         registry.register(
+            "rate_budget_requests_per_minute",
+            "The requests per minute segsync allows itself ([api] plan times budget_share; 0 when unlimited)",
+            m.rate_budget.clone(),
+        );
+        registry.register(
             "build",
             "The running segsync",
             Info::new(vec![("version".to_owned(), env!("SEGSYNC_VERSION").to_owned())]),
@@ -150,7 +161,7 @@ impl Metrics {
         let now = finished.timestamp_millis() as f64 / 1000.0;
         // A partitioned rule's summary repeats its lists' figures: its lists have the series.
         for r in report.rules.iter().filter(|r| !matches!(r.rule.lists, crate::rules::Lists::Partitioned { .. })) {
-            let labels = rule(&r.rule);
+            let labels = self.track(&r.rule);
             self.last_run.get_or_create(&labels).set(now);
             if r.outcome == Outcome::Ok {
                 self.last_success.get_or_create(&labels).set(now);
@@ -176,17 +187,67 @@ impl Metrics {
     /// The rules running and refused after a load; each running rule's counters start at 0.
     pub fn rules<'a>(&self, loaded: impl IntoIterator<Item = &'a Arc<Rule>>, rejected: usize) {
         let mut count = 0;
+        let mut running: Vec<&Arc<Rule>> = Vec::new();
         for r in loaded {
             // A partitioned rule's lists are known when it runs; they start then.
             if !r.is_partitioned() {
-                let labels = rule(r);
+                let labels = self.track(r);
                 let _ = self.added.get_or_create(&labels);
                 let _ = self.removed.get_or_create(&labels);
             }
             count += 1;
+            running.push(r);
         }
+        // A deleted rule's series go, as do a rule's series for a LIST it no longer names: an
+        // old `outcome="failed"` must not fire an alert forever. A partitioned rule keeps its
+        // lists' series (the lists are known only as it runs).
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        series.retain(|file, sets| {
+            let Some(now) = running.iter().find(|r| r.name.as_str() == file) else {
+                sets.iter().for_each(|labels| self.remove(labels));
+                return false;
+            };
+            if !now.is_partitioned() {
+                let current = rule(now);
+                sets.iter().filter(|l| **l != current).for_each(|labels| self.remove(labels));
+                sets.retain(|l| *l == current);
+            }
+            true
+        });
         self.rules_loaded.set(count);
         self.rules_rejected.set(rejected as i64);
+    }
+
+    /// The rate budget of the running config: `per_minute` × `share`, or none (unlimited).
+    pub fn budget(&self, settings: &crate::gateway::ClientSettings) {
+        let per_minute = settings.limits.map_or(0.0, |l| f64::from(l.per_minute) * settings.budget_share);
+        self.rate_budget.set(per_minute);
+    }
+
+    /// A rule's labels, remembered under its file so its series can go with it.
+    fn track(&self, r: &Rule) -> Labels {
+        let labels = rule(r);
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        series.entry(r.file_rule().to_string()).or_default().insert(labels.clone());
+        labels
+    }
+
+    /// Removes one rule's series (with these labels) from every per-rule family.
+    fn remove(&self, labels: &Labels) {
+        for family in [&self.members, &self.eval_errors, &self.held, &self.pending_removal] {
+            family.remove(labels);
+        }
+        for family in [&self.last_run, &self.last_success] {
+            family.remove(labels);
+        }
+        for family in [&self.added, &self.removed] {
+            family.remove(labels);
+        }
+        for outcome in Outcome::ALL {
+            let mut l = labels.clone();
+            l.push(("outcome".into(), outcome.as_str().into()));
+            self.outcome.remove(&l);
+        }
     }
 
     /// Advances the request counters to the process-wide counts (live, during a pass too).
@@ -326,10 +387,16 @@ pub async fn serve(
     let app = axum::Router::new()
         .route(
             "/metrics",
-            axum::routing::get(move || {
+            axum::routing::get(move |headers: axum::http::HeaderMap| {
                 let metrics = metrics.clone();
                 async move {
-                    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+                    let accept = headers.get(axum::http::header::ACCEPT).and_then(|v| v.to_str().ok());
+                    let text = metrics.encode();
+                    if wants_openmetrics(accept.unwrap_or_default()) {
+                        ([("content-type", OPENMETRICS)], text)
+                    } else {
+                        ([("content-type", PROMETHEUS_TEXT)], prometheus_text(&text))
+                    }
                 }
             }),
         )
@@ -349,6 +416,59 @@ pub async fn serve(
     Ok(bound)
 }
 
+/// The content type of OpenMetrics 1.0, served when a scraper asks for it.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of Prometheus's text format 0.0.4, served otherwise (as the Prometheus
+/// client libraries do: `curl`, old scrapers and most tools expect it).
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether an `Accept` header asks for OpenMetrics (Prometheus sends it first when it can read it).
+fn wants_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|part| {
+        let mut params = part.split(';').map(str::trim);
+        let media = params.next().unwrap_or_default();
+        let q = params.find_map(|p| p.strip_prefix("q=")).and_then(|q| q.parse::<f64>().ok()).unwrap_or(1.0);
+        media.eq_ignore_ascii_case("application/openmetrics-text") && q > 0.0
+    })
+}
+
+/// OpenMetrics text (what prometheus-client writes) as Prometheus text 0.0.4: no `# EOF` or
+/// `# UNIT`; a counter's family is named after its `_total` samples, and an `info` is a gauge
+/// named after its `_info` sample.
+fn prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut renamed: HashMap<&str, String> = HashMap::new();
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "unknown" => (name.to_owned(), "untyped"),
+                other => (name.to_owned(), other),
+            };
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            renamed.insert(rest.split(' ').next().unwrap_or_default(), name);
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    // HELP comes before TYPE: rename it the same way.
+    out.lines()
+        .map(|line| match line.strip_prefix("# HELP ").and_then(|r| r.split_once(' ')) {
+            Some((name, help)) => match renamed.get(name) {
+                Some(new) => format!("# HELP {new} {help}\n"),
+                None => format!("{line}\n"),
+            },
+            None => format!("{line}\n"),
+        })
+        .collect()
+}
+
 fn healthz(health: &Health) -> Response {
     match health.problems(Utc::now()) {
         None => (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))).into_response(),
@@ -359,6 +479,36 @@ fn healthz(health: &Health) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Prometheus text 0.0.4 unless OpenMetrics is asked for; each family named after its samples.
+    #[test]
+    fn metrics_speak_the_format_asked_for() {
+        assert!(wants_openmetrics("application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5"));
+        assert!(!wants_openmetrics("text/plain;version=0.0.4"));
+        assert!(!wants_openmetrics("*/*"));
+        assert!(!wants_openmetrics(""));
+        assert!(!wants_openmetrics("application/openmetrics-text;q=0"));
+        let metrics = Metrics::new();
+        let open = metrics.encode();
+        assert!(open.ends_with("# EOF\n"), "{open}");
+        assert!(open.contains("# TYPE segsync_build info\n"), "{open}");
+        let text = prometheus_text(&open);
+        assert!(!text.contains("# EOF") && !text.contains(" info\n"), "{text}");
+        assert!(text.contains("# TYPE segsync_build_info gauge\n"), "{text}");
+        assert!(text.contains("# HELP segsync_api_retries_total Retried API requests by operation.\n"), "{text}");
+        assert!(text.contains("# TYPE segsync_api_retries_total counter\n"), "{text}");
+        // Every sample belongs to the family its TYPE line names (counters' `_total` included).
+        let mut family = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap_or_default().to_owned();
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                let histogram = ["_bucket", "_sum", "_count"].iter().any(|s| name == format!("{family}{s}"));
+                assert!(name == family || histogram, "{name} under {family}:\n{text}");
+            }
+        }
+    }
 
     // A rule is overdue once its last success is older than the factor times its interval.
     #[test]

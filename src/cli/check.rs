@@ -72,7 +72,10 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
     problems.extend(errors.iter().map(|e| Problem::of(severity, e)));
     problems.extend(set.iter().flat_map(|r| r.warnings.iter()).map(|w| Problem::of(severity, w)));
     if set.is_empty() {
-        let message = format!("no usable rule in {}; segsync run would refuse to start", config.rules_dir.display());
+        let message = format!(
+            "{}; segsync run would refuse to start",
+            rules::nothing_to_run(&config.rules_dir, errors.iter().filter_map(|e| e.rule_name()).count())
+        );
         problems.push(Problem::of("error", &whole(message)));
     }
     let preview = match out.sample.filter(|_| !set.is_empty()) {
@@ -83,7 +86,7 @@ pub(super) fn check(config: &Config, strict: bool, out: Output) -> Exit {
                 Some(preview)
             }
             Err(e) => {
-                say!("sample: {e:#}");
+                complain!("sample: {e:#}");
                 return Exit::Failure;
             }
         },
@@ -207,13 +210,13 @@ pub(super) fn load_selected(config: &Config, names: &[String], tested: bool, qui
     // Named rules: only their own files' problems (another file's are not this command's).
     let relevant = relevant_errors(&loaded, names);
     for e in relevant.iter().filter(|_| !quiet) {
-        say!("{e}");
+        complain!("{e}");
     }
     let suppressors = (loaded.set.iter().cloned().collect(), rules::broken_suppressions(&loaded.errors));
     match loaded.select(names) {
         Ok(selected) => Ok((loaded.engine, selected, suppressors, relevant.is_empty())),
         Err(e) => {
-            say!("{e}");
+            complain!("{e}");
             Err(unselectable(&e))
         }
     }
@@ -303,7 +306,7 @@ pub(super) fn test(config: &Config, names: &[String], out: Output, junit: Option
     if let Some(path) = junit
         && let Err(e) = std::fs::write(path, junit_xml(&results))
     {
-        say!("cannot write the JUnit report {}: {e}", path.display());
+        complain!("cannot write the JUnit report {}: {e}", path.display());
         return Exit::Failure;
     }
     if failed > 0 { Exit::Failure } else { Exit::Ok.unless_invalid(all_valid) }

@@ -16,9 +16,9 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, 
         Ok(mut r) => r.remove(0),
         Err(e) => {
             for err in loaded.errors_of(rule_name) {
-                say!("{err}");
+                complain!("{err}");
             }
-            say!("{e}");
+            complain!("{e}");
             return Ok(unselectable(&e));
         }
     };

@@ -13,8 +13,17 @@ macro_rules! say {
     };
 }
 
+/// Prints one error line to standard error, scrubbed like [`say!`]: errors never mix with a
+/// command's output (`segsync plan --json | jq` sees JSON or nothing).
+macro_rules! complain {
+    ($($arg:tt)*) => {
+        crate::cli::write_err(&crate::gateway::scrub(&format!($($arg)*)))
+    };
+}
+
 mod check;
 mod explain;
+mod man;
 mod pass;
 mod sample;
 mod sandbox;
@@ -142,9 +151,13 @@ pub enum Command {
     Sandbox(SandboxArgs),
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff) to stdout.
+    /// Print the man page (roff) to stdout, or write every page to a folder.
     #[command(hide = true)]
-    Man,
+    Man {
+        /// Write segsync.1 and one page per subcommand (segsync-run.1, …) here instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -251,6 +264,13 @@ pub(crate) fn write_out(bytes: &[u8], line: bool) {
     }
 }
 
+/// Writes one line to standard error (an error, a warning, a note): never mixed into the output.
+pub(crate) fn write_err(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     // Commands that need no config.
     match &cli.command {
@@ -261,14 +281,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             write_out(&text, false);
             return Ok(Exit::Ok);
         }
-        Command::Man => {
-            let mut text = Vec::new();
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
-                .render(&mut text)
-                .context("writing the man page")?;
-            write_out(&text, false);
-            return Ok(Exit::Ok);
-        }
+        Command::Man { out_dir } => return man::man(out_dir.as_deref()),
         _ => {}
     }
     if let Command::Sandbox(args) = &cli.command {
@@ -279,7 +292,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Ok(path) => path,
         Err(why) => {
             crate::logging::init(cli.log_format(None));
-            say!("{why}");
+            complain!("{why}");
             return Ok(Exit::Invalid);
         }
     };
@@ -288,9 +301,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Err(ConfigErrors(errors)) => {
             crate::logging::init(cli.log_format(None));
             for e in &errors {
-                say!("{e}");
+                complain!("{e}");
             }
-            say!("config: {} problem(s) in {}", errors.len(), path.display());
+            complain!("config: {} problem(s) in {}", errors.len(), path.display());
             return Ok(Exit::Invalid);
         }
     };
@@ -323,7 +336,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::History { contact_id, rule, since, json } => {
             show::history(&config, contact_id.as_deref(), rule.as_deref(), since.as_deref(), json)
         }
-        Command::Sandbox(_) | Command::Completions { .. } | Command::Man => unreachable!("handled above"),
+        Command::Sandbox(_) | Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
     }
 }
 

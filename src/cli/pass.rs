@@ -56,7 +56,7 @@ pub(super) async fn pass(config: &Config, names: &[String], command: PassCommand
     };
     // A key that cannot be read is a configuration problem, the same code as in `check`.
     if let Err(e) = config.credentials() {
-        say!("{}: {e}", config.path.display());
+        complain!("{}: {e}", config.path.display());
         return Ok(Exit::Invalid);
     }
     let state = crate::state::State::open(&config.state_path)?;

@@ -188,6 +188,8 @@ const STATUS_SCHEMA_VERSION: u32 = 1;
 #[derive(Debug, serde::Serialize)]
 struct RuleStatus {
     rule: String,
+    /// The list's name (a rule's `LIST`, or the list `fn list` names), as the gateway shows it.
+    list: Option<String>,
     list_id: Option<String>,
     /// When the last run finished.
     last_run: Option<String>,
@@ -227,11 +229,12 @@ struct Remembered {
     loaded: Vec<crate::state::LoadedRule>,
     successes: std::collections::HashMap<crate::ids::RuleName, chrono::DateTime<chrono::Utc>>,
     set_aside: Vec<crate::state::SetAside>,
+    list_names: std::collections::HashMap<crate::ids::ListId, String>,
 }
 
 impl Remembered {
     fn read(config: &Config) -> anyhow::Result<Self> {
-        if !config.state_path.exists() {
+        if !crate::state::exists_readable(&config.state_path)? {
             return Ok(Self::default());
         }
         let state = crate::state::State::open(&config.state_path)?;
@@ -246,6 +249,7 @@ impl Remembered {
             loaded: state.loaded()?,
             successes: state.last_successes()?,
             set_aside: state.set_aside()?,
+            list_names: state.list_names()?,
         })
     }
 
@@ -264,7 +268,7 @@ impl Remembered {
         let last = rule_runs.first().copied();
         let rule_name = crate::ids::RuleName::from(name);
         let success = successes.get(&rule_name).copied();
-        let last_success = success.map(crate::state::at);
+        let last_success = success.map(|t| local_at(t, config.time_zone));
         let schedule = disk.map(|r| r.schedule.clone().unwrap_or_else(|| config.default_schedule.clone()));
         let next_run = schedule.as_ref().and_then(|s| s.next_after(now, config.time_zone));
         let interval = schedule.as_ref().and_then(|s| s.interval_after(now, config.time_zone));
@@ -283,10 +287,17 @@ impl Remembered {
             (None, Some(_)) => "deleted",
             (_, None) => "not_loaded",
         });
+        let list_id = last.and_then(|r| r.list_id.clone());
+        let list = list_id.as_ref().and_then(|id| self.list_names.get(id).cloned()).or_else(|| match disk {
+            Some(d) if d.fills_its_list() && !d.is_partitioned() => Some(d.list.clone()),
+            _ => name.split_once(':').map(|(_, list)| list.to_owned()),
+        });
+        let tz = config.time_zone;
         RuleStatus {
             rule: name.to_owned(),
-            list_id: last.and_then(|r| r.list_id.as_ref().map(|l| l.to_string())),
-            last_run: last.map(|r| r.finished_at.clone()),
+            list,
+            list_id: list_id.map(|l| l.to_string()),
+            last_run: last.map(|r| local(&r.finished_at, tz)),
             trigger: last.map(|r| r.trigger),
             outcome: last.map(|r| r.outcome),
             members: last.map(|r| (r.members_before + r.added).saturating_sub(r.removed)),
@@ -294,14 +305,34 @@ impl Remembered {
             removed: last.map(|r| r.removed),
             detail: last.and_then(|r| r.detail.clone()),
             last_success,
-            next_run: next_run.map(|t| t.with_timezone(&config.time_zone).to_rfc3339()),
+            next_run: next_run.map(|t| local_at(t, config.time_zone)),
             file,
             held_removals: last.filter(|r| r.outcome == Outcome::Held).map_or(0, |r| r.to_remove),
             pending_removal: self.pending.get(name).copied().unwrap_or(0),
             overdue,
-            runs: rule_runs.iter().take(runs).map(|r| (*r).clone()).collect(),
+            runs: rule_runs
+                .iter()
+                .take(runs)
+                .map(|r| crate::state::RunRecord {
+                    started_at: local(&r.started_at, tz),
+                    finished_at: local(&r.finished_at, tz),
+                    ..(*r).clone()
+                })
+                .collect(),
         }
     }
+}
+
+/// A time as `status` and `history` show it, in text and JSON alike: ISO 8601 in the configured
+/// `[rules] time_zone`, to the second.
+fn local_at(t: chrono::DateTime<chrono::Utc>, tz: chrono_tz::Tz) -> String {
+    t.with_timezone(&tz).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// [`local_at`] of a time the state recorded (RFC 3339); left as it is if it does not parse.
+fn local(recorded: &str, tz: chrono_tz::Tz) -> String {
+    chrono::DateTime::parse_from_rfc3339(recorded)
+        .map_or_else(|_| recorded.to_owned(), |t| local_at(t.with_timezone(&chrono::Utc), tz))
 }
 
 /// `status`: per rule, the last run, members, next run, whether the daemon runs the file on disk,
@@ -312,11 +343,16 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
     let engine = crate::rules::engine::build(config.time_zone);
     let (on_disk, broken, _) = crate::rules::load_tested(&engine, &config.rules_dir);
     let broken: Vec<String> = broken.iter().filter_map(|e| e.rule_name().map(str::to_owned)).collect();
-    let mut names: std::collections::BTreeSet<String> = on_disk.rules.keys().map(|n| n.to_string()).collect();
-    names.extend(remembered.history.iter().map(|r| r.rule.to_string()));
+    let mut files: std::collections::BTreeSet<String> = on_disk.rules.keys().map(|n| n.to_string()).collect();
+    files.extend(broken.iter().cloned());
     if remembered.daemon_pid.is_some() {
-        names.extend(remembered.loaded.iter().map(|r| r.rule.to_string()));
+        files.extend(remembered.loaded.iter().map(|r| r.rule.to_string()));
     }
+    // A rule whose file is gone, and which no running daemon runs, is no longer a rule: its old
+    // runs stay in `history --rule`, not in `status` (whose exit code they would fail forever).
+    let file_of = |name: &str| name.split_once(':').map_or(name, |(file, _)| file).to_owned();
+    let mut names = files.clone();
+    names.extend(remembered.history.iter().map(|r| r.rule.to_string()).filter(|n| files.contains(&file_of(n))));
     let rows: Vec<RuleStatus> = names
         .iter()
         .map(|name| {
@@ -349,7 +385,10 @@ pub(super) fn status(config: &Config, json: bool, runs: usize) -> anyhow::Result
     if json {
         let doc = serde_json::json!({
             "schema_version": STATUS_SCHEMA_VERSION,
-            "daemon": { "running": daemon_pid.is_some(), "pid": daemon_pid },
+            "daemon": {
+                "running": daemon_pid.is_some(),
+                "pid": daemon_pid.as_deref().and_then(|p| p.parse::<u32>().ok()),
+            },
             "rules": rows,
             "set_aside": set_aside,
             "warnings": warnings,
@@ -375,8 +414,9 @@ fn print_status(rows: &[RuleStatus], daemon_pid: Option<&str>, warnings: &[Strin
         return;
     }
     say!(
-        "{:<20} {:<25} {:<8} {:>8} {:>7} {:>7} {:<11} {:<25} {:<10}  detail",
+        "{:<20} {:<20} {:<25} {:<8} {:>8} {:>7} {:>7} {:<11} {:<25} {:<10}  detail",
         "rule",
+        "list",
         "last run",
         "trigger",
         "members",
@@ -393,7 +433,10 @@ fn print_status(rows: &[RuleStatus], daemon_pid: Option<&str>, warnings: &[Strin
             outcome.push_str(",overdue");
         }
         let mut detail = match (r.held_removals, &r.detail) {
-            (n, _) if n > 0 => format!("{n} removal(s) held: segsync sync {} --allow-mass-removal", r.rule),
+            (n, _) if n > 0 => {
+                let file = r.rule.split_once(':').map_or(r.rule.as_str(), |(file, _)| file);
+                format!("{n} removal(s) held: segsync sync {file} --allow-mass-removal")
+            }
             (_, Some(d)) => d.clone(),
             _ => String::new(),
         };
@@ -402,8 +445,9 @@ fn print_status(rows: &[RuleStatus], daemon_pid: Option<&str>, warnings: &[Strin
             detail = if detail.is_empty() { pending } else { format!("{detail}; {pending}") };
         }
         say!(
-            "{:<20} {:<25} {:<8} {:>8} {:>7} {:>7} {:<11} {:<25} {:<10}  {}",
+            "{:<20} {:<20} {:<25} {:<8} {:>8} {:>7} {:>7} {:<11} {:<25} {:<10}  {}",
             r.rule,
+            r.list.clone().unwrap_or_else(dash),
             r.last_run.clone().unwrap_or_else(dash),
             r.trigger.map_or_else(dash, |t| t.to_string()),
             r.members.map_or_else(dash, |m| m.to_string()),
@@ -428,6 +472,14 @@ fn print_status(rows: &[RuleStatus], daemon_pid: Option<&str>, warnings: &[Strin
     }
 }
 
+/// One `history` entry as shown: the list's name beside its id.
+#[derive(serde::Serialize)]
+struct ShownEntry {
+    #[serde(flatten)]
+    entry: crate::state::HistoryEntry,
+    list: Option<String>,
+}
+
 /// `history CONTACT_ID` or `history --rule RULE`, newest first, optionally `--since 7d`.
 pub(super) fn history(
     config: &Config,
@@ -442,37 +494,48 @@ pub(super) fn history(
             crate::state::at(from.unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC))
         }),
         Err(e) => {
-            say!("--since: {e}");
+            complain!("--since: {e}");
             return Ok(Exit::Usage);
         }
     };
-    let entries = if config.state_path.exists() {
+    let (entries, names) = if crate::state::exists_readable(&config.state_path)? {
         let state = crate::state::State::open(&config.state_path)?;
         let from = since.clone().unwrap_or_default();
-        match (contact, rule) {
+        let entries = match (contact, rule) {
             (Some(contact), _) => state.history_of_contact(contact)?.into_iter().filter(|e| e.at >= from).collect(),
             (None, Some(rule)) => state.history_of_rule(&crate::ids::RuleName::from(rule), &from)?,
             (None, None) => Vec::new(),
-        }
+        };
+        (entries, state.list_names()?)
     } else {
-        Vec::new()
+        Default::default()
     };
+    let tz = config.time_zone;
+    let entries: Vec<ShownEntry> = entries
+        .into_iter()
+        .map(|e| ShownEntry {
+            list: names.get(&e.list_id).cloned(),
+            entry: crate::state::HistoryEntry { at: local(&e.at, tz), ..e },
+        })
+        .collect();
     if json {
-        let out = serde_json::json!({ "schema_version": 1, "since": since, "entries": entries });
+        let out = serde_json::json!({ "schema_version": 1, "since": since.map(|s| local(&s, tz)), "entries": entries });
         say!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(Exit::Ok);
     }
     let whose = contact.map_or_else(|| format!("rule {}", rule.unwrap_or_default()), |c| format!("contact {c}"));
     if entries.is_empty() {
-        say!("no history for {whose}{}", since.map(|s| format!(" since {s}")).unwrap_or_default());
+        say!("no history for {whose}{}", since.map(|s| format!(" since {}", local(&s, tz))).unwrap_or_default());
         return Ok(Exit::Ok);
     }
-    for e in &entries {
+    for ShownEntry { entry: e, list } in &entries {
         let what = match e.action {
             crate::state::Action::RuleChanged => "changed".to_owned(),
             action => format!("{} {}", action.as_str(), e.contact),
         };
-        say!("{}  {:<7} {:<24} list {}  ({}, hash {})", e.at, e.rule, what, e.list_id, e.trigger, e.rule_hash);
+        let list =
+            list.as_ref().map_or_else(|| format!("list {}", e.list_id), |l| format!("list {l:?} ({})", e.list_id));
+        say!("{}  {:<7} {:<24} {list}  ({}, hash {})", e.at, e.rule, what, e.trigger, e.rule_hash);
         if !e.reason.is_empty() {
             say!("    {}", e.reason);
         }

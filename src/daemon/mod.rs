@@ -157,6 +157,13 @@ struct Daemon {
     /// Suppression rule files that do not load and have no running version (name, why): while
     /// there is one, no list changes.
     broken_suppressors: Vec<(String, String)>,
+    /// Rule files the last load refused: one that loads again is logged `rule restored`.
+    rejected: HashSet<String>,
+    /// The database this process opened, whatever the config now says (a new path needs a restart).
+    open_state_path: std::path::PathBuf,
+    /// Where `/metrics` is served now, and what stops that server.
+    metrics_server: Option<(std::net::SocketAddr, CancellationToken)>,
+    producers: CancellationToken,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (or `stop`), then shuts down within the configured deadline.
@@ -173,7 +180,8 @@ pub async fn run(config: Config, clock: Clock, stop: CancellationToken) -> anyho
     if let Some((loaded, errors, broken)) = load_rules(&daemon.engine, &daemon.config.rules_dir).await {
         if loaded.is_empty() {
             log_rejected(&errors);
-            anyhow::bail!("no usable rule in {}; nothing to run", daemon.config.rules_dir.display());
+            let rejected = errors.iter().filter_map(|e| e.rule_name()).count();
+            anyhow::bail!("{}", rules::nothing_to_run(&daemon.config.rules_dir, rejected));
         }
         daemon.apply_rules(loaded, errors, broken, Trigger::Startup, clock);
     }
@@ -277,14 +285,22 @@ impl Daemon {
             (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "state warning"),
         }
         let metrics = Arc::new(Metrics::new());
+        metrics.budget(&config.api.client);
+        let mut metrics_server = None;
         if let Some(listen) = config.metrics.listen {
-            let bound = crate::metrics::serve(listen, metrics.clone(), health.clone(), producers.clone())
+            let stop = producers.child_token();
+            let bound = crate::metrics::serve(listen, metrics.clone(), health.clone(), stop.clone())
                 .await
                 .with_context(|| format!("serving metrics on {listen} ([metrics] listen)"))?;
             tracing::info!(listen = %bound, "metrics served");
+            metrics_server = Some((listen, stop));
         }
         let tracker = TaskTracker::new();
         let daemon = Daemon {
+            open_state_path: config.state_path.clone(),
+            metrics_server,
+            producers: producers.clone(),
+            rejected: HashSet::new(),
             engine: Arc::new(rules::engine::build(config.time_zone)),
             config,
             rules: RuleSet::default(),
@@ -374,6 +390,11 @@ impl Daemon {
         clock: timer::Clock,
     ) {
         log_rejected(&errors);
+        let rejected: HashSet<String> = errors.iter().filter_map(|e| e.rule_name().map(str::to_owned)).collect();
+        for rule in loaded.iter().filter(|r| self.rejected.contains(r.name.as_str())) {
+            tracing::info!(rule = %rule.name, rule_hash = %rule.short_hash(), file = %rule.path.display(), "rule restored");
+        }
+        self.rejected = rejected;
         let change = diff::diff(&self.rules, loaded, &errors, trigger == Trigger::Reload);
         for name in &change.to_run {
             self.pending.insert(name.clone(), trigger);
@@ -456,17 +477,20 @@ impl Daemon {
                 tracing::error!(error = format!("{} problem(s) in the config", errors.len()), "reload failed");
             }
             Ok(config) => {
-                if config.state_path != self.config.state_path {
+                if config.state_path != self.open_state_path {
                     tracing::warn!(
                         error = format!(
-                            "[state] path changes to {} need a restart; keeping the open database",
-                            config.state_path.display()
+                            "[state] path changes to {} need a restart; keeping the open database {}",
+                            config.state_path.display(),
+                            self.open_state_path.display()
                         ),
                         "state warning"
                     );
                 }
                 match self.reconnect(&config).await {
                     Ok(()) => {
+                        self.rebind_metrics(config.metrics.listen).await;
+                        self.metrics.budget(&config.api.client);
                         self.config = config;
                         self.engine = Arc::new(rules::engine::build(self.config.time_zone));
                         if let Some((loaded, errors, broken)) = load_rules(&self.engine, &self.config.rules_dir).await {
@@ -481,6 +505,38 @@ impl Daemon {
             }
         }
         notify(&[NotifyState::Ready, NotifyState::Status(&self.status_line())]);
+    }
+
+    /// Serves `/metrics` where a reloaded config says: a new address is bound before the old one
+    /// stops, and one that cannot be bound keeps the old server (said in the log).
+    async fn rebind_metrics(&mut self, listen: Option<std::net::SocketAddr>) {
+        let serving = self.metrics_server.as_ref().map(|(at, _)| *at);
+        if listen == serving {
+            return;
+        }
+        let Some(listen) = listen else {
+            if let Some((at, stop)) = self.metrics_server.take() {
+                stop.cancel();
+                tracing::info!(listen = %at, "metrics stopped");
+            }
+            return;
+        };
+        let stop = self.producers.child_token();
+        match crate::metrics::serve(listen, self.metrics.clone(), self.health.clone(), stop.clone()).await {
+            Ok(bound) => {
+                if let Some((_, old)) = self.metrics_server.replace((listen, stop)) {
+                    old.cancel();
+                }
+                tracing::info!(listen = %bound, "metrics served");
+            }
+            Err(e) => tracing::error!(
+                error = format!(
+                    "[metrics] listen {listen}: {e}; still serving on {}",
+                    serving.map_or_else(|| "nothing".to_owned(), |a| a.to_string())
+                ),
+                "metrics not moved"
+            ),
+        }
     }
 
     /// A fresh gateway for `config` (the key is read again, so the account too); a new

@@ -98,7 +98,7 @@ pub enum GatewayError {
     #[error("{}", scrub(message))]
     Setup { message: String },
     /// Shutdown was requested while this call waited or was in flight.
-    #[error("{op}: interrupted by shutdown")]
+    #[error("{op}: cancelled, the daemon is stopping")]
     Cancelled { op: Operation },
 }
 

@@ -56,7 +56,7 @@ pub enum ReconcileError {
     /// The shared read of a pass failed: every rule it served fails with it.
     #[error("reading contacts: {0}")]
     Read(Arc<ReconcileError>),
-    #[error("interrupted by shutdown; the next run converges")]
+    #[error("the daemon stopped mid-run; the next run converges")]
     Interrupted,
     /// The planning thread failed (it panicked).
     #[error("planning failed: {0}")]

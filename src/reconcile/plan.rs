@@ -126,6 +126,7 @@ impl Plan {
 /// pending, not removed, and the guards count only what is due.
 pub fn plan(
     eval: &mut Evaluation,
+    name: &str,
     mode: Mode,
     guards: &Guards,
     allow_mass_removal: bool,
@@ -197,7 +198,7 @@ pub fn plan(
         let (share, limit) = percents(share, guards.max_removal_share);
         plan.held = Some(format!(
             "would remove {removing} of {members} members ({share} %), above the mass-removal guard ({limit} %{}); \
-             confirm with `segsync sync RULE --allow-mass-removal`",
+             confirm with `segsync sync {name} --allow-mass-removal`",
             guards.max_removals.map(|m| format!(" or {m} members")).unwrap_or_default()
         ));
     }
@@ -225,7 +226,8 @@ impl Reconciler {
         let (guards, allow) = (self.guards.clone(), req.allow_mass_removal);
         let shell = judged.bound.shell();
         let planned = tokio::task::spawn_blocking(move || {
-            let plan = plan(&mut judged.eval, rule.mode, &guards, allow, &grace, &suppression);
+            let plan =
+                plan(&mut judged.eval, rule.file_rule().as_str(), rule.mode, &guards, allow, &grace, &suppression);
             Planned { judged, plan, grace }
         });
         planned.await.map_err(|e| Stopped::new(shell, ReconcileError::Planning(e.to_string())))
@@ -296,7 +298,7 @@ mod tests {
             ..Evaluation::default()
         };
         let mut eval = eval;
-        let p = plan(&mut eval, c.mode, &guards(), c.allow, &Grace::none(), &Suppression::default());
+        let p = plan(&mut eval, "vip", c.mode, &guards(), c.allow, &Grace::none(), &Suppression::default());
         assert_eq!(p.to_add, ids(c.add), "{}: to_add", c.name);
         assert_eq!(p.to_remove, ids(c.remove), "{}: to_remove", c.name);
         assert_eq!(p.held.is_some(), c.held, "{}: held {:?}", c.name, p.held);
@@ -385,7 +387,7 @@ mod tests {
             evaluated: 6,
             ..Evaluation::default()
         };
-        let p = plan(&mut eval, Mode::Mirror, &guards(), false, &Grace::none(), &suppression);
+        let p = plan(&mut eval, "vip", Mode::Mirror, &guards(), false, &Grace::none(), &suppression);
         assert_eq!(p.to_add, ids(&["m"]), "the suppressed candidate is kept out");
         assert_eq!(p.kept_out, 1);
         assert_eq!(p.suppressed, ids(&["a", "b", "c", "d"]));
@@ -393,7 +395,7 @@ mod tests {
         assert!(p.removals_to_apply().is_empty());
         let failed = Suppression { failed: Some("optout could not be read".into()), ..Suppression::default() };
         let mut eval = Evaluation { candidates_matching: ids(&["m"]), evaluated: 1, ..Evaluation::default() };
-        let p = plan(&mut eval, Mode::Mirror, &guards(), false, &Grace::none(), &failed);
+        let p = plan(&mut eval, "vip", Mode::Mirror, &guards(), false, &Grace::none(), &failed);
         assert!(p.refused.is_some() && p.adds_to_apply().is_empty(), "nothing changes while it cannot be judged");
     }
 

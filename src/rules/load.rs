@@ -100,6 +100,21 @@ pub fn load_dir(engine: &Engine, dir: &Path) -> (RuleSet, Vec<Diagnostic>) {
     (RuleSet { rules }, errors)
 }
 
+/// Why there is nothing to run in `dir`, when no rule loaded: the folder has no rule file at all (a
+/// fresh install: where the examples are), or every file was refused (`rejected` of them, reported
+/// above the message).
+pub fn nothing_to_run(dir: &Path, rejected: usize) -> String {
+    if rejected == 0 {
+        format!(
+            "no rule in {}: the folder has no NAME.rhai file, so there is nothing to sync. Write one (man \
+             segsync-rules), or copy an example from /usr/share/doc/segsync/examples/rules/ (the repository's rules/)",
+            dir.display()
+        )
+    } else {
+        format!("no usable rule in {}: all {rejected} rule file(s) were refused (see above)", dir.display())
+    }
+}
+
 /// The suppression rules among the files that did not load, by name, with their first problem:
 /// a file whose text sets `MODE = "suppress"`. While one does not load (and no earlier version of
 /// it runs), the lists it may apply to must change nothing: its contacts cannot be kept out.

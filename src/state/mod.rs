@@ -42,6 +42,11 @@ pub enum StateError {
          `segsync sync RULE --allow-mass-removal`)"
     )]
     Locked { path: PathBuf, pid: String },
+    #[error(
+        "cannot read the state database {path}: {cause}; the service keeps it in a folder only it (and root) may \
+         read: run this command as root, e.g. `sudo segsync status`"
+    )]
+    Unreadable { path: PathBuf, cause: std::io::Error },
     #[error("the state thread failed: {0}")]
     Thread(String),
     #[error("the state database {path} has schema version {found}, newer than this segsync understands ({known})")]
@@ -572,6 +577,16 @@ impl State {
     }
 
     /// The rules the daemon last said it runs, with their content hashes and since when.
+    /// The name of every list a rule is or was bound to, by id (for `status` and `history`, which
+    /// would otherwise show bare ids).
+    pub fn list_names(&self) -> Result<HashMap<ListId, String>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT list_id, list_name FROM binding")?;
+            let rows = stmt.query_map([], |r| Ok((ListId::from(r.get::<_, String>(0)?), r.get::<_, String>(1)?)))?;
+            rows.collect()
+        })
+    }
+
     pub fn loaded(&self) -> Result<Vec<LoadedRule>, StateError> {
         self.with(|c| {
             let mut stmt = c.prepare("SELECT rule, rule_hash, loaded_at FROM loaded ORDER BY rule")?;
@@ -802,6 +817,17 @@ pub fn now() -> String {
 }
 
 /// A moment as stored: RFC 3339 UTC with milliseconds.
+/// Whether there is a state to read, for the commands that only read it (`status`, `history`):
+/// `Ok(false)` when there is none yet; an error when there is one this user cannot read, which
+/// must never pass for "no runs yet".
+pub fn exists_readable(path: &Path) -> Result<bool, StateError> {
+    match std::fs::File::open(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(cause) => Err(StateError::Unreadable { path: path.into(), cause }),
+    }
+}
+
 pub fn at(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

@@ -90,7 +90,7 @@ fn check_reports_broken_rule_and_config() {
     }
     let (code, out) = run(segsync().arg("check").arg("--config").arg(&config));
     assert_eq!(code, 3, "{out}");
-    assert!(out.contains("no usable rule"), "{out}");
+    assert!(out.contains("no rule in") && out.contains("has no NAME.rhai file"), "{out}");
 
     std::fs::write(&config, "[api]\nbase_url = \"sandbox\"\npage_sise = 10\n").expect("write");
     let (code, out) = run(segsync().arg("check").arg("--config").arg(&config));
@@ -202,6 +202,8 @@ async fn sync_exit_codes_and_status() {
         .expect("join");
     assert_eq!(code, 4, "{out}");
     assert!(out.contains("outcome held"), "{out}");
+    assert!(out.contains("confirm with `segsync sync vip --allow-mass-removal`"), "the rule's own name: {out}");
+    assert!(!out.contains("RULE"), "{out}");
     let c = config.clone();
     let (code, out) = tokio::task::spawn_blocking(move || {
         run(segsync().args(["sync", "vip", "--allow-mass-removal"]).arg("--config").arg(&c))
@@ -209,17 +211,114 @@ async fn sync_exit_codes_and_status() {
     .await
     .expect("join");
     assert_eq!(code, 0, "{out}");
-    let (code, out) = tokio::task::spawn_blocking(move || {
-        run(segsync().args(["status", "--runs", "3"]).arg("--config").arg(&config))
-    })
-    .await
-    .expect("join");
+    let c = config.clone();
+    let (code, out) =
+        tokio::task::spawn_blocking(move || run(segsync().args(["status", "--runs", "3"]).arg("--config").arg(&c)))
+            .await
+            .expect("join");
     assert_eq!(code, 0, "{out}");
     assert_eq!(out.lines().filter(|l| l.starts_with("vip ")).count(), 1, "one row per rule: {out}");
     assert_eq!(out.lines().filter(|l| l.starts_with("  20")).count(), 3, "vip's three runs: {out}");
     assert!(out.contains("held"), "{out}");
     assert!(out.contains("daemon: not running"), "{out}");
+    // The list's name beside the rule, and every time in the configured zone (Europe/Rome: +01:00 in
+    // winter, +02:00 in summer), never UTC's `Z` beside it.
+    let vip = out.lines().find(|l| l.starts_with("vip ")).expect("vip's row");
+    assert!(vip.contains("VIP - Spend > 5000 EUR"), "{vip}");
+    assert!(!out.contains("Z "), "one zone: {out}");
+    assert!(out.contains("+01:00") || out.contains("+02:00"), "{out}");
+    let c = config.clone();
+    let (_, json) = tokio::task::spawn_blocking(move || {
+        let out = segsync().args(["status", "--json", "--runs", "1"]).arg("--config").arg(&c).output().expect("runs");
+        (out.status.code(), serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON"))
+    })
+    .await
+    .expect("join");
+    let row = json["rules"].as_array().and_then(|r| r.iter().find(|r| r["rule"] == "vip")).expect("vip").clone();
+    assert_eq!(row["list"], "VIP - Spend > 5000 EUR", "{row}");
+    let rome = |field: &serde_json::Value| {
+        let text = field.as_str().unwrap_or_default();
+        let at = chrono::DateTime::parse_from_rfc3339(text).unwrap_or_else(|e| panic!("ISO 8601: {text}: {e}"));
+        let expected = at.with_timezone(&chrono_tz::Europe::Rome).offset().to_owned();
+        let expected = chrono::Offset::fix(&expected);
+        assert_eq!(*at.offset(), expected, "{text} is in Europe/Rome's offset");
+    };
+    for field in [&row["last_run"], &row["next_run"], &row["last_success"], &row["runs"][0]["finished_at"]] {
+        rome(field);
+    }
+    assert_eq!(json["daemon"]["pid"], serde_json::Value::Null, "{json}");
+    // `history` names the list too, with the same zone.
+    let removed = |c: &segsync_sandbox::store::Contact| support::spent(c).is_some_and(|s| s > 5000.0 && s <= 50000.0);
+    let member = support::ids_where(&sandbox, removed).into_iter().next().expect("a contact the stricter rule removed");
+    let (code, out) =
+        tokio::task::spawn_blocking(move || run(segsync().args(["history", &member]).arg("--config").arg(&config)))
+            .await
+            .expect("join");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("list \"VIP - Spend > 5000 EUR\" ("), "{out}");
+    assert!(!out.contains("Z "), "{out}");
     sandbox.shutdown().await;
+}
+
+// `status` and `history` by a user who cannot read the state (the unit's 0700 folder) fail with an
+// error naming the path and a non-zero exit: never "daemon: not running" and empty rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_state_is_an_error_not_an_empty_answer() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let sandbox = support::start(support::sandbox_config(1_000)).await;
+    let (dir, _) = setup(Some(&sandbox.base_url()));
+    let state_dir = dir.path().join("state");
+    let config = dir.path().join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("{text}[state]\npath = \"{}/segsync.db\"\n", state_dir.display())).expect("write");
+    let c = config.clone();
+    let (code, out) = tokio::task::spawn_blocking(move || run(segsync().args(["sync", "vip"]).arg("--config").arg(&c)))
+        .await
+        .expect("join");
+    assert_eq!(code, 0, "{out}");
+    // Everyone may read the config and rules; only the service (here: this user) the state.
+    for path in [dir.path().to_path_buf(), dir.path().join("rules")] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    // As root (CI), the other user is nobody; as anyone else, a folder even its owner cannot enter.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir.path()).expect("stat")) == 0;
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(if root { 0o700 } else { 0o000 }))
+        .expect("chmod");
+    for args in [vec!["status"], vec!["status", "--json"], vec!["history", "c-1"], vec!["history", "--rule", "vip"]] {
+        let mut cmd = segsync();
+        cmd.args(&args).arg("--config").arg(&config);
+        if root {
+            cmd.uid(65534).gid(65534);
+        }
+        let out = cmd.output().expect("runs");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stdout}{stderr}");
+        assert!(
+            stderr.contains("cannot read the state database") && stderr.contains("segsync.db"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stdout.contains("not running") && !stdout.contains("no history"), "{args:?}: {stdout}");
+    }
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    sandbox.shutdown().await;
+}
+
+// Errors go to stderr, always: `plan --json` with a key it cannot read leaves stdout empty (so
+// `| jq` sees nothing rather than text), and says why on stderr with exit 3.
+#[test]
+fn errors_go_to_stderr_even_with_json() {
+    let (_dir, config) = setup(Some("http://127.0.0.1:9"));
+    let out = segsync().args(["plan", "--json", "--config"]).arg(&config).env_remove(KEY_VAR).output().expect("runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(stdout.is_empty(), "stdout is for the JSON only: {stdout}");
+    assert!(stderr.contains(KEY_VAR) && stderr.contains("is not set"), "{stderr}");
+    // The same for a config that does not load, and a rule that is not there.
+    std::fs::write(&config, "[api]\nbase_url = \"sandbox\"\npage_sise = 10\n").expect("write");
+    let out = segsync().args(["plan", "--json", "--config"]).arg(&config).output().expect("runs");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(out.stdout.is_empty() && String::from_utf8_lossy(&out.stderr).contains("page_sise"));
 }
 
 // `status --json` is always JSON with a schema version: on a fresh install (no state yet) every rule

@@ -463,6 +463,11 @@ async fn sigterm_mid_apply_then_restart_converges() {
     daemon.wait_for(1, "stopped", &[], 2).await;
     let interrupted = daemon.events("rule run", &[("outcome", "interrupted")]);
     assert!(!interrupted.is_empty(), "interrupted runs are recorded and logged");
+    for run in &interrupted {
+        // `sync` prints "outcome interrupted: DETAIL": the detail says why, not the outcome again.
+        let detail = run["detail"].as_str().unwrap_or_default();
+        assert!(!detail.contains("interrupted") && detail.contains("stop"), "{run}");
+    }
     assert!(daemon.events("rule run", &[("outcome", "failed")]).is_empty(), "a shutdown is not a failure");
     drop(daemon);
 

@@ -148,6 +148,7 @@ async fn scrape_matches_the_pass_summary() {
     let (status, body) = get(&format!("{base}/healthz")).await;
     assert_eq!(status, 200, "{body}");
     check_alert_rules(&after);
+    check_dashboard(&after);
 
     Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status().expect("kill");
     let status = child.0.wait().expect("exit");
@@ -162,16 +163,8 @@ async fn scrape_matches_the_pass_summary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_and_healthz_agree_on_overdue() {
     let sandbox = support::start(support::sandbox_config(200)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rules = dir.path().join("rules");
-    std::fs::create_dir(&rules).expect("rules");
-    std::fs::write(rules.join("fine.rhai"), "const LIST = \"Everyone\";\nfn matches(c) { true }\n").expect("fine");
-    // Errors on every contact, so every run fails; due every second.
-    std::fs::write(
-        rules.join("broken.rhai"),
-        "const LIST = \"Broken\";\nconst SCHEDULE = \"* * * * * *\";\nfn matches(c) { c.customFields.noSuchField > 1 }\n",
-    )
-    .expect("broken");
+    // broken errors on every contact, so every run fails; due every second.
+    let dir = fine_and_broken("const SCHEDULE = \"* * * * * *\";\n");
     let (port, config) = (free_port(), dir.path().join("config.toml"));
     write_config(&config, &sandbox, port, "overdue_factor = 1\n");
     let (mut child, logs) = spawn(&config);
@@ -214,13 +207,30 @@ async fn status_and_healthz_agree_on_overdue() {
     sandbox.shutdown().await;
 }
 
+/// The metric families a scrape declares (`# TYPE` lines).
+fn families(scrape: &str) -> Vec<&str> {
+    scrape.lines().filter_map(|l| l.strip_prefix("# TYPE ").and_then(|t| t.split_whitespace().next())).collect()
+}
+
+/// Every `segsync_…` name in a PromQL expression that no declared family has (a counter's
+/// `_total`, a histogram's `_bucket`, `_sum` and `_count` belong to their family).
+fn unexposed<'a>(expr: &'a str, exposed: &[&str]) -> Vec<&'a str> {
+    let words = expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+    words
+        .filter(|w| w.starts_with("segsync_"))
+        .filter(|word| {
+            let base = ["_bucket", "_sum", "_count"].iter().fold(*word, |w, s| w.strip_suffix(s).unwrap_or(w));
+            ![*word, base, word.trim_end_matches("_total")].iter().any(|n| exposed.contains(n))
+        })
+        .collect()
+}
+
 /// The shipped alert rules are well-formed Prometheus rule groups, and every segsync metric they use
 /// is one `scrape` (a daemon's, after a pass) exposes.
 fn check_alert_rules(scrape: &str) {
     let text = std::fs::read_to_string("monitoring/alerts.yml").expect("monitoring/alerts.yml");
     let doc: serde_norway::Value = serde_norway::from_str(&text).expect("valid YAML");
-    let exposed: Vec<&str> =
-        scrape.lines().filter_map(|l| l.strip_prefix("# TYPE ").and_then(|t| t.split_whitespace().next())).collect();
+    let exposed = families(scrape);
     let mut alerts = 0;
     for group in doc["groups"].as_sequence().expect("groups") {
         assert!(group["name"].as_str().is_some());
@@ -229,15 +239,48 @@ fn check_alert_rules(scrape: &str) {
             let expr = rule["expr"].as_str().expect("expr");
             assert!(rule["labels"]["severity"].as_str().is_some(), "{name} has a severity");
             assert!(rule["annotations"]["summary"].as_str().is_some(), "{name} has a summary");
-            let words = expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
-            for word in words.filter(|w| w.starts_with("segsync_")) {
-                let base = word.trim_end_matches("_total").trim_end_matches("_count").trim_end_matches("_bucket");
-                assert!(exposed.contains(&base), "{name} uses {word}, which the daemon does not expose: {exposed:?}");
-            }
+            let missing = unexposed(expr, &exposed);
+            assert!(missing.is_empty(), "{name} uses {missing:?}, which the daemon does not expose: {exposed:?}");
             alerts += 1;
         }
     }
     assert!(alerts >= 5);
+}
+
+/// The shipped Grafana dashboard has the panels operators look for, each with a query, and every
+/// segsync metric it queries (panels and the rule variable) is one `scrape` exposes.
+fn check_dashboard(scrape: &str) {
+    let text = std::fs::read_to_string("monitoring/grafana/segsync.json").expect("monitoring/grafana/segsync.json");
+    let doc: Value = serde_json::from_str(&text).expect("valid JSON");
+    let exposed = families(scrape);
+    let panels = doc["panels"].as_array().expect("panels");
+    let titles: Vec<&str> = panels.iter().filter_map(|p| p["title"].as_str()).collect();
+    for wanted in [
+        "Rule outcomes",
+        "Members per list",
+        "Adds and removals",
+        "Pending removals and held rules",
+        "API requests by class, and 429s",
+        "Pass duration",
+        "Rate budget used",
+    ] {
+        assert!(titles.contains(&wanted), "the dashboard lacks {wanted:?}: {titles:?}");
+    }
+    let mut queries: Vec<(String, String)> = Vec::new();
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap_or_default().to_owned();
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title} has no query");
+        queries.extend(targets.iter().map(|t| (title.clone(), t["expr"].as_str().expect("expr").to_owned())));
+    }
+    for variable in doc["templating"]["list"].as_array().expect("variables") {
+        queries.push(("variable".into(), variable["definition"].as_str().expect("definition").to_owned()));
+    }
+    for (title, expr) in &queries {
+        let missing = unexposed(expr, &exposed);
+        assert!(missing.is_empty(), "{title} queries {missing:?}, which the daemon does not expose: {exposed:?}");
+        assert!(expr.contains("segsync_"), "{title} queries no segsync metric: {expr}");
+    }
 }
 
 // A partitioned rule's series carry its file's name and each list (issue 22): one series per list,
@@ -265,5 +308,159 @@ async fn a_partitioned_rule_has_a_series_per_list() {
     }
     assert_eq!(sample(&scrape, "segsync_rule_added_total", &[("rule", "geo"), ("list", "")]), None, "{scrape}");
     child.0.kill().expect("kill");
+    sandbox.shutdown().await;
+}
+
+/// Two rules: `fine` (everyone) and `broken` (errors on every contact, so every run fails), with
+/// `broken_settings` added to broken's settings.
+fn fine_and_broken(broken_settings: &str) -> tempfile::TempDir {
+    let broken =
+        format!("const LIST = \"Broken\";\n{broken_settings}fn matches(c) {{ c.customFields.noSuchField > 1 }}\n");
+    support::rule_files(&[("fine", "const LIST = \"Everyone\";\nfn matches(c) { true }\n"), ("broken", &broken)])
+}
+
+/// Waits until `logs` holds `n` events named `message` with every field in `with`.
+async fn wait_events(logs: &Arc<Mutex<Vec<Value>>>, n: usize, message: &str, with: &[(&str, &str)]) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found: Vec<Value> = logs
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|v| v["message"] == message && with.iter().all(|(k, want)| v[*k] == *want))
+            .cloned()
+            .collect();
+        if found.len() >= n {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "no {n} × {message} {with:?} within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn status_json(config: &std::path::Path) -> (Option<i32>, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_segsync"))
+        .args(["status", "--json", "--config"])
+        .arg(config)
+        .env(support::KEY_VAR, support::KEY)
+        .output()
+        .expect("status");
+    (out.status.code(), serde_json::from_slice(&out.stdout).expect("status JSON"))
+}
+
+fn rows(doc: &Value) -> Vec<String> {
+    let rules = doc["rules"].as_array().cloned().unwrap_or_default();
+    rules.iter().filter_map(|r| r["rule"].as_str().map(str::to_owned)).collect()
+}
+
+// A deleted rule leaves `/metrics` (no `outcome="failed"` firing an alert forever) and `status`
+// (whose exit code it would fail forever), while the daemon runs and after it stops. `status --json`
+// gives the running daemon's pid as the integer the log has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_rule_leaves_metrics_and_status() {
+    let sandbox = support::start(support::sandbox_config(200)).await;
+    let dir = fine_and_broken("");
+    let rules = dir.path().join("rules");
+    let (port, config) = (free_port(), dir.path().join("config.toml"));
+    write_config(&config, &sandbox, port, "");
+    let (mut child, logs) = spawn(&config);
+    wait_events(&logs, 1, "rule run", &[("rule", "broken"), ("outcome", "failed")]).await;
+    wait_events(&logs, 1, "rule run", &[("rule", "fine"), ("outcome", "ok")]).await;
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    let (_, before) = get(&metrics).await;
+    assert_eq!(sample(&before, "segsync_rule_outcome", &[("rule", "broken"), ("outcome", "failed")]), Some(1.0));
+    let (code, doc) = status_json(&config);
+    assert_eq!(code, Some(1), "broken failed: {doc}");
+    let started = wait_events(&logs, 1, "segsync started", &[]).await;
+    assert_eq!(doc["daemon"]["pid"], started[0]["pid"], "the pid is the log's integer: {doc}");
+    assert!(doc["daemon"]["pid"].is_u64(), "{doc}");
+
+    std::fs::remove_file(rules.join("broken.rhai")).expect("delete");
+    wait_events(&logs, 1, "rule removed", &[("rule", "broken")]).await;
+    let (_, after) = get(&metrics).await;
+    assert!(!after.contains("rule=\"broken\""), "a deleted rule's series go:\n{after}");
+    assert_eq!(sample(&after, "segsync_rule_outcome", &[("rule", "fine"), ("outcome", "ok")]), Some(1.0), "{after}");
+    let (code, doc) = status_json(&config);
+    assert_eq!(rows(&doc), ["fine"], "{doc}");
+    assert_eq!(code, Some(0), "{doc}");
+
+    Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status().expect("kill");
+    assert_eq!(child.0.wait().expect("exit").code(), Some(0));
+    let (code, doc) = status_json(&config);
+    assert_eq!((code, rows(&doc)), (Some(0), vec!["fine".to_owned()]), "after the daemon stopped too: {doc}");
+    sandbox.shutdown().await;
+}
+
+// SIGHUP moves `/metrics` to a changed `[metrics] listen`; a changed `[state] path` is said to need a
+// restart, and restoring it is not; a rule file refused and then repaired logs `rule restored`.
+// `/metrics` speaks Prometheus text 0.0.4 unless the scraper asks for OpenMetrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_metrics_and_tells_the_truth() {
+    let sandbox = support::start(support::sandbox_config(200)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).expect("rules");
+    let good = "const LIST = \"Everyone\";\nfn matches(c) { true }\n";
+    std::fs::write(rules.join("fine.rhai"), good).expect("fine");
+    let (port, config) = (free_port(), dir.path().join("config.toml"));
+    write_config(&config, &sandbox, port, "");
+    let (mut child, logs) = spawn(&config);
+    wait_events(&logs, 1, "pass finished", &[]).await;
+
+    // Content negotiation, as the Prometheus client libraries do it.
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let plain = support::http().get(&url).send().await.expect("scrape");
+    let kind = plain.headers()["content-type"].to_str().expect("ascii").to_owned();
+    let body = plain.text().await.expect("body");
+    assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+    assert!(!body.contains("# EOF") && body.contains("# TYPE segsync_rule_added_total counter"), "{body}");
+    let open = support::http()
+        .get(&url)
+        .header("accept", "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+        .send()
+        .await
+        .expect("scrape");
+    let kind = open.headers()["content-type"].to_str().expect("ascii").to_owned();
+    let body = open.text().await.expect("body");
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    assert!(body.ends_with("# EOF\n") && body.contains("# TYPE segsync_rule_added counter"), "{body}");
+
+    let hup = |n: usize| {
+        Command::new("kill").arg("-HUP").arg(child.0.id().to_string()).status().expect("kill");
+        wait_events(&logs, n, "reloaded", &[])
+    };
+    let text = std::fs::read_to_string(&config).expect("config");
+    let moved = free_port();
+    std::fs::write(&config, text.replace(&format!("listen = \"{port}\""), &format!("listen = \"{moved}\"")))
+        .expect("write");
+    hup(1).await;
+    wait_events(&logs, 1, "metrics served", &[("listen", &format!("127.0.0.1:{moved}"))]).await;
+    let (status, _) = get(&format!("http://127.0.0.1:{moved}/metrics")).await;
+    assert_eq!(status, 200, "served on the new address");
+    let (status, _) = get(&url).await;
+    assert_eq!(status, 0, "no longer on the old one");
+
+    // The state path: away (a restart is needed), then back (nothing to say).
+    let current = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("{current}[state]\npath = \"elsewhere.db\"\n")).expect("write");
+    hup(2).await;
+    std::fs::write(&config, &current).expect("write");
+    hup(3).await;
+    let warnings = wait_events(&logs, 1, "state warning", &[]).await;
+    let restarts: Vec<&Value> =
+        warnings.iter().filter(|w| w["error"].as_str().is_some_and(|e| e.contains("restart"))).collect();
+    assert_eq!(restarts.len(), 1, "only the change away needs a restart: {warnings:?}");
+    assert!(restarts[0]["error"].as_str().is_some_and(|e| e.contains("elsewhere.db")), "{restarts:?}");
+
+    // A refused rule, then repaired.
+    std::fs::write(rules.join("fine.rhai"), "const LIST = \"Everyone\";\nfn matches(c) { true \n").expect("break");
+    wait_events(&logs, 1, "rule rejected", &[("rule", "fine")]).await;
+    std::fs::write(rules.join("fine.rhai"), good).expect("repair");
+    let restored = wait_events(&logs, 1, "rule restored", &[("rule", "fine")]).await;
+    assert!(restored[0]["file"].as_str().is_some_and(|f| f.ends_with("fine.rhai")), "{restored:?}");
+    support::assert_log_schema(logs.lock().expect("lock").iter());
+
+    Command::new("kill").arg("-TERM").arg(child.0.id().to_string()).status().expect("kill");
+    assert_eq!(child.0.wait().expect("exit").code(), Some(0));
     sandbox.shutdown().await;
 }

@@ -57,8 +57,22 @@ impl Installed {
     }
 }
 
-// The package holds the binary, both units, the config as a conffile, the rules, the man page and
-// completions; the installed binary's start gate passes on the installed config with a credential.
+impl Installed {
+    /// What the operator's guide says to do first: copy the VIP example into the empty rules folder.
+    fn copy_example_rules(&self, into: &str) {
+        let examples = self.at("/usr/share/doc/segsync/examples/rules");
+        for entry in std::fs::read_dir(&examples).expect("examples") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().expect("name").to_string_lossy().into_owned();
+            std::fs::copy(&path, self.at(into).join(&name)).expect("copy example");
+        }
+    }
+}
+
+// The package holds the binary, both units, the config as a conffile, an empty rules folder with a
+// README, the examples, the copyright and changelog, a man page per command plus the config and rule
+// pages, and completions. On the empty folder the installed binary's start gate refuses, saying
+// exactly that; with the examples copied in, it passes on the installed config with a credential.
 #[test]
 fn package_installs_what_the_units_need() {
     let installed = install();
@@ -69,40 +83,196 @@ fn package_installs_what_the_units_need() {
         "./lib/systemd/system/segsync.service",
         "./lib/systemd/system/segsync@.service",
         "./etc/segsync/config.toml",
-        "./etc/segsync/rules/vip.rhai",
-        "./etc/segsync/rules/vip.test.toml",
+        "./etc/segsync/rules/README",
+        "./usr/share/doc/segsync/examples/rules/vip.rhai",
+        "./usr/share/doc/segsync/examples/rules-advanced/lib/money.rhai",
+        "./usr/share/doc/segsync/examples/grafana-segsync.json",
+        "./usr/share/doc/segsync/copyright",
+        "./usr/share/doc/segsync/changelog.Debian.gz",
+        "./usr/share/doc/segsync/README.md",
         "./usr/share/man/man1/segsync.1.gz",
+        "./usr/share/man/man1/segsync-run.1.gz",
+        "./usr/share/man/man1/segsync-status.1.gz",
+        "./usr/share/man/man5/segsync.toml.5.gz",
+        "./usr/share/man/man7/segsync-rules.7.gz",
         "./usr/share/bash-completion/completions/segsync",
         "./usr/share/zsh/vendor-completions/_segsync",
         "./usr/share/fish/vendor_completions.d/segsync.fish",
-        "./usr/share/doc/segsync/README.md",
     ] {
         assert!(listing.lines().any(|l| l.ends_with(path)), "the package lacks {path}:\n{listing}");
     }
-    let control = Command::new("dpkg-deb").arg("-I").arg(&installed.deb).arg("conffiles").output().expect("conffiles");
-    assert!(String::from_utf8_lossy(&control.stdout).contains("/etc/segsync/config.toml"));
-    let postinst = Command::new("dpkg-deb").arg("-I").arg(&installed.deb).arg("postinst").output().expect("postinst");
-    let postinst = String::from_utf8_lossy(&postinst.stdout);
-    assert!(!postinst.contains("start") && !postinst.contains("enable"), "nothing starts on install: {postinst}");
+    let active: Vec<&str> =
+        listing.lines().filter(|l| l.contains("./etc/segsync/rules/") && l.ends_with(".rhai")).collect();
+    assert!(active.is_empty(), "no rule is active on install: {active:?}");
+    let info = |part: &str| {
+        let out = Command::new("dpkg-deb").arg("-I").arg(&installed.deb).arg(part).output().expect("dpkg-deb -I");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(info("conffiles").contains("/etc/segsync/config.toml"));
+    let control = info("control");
+    assert!(control.contains("Depends: libc6 (>= "), "Depends computed from the binary: {control}");
+    let md5sums = info("md5sums");
+    assert!(md5sums.contains("  usr/bin/segsync\n"), "{md5sums}");
+    let guide = std::fs::read_to_string(installed.at("/usr/share/doc/segsync/README.md")).expect("guide");
+    assert!(!guide.contains("cargo"), "the shipped README is the operator's guide, not the developer's");
+    let copyright = std::fs::read_to_string(installed.at("/usr/share/doc/segsync/copyright")).expect("copyright");
+    for crate_linked in ["vendor/rhai-", "vendor/tokio-", "vendor/rusqlite-"] {
+        assert!(copyright.contains(crate_linked), "the copyright names {crate_linked}…");
+    }
 
     // The start gate, exactly as the unit runs it, on the installed config (paths under the root).
     let config = installed.at("/etc/segsync/config.toml");
     let text = std::fs::read_to_string(&config).expect("installed config");
+    assert!(text.contains("format = \"auto\""), "the journal gets native fields under systemd: {text}");
     std::fs::write(&config, installed.rooted(&text)).expect("write");
     let creds = installed.at("/run/credentials/segsync.service");
     std::fs::create_dir_all(&creds).expect("mkdir");
     std::fs::write(creds.join("api_key"), "k-installed-5521\n").expect("key");
-    let out = Command::new(installed.at("/usr/bin/segsync"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .env("CREDENTIALS_DIRECTORY", &creds)
-        .output()
-        .expect("the installed binary runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let check = || {
+        let out = Command::new(installed.at("/usr/bin/segsync"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .env("CREDENTIALS_DIRECTORY", &creds)
+            .output()
+            .expect("the installed binary runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text)
+    };
+    let (code, text) = check();
+    assert_eq!(code, Some(3), "{text}");
+    assert!(
+        text.contains("the folder has no NAME.rhai file") && text.contains("/usr/share/doc/segsync/examples"),
+        "{text}"
+    );
+    installed.copy_example_rules("/etc/segsync/rules");
+    let (code, text) = check();
+    assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("5 rule(s)"), "{text}");
     let version = Command::new(installed.at("/usr/bin/segsync")).arg("--version").output().expect("version");
     assert!(String::from_utf8_lossy(&version.stdout).contains("(git "), "--version names the commit");
+}
+
+// lintian, Debian's own package checker, finds no error and no warning in the package.
+#[test]
+fn lintian_accepts_the_package() {
+    let installed = install();
+    let out = Command::new("lintian").arg(&installed.deb).output().expect("lintian runs (apt-get install lintian)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let complaints: Vec<&str> = text.lines().filter(|l| l.starts_with("E: ") || l.starts_with("W: ")).collect();
+    assert!(complaints.is_empty(), "lintian:\n{text}");
+    assert!(out.status.success(), "lintian:\n{text}");
+}
+
+/// The package's maintainer scripts, run as dpkg runs them, with the system's paths moved under a
+/// temporary root and recording stand-ins for `systemctl`, `deb-systemd-invoke` and
+/// `deb-systemd-helper` first on `PATH`.
+struct Scripts {
+    dir: tempfile::TempDir,
+}
+
+impl Scripts {
+    fn extract(installed: &Installed, systemd_running: bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let control = dir.path().join("control");
+        let ok = Command::new("dpkg-deb").arg("-e").arg(&installed.deb).arg(&control).status().expect("dpkg-deb -e");
+        assert!(ok.success());
+        let root = dir.path().join("root");
+        for script in ["postinst", "prerm", "postrm"] {
+            let text = std::fs::read_to_string(control.join(script)).expect("script");
+            let moved = text
+                .replace("/run/systemd/system", &format!("{}/run/systemd/system", root.display()))
+                .replace("/var/lib/", &format!("{}/var/lib/", root.display()))
+                .replace("/etc/segsync", &format!("{}/etc/segsync", root.display()));
+            std::fs::write(dir.path().join(script), moved).expect("write");
+        }
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        for tool in ["systemctl", "deb-systemd-invoke", "deb-systemd-helper"] {
+            let record = format!("#!/bin/sh\necho \"{tool} $*\" >> {}/calls\n", dir.path().display());
+            std::fs::write(bin.join(tool), record).expect("stand-in");
+            let ok = Command::new("chmod").arg("+x").arg(bin.join(tool)).status().expect("chmod");
+            assert!(ok.success());
+        }
+        if systemd_running {
+            std::fs::create_dir_all(root.join("run/systemd/system")).expect("mkdir");
+        }
+        Self { dir }
+    }
+
+    fn root(&self, path: &str) -> PathBuf {
+        self.dir.path().join("root").join(path.trim_start_matches('/'))
+    }
+
+    /// Runs one script with dpkg's arguments; returns the stand-ins' calls it made.
+    fn run(&self, script: &str, args: &[&str]) -> Vec<String> {
+        let calls = self.dir.path().join("calls");
+        let _ = std::fs::remove_file(&calls);
+        let path = format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", self.dir.path().join("bin").display());
+        let out = Command::new("sh")
+            .arg("-e")
+            .arg(self.dir.path().join(script))
+            .args(args)
+            .env("PATH", path)
+            .output()
+            .expect("sh");
+        assert!(out.status.success(), "{script} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read_to_string(&calls).map(|t| t.lines().map(str::to_owned).collect()).unwrap_or_default()
+    }
+}
+
+// The maintainer scripts do what dh_installsystemd's would: nothing starts on a first install (there
+// is no key yet), an upgrade try-restarts what runs, remove stops the service and every instance,
+// purge deletes the state (contact ids, history) and the keys but not the operator's own rules.
+#[test]
+fn maintainer_scripts_do_what_dh_installsystemd_does() {
+    let installed = install();
+    let scripts = Scripts::extract(&installed, true);
+    let reload = "systemctl --system daemon-reload".to_owned();
+
+    assert_eq!(
+        scripts.run("postinst", &["configure", ""]),
+        std::slice::from_ref(&reload),
+        "a first install starts nothing"
+    );
+    assert_eq!(
+        scripts.run("postinst", &["configure", "0.0.9-1"]),
+        [reload.clone(), "deb-systemd-invoke try-restart segsync.service segsync@*.service".to_owned()],
+        "an upgrade restarts what runs"
+    );
+    assert_eq!(scripts.run("prerm", &["upgrade", "0.2.0-1"]), Vec::<String>::new(), "an upgrade stops nothing");
+    assert_eq!(
+        scripts.run("prerm", &["remove"]),
+        ["deb-systemd-invoke stop segsync.service segsync@*.service".to_owned()],
+        "remove stops the service and its instances"
+    );
+
+    // What segsync and the operator wrote: state (DynamicUser's private folder and its link), keys, rules.
+    for path in ["/var/lib/private/segsync/segsync.db", "/var/lib/private/segsync/acme/segsync.db"] {
+        std::fs::create_dir_all(scripts.root(path).parent().expect("parent")).expect("mkdir");
+        std::fs::write(scripts.root(path), "state").expect("state");
+    }
+    std::os::unix::fs::symlink(scripts.root("/var/lib/private/segsync"), scripts.root("/var/lib/segsync"))
+        .expect("link");
+    std::fs::create_dir_all(scripts.root("/etc/segsync/acme/rules")).expect("mkdir");
+    std::fs::create_dir_all(scripts.root("/etc/segsync/rules")).expect("mkdir");
+    for path in ["/etc/segsync/api_key", "/etc/segsync/acme/api_key", "/etc/segsync/rules/mine.rhai"] {
+        std::fs::write(scripts.root(path), "x").expect("write");
+    }
+    assert_eq!(scripts.run("postrm", &["remove"]), std::slice::from_ref(&reload));
+    assert!(scripts.root("/var/lib/segsync/segsync.db").exists(), "remove keeps the state");
+    assert!(scripts.root("/etc/segsync/api_key").exists(), "remove keeps the key");
+
+    let calls = scripts.run("postrm", &["purge"]);
+    assert_eq!(calls, [reload, "deb-systemd-helper purge segsync.service".to_owned()]);
+    for gone in ["/var/lib/segsync", "/var/lib/private/segsync", "/etc/segsync/api_key", "/etc/segsync/acme"] {
+        assert!(!scripts.root(gone).exists() && !scripts.root(gone).is_symlink(), "purge leaves {gone}");
+    }
+    assert!(scripts.root("/etc/segsync/rules/mine.rhai").exists(), "purge keeps the operator's own rule files");
+
+    // Without systemd running (a chroot, a container), the scripts call no systemctl.
+    let offline = Scripts::extract(&installed, false);
+    assert!(offline.run("postinst", &["configure", "0.0.9-1"]).is_empty());
+    assert!(offline.run("prerm", &["remove"]).is_empty());
 }
 
 /// The values of `Key=` lines of a unit, in order, with `%i` expanded.
@@ -287,6 +457,7 @@ fn play(installed: &Installed, unit: &str, instance: &str, sandbox_url: &str) {
 async fn played_units_start_reload_and_stop() {
     let sandbox = support::start(support::sandbox_config(2_000)).await;
     let installed = install();
+    installed.copy_example_rules("/etc/segsync/rules");
     let url = sandbox.base_url();
     let played = tokio::task::spawn_blocking(move || {
         play(&installed, "segsync.service", "", &url);
