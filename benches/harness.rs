@@ -293,6 +293,10 @@ async fn run(s: &Scenario) {
     let engine = rules::engine::build(chrono_tz::Europe::Rome);
     let (set, errors) = rules::load_dir(&engine, &rules_dir);
     assert!(errors.is_empty(), "{errors:?}");
+    // `SEGSYNC_BENCH_ENGINE=rhai` runs every rule through Rhai (as `[rules] native = false` does).
+    rules::native::set_enabled(std::env::var("SEGSYNC_BENCH_ENGINE").as_deref() != Ok("rhai"));
+    let engines: Vec<String> = set.iter().map(|r| format!("{} {}", r.name, r.engine_name())).collect();
+    println!("engines: {}\n", engines.join("; "));
     let gateway = support::gateway(&sandbox.base_url, s.plan, 4);
     let reconciler = Reconciler::new(Parts {
         gateway: gateway.clone(),
@@ -335,16 +339,9 @@ async fn run(s: &Scenario) {
         let cpu = support::cpu_time();
         let started = Instant::now();
         let request = PassRequest {
-            rules: set.iter().cloned().collect(),
-            trigger: Trigger::Manual,
-            dry_run: false,
             allow_mass_removal: true,
             today: Some(today),
-            progress: None,
-            now: None,
-            suppressors: Vec::new(),
-            broken_suppressors: Vec::new(),
-            loaded: Vec::new(),
+            ..PassRequest::new(set.iter().cloned().collect(), Trigger::Manual)
         };
         let report = reconciler.run_pass(request).await;
         let wall = started.elapsed();

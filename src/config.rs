@@ -71,6 +71,8 @@ pub struct Config {
     pub default_remove_after: Option<Duration>,
     /// The most lists a rule with `fn list` may fill, unless its `MAX_LISTS` says otherwise.
     pub max_lists_per_rule: u64,
+    /// `[rules] native`: judge recognised `matches` shapes natively (false: every rule on Rhai).
+    pub native_eval: bool,
     pub guards: Guards,
     pub shutdown_timeout: Duration,
     pub watch_rules: bool,
@@ -164,6 +166,7 @@ struct RawRules {
     time_zone: Raw,
     default_remove_after: Raw,
     max_lists_per_rule: Raw,
+    native: Raw,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -692,6 +695,7 @@ impl Config {
                 1..=crate::rules::MAX_LISTS_CEILING as i64,
             )
             .map_or(DEFAULT_MAX_LISTS, |n| n as u64);
+        let native_eval = r.boolean(&raw.rules.native, "rules.native").unwrap_or(true);
         let (state_path, verify_members_every, history_retention, history_facts) = r.state(&raw.state, &base);
         let guards = r.guards(&raw.guards);
         let (shutdown_timeout, watch_rules) = r.daemon(&raw.daemon);
@@ -715,6 +719,7 @@ impl Config {
             history_facts,
             default_remove_after,
             max_lists_per_rule,
+            native_eval,
             guards,
             shutdown_timeout,
             watch_rules,

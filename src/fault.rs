@@ -4,7 +4,9 @@
 //!   panic there does;
 //! - `hold-commit:RULE:PATH` holds the state database inside each commit of `RULE`'s run, as a
 //!   first sync's million history rows do, until the file `PATH` exists (it creates `PATH.held`
-//!   when it starts holding), so a test decides exactly how long a run is in progress.
+//!   when it starts holding), so a test decides exactly how long a run is in progress;
+//! - `native-wrong:RULE` makes the native evaluator of `RULE` answer the opposite of the truth, so a
+//!   test can show the shadow check catching it.
 //!
 //! A release build ignores the variable (the check is `cfg!(debug_assertions)`, a constant).
 
@@ -35,6 +37,11 @@ pub fn hold_commit(rule: &str) {
     while !release.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// Whether the environment asks for a wrong native evaluator for `rule` (read once, at load).
+pub fn native_wrong(rule: &str) -> bool {
+    asked("native-wrong").as_deref() == Some(rule)
 }
 
 /// The text a panic carried.

@@ -78,6 +78,16 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, 
     for (path, value) in fields_read(&map, &rule.mentions) {
         say!("reads     {path} = {value}");
     }
+    let by = match rule.native.as_ref() {
+        Ok(native) if rule.engine_name() == "native" => match native.judge(&contact.fields, today.0) {
+            Ok(_) => "native".to_owned(),
+            Err(_) => "rhai (the native evaluator leaves this record to Rhai: Rhai errs on it, or a value is of a \
+                       type it does not judge)"
+                .to_owned(),
+        },
+        _ => rule.engine_name(),
+    };
+    say!("engine    {by}");
     let mut answer = rule.evaluate(&engine, &contact, today);
     match &answer {
         Ok(true) => say!("answer    IN the segment: the list should hold this contact"),

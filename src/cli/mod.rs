@@ -308,6 +308,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         }
     };
     crate::logging::init(cli.log_format(Some(&config)));
+    crate::rules::native::set_enabled(config.native_eval);
     match cli.command {
         Command::Run => {
             runtime()?.block_on(crate::daemon::run(

@@ -19,6 +19,7 @@ pub(super) fn plan_json(r: &RuleReport) -> serde_json::Value {
         "list_id": r.list_id,
         "list_exists": r.list_id.is_some(),
         "mode": r.rule.mode,
+        "engine": r.rule.engine_name(),
         "members_before": r.members_before,
         "read_plan": r.read.as_str(),
         "members_from": r.members_from.as_str(),
@@ -83,6 +84,7 @@ pub(super) fn print_pass(report: &PassReport, dry_run: bool) {
             (None, _) => "would be created".into(),
         };
         say!("{} → {:?} ({list}, {})", r.rule.name, r.rule.list, r.rule.mode);
+        say!("  judged by {}", r.rule.engine_name());
         if !r.derived_filter.is_empty() {
             let terms: Vec<String> = r.derived_filter.iter().map(|(k, v)| format!("{k}={v}")).collect();
             say!("  derived filter {} (from matches; narrows its own reads)", terms.join("&"));

@@ -492,6 +492,7 @@ impl Daemon {
                         self.rebind_metrics(config.metrics.listen).await;
                         self.metrics.budget(&config.api.client);
                         self.config = config;
+                        rules::native::set_enabled(self.config.native_eval);
                         self.engine = Arc::new(rules::engine::build(self.config.time_zone));
                         if let Some((loaded, errors, broken)) = load_rules(&self.engine, &self.config.rules_dir).await {
                             self.apply_rules(loaded, errors, broken, Trigger::Reload, clock);

@@ -61,6 +61,12 @@ pub enum ReconcileError {
     /// The planning thread failed (it panicked).
     #[error("planning failed: {0}")]
     Planning(String),
+    /// A shadow check found the native evaluator answering unlike Rhai during this run.
+    #[error(
+        "the native evaluator disagreed with Rhai during this run (see `native verdict differs`); nothing changed, \
+         and the rule runs on Rhai from now on"
+    )]
+    NativeDisagreed,
 }
 
 impl ReconcileError {
@@ -146,6 +152,8 @@ pub struct Reconciler {
 
 #[derive(Clone)]
 pub struct PassRequest {
+    /// When the request was made: a native evaluator retired after it judged part of this pass.
+    pub made: Instant,
     pub rules: Vec<Arc<Rule>>,
     pub trigger: Trigger,
     /// Plan only: create nothing, write nothing, record nothing.
@@ -172,6 +180,7 @@ impl PassRequest {
     /// A pass over `rules`, writing, with no progress sink.
     pub fn new(rules: Vec<Arc<Rule>>, trigger: Trigger) -> Self {
         Self {
+            made: Instant::now(),
             rules,
             trigger,
             dry_run: false,

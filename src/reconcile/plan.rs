@@ -225,6 +225,10 @@ impl Reconciler {
         };
         let (guards, allow) = (self.guards.clone(), req.allow_mass_removal);
         let shell = judged.bound.shell();
+        // Verdicts judged natively before a shadow check caught a disagreement cannot be trusted.
+        if rule.native.as_ref().is_ok_and(|n| n.retired_after(req.made)) {
+            return Err(Stopped::new(shell, ReconcileError::NativeDisagreed));
+        }
         let planned = tokio::task::spawn_blocking(move || {
             let plan =
                 plan(&mut judged.eval, rule.file_rule().as_str(), rule.mode, &guards, allow, &grace, &suppression);

@@ -76,16 +76,26 @@ impl PushDown {
 /// [`rhai::Engine::compact_script`] writes it. A rule that defines functions of its own might
 /// redefine `days_since` or `date`, so it derives nothing.
 pub fn from_script(compact: &str) -> PushDown {
-    let Some(start) = compact.find("fn matches(") else { return PushDown::None("no matches function".into()) };
+    match matches_body(compact) {
+        Ok((param, body)) => derive(param, body),
+        Err(why) => PushDown::None(why),
+    }
+}
+
+/// `matches`' parameter and body, from the whole script as [`rhai::Engine::compact_script`]
+/// writes it; an error when the rule defines other functions too (they might redefine
+/// `days_since` or `date`) or has no readable `matches`.
+pub fn matches_body(compact: &str) -> Result<(&str, &str), String> {
+    let Some(start) = compact.find("fn matches(") else { return Err("no matches function".into()) };
     if compact.matches("fn ").count() > 1 {
-        return PushDown::None("the rule defines functions besides matches".into());
+        return Err("the rule defines functions besides matches".into());
     }
     let after = &compact[start + "fn matches(".len()..];
-    let Some((param, rest)) = after.split_once(')') else { return PushDown::None("unreadable matches".into()) };
+    let Some((param, rest)) = after.split_once(')') else { return Err("unreadable matches".into()) };
     let Some(close) = rest.starts_with('{').then(|| matching(rest, 0)).flatten() else {
-        return PushDown::None("unreadable matches".into());
+        return Err("unreadable matches".into());
     };
-    derive(param.trim(), &rest[1..close])
+    Ok((param.trim(), &rest[1..close]))
 }
 
 /// Reads what `matches` (its parameter `param`, its compacted body `body`) lets the server filter.

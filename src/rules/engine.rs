@@ -46,7 +46,18 @@ pub fn build(tz: Tz) -> Engine {
     register_dates(&mut engine, tz);
     register_segments(&mut engine);
     register_strict_comparisons(&mut engine);
+    // The zone, for what reads rules outside Rhai (the native evaluator); a call's own tag wins.
+    engine.set_default_tag(Dynamic::from(Zone(tz)));
     engine
+}
+
+/// The time zone an engine reads dates in, kept as its default tag.
+#[derive(Clone, Copy)]
+struct Zone(Tz);
+
+/// The zone `build` gave `engine` (UTC for an engine built elsewhere).
+pub fn zone(engine: &Engine) -> Tz {
+    engine.default_tag().read_lock::<Zone>().map_or(chrono_tz::UTC, |z| z.0)
 }
 
 /// What one call of a rule carries as its tag: the run's frozen date, and the rules this one may

@@ -132,6 +132,42 @@ impl Rule {
         if self.is_partitioned() {
             return self.list_of(engine, fields, today).map(|list| list.as_deref() == Some(self.list.as_str()));
         }
+        let native = self.native.as_ref().ok().filter(|n| n.active() && super::native::enabled());
+        if let Some(native) = native
+            && let Ok(verdict) = native.judge(&fields, today.0)
+        {
+            if !native.shadow_due() {
+                return Ok(verdict);
+            }
+            // The shadow check: Rhai judges this one too, and its verdict wins.
+            let id = fields.read_lock::<rhai::Map>().and_then(|m| m.get("id").map(ToString::to_string));
+            let rhai = self.rhai_matches(engine, fields, today);
+            if rhai != Ok(verdict) && native.retire() {
+                tracing::error!(
+                    rule = %self.name,
+                    contact_id = id.unwrap_or_default(),
+                    native = verdict,
+                    rhai = %rhai.as_ref().map_or_else(|e| format!("error: {e}"), |v| v.to_string()),
+                    "native verdict differs"
+                );
+            }
+            return rhai;
+        }
+        self.rhai_matches(engine, fields, today)
+    }
+
+    /// Which engine judges `matches`: `native` (Rhai for records it defers), or `rhai` and why.
+    pub fn engine_name(&self) -> String {
+        match &self.native {
+            Ok(n) if n.active() && super::native::enabled() => "native".into(),
+            Ok(_) if !super::native::enabled() => "rhai ([rules] native = false)".into(),
+            Ok(_) => "rhai (a shadow check disagreed with the native verdict)".into(),
+            Err(why) => format!("rhai ({why})"),
+        }
+    }
+
+    /// `matches` through Rhai, whatever engine the rule runs on (the shadow check, the differential test).
+    pub fn rhai_matches(&self, engine: &Engine, fields: Dynamic, today: Date) -> Result<bool, EvalError> {
         let verdict = self.call(engine, "matches", fields, today)?;
         verdict.as_bool().map_err(|type_name| EvalError {
             message: format!("matches must return true or false, got {type_name} {verdict}"),

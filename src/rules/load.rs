@@ -248,6 +248,7 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         errors.sort_by_key(|e| (e.line, e.col));
         return Err(errors);
     }
+    let compact = engine.compact_script(&source).map_err(|e| format!("not compacted: {e}"));
     // `today().year` reads a property of a date, not a contact's field.
     let (mentions, mentioned_at) =
         mentions_at(&source).into_iter().filter(|(m, _)| !super::calls::is_getter(&known, m)).unzip();
@@ -265,9 +266,13 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         mentioned_at,
         filter_at: const_position(&source, "FILTER"),
         remove_after,
-        pushdown: engine
-            .compact_script(&source)
-            .map_or_else(|e| super::PushDown::None(format!("not compacted: {e}")), |c| super::derive::from_script(&c)),
+        pushdown: compact.as_deref().map_or_else(|e| super::PushDown::None(e.clone()), super::derive::from_script),
+        native: match (&compact, helpers.is_empty(), segment_refs.is_empty()) {
+            (Err(e), ..) => Err(e.clone()),
+            (_, false, _) => Err("the rule imports helpers".into()),
+            (_, _, false) => Err("the rule calls segment()".into()),
+            (Ok(c), true, true) => super::native::compile(stem, c, super::engine::zone(engine)).map(Arc::new),
+        },
         warnings,
         helpers: helpers.iter().map(|(_, h)| h.path.clone()).collect(),
         imports: !helpers.is_empty(),

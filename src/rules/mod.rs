@@ -11,6 +11,7 @@ mod filter;
 pub mod fixtures;
 mod helpers;
 mod load;
+pub mod native;
 mod observe;
 mod segments;
 mod select;
@@ -108,6 +109,8 @@ pub struct Rule {
     pub segment_refs: Vec<SegmentRef>,
     /// The rules those calls name, wired when the folder loads.
     pub segments: Arc<Segments>,
+    /// `matches` compiled natively, or why it runs on Rhai.
+    pub native: Result<Arc<native::Native>, String>,
     ast: rhai::AST,
 }
 

@@ -10,6 +10,7 @@ mod hostile;
 mod logs;
 mod metrics;
 mod mistakes;
+mod native;
 mod package;
 mod partitions;
 mod reconcile;

@@ -78,16 +78,10 @@ impl World {
     ) -> PassReport {
         self.reconciler
             .run_pass(PassRequest {
-                rules,
-                trigger: Trigger::Manual,
-                dry_run: false,
                 allow_mass_removal,
                 today: Some(today()),
-                progress: None,
                 now,
-                suppressors: Vec::new(),
-                broken_suppressors: Vec::new(),
-                loaded: Vec::new(),
+                ..PassRequest::new(rules, Trigger::Manual)
             })
             .await
     }

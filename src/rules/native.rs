@@ -1,0 +1,437 @@
+//! Native evaluation of `matches`: the shapes [`derive`](super::derive) reads, compiled once into
+//! a small tree and judged on the parsed record without a Rhai call.
+//!
+//! What compiles: a body of `let` statements, `if … { return false; }` guards and one final
+//! expression (or `return`), built from the contact's fields (`contact.a.b`, `….get("x")`),
+//! `let` names, constants, `??`, `==` `!=` `<` `<=` `>` `>=`, `!`, `&&`, `||`, and `days_since`,
+//! `days_until`, `date`, `today`. Anything else keeps the Rhai path, unchanged.
+//!
+//! **The same verdict, error-ness included, by construction where it matters.** A record is judged
+//! natively only along paths whose Rhai meaning is plain: numbers with numbers (integers and
+//! decimals mixed), text with text, dates with dates, booleans, `==`/`!=` across simple types
+//! (always false/true in Rhai). Every path where Rhai would raise an error, or whose meaning is
+//! less plain (a missing property, `()` compared with `<`, a date that does not parse, a map or an
+//! array), is [`Defer`]red: that record goes to Rhai, which gives the verdict or the error with its
+//! message. So every error message is Rhai's own. The differential test (`tests/native.rs`) checks
+//! the verdicts on generated records; in production a sampled shadow check (see
+//! [`Native::shadow_due`]) compares both engines, and a disagreement turns the rule back to Rhai.
+
+use std::cmp::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+
+use chrono::NaiveDate;
+use chrono_tz::Tz;
+use rhai::{Dynamic, Expr, FnCallExpr, ImmutableString, Map, Stmt};
+
+/// `[rules] native`: whether recognised rules are judged natively in this process (set from the
+/// config at start and on reload; `false` runs every rule on Rhai, the escape hatch).
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, AtomicOrdering::Relaxed);
+}
+
+pub fn enabled() -> bool {
+    ENABLED.load(AtomicOrdering::Relaxed)
+}
+
+/// A record the native predicate leaves to Rhai (an error there, or a path it does not judge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Defer;
+
+/// The most `let` names a native `matches` may bind (they live in a fixed array per call).
+const MAX_LOCALS: usize = 8;
+
+/// One record in this many is judged by both engines in production (the shadow check).
+pub const SHADOW_EVERY: u64 = 1000;
+
+/// A compiled `matches`.
+#[derive(Debug)]
+pub struct Native {
+    steps: Vec<Step>,
+    result: Node,
+    tz: Tz,
+    /// Records judged natively so far (the shadow check samples on it).
+    judged: AtomicU64,
+    /// A shadow check found a disagreement: from then on this rule runs on Rhai.
+    retired: AtomicBool,
+    /// When it was retired.
+    retired_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The `native-wrong` test fault: every verdict is turned round (debug builds, tests only).
+    wrong: bool,
+}
+
+#[derive(Debug)]
+enum Step {
+    Let(usize, Node),
+    /// `if COND { return false; }`
+    Guard(Node),
+}
+
+#[derive(Debug)]
+enum Node {
+    Lit(Val),
+    /// A chain of properties and `get`s from the contact.
+    Field(Vec<Seg>),
+    Local(usize),
+    Coalesce(Vec<Node>),
+    Cmp(Op, Box<Node>, Box<Node>),
+    Not(Box<Node>),
+    And(Vec<Node>),
+    Or(Vec<Node>),
+    DaysSince(Box<Node>),
+    DaysUntil(Box<Node>),
+    Date(Box<Node>),
+    Today,
+}
+
+#[derive(Debug)]
+enum Seg {
+    /// `.name`: a missing key is a Rhai error.
+    Prop(ImmutableString),
+    /// `.get("name")`: a missing key is `()`.
+    Get(ImmutableString),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// A value as the native predicate sees it.
+#[derive(Debug, Clone, Default)]
+enum Val {
+    #[default]
+    Unit,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(ImmutableString),
+    Date(NaiveDate),
+    /// A map, an array, anything else: never judged natively.
+    Other,
+}
+
+impl Val {
+    fn of(d: &Dynamic) -> Val {
+        if d.is_unit() {
+            Val::Unit
+        } else if let Ok(b) = d.as_bool() {
+            Val::Bool(b)
+        } else if let Ok(i) = d.as_int() {
+            Val::Int(i)
+        } else if let Ok(f) = d.as_float() {
+            Val::Float(f)
+        } else if d.is_string() {
+            d.clone().into_immutable_string().map_or(Val::Other, Val::Str)
+        } else if let Some(date) = d.read_lock::<super::Date>() {
+            Val::Date(date.0)
+        } else {
+            Val::Other
+        }
+    }
+}
+
+/// Compiles `matches` from the whole script as [`rhai::Engine::compact_script`] writes it, or
+/// says why it stays on Rhai.
+pub fn compile(rule: &str, compact: &str, tz: Tz) -> Result<Native, String> {
+    let (param, body) = super::derive::matches_body(compact)?;
+    // The body alone, parsed for its shape only (never run): an engine with nothing registered
+    // and no optimisation, so the tree is the text as written.
+    let mut engine = rhai::Engine::new_raw();
+    engine.set_optimization_level(rhai::OptimizationLevel::None);
+    let ast = engine.compile(body).map_err(|e| format!("matches does not parse alone: {e}"))?;
+    let mut compiler = Compiler { param, locals: Vec::new() };
+    let statements = ast.statements();
+    let Some((last, before)) = statements.split_last() else { return Err("matches is empty".into()) };
+    let mut steps = Vec::new();
+    for statement in before {
+        steps.push(compiler.step(statement)?);
+    }
+    let result = match last {
+        Stmt::Expr(e) => compiler.expr(e)?,
+        Stmt::FnCall(call, _) => compiler.call(call)?,
+        Stmt::Return(Some(e), ..) => compiler.expr(e)?,
+        _ => return Err("matches does not end with an expression".into()),
+    };
+    let wrong = crate::fault::native_wrong(rule);
+    Ok(Native {
+        steps,
+        result,
+        tz,
+        judged: AtomicU64::new(0),
+        retired: AtomicBool::new(false),
+        retired_at: Default::default(),
+        wrong,
+    })
+}
+
+struct Compiler<'a> {
+    param: &'a str,
+    /// `let` names in order; a name bound again gets a new slot (Rhai's shadowing).
+    locals: Vec<String>,
+}
+
+impl Compiler<'_> {
+    fn step(&mut self, statement: &Stmt) -> Result<Step, String> {
+        match statement {
+            Stmt::Var(var, ..) => {
+                let (ident, value, _) = &**var;
+                let node = self.expr(value)?;
+                if self.locals.len() == MAX_LOCALS {
+                    return Err(format!("matches binds more than {MAX_LOCALS} names"));
+                }
+                if ident.name.as_str() == self.param {
+                    return Err(format!("matches rebinds `{}`", self.param));
+                }
+                self.locals.push(ident.name.to_string());
+                Ok(Step::Let(self.locals.len() - 1, node))
+            }
+            Stmt::If(flow, _) => {
+                let returns_false = matches!(
+                    flow.body.statements(),
+                    [Stmt::Return(Some(value), ..)] if matches!(**value, Expr::BoolConstant(false, _))
+                );
+                if !returns_false || !flow.branch.statements().is_empty() {
+                    return Err("matches has an `if` that does not only `return false`".into());
+                }
+                Ok(Step::Guard(self.expr(&flow.expr)?))
+            }
+            _ => Err("matches has a statement that is not a `let` or a guard".into()),
+        }
+    }
+
+    fn expr(&self, e: &Expr) -> Result<Node, String> {
+        Ok(match e {
+            Expr::BoolConstant(b, _) => Node::Lit(Val::Bool(*b)),
+            Expr::IntegerConstant(i, _) => Node::Lit(Val::Int(*i)),
+            Expr::FloatConstant(f, _) => Node::Lit(Val::Float(**f)),
+            Expr::StringConstant(s, _) => Node::Lit(Val::Str(s.clone())),
+            Expr::Unit(_) => Node::Lit(Val::Unit),
+            Expr::Variable(var, ..) => {
+                let name = var.1.as_str();
+                if !var.2.is_empty() {
+                    return Err(format!("a qualified name {name}"));
+                }
+                if name == self.param {
+                    Node::Field(Vec::new())
+                } else {
+                    let slot = self.locals.iter().rposition(|l| l == name).ok_or(format!("an unknown name {name}"))?;
+                    Node::Local(slot)
+                }
+            }
+            Expr::Dot(chain, flags, _) => {
+                if flags.contains(rhai::ASTFlags::NEGATED) {
+                    return Err("`?.`".into());
+                }
+                let Expr::Variable(var, ..) = &chain.lhs else { return Err("a property of a non-name".into()) };
+                if var.1.as_str() != self.param {
+                    return Err(format!("a property of `{}`, not of the contact", var.1));
+                }
+                let mut segs = Vec::new();
+                segments(&chain.rhs, &mut segs)?;
+                Node::Field(segs)
+            }
+            Expr::FnCall(call, _) => self.call(call)?,
+            Expr::And(parts, _) => Node::And(parts.iter().map(|p| self.expr(p)).collect::<Result<_, _>>()?),
+            Expr::Or(parts, _) => Node::Or(parts.iter().map(|p| self.expr(p)).collect::<Result<_, _>>()?),
+            Expr::Coalesce(parts, _) => Node::Coalesce(parts.iter().map(|p| self.expr(p)).collect::<Result<_, _>>()?),
+            _ => return Err("an expression segsync does not evaluate natively".into()),
+        })
+    }
+
+    fn call(&self, call: &FnCallExpr) -> Result<Node, String> {
+        if call.is_qualified() {
+            return Err(format!("a call of {}", call.name));
+        }
+        let args = &call.args;
+        let arg = |i: usize| self.expr(&args[i]).map(Box::new);
+        let op = match (call.name.as_str(), args.len()) {
+            ("==", 2) => Some(Op::Eq),
+            ("!=", 2) => Some(Op::Ne),
+            ("<", 2) => Some(Op::Lt),
+            ("<=", 2) => Some(Op::Le),
+            (">", 2) => Some(Op::Gt),
+            (">=", 2) => Some(Op::Ge),
+            _ => None,
+        };
+        Ok(match (call.name.as_str(), args.len(), op) {
+            (_, _, Some(op)) if call.is_operator_call() => Node::Cmp(op, arg(0)?, arg(1)?),
+            ("!", 1, _) if call.is_operator_call() => Node::Not(arg(0)?),
+            ("days_since", 1, _) => Node::DaysSince(arg(0)?),
+            ("days_until", 1, _) => Node::DaysUntil(arg(0)?),
+            ("date", 1, _) => Node::Date(arg(0)?),
+            ("today", 0, _) => Node::Today,
+            (name, ..) => return Err(format!("a call of {name}()")),
+        })
+    }
+}
+
+/// The properties and `get`s after the contact: `.a.b.get("c")`.
+fn segments(e: &Expr, out: &mut Vec<Seg>) -> Result<(), String> {
+    match e {
+        Expr::Property(property, _) => out.push(Seg::Prop(property.2.clone())),
+        Expr::MethodCall(call, _) => match (call.name.as_str(), call.args.as_slice()) {
+            ("get", [Expr::StringConstant(key, _)]) if !call.is_qualified() => out.push(Seg::Get(key.clone())),
+            (name, _) => return Err(format!("a method call {name}()")),
+        },
+        Expr::Dot(chain, flags, _) if !flags.contains(rhai::ASTFlags::NEGATED) => {
+            segments(&chain.lhs, out)?;
+            segments(&chain.rhs, out)?;
+        }
+        _ => return Err("a property chain segsync does not evaluate natively".into()),
+    }
+    Ok(())
+}
+
+/// The value at `segs` under `d`. A missing property, or a property of something that is not a
+/// map, is a Rhai error: deferred.
+fn walk(d: &Dynamic, segs: &[Seg]) -> Result<Val, Defer> {
+    let Some((first, rest)) = segs.split_first() else { return Ok(Val::of(d)) };
+    let map = d.read_lock::<Map>().ok_or(Defer)?;
+    match first {
+        Seg::Prop(key) => walk(map.get(key.as_str()).ok_or(Defer)?, rest),
+        Seg::Get(key) => match map.get(key.as_str()) {
+            Some(v) => walk(v, rest),
+            None => walk(&Dynamic::UNIT, rest),
+        },
+    }
+}
+
+/// A comparison, where its Rhai meaning is plain; otherwise deferred.
+fn compare(op: Op, a: &Val, b: &Val) -> Result<Val, Defer> {
+    use Val::*;
+    let order = match (a, b) {
+        (Int(x), Int(y)) => x.partial_cmp(y),
+        (Float(x), Float(y)) => x.partial_cmp(y),
+        (Int(x), Float(y)) => (*x as f64).partial_cmp(y),
+        (Float(x), Int(y)) => x.partial_cmp(&(*y as f64)),
+        (Str(x), Str(y)) => Some(x.as_str().cmp(y.as_str())),
+        (Date(x), Date(y)) => Some(x.cmp(y)),
+        (Bool(x), Bool(y)) => Some(x.cmp(y)),
+        _ => None,
+    };
+    let equal_or_defer = |a: &Val, b: &Val| match (a, b, order) {
+        (_, _, Some(o)) => Ok(o == Ordering::Equal),
+        (Unit, Unit, _) => Ok(true),
+        // Values of two different simple types are never equal in Rhai.
+        (Other, _, _) | (_, Other, _) => Err(Defer),
+        _ => Ok(false),
+    };
+    Ok(Bool(match op {
+        Op::Eq => equal_or_defer(a, b)?,
+        Op::Ne => !equal_or_defer(a, b)?,
+        Op::Lt => order.ok_or(Defer)? == Ordering::Less,
+        Op::Le => order.ok_or(Defer)? != Ordering::Greater,
+        Op::Gt => order.ok_or(Defer)? == Ordering::Greater,
+        Op::Ge => order.ok_or(Defer)? != Ordering::Less,
+    }))
+}
+
+impl Native {
+    /// `matches` on `contact`, natively: the verdict, or [`Defer`] when Rhai must judge it.
+    pub fn judge(&self, contact: &Dynamic, today: NaiveDate) -> Result<bool, Defer> {
+        let mut locals: [Val; MAX_LOCALS] = Default::default();
+        for step in &self.steps {
+            match step {
+                Step::Let(slot, node) => locals[*slot] = self.value(node, contact, &locals, today)?,
+                Step::Guard(node) => match self.value(node, contact, &locals, today)? {
+                    Val::Bool(true) => return Ok(self.wrong),
+                    Val::Bool(false) => {}
+                    _ => return Err(Defer),
+                },
+            }
+        }
+        match self.value(&self.result, contact, &locals, today)? {
+            Val::Bool(b) => Ok(b != self.wrong),
+            _ => Err(Defer),
+        }
+    }
+
+    fn value(&self, node: &Node, contact: &Dynamic, locals: &[Val], today: NaiveDate) -> Result<Val, Defer> {
+        let value = |n: &Node| self.value(n, contact, locals, today);
+        let truth = |n: &Node| match value(n)? {
+            Val::Bool(b) => Ok(b),
+            _ => Err(Defer),
+        };
+        Ok(match node {
+            Node::Lit(v) => v.clone(),
+            Node::Field(segs) => walk(contact, segs)?,
+            Node::Local(slot) => locals[*slot].clone(),
+            Node::Coalesce(parts) => {
+                let (last, first) = parts.split_last().ok_or(Defer)?;
+                for part in first {
+                    let v = value(part)?;
+                    if !matches!(v, Val::Unit) {
+                        return Ok(v);
+                    }
+                }
+                value(last)?
+            }
+            Node::Cmp(op, a, b) => compare(*op, &value(a)?, &value(b)?)?,
+            Node::Not(a) => Val::Bool(!truth(a)?),
+            Node::And(parts) => {
+                for part in parts {
+                    if !truth(part)? {
+                        return Ok(Val::Bool(false));
+                    }
+                }
+                Val::Bool(true)
+            }
+            Node::Or(parts) => {
+                for part in parts {
+                    if truth(part)? {
+                        return Ok(Val::Bool(true));
+                    }
+                }
+                Val::Bool(false)
+            }
+            Node::DaysSince(a) => Val::Int((today - self.date(value(a)?)?).num_days()),
+            Node::DaysUntil(a) => Val::Int((self.date(value(a)?)? - today).num_days()),
+            Node::Date(a) => match value(a)? {
+                Val::Str(s) => Val::Date(super::engine::parse_date(&s, self.tz).map_err(|_| Defer)?),
+                _ => return Err(Defer),
+            },
+            Node::Today => Val::Date(today),
+        })
+    }
+
+    /// What `days_since`/`days_until` read: a date, or text that parses as one.
+    fn date(&self, v: Val) -> Result<NaiveDate, Defer> {
+        match v {
+            Val::Date(d) => Ok(d),
+            Val::Str(s) => super::engine::parse_date(&s, self.tz).map_err(|_| Defer),
+            _ => Err(Defer),
+        }
+    }
+
+    /// Whether this natively judged record is also to be judged by Rhai (one in [`SHADOW_EVERY`],
+    /// the first one included).
+    pub fn shadow_due(&self) -> bool {
+        self.judged.fetch_add(1, AtomicOrdering::Relaxed).is_multiple_of(SHADOW_EVERY)
+    }
+
+    /// Whether the rule still runs natively (no shadow check has disagreed).
+    pub fn active(&self) -> bool {
+        !self.retired.load(AtomicOrdering::Relaxed)
+    }
+
+    /// A shadow check disagreed: Rhai judges this rule from now on. True the first time.
+    pub fn retire(&self) -> bool {
+        let first = !self.retired.swap(true, AtomicOrdering::Relaxed);
+        if first {
+            *self.retired_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        }
+        first
+    }
+
+    /// Whether it was retired after `t` (a run that began before then used native verdicts).
+    pub fn retired_after(&self, t: std::time::Instant) -> bool {
+        self.retired_at.lock().unwrap_or_else(|p| p.into_inner()).is_some_and(|at| at >= t)
+    }
+}

@@ -1,0 +1,346 @@
+//! The native evaluator against Rhai, on generated records (issue 24): for every rule below and
+//! every record, a native verdict is exactly Rhai's, and where Rhai errors the native evaluator
+//! never answers (it defers the record to Rhai, whose error it then is). Records mix absent, null,
+//! wrong-type and text fields, integers and decimals, dates and timestamps in many zones, and
+//! engines in zones from UTC−11 to UTC+14.
+use std::path::Path;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use segsync::contact::ContactRecord;
+use segsync::rules::{Date, Rule};
+
+/// `matches` bodies the native evaluator compiles: the shipped and benchmark rules' shapes and
+/// every operator it evaluates.
+const NATIVE_RULES: [&str; 14] = [
+    "contact.customFields.totalSpent > 2000.0",
+    "let spent = contact.customFields.totalSpent;\n    spent >= 1000.0 && spent <= 5000.0",
+    "days_since(contact.customFields.lastPurchaseDate) <= 30",
+    "let days = days_since(contact.customFields.lastPurchaseDate);\n    days >= 60 && days <= 180",
+    "let last = contact.customFields.get(\"lastPurchaseDate\");\n    if last == () {\n        return false;\n    }\n    \
+     days_since(last) > 90",
+    "let spent = contact.customFields.get(\"totalSpent\") ?? 0.0;\n    spent > 5000.0",
+    "true",
+    "contact.region == \"Lombardia\" || contact.customFields.get(\"preferredChannel\") != \"SMS\"",
+    "!(contact.customFields.totalSpent < 100)",
+    "date(contact.customFields.lastPurchaseDate) < date(\"2026-06-01\")",
+    "days_until(contact.customFields.get(\"renewalDate\") ?? \"2099-01-01\") < 14",
+    "contact.customFields.get(\"vip\") == true && contact.region != ()",
+    "contact.customFields.totalSpent >= 5000",
+    "return contact.region < \"M\";",
+];
+
+/// Zones from the furthest behind UTC to the furthest ahead.
+const ZONES: [chrono_tz::Tz; 4] =
+    [chrono_tz::Pacific::Pago_Pago, chrono_tz::UTC, chrono_tz::Europe::Rome, chrono_tz::Pacific::Kiritimati];
+
+/// Each zone's engine and the rules compiled in it.
+fn rules_per_zone(dir: &Path) -> Vec<(rhai::Engine, Vec<Arc<Rule>>)> {
+    for (i, body) in NATIVE_RULES.iter().enumerate() {
+        let text = format!("const LIST = \"L{i}\";\nfn matches(contact) {{\n    {body}\n}}\n");
+        std::fs::write(dir.join(format!("r{i:02}.rhai")), text).expect("rule");
+    }
+    ZONES
+        .iter()
+        .map(|tz| {
+            let engine = segsync::rules::engine::build(*tz);
+            let rules: Vec<Arc<Rule>> = (0..NATIVE_RULES.len())
+                .map(|i| {
+                    let rule = segsync::rules::load_file(&engine, &dir.join(format!("r{i:02}.rhai"))).expect("loads");
+                    assert!(rule.native.is_ok(), "{} compiles natively: {:?}", NATIVE_RULES[i], rule.native);
+                    Arc::new(rule)
+                })
+                .collect();
+            (engine, rules)
+        })
+        .collect()
+}
+
+/// Dates and timestamps around today, with offsets from −14:00 to +14:00 (and `Z`).
+fn dates() -> impl Strategy<Value = serde_json::Value> {
+    (-400i64..400, 0u32..24, 0u32..60, -14i32..15, 0..4u8).prop_map(|(days, h, m, offset, form)| {
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 12, 1).expect("date") + chrono::Duration::days(days);
+        serde_json::Value::from(match form {
+            0 => day.to_string(),
+            1 => format!("{day}T{h:02}:{m:02}:00Z"),
+            2 => format!("{day}T{h:02}:{m:02}:00{:+03}:{:02}", offset, if offset % 2 == 0 { 0 } else { 30 }),
+            _ => format!("{day}T{h:02}:{m:02}:00.123{:+03}:00", offset),
+        })
+    })
+}
+
+/// A JSON value of any kind a custom field might hold, biased to the rules' thresholds.
+fn field_value() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::{Value, json};
+    let numbers = prop_oneof![
+        (-10i64..10_000).prop_map(Value::from),
+        prop::sample::select(vec![0i64, 100, 1000, 2000, 5000, 5001]).prop_map(Value::from),
+        (-10.0f64..10_000.0).prop_map(Value::from),
+        prop::sample::select(vec![99.99, 100.0, 999.5, 1000.0, 2000.0, 2000.01, 4999.99, 5000.0, 5000.5])
+            .prop_map(Value::from),
+    ];
+    let dates = dates();
+    let texts = prop::sample::select(vec![
+        "6800",
+        "5000.0",
+        "last tuesday",
+        "",
+        "2026-02-30",
+        "SMS",
+        "WHATSAPP",
+        "Lombardia",
+        "Veneto",
+        "2026-13-01",
+    ])
+    .prop_map(Value::from);
+    prop_oneof![
+        4 => numbers,
+        4 => dates,
+        2 => texts,
+        1 => Just(Value::Null),
+        1 => any::<bool>().prop_map(Value::from),
+        1 => Just(json!([1, 2])),
+        1 => Just(json!({"nested": 1})),
+    ]
+}
+
+/// What a field usually holds (its own type), else anything at all.
+fn typical(name: &'static str) -> BoxedStrategy<serde_json::Value> {
+    use serde_json::Value;
+    let usual: BoxedStrategy<Value> = match name {
+        "totalSpent" => prop_oneof![
+            (0i64..10_000).prop_map(Value::from),
+            (0.0f64..10_000.0).prop_map(Value::from),
+            prop::sample::select(vec![100.0, 1000.0, 2000.0, 5000.0]).prop_map(Value::from),
+            prop::sample::select(vec![100i64, 1000, 2000, 5000]).prop_map(Value::from),
+        ]
+        .boxed(),
+        "preferredChannel" => prop::sample::select(vec!["SMS", "WHATSAPP", "EMAIL"]).prop_map(Value::from).boxed(),
+        "vip" => any::<bool>().prop_map(Value::from).boxed(),
+        // lastPurchaseDate, renewalDate: dates and timestamps.
+        _ => dates().boxed(),
+    };
+    prop_oneof![4 => usual, 1 => field_value()].boxed()
+}
+
+/// A contact as the API returns it, with any field absent, null or of any type.
+fn record() -> impl Strategy<Value = serde_json::Value> {
+    let custom_names = ["totalSpent", "lastPurchaseDate", "preferredChannel", "renewalDate", "vip"];
+    let customs: Vec<_> = custom_names.iter().map(|n| prop::option::weighted(0.85, typical(n))).collect();
+    let region = prop::option::weighted(
+        0.9,
+        prop_oneof![
+            6 => prop::sample::select(vec!["Lombardia", "Veneto", "Abruzzo", "Sicilia", "M", "lombardia"])
+                .prop_map(serde_json::Value::from),
+            1 => field_value(),
+        ],
+    );
+    // customFields: usually an object, sometimes absent, null or not an object at all.
+    let shape = prop_oneof![30 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)];
+    (customs, region, shape, 0u32..1_000_000).prop_map(move |(values, region, shape, id)| {
+        let mut custom = serde_json::Map::new();
+        for (name, value) in custom_names.iter().zip(values) {
+            if let Some(v) = value {
+                custom.insert((*name).to_owned(), v);
+            }
+        }
+        let mut contact = serde_json::Map::new();
+        contact.insert("id".into(), format!("cnt-{id:06}").into());
+        if let Some(r) = region {
+            contact.insert("region".into(), r);
+        }
+        match shape {
+            0 => {
+                contact.insert("customFields".into(), custom.into());
+            }
+            1 => {}
+            2 => {
+                contact.insert("customFields".into(), serde_json::Value::Null);
+            }
+            _ => {
+                contact.insert("customFields".into(), "not an object".into());
+            }
+        }
+        contact.into()
+    })
+}
+
+/// How many cases the test runs: each one rule, in one zone, on one day, on one generated record.
+const CASES: u32 = 100_000;
+
+// The same verdict, error-ness included, on 100,000 generated cases (14 rules, 4 zones, 60 days):
+// a native verdict always equals Rhai's, Rhai's errors are never answered natively, and most
+// cases are judged natively (so the comparison is not vacuous).
+#[test]
+fn native_verdicts_equal_rhai_on_generated_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let zones = rules_per_zone(dir.path());
+    let case = (record(), 0usize..ZONES.len(), 0usize..NATIVE_RULES.len(), -30i64..30);
+    let mut runner = TestRunner::new(Config { cases: CASES, failure_persistence: None, ..Config::default() });
+    let counts = std::cell::RefCell::new([0u64; 3]);
+    runner
+        .run(&case, |(json, zone, rule, shift)| {
+            let (engine, rules) = &zones[zone];
+            let rule = &rules[rule];
+            let today =
+                Date(chrono::NaiveDate::from_ymd_opt(2026, 12, 1).expect("date") + chrono::Duration::days(shift));
+            let record: ContactRecord = serde_json::from_value(json.clone()).expect("a contact");
+            let native = rule.native.as_ref().expect("native").judge(&record.fields, today.0);
+            let rhai = rule.rhai_matches(engine, record.fields, today);
+            let mut counts = counts.borrow_mut();
+            match (native, &rhai) {
+                (Ok(verdict), Ok(expected)) => {
+                    prop_assert_eq!(verdict, *expected, "{} on {} in {}", rule.name, json, ZONES[zone]);
+                    counts[0] += 1;
+                }
+                (Ok(verdict), Err(e)) => {
+                    prop_assert!(false, "{} answered {} where Rhai errs ({}) on {}", rule.name, verdict, e, json)
+                }
+                (Err(_), Ok(_)) => counts[1] += 1,
+                (Err(_), Err(_)) => counts[2] += 1,
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let [native, deferred_ok, deferred_err] = *counts.borrow();
+    let total = native + deferred_ok + deferred_err;
+    assert_eq!(total, u64::from(CASES));
+    // Most verdicts are native; the records left to Rhai are mostly those it errs on.
+    assert!(
+        native * 10 > total * 6,
+        "native {native}, deferred {deferred_ok} (ok) + {deferred_err} (errors) of {total}"
+    );
+    assert!(deferred_err > deferred_ok, "native {native}, deferred {deferred_ok} (ok) + {deferred_err} (errors)");
+}
+
+// Rules outside the recognised shapes stay on Rhai and say why; `[rules] native = false` would run
+// every rule on Rhai (the escape hatch), which `engine_name` reports.
+#[test]
+fn unrecognised_rules_keep_the_rhai_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = segsync::rules::engine::build(chrono_tz::Europe::Rome);
+    for (i, body) in [
+        "let s = contact.customFields.totalSpent * 2;\n    s > 10",
+        "contact.region in [\"Lombardia\", \"Veneto\"]",
+        "helper(contact)\n}\nfn helper(c) {\n    true",
+        "let x = contact.customFields;\n    x.totalSpent > 1.0",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = dir.path().join(format!("u{i}.rhai"));
+        std::fs::write(&path, format!("const LIST = \"U{i}\";\nfn matches(contact) {{\n    {body}\n}}\n"))
+            .expect("rule");
+        let rule = segsync::rules::load_file(&engine, &path).expect("loads");
+        assert!(rule.native.is_err(), "{body} is not native");
+        assert!(rule.engine_name().starts_with("rhai ("), "{}", rule.engine_name());
+        let record: ContactRecord =
+            serde_json::from_str(r#"{"id":"c1","region":"Veneto","customFields":{"totalSpent":20.0}}"#).expect("json");
+        let today = Date(chrono::NaiveDate::from_ymd_opt(2026, 12, 1).expect("date"));
+        assert_eq!(rule.call_matches(&engine, record.fields.clone(), today), Ok(true), "{body}");
+    }
+}
+
+/// `segsync ARGS` with the environment `env` added, off the async runtime: exit code and output.
+async fn segsync_with(args: &[&str], config: &Path, env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_segsync"));
+    cmd.args(args)
+        .arg("--config")
+        .arg(config)
+        .args(["--log-format", "json"])
+        .env(crate::support::KEY_VAR, crate::support::KEY)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null());
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("runs")).await.expect("join");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+// The shadow check over HTTP: a native evaluator that answers wrongly (the `native-wrong` test
+// fault) is caught on the first record it judges, an ERROR event names the rule, and the run
+// changes nothing (verdicts judged before the catch are not trusted); the next run is exact. A
+// correct evaluator never trips the check, and `plan` says which engine judges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shadow_check_catches_a_wrong_native_verdict_and_nothing_changes() {
+    let sandbox = crate::support::start(crate::support::sandbox_config(2_000)).await;
+    let vip = "const LIST = \"VIP\";\nfn matches(contact) {\n    let s = contact.customFields.get(\"totalSpent\") ?? 0.0;\n    s > 5000.0\n}\n";
+    let (_dir, config) = crate::support::rules_folder(&sandbox.base_url(), &[("vip", vip)], "");
+    let members = || {
+        sandbox.with_store(|s| s.lists().iter().filter(|l| l.name == "VIP").map(|l| l.contact_count()).sum::<usize>())
+    };
+    let expected = crate::support::ids_where(&sandbox, |c| crate::support::spent(c).unwrap_or(0.0) > 5000.0).len();
+    assert!(expected > 10);
+
+    let (code, out) = segsync_with(&["sync", "vip"], &config, &[("SEGSYNC_FAULT", "native-wrong:vip")]).await;
+    assert_eq!(code, 1, "{out}");
+    let differs: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "native verdict differs")
+        .collect();
+    assert_eq!(differs.len(), 1, "one ERROR per rule, not one per contact: {out}");
+    assert_eq!(differs[0]["level"], "ERROR");
+    assert_eq!(differs[0]["rule"], "vip");
+    assert!(out.contains("the native evaluator disagreed with Rhai during this run"), "{out}");
+    assert_eq!(members(), 0, "nothing was added on verdicts judged before the catch");
+
+    let (code, out) = segsync_with(&["plan", "vip"], &config, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("judged by native"), "{out}");
+    let (code, out) = segsync_with(&["sync", "vip"], &config, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("native verdict differs"), "a correct evaluator never trips the check: {out}");
+    assert_eq!(members(), expected, "the list holds exactly the rule's contacts");
+    sandbox.shutdown().await;
+}
+
+/// Every list on `sandbox` by name, with its members' ids (sorted).
+fn lists(sandbox: &segsync_sandbox::Sandbox) -> std::collections::BTreeMap<String, Vec<String>> {
+    sandbox.with_store(|s| {
+        let named: Vec<(String, String)> = s.lists().iter().map(|l| (l.name.clone(), l.id.clone())).collect();
+        named.into_iter().map(|(name, id)| (name, s.member_ids(&id).expect("members"))).collect()
+    })
+}
+
+// The shipped rules synced three ways on three copies of the same data: natively on all cores (4
+// pages judged at once), natively one page at a time, and through Rhai alone. Every list holds
+// exactly the same contacts each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_and_parallel_judging_give_the_lists_rhai_gives_on_one_thread() {
+    let mut outcomes = Vec::new();
+    for (how, extra) in [
+        ("native, 4 pages at once", "[api]\nconcurrency = 4\n"),
+        ("native, one page at a time", "[api]\nconcurrency = 1\n"),
+        ("rhai, one page at a time", "[api]\nconcurrency = 1\n[rules]\nnative = false\n"),
+    ] {
+        let sandbox = crate::support::start(crate::support::sandbox_config(5_000)).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::support::copy_shipped_rules(dir.path(), false, |t| t);
+        let (api, rules) = extra.split_once("[rules]\n").map_or((extra, ""), |(a, r)| (a, r));
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{api}base_url = \"{}\"\nkey_env = \"{}\"\nplan = \"unlimited\"\n[rules]\ntime_zone = \"Europe/Rome\"\n{rules}",
+                sandbox.base_url(),
+                crate::support::KEY_VAR
+            ),
+        )
+        .expect("config");
+        let (code, out) = segsync_with(&["plan"], &config, &[]).await;
+        assert_eq!(code, 0, "{how}: {out}");
+        let natively = out.matches("judged by native").count();
+        assert_eq!(natively, if how.starts_with("native") { 5 } else { 0 }, "{how}: {out}");
+        let (code, out) = segsync_with(&["sync"], &config, &[]).await;
+        assert_eq!(code, 0, "{how}: {out}");
+        outcomes.push((how, lists(&sandbox)));
+        sandbox.shutdown().await;
+    }
+    let (_, reference) = &outcomes[2];
+    assert_eq!(reference.len(), 5, "{:?}", reference.keys());
+    assert!(reference.values().all(|members| !members.is_empty()));
+    for (how, lists) in &outcomes[..2] {
+        assert!(lists == reference, "{how} differs from Rhai on one thread");
+    }
+}
