@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use rhai::Engine;
+use rhai::{Dynamic, Engine};
 use tokio_util::sync::CancellationToken;
 
 use super::ReconcileError;
@@ -231,13 +231,14 @@ pub async fn candidates(
                         listed
                     });
                     listed.map(|l| l.as_deref() == Some(rule.list.as_str()))
+                } else if k + 1 == due.len() {
+                    rule.call_matches(&engine, fields.take().unwrap_or_default(), today)
                 } else {
-                    let arg = if k + 1 == due.len() {
-                        fields.take().unwrap_or_default()
-                    } else {
-                        fields.clone().unwrap_or_default()
-                    };
-                    rule.call_matches(&engine, arg, today)
+                    // Read in place natively; only a record left to Rhai is copied.
+                    match fields.as_ref() {
+                        Some(f) => rule.call_matches_ref(&engine, f, today),
+                        None => rule.call_matches(&engine, Dynamic::UNIT, today),
+                    }
                 };
                 if let (Some((index, facts)), Some(seen)) = (member, cached[i].as_mut()) {
                     if verdict == Ok(true) {

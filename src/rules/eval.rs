@@ -129,8 +129,24 @@ impl Rule {
     /// whether `fn list` names that list). Rhai takes arguments by value, so the caller hands over
     /// the contact: a clone, or the record itself for its last evaluation.
     pub fn call_matches(&self, engine: &Engine, fields: Dynamic, today: Date) -> Result<bool, EvalError> {
+        self.matches_on(engine, std::borrow::Cow::Owned(fields), today)
+    }
+
+    /// [`Rule::call_matches`] on a contact the caller keeps: the native evaluator reads it in
+    /// place, and only a record left to Rhai is copied.
+    pub fn call_matches_ref(&self, engine: &Engine, fields: &Dynamic, today: Date) -> Result<bool, EvalError> {
+        self.matches_on(engine, std::borrow::Cow::Borrowed(fields), today)
+    }
+
+    fn matches_on(
+        &self,
+        engine: &Engine,
+        fields: std::borrow::Cow<'_, Dynamic>,
+        today: Date,
+    ) -> Result<bool, EvalError> {
         if self.is_partitioned() {
-            return self.list_of(engine, fields, today).map(|list| list.as_deref() == Some(self.list.as_str()));
+            let listed = self.list_of(engine, fields.into_owned(), today)?;
+            return Ok(listed.as_deref() == Some(self.list.as_str()));
         }
         let native = self.native.as_ref().ok().filter(|n| n.active() && super::native::enabled());
         if let Some(native) = native
@@ -141,7 +157,7 @@ impl Rule {
             }
             // The shadow check: Rhai judges this one too, and its verdict wins.
             let id = fields.read_lock::<rhai::Map>().and_then(|m| m.get("id").map(ToString::to_string));
-            let rhai = self.rhai_matches(engine, fields, today);
+            let rhai = self.rhai_matches(engine, fields.into_owned(), today);
             if rhai != Ok(verdict) && native.retire() {
                 tracing::error!(
                     rule = %self.name,
@@ -153,7 +169,7 @@ impl Rule {
             }
             return rhai;
         }
-        self.rhai_matches(engine, fields, today)
+        self.rhai_matches(engine, fields.into_owned(), today)
     }
 
     /// Which engine judges `matches`: `native` (Rhai for records it defers), or `rhai` and why.
