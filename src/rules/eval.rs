@@ -122,7 +122,7 @@ impl Rule {
         if !self.filter_verdict(contact)? {
             return Ok(false);
         }
-        self.call_matches(engine, contact.fields.clone(), today)
+        self.call_matches_ref(engine, &contact.fields, today)
     }
 
     /// `matches` on a contact that already passed `FILTER` (for one list of a partitioned rule:

@@ -78,15 +78,17 @@ impl FilterTerm {
     }
 
     pub fn judge(&self, record: &Map) -> Result<bool, String> {
-        let key = self.query_pair().0;
+        // The key is for messages only: built when one is needed, never on the way to a verdict.
+        let key = || self.query_pair().0;
         let value = self.field_value(record)?;
         let Some(value) = value else {
-            return Err(format!("FILTER {key}: the record has no such field"));
+            return Err(format!("FILTER {}: the record has no such field", key()));
         };
         if value.is_unit() {
-            return Err(format!("FILTER {key}: the field is null"));
+            return Err(format!("FILTER {}: the field is null", key()));
         }
-        let mismatch = || format!("FILTER {key}: the field holds {}, which this filter cannot compare", kind(&value));
+        let mismatch =
+            || format!("FILTER {}: the field holds {}, which this filter cannot compare", key(), kind(&value));
         match self {
             Self::Standard { value: want, .. } => match value.read_lock::<rhai::ImmutableString>() {
                 Some(s) => Ok(s.as_str() == want),
@@ -98,7 +100,7 @@ impl FilterTerm {
                 let day = text.get(..10).filter(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok());
                 match day {
                     Some(day) => Ok(day < date.as_str()),
-                    None => Err(format!("FILTER {key}: the field holds {text:?}, not an ISO date")),
+                    None => Err(format!("FILTER {}: the field holds {text:?}, not an ISO date", key())),
                 }
             }
         }
