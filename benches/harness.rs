@@ -275,10 +275,19 @@ async fn total_contacts(base_url: &str) -> u64 {
     v["total"].as_u64().expect("total")
 }
 
+/// The scenario's contacts, or `SEGSYNC_BENCH_CONTACTS` (a scaled-down run, for callgrind).
+fn contacts_of(s: &Scenario) -> u64 {
+    std::env::var("SEGSYNC_BENCH_CONTACTS").ok().and_then(|n| n.parse().ok()).unwrap_or(s.contacts)
+}
+
 async fn run(s: &Scenario) {
     println!("\n### {}\n", s.title);
+    let contacts = contacts_of(s);
+    if contacts != s.contacts {
+        println!("(scaled down to {contacts} contacts by SEGSYNC_BENCH_CONTACTS)\n");
+    }
     let extra: &[&str] = if s.page_dialect { &["--page-dialect"] } else { &[] };
-    let sandbox = support::SandboxChild::start_with(s.contacts, &s.plan.to_string(), extra);
+    let sandbox = support::SandboxChild::start_with(contacts, &s.plan.to_string(), extra);
     let dir = tempfile::tempdir().expect("tempdir");
     let rules_dir = dir.path().join("rules");
     std::fs::create_dir(&rules_dir).expect("mkdir");
@@ -323,7 +332,7 @@ async fn run(s: &Scenario) {
         if index == 1 {
             match s.change {
                 Change::Churn => {
-                    let url = format!("http://127.0.0.1:{}/_sandbox/churn?count={}", sandbox.port, s.contacts / 100);
+                    let url = format!("http://127.0.0.1:{}/_sandbox/churn?count={}", sandbox.port, contacts / 100);
                     reqwest::Client::new().post(url).send().await.expect("churn");
                 }
                 Change::HandEdits => edits = Some(edit_by_hand(&sandbox.base_url).await),

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use rhai::{Dynamic, Engine};
+use rhai::Engine;
 use tokio_util::sync::CancellationToken;
 
 use super::ReconcileError;
@@ -14,7 +14,7 @@ use crate::contact::ContactRecord;
 use crate::gateway::{Gateway, Scan, ScanQuery};
 use crate::ids::RuleName;
 use crate::ids::{BitSet, ContactIdSet, ListId};
-use crate::rules::{Date, EvalError, Facts, FilterTerm, Lists, Mode, Observed, Rule};
+use crate::rules::{Date, EvalError, FilterTerm, Lists, Mode, Observed, Rule};
 
 /// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
 /// threads as they were parsed). Returns the server's last reported total.
@@ -69,7 +69,7 @@ pub async fn members(
         &ScanQuery { list_ids: vec![list.clone()], ..ScanQuery::default() },
         move |records: Vec<ContactRecord>| {
             let mut part = Evaluation::default();
-            for record in records {
+            for mut record in records {
                 part.members.insert(record.id.as_str());
                 // add_only never removes, so its members need no verdict.
                 if rule_for_work.mode == Mode::Mirror {
@@ -77,11 +77,9 @@ pub async fn members(
                     let judged = member_filter(&rule_for_work, &record, &mut part);
                     rule_for_work.observe(&record, judged, &mut part.observed);
                     if judged {
-                        // The member's last use: hand the record over instead of cloning it.
-                        let facts = rule_for_work.facts(&record);
-                        let ContactRecord { id, fields } = record;
-                        let verdict = rule_for_work.call_matches(&engine, fields, today);
-                        part.member_verdict(&rule_for_work, &id, verdict, &facts);
+                        // The member's last use: Rhai may take the record instead of a copy.
+                        let (verdict, facts) = rule_for_work.judge_member(&engine, &mut record, true, today);
+                        part.member_verdict(&rule_for_work, &record.id, verdict, &facts);
                     }
                 }
             }
@@ -184,11 +182,11 @@ pub async fn candidates(
         let mut parts = vec![Evaluation::default(); targets.len()];
         let mut cached: Vec<Option<PageSeen>> = targets.iter().map(|t| t.cached.then(PageSeen::default)).collect();
         let mut in_filter = vec![0u64; targets.len()];
-        // (target, cached member index and its facts) for each `matches` call this record needs.
-        let mut due: Vec<(usize, Option<(u32, Facts)>)> = Vec::with_capacity(targets.len());
+        // (target, cached member index) for each `matches` call this record needs.
+        let mut due: Vec<(usize, Option<u32>)> = Vec::with_capacity(targets.len());
         // What each partitioned rule's `fn list` said of this record, by rule.
         let mut named: Vec<(RuleName, Result<Option<String>, EvalError>)> = Vec::new();
-        for record in records {
+        for mut record in records {
             due.clear();
             for (i, target) in targets.iter().enumerate() {
                 let Some(index) = target.members.index_of(record.id.as_str()) else {
@@ -211,50 +209,45 @@ pub async fn candidates(
                     let judged = member_filter(&target.rule, &record, &mut seen.eval);
                     target.rule.observe(&record, judged, &mut seen.eval.observed);
                     if judged {
-                        due.push((i, Some((index, target.rule.facts(&record)))));
+                        due.push((i, Some(index)));
                     }
                 }
             }
-            // Each evaluation consumes a copy of the contact; the last one takes the record itself.
-            let ContactRecord { id, fields } = record;
-            let mut fields = Some(fields);
+            // A rule read by Rhai copies the contact, except the last, which takes the record itself.
             named.clear();
             for (k, (i, member)) in due.iter().enumerate() {
-                let i = *i;
+                let (i, last) = (*i, k + 1 == due.len());
                 let rule = &targets[i].rule;
+                if let (Some(index), Some(seen)) = (member, cached[i].as_mut()) {
+                    let (verdict, facts) = rule.judge_member(&engine, &mut record, last, today);
+                    if verdict == Ok(true) {
+                        seen.matched.push(*index);
+                    }
+                    seen.eval.member_verdict(rule, &record.id, verdict, &facts);
+                    continue;
+                }
                 let verdict = if let Lists::Partition { parent } = &rule.lists {
                     // The lists of one partitioned rule share one `fn list` call per record.
                     let known = named.iter().find(|(p, _)| p == parent).map(|(_, listed)| listed.clone());
                     let listed = known.unwrap_or_else(|| {
-                        let listed = rule.list_of(&engine, fields.clone().unwrap_or_default(), today);
+                        let listed = rule.list_of(&engine, record.fields.clone(), today);
                         named.push((parent.clone(), listed.clone()));
                         listed
                     });
                     listed.map(|l| l.as_deref() == Some(rule.list.as_str()))
-                } else if k + 1 == due.len() {
-                    rule.call_matches(&engine, fields.take().unwrap_or_default(), today)
+                } else if last && !rule.reads_in_place() {
+                    rule.call_matches(&engine, std::mem::take(&mut record.fields), today)
                 } else {
-                    // Read in place natively; only a record left to Rhai is copied.
-                    match fields.as_ref() {
-                        Some(f) => rule.call_matches_ref(&engine, f, today),
-                        None => rule.call_matches(&engine, Dynamic::UNIT, today),
-                    }
+                    rule.call_matches_ref(&engine, &record.fields, today)
                 };
-                if let (Some((index, facts)), Some(seen)) = (member, cached[i].as_mut()) {
-                    if verdict == Ok(true) {
-                        seen.matched.push(*index);
-                    }
-                    seen.eval.member_verdict(&targets[i].rule, &id, verdict, facts);
-                    continue;
-                }
                 let part = &mut parts[i];
                 match verdict {
                     Ok(true) => {
                         part.matched += 1;
-                        part.candidates_matching.push(id.clone());
+                        part.candidates_matching.push(record.id.clone());
                     }
                     Ok(false) => {}
-                    Err(e) => part.error(&id, e),
+                    Err(e) => part.error(&record.id, e),
                 }
             }
         }

@@ -117,6 +117,9 @@ fn register_segments(engine: &mut Engine) {
 /// Reads `YYYY-MM-DD`, or an RFC 3339 timestamp taken as its date in `tz`.
 pub fn parse_date(text: &str, tz: Tz) -> Result<NaiveDate, String> {
     let text = text.trim();
+    if let Some(d) = iso_day(text) {
+        return Ok(d);
+    }
     // `FromStr` reads ISO `YYYY-MM-DD` without interpreting a format string on every call.
     if text.len() == 10
         && let Ok(d) = text.parse::<NaiveDate>()
@@ -127,6 +130,22 @@ pub fn parse_date(text: &str, tz: Tz) -> Result<NaiveDate, String> {
         return Ok(t.with_timezone(&tz).date_naive());
     }
     Err(format!("not an ISO date (YYYY-MM-DD) or timestamp: {text:?}"))
+}
+
+/// A date written exactly `YYYY-MM-DD` (ten ASCII characters, digits and two dashes), read
+/// without chrono's format machinery: the common case of every date field, on every contact.
+/// `None` for anything else, including an impossible day, which callers then read the slow way
+/// (and refuse the same way).
+pub fn iso_day(text: &str) -> Option<NaiveDate> {
+    let b: &[u8; 10] = text.as_bytes().try_into().ok()?;
+    let digits = |r: std::ops::Range<usize>| {
+        b[r].iter().try_fold(0u32, |n, c| c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0')))
+    };
+    if b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let year = i32::try_from(digits(0..4)?).ok()?;
+    NaiveDate::from_ymd_opt(year, digits(5..7)?, digits(8..10)?)
 }
 
 fn register_dates(engine: &mut Engine, tz: Tz) {
@@ -211,6 +230,7 @@ fn type_label(v: &Dynamic) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Datelike;
     use rhai::{CallFnOptions, Scope};
 
     fn eval(src: &str, today: &str) -> Result<Dynamic, String> {
@@ -226,6 +246,41 @@ mod tests {
                 (),
             )
             .map_err(|e| e.unwrap_inner().to_string())
+    }
+
+    // The fast reading of `YYYY-MM-DD` agrees with chrono's wherever it answers, refuses every
+    // other shape, and answers on every well-formed date.
+    #[test]
+    fn iso_day_agrees_with_chrono() {
+        let odd = [
+            "2026-02-30",
+            "2026-13-01",
+            "2026-00-10",
+            "2024-02-29",
+            "2025-02-29",
+            "0000-01-01",
+            "9999-12-31",
+            "2026-1-011",
+            "2026/01/01",
+            "+026-01-01",
+            " 2026-01-0",
+            "2026-01-01T",
+            "26-01-2026",
+            "२०२६-०१-०१",
+        ];
+        for text in odd {
+            if let Some(d) = iso_day(text) {
+                assert_eq!(Some(d), NaiveDate::parse_from_str(text, "%Y-%m-%d").ok(), "{text}");
+            }
+        }
+        assert_eq!(iso_day("2026-02-30"), None);
+        assert_eq!(iso_day("2026/01/01"), None);
+        let mut day = NaiveDate::from_ymd_opt(1999, 1, 1).expect("day");
+        while day.year() < 2031 {
+            assert_eq!(iso_day(&day.to_string()), Some(day), "{day}");
+            day = day.succ_opt().expect("next");
+        }
+        assert_eq!(iso_day("2026-03-29"), NaiveDate::from_ymd_opt(2026, 3, 29));
     }
 
     // days_since counts whole calendar days across a month end and a DST switch.

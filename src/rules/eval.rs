@@ -148,8 +148,7 @@ impl Rule {
             let listed = self.list_of(engine, fields.into_owned(), today)?;
             return Ok(listed.as_deref() == Some(self.list.as_str()));
         }
-        let native = self.native.as_ref().ok().filter(|n| n.active() && super::native::enabled());
-        if let Some(native) = native
+        if let Some(native) = self.native_now()
             && let Ok(verdict) = native.judge(&fields, today.0)
         {
             if !native.shadow_due() {
@@ -170,6 +169,34 @@ impl Rule {
             return rhai;
         }
         self.rhai_matches(engine, fields.into_owned(), today)
+    }
+
+    /// The native evaluator, when this rule is judged natively now.
+    fn native_now(&self) -> Option<&super::native::Native> {
+        self.native.as_ref().ok().map(|n| &**n).filter(|n| n.active() && super::native::enabled())
+    }
+
+    /// Whether `matches` reads a record in place (natively), so handing it over saves no copy.
+    pub fn reads_in_place(&self) -> bool {
+        !self.is_partitioned() && self.native_now().is_some()
+    }
+
+    /// `matches` on a member's record, and when it says no, the facts the removal is recorded
+    /// with. `last`: no other rule reads this record after, so Rhai may take it rather than a copy.
+    pub fn judge_member(
+        &self,
+        engine: &Engine,
+        record: &mut ContactRecord,
+        last: bool,
+        today: Date,
+    ) -> (Result<bool, EvalError>, Facts) {
+        if last && !self.reads_in_place() {
+            let facts = self.facts(record);
+            return (self.call_matches(engine, std::mem::take(&mut record.fields), today), facts);
+        }
+        let verdict = self.call_matches_ref(engine, &record.fields, today);
+        let facts = if verdict == Ok(false) { self.facts(record) } else { Facts::default() };
+        (verdict, facts)
     }
 
     /// Which engine judges `matches`: `native` (Rhai for records it defers), or `rhai` and why.

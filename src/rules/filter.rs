@@ -47,17 +47,15 @@ impl FilterTerm {
         }
     }
 
-    /// The server's semantics, applied to a record: strings exactly, numbers numerically, dates
-    /// by day. A record that lacks the field, holds null there, or holds a value of another kind
-    /// cannot be judged: that is an error (the contact is kept as it is), never "does not match".
-    /// The value of the field this term reads, `None` when the record lacks it.
-    fn field_value(&self, record: &Map) -> Result<Option<Dynamic>, String> {
+    /// `f` on the value of the field this term reads (`None` when the record lacks it), read in
+    /// place: a verdict copies nothing.
+    fn with_field<T>(&self, record: &Map, f: impl FnOnce(Option<&Dynamic>) -> T) -> Result<T, String> {
         Ok(match self {
-            Self::Standard { field, .. } => record.get(field.as_str()).cloned(),
+            Self::Standard { field, .. } => f(record.get(field.as_str())),
             Self::Custom { field, .. } | Self::Before { field, .. } => match record.get("customFields") {
-                None => None,
+                None => f(None),
                 Some(c) => match c.read_lock::<Map>() {
-                    Some(m) => m.get(field.as_str()).cloned(),
+                    Some(m) => f(m.get(field.as_str())),
                     None => {
                         return Err(format!("FILTER {}: customFields is {}, not a map", self.query_pair().0, kind(c)));
                     }
@@ -68,19 +66,38 @@ impl FilterTerm {
 
     /// The field's value on `record` as people read it: the text itself, a number, `(absent)`.
     pub fn value_of(&self, record: &Map) -> String {
-        match self.field_value(record) {
-            Ok(Some(v)) if v.is_string() => v.into_string().unwrap_or_default(),
-            Ok(Some(v)) if v.is_unit() => "(null)".into(),
-            Ok(Some(v)) => v.to_string(),
-            Ok(None) => "(absent)".into(),
-            Err(_) => "(customFields not a map)".into(),
+        self.with_field(record, |v| match v {
+            Some(v) if v.is_string() => v.clone().into_string().unwrap_or_default(),
+            Some(v) if v.is_unit() => "(null)".into(),
+            Some(v) => v.to_string(),
+            None => "(absent)".into(),
+        })
+        .unwrap_or_else(|_| "(customFields not a map)".into())
+    }
+
+    /// Adds one to `tally`'s count of the field's value on `record`, allocating only for a value
+    /// not tallied yet (`value_of` text).
+    pub fn tally(&self, record: &Map, tally: &mut std::collections::HashMap<String, u64>) {
+        let counted = self.with_field(record, |v| {
+            let text = v.and_then(|v| v.read_lock::<rhai::ImmutableString>());
+            let count = text.and_then(|t| tally.get_mut(t.as_str()));
+            count.map(|n| *n += 1).is_some()
+        });
+        if counted != Ok(true) {
+            *tally.entry(self.value_of(record)).or_default() += 1;
         }
     }
 
+    /// The server's semantics, applied to a record: strings exactly, numbers numerically, dates
+    /// by day. A record that lacks the field, holds null there, or holds a value of another kind
+    /// cannot be judged: that is an error (the contact is kept as it is), never "does not match".
     pub fn judge(&self, record: &Map) -> Result<bool, String> {
+        self.with_field(record, |value| self.judge_value(value))?
+    }
+
+    fn judge_value(&self, value: Option<&Dynamic>) -> Result<bool, String> {
         // The key is for messages only: built when one is needed, never on the way to a verdict.
         let key = || self.query_pair().0;
-        let value = self.field_value(record)?;
         let Some(value) = value else {
             return Err(format!("FILTER {}: the record has no such field", key()));
         };
@@ -88,16 +105,18 @@ impl FilterTerm {
             return Err(format!("FILTER {}: the field is null", key()));
         }
         let mismatch =
-            || format!("FILTER {}: the field holds {}, which this filter cannot compare", key(), kind(&value));
+            || format!("FILTER {}: the field holds {}, which this filter cannot compare", key(), kind(value));
         match self {
             Self::Standard { value: want, .. } => match value.read_lock::<rhai::ImmutableString>() {
                 Some(s) => Ok(s.as_str() == want),
                 None => Err(mismatch()),
             },
-            Self::Custom { value: want, .. } => text_equals(&value, want).ok_or_else(mismatch),
+            Self::Custom { value: want, .. } => text_equals(value, want).ok_or_else(mismatch),
             Self::Before { date, .. } => {
                 let Some(text) = value.read_lock::<rhai::ImmutableString>() else { return Err(mismatch()) };
-                let day = text.get(..10).filter(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok());
+                let day = text.get(..10).filter(|d| {
+                    super::engine::iso_day(d).is_some() || chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok()
+                });
                 match day {
                     Some(day) => Ok(day < date.as_str()),
                     None => Err(format!("FILTER {}: the field holds {text:?}, not an ISO date", key())),

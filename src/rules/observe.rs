@@ -120,7 +120,7 @@ impl Rule {
                     t.matched = true;
                     t.values = HashMap::new();
                 } else if t.values.len() < VALUES_TALLIED {
-                    *t.values.entry(term.value_of(&map)).or_default() += 1;
+                    term.tally(&map, &mut t.values);
                 }
             }
         }
