@@ -23,15 +23,86 @@ impl Record for serde_json::Value {
     }
 }
 
+/// The top-level fields a read keeps of each contact: those its rules read (`FILTER`, a natively
+/// judged `matches` or `list`, the fields they mention), plus `id`. Only a read whose every rule is
+/// judged natively narrows its records (`Rule::reads`); any other keeps every field.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Keep {
+    names: Vec<String>,
+}
+
+impl Keep {
+    pub fn new(names: impl IntoIterator<Item = String>) -> Self {
+        let mut names: Vec<String> = names.into_iter().chain(["id".to_owned()]).collect();
+        names.sort_unstable();
+        names.dedup();
+        Self { names }
+    }
+
+    pub fn keeps(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+}
+
+thread_local! {
+    /// What the contacts parsed on this thread keep: set by [`parse_keeping`] around one page's parse.
+    static KEEP: std::cell::RefCell<Option<std::sync::Arc<Keep>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `parse` (one page's deserialization) with the contacts it parses keeping only `keep`'s
+/// fields (`None`: every field). Serde gives a `Deserialize` no context, so the read's choice
+/// travels beside it on the parsing thread, for exactly this call.
+pub fn parse_keeping<T>(keep: Option<&std::sync::Arc<Keep>>, parse: impl FnOnce() -> T) -> T {
+    let before = KEEP.with(|k| k.replace(keep.cloned()));
+    let parsed = parse();
+    KEEP.with(|k| k.replace(before));
+    parsed
+}
+
 /// A contact parsed straight from JSON into a Rhai object map: parsed and converted in one step,
-/// every field kept (unknown ones too), `customFields` nested.
+/// `customFields` nested. Either every field is in the map (unknown ones too), or (a narrowed
+/// record, from a read whose rules are all judged natively) only the fields the read keeps, with
+/// the record as read beside them: whatever hands a contact to Rhai ([`ContactRecord::contact`],
+/// [`ContactRecord::full`]) gives every field, parsed again from that text when narrowed.
 #[derive(Debug, Clone)]
 pub struct ContactRecord {
     pub id: ContactId,
-    pub fields: Dynamic,
+    fields: Dynamic,
+    /// The record as read, when `fields` holds only the kept fields.
+    raw: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// A contact as a rule's call receives it: `view` is what the native evaluator reads (a narrowed
+/// record's kept fields, which are every field it reads); [`Contact::into_full`] is what Rhai
+/// receives (every field, always).
+pub enum Contact<'a> {
+    Owned(Dynamic),
+    Borrowed(&'a Dynamic),
+    Record(&'a ContactRecord),
+}
+
+impl Contact<'_> {
+    pub fn view(&self) -> &Dynamic {
+        match self {
+            Self::Owned(d) => d,
+            Self::Borrowed(d) => d,
+            Self::Record(r) => &r.fields,
+        }
+    }
+
+    /// Every field, owned: the contact itself, a copy, or a narrowed record parsed again.
+    pub fn into_full(self) -> Dynamic {
+        match self {
+            Self::Owned(d) => d,
+            Self::Borrowed(d) => d.clone(),
+            Self::Record(r) => r.full().into_owned(),
+        }
+    }
 }
 
 impl ContactRecord {
+    /// The fields as parsed: every field, or a narrowed record's kept fields. For code that reads
+    /// only fields a read keeps (`FILTER`, facts, the fields a rule mentions).
     pub fn map(&self) -> Option<impl std::ops::Deref<Target = Map> + '_> {
         self.fields.read_lock::<Map>()
     }
@@ -39,21 +110,92 @@ impl ContactRecord {
     /// A record from fields a rule already holds (the contact it passes on to `segment`).
     pub fn from_fields(fields: Dynamic) -> Self {
         let id = fields.read_lock::<Map>().and_then(|m| m.get("id").map(ToString::to_string)).unwrap_or_default();
-        Self { id: ContactId::from(id), fields }
+        Self { id: ContactId::from(id), fields, raw: None }
+    }
+
+    /// Whether only the kept fields were parsed.
+    pub fn is_narrowed(&self) -> bool {
+        self.raw.is_some()
+    }
+
+    /// Every field of the contact (a narrowed record is parsed again from the record as read).
+    pub fn full(&self) -> std::borrow::Cow<'_, Dynamic> {
+        match &self.raw {
+            None => std::borrow::Cow::Borrowed(&self.fields),
+            Some(raw) => std::borrow::Cow::Owned(
+                serde_json::from_str::<Dynamic>(raw.get()).unwrap_or_else(|_| self.fields.clone()),
+            ),
+        }
+    }
+
+    /// Every field, taking the map rather than copying it when the record holds them all.
+    pub fn take_full(&mut self) -> Dynamic {
+        match self.raw {
+            None => std::mem::take(&mut self.fields),
+            Some(_) => self.full().into_owned(),
+        }
+    }
+
+    /// The contact for a rule's call, read in place.
+    pub fn contact(&self) -> Contact<'_> {
+        match self.raw {
+            None => Contact::Borrowed(&self.fields),
+            Some(_) => Contact::Record(self),
+        }
+    }
+
+    /// Every field, owned.
+    pub fn into_full(mut self) -> Dynamic {
+        self.take_full()
+    }
+}
+
+/// A narrowed contact's map: the kept top-level keys, each value parsed as Rhai parses it.
+struct Narrow<'k>(&'k Keep);
+
+impl<'de> serde::de::Visitor<'de> for Narrow<'_> {
+    type Value = Map;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a contact (a JSON object)")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut entries: M) -> Result<Map, M::Error> {
+        let mut map = Map::new();
+        while let Some(key) = entries.next_key::<std::borrow::Cow<'de, str>>()? {
+            if self.0.keeps(&key) {
+                map.insert(key.as_ref().into(), entries.next_value::<Dynamic>()?);
+            } else {
+                entries.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(map)
+    }
+}
+
+fn id_of<E: serde::de::Error>(map: &Map) -> Result<ContactId, E> {
+    match map.get("id") {
+        Some(v) if v.is_string() => Ok(ContactId::from(v.clone().into_string().unwrap_or_default())),
+        Some(v) if v.is_int() => Ok(ContactId::from(v.to_string())),
+        _ => Err(E::custom("a contact without an id (string or integer)")),
     }
 }
 
 impl<'de> Deserialize<'de> for ContactRecord {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = Dynamic::deserialize(d)?
-            .try_cast::<Map>()
-            .ok_or_else(|| serde::de::Error::custom("a contact must be a JSON object"))?;
-        let id = match map.get("id") {
-            Some(v) if v.is_string() => ContactId::from(v.clone().into_string().unwrap_or_default()),
-            Some(v) if v.is_int() => ContactId::from(v.to_string()),
-            _ => return Err(serde::de::Error::custom("a contact without an id (string or integer)")),
+        use serde::de::Error;
+        let keep = KEEP.with(|k| k.borrow().clone());
+        let Some(keep) = keep else {
+            let map = Dynamic::deserialize(d)?
+                .try_cast::<Map>()
+                .ok_or_else(|| D::Error::custom("a contact must be a JSON object"))?;
+            return Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), raw: None });
         };
-        Ok(Self { id, fields: Dynamic::from_map(map) })
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        let map = serde_json::Deserializer::from_str(raw.get())
+            .deserialize_map(Narrow(&keep))
+            .map_err(|_| D::Error::custom("a contact must be a JSON object"))?;
+        Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), raw: Some(raw) })
     }
 }
 
@@ -75,5 +217,28 @@ mod tests {
         assert_eq!(a.id.as_str(), "cnt-001");
         assert_eq!(b.id.as_str(), "12345");
         assert!(serde_json::from_str::<ContactRecord>(r#"{"region":"Veneto"}"#).is_err());
+    }
+
+    // A read that keeps some fields parses only those (and the id), and still hands every field,
+    // exactly as a full parse has them, to whatever needs them all.
+    #[test]
+    fn a_narrowed_record_keeps_its_fields_and_gives_them_all() {
+        let json = r#"{"id":"c1","firstName":"Anna","region":"Veneto","customFields":{"totalSpent":6800,"d":"2026-01-01"},"email":null}"#;
+        let keep = std::sync::Arc::new(Keep::new(["region".to_owned(), "customFields".to_owned()]));
+        let narrow: ContactRecord = parse_keeping(Some(&keep), || serde_json::from_str(json)).expect("parses");
+        let whole: ContactRecord = serde_json::from_str(json).expect("parses");
+        assert!(narrow.is_narrowed() && !whole.is_narrowed());
+        let keys = |r: &ContactRecord| r.map().expect("map").keys().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(keys(&narrow), ["customFields", "id", "region"]);
+        assert_eq!(keys(&whole).len(), 5);
+        assert_eq!(narrow.full().to_string(), whole.full().to_string());
+        assert_eq!(narrow.contact().into_full().to_string(), whole.fields.to_string());
+        assert_eq!(narrow.id.as_str(), "c1");
+        // The keeping ends with the parse.
+        let after: ContactRecord = serde_json::from_str(json).expect("parses");
+        assert!(!after.is_narrowed());
+        // Not an object, or no id: refused as before.
+        let refused = |text: &str| parse_keeping(Some(&keep), || serde_json::from_str::<ContactRecord>(text)).is_err();
+        assert!(refused("[1]") && refused(r#"{"region":"Veneto"}"#));
     }
 }

@@ -171,7 +171,7 @@ pub const SCHEMA: &[(&str, &[(&str, Kind)])] = &[
     ("shutdown deadline passed", &[]),
     ("stopped", &[]),
     ("state warning", &[("error", Text)]),
-    ("native verdict differs", &[("rule", Text), ("contact_id", Text), ("native", Bool), ("rhai", Text)]),
+    ("native verdict differs", &[("rule", Text), ("contact_id", Text), ("native", Text), ("rhai", Text)]),
     ("notify failed", &[("error", Text)]),
     ("rule print", &[("text", Text)]),
     ("segsync failed", &[("error", Text)]),

@@ -92,6 +92,11 @@ pub fn peak_mb() -> f64 {
     status_kb("/proc/self/status", "VmHWM:") as f64 / 1024.0
 }
 
+/// Resident memory of this process now, in MB.
+pub fn rss_now_mb() -> f64 {
+    status_kb("/proc/self/status", "VmRSS:") as f64 / 1024.0
+}
+
 /// Resets the peak-RSS counter (Linux: write 5 to clear_refs).
 pub fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");

@@ -79,7 +79,7 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, 
         say!("reads     {path} = {value}");
     }
     let by = match rule.native.as_ref() {
-        Ok(native) if rule.engine_name() == "native" => match native.judge(&contact.fields, today.0) {
+        Ok(native) if rule.engine_name() == "native" => match native.judge(&contact.full(), today.0) {
             Ok(_) => "native".to_owned(),
             Err(_) => "rhai (the native evaluator leaves this record to Rhai: Rhai errs on it, or a value is of a \
                        type it does not judge)"
@@ -142,7 +142,7 @@ fn named_list(
     if !rule.filter_verdict(contact)? {
         return Ok(None);
     }
-    rule.list_of(engine, contact.fields.clone(), today)
+    rule.list_of(engine, contact.full().into_owned(), today)
 }
 
 /// Whether `contact` is in the list named `list` now, by a read of that list (the oldest of the

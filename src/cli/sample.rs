@@ -73,7 +73,7 @@ pub(super) async fn preview(
                     if !passes {
                         continue;
                     }
-                    match rule.call_matches(&engine, record.fields.clone(), today) {
+                    match rule.call_matches(&engine, record.full().into_owned(), today) {
                         Ok(true) => tally.matched += 1,
                         Ok(false) => {}
                         Err(e) => {

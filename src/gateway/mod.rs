@@ -545,8 +545,14 @@ impl Gateway {
         if !query.not_list_ids.is_empty() {
             filters.push(("notListIds".into(), join(&query.not_list_ids)));
         }
-        let request =
-            scan::Request { op, resource: Resource::Contacts, path: &["contacts"], filters, sample: query.sample };
+        let request = scan::Request {
+            op,
+            resource: Resource::Contacts,
+            path: &["contacts"],
+            filters,
+            sample: query.sample,
+            keep: query.keep.clone(),
+        };
         self.paged(request, work)
     }
 
@@ -562,6 +568,7 @@ impl Gateway {
                 path: &["contacts", "list"],
                 filters,
                 sample: None,
+                keep: None,
             },
             |lists: Vec<ListInfo>| lists,
         );
@@ -718,6 +725,9 @@ pub struct ScanQuery {
     /// A sample, not a read: only the first pages, about this many records. Incomplete by design,
     /// so what it returns may inform people (`check --sample`, a finding) but never decide a removal.
     pub sample: Option<u64>,
+    /// The contact fields the read's work reads, when it reads only some (`None`: every field).
+    /// The server still sends every field; the others are skipped while parsing.
+    pub keep: Option<Arc<crate::contact::Keep>>,
 }
 
 #[derive(Deserialize)]

@@ -78,6 +78,8 @@ pub(super) struct Request {
     pub filters: Vec<(String, String)>,
     /// Stop after the pages holding about this many records (`ScanQuery::sample`).
     pub sample: Option<u64>,
+    /// What each contact keeps (`ScanQuery::keep`).
+    pub keep: Option<Arc<crate::contact::Keep>>,
 }
 
 /// The churn a live account explains between the pages of one read: 1 % of the total, plus 2.
@@ -181,10 +183,10 @@ impl Gateway {
             Pagination::Page => query.push(("page", (offset / limit).to_string())),
         }
         let bytes = self.call(op, Method::GET, self.url(req.path), &query, None, true).await?;
-        let (seen, work, meter) = (seen.clone(), work.clone(), self.meter.clone());
+        let (seen, work, meter, keep) = (seen.clone(), work.clone(), self.meter.clone(), req.keep.clone());
         tokio::task::spawn_blocking(move || {
-            let wire: PageWire<T> =
-                serde_json::from_slice(&bytes).map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
+            let wire: PageWire<T> = crate::contact::parse_keeping(keep.as_ref(), || serde_json::from_slice(&bytes))
+                .map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
             let raw = wire.contacts.len();
             meter.records(op, raw as u64);
             super::PROCESS.records(op, raw as u64);

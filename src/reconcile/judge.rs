@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ReconcileError;
 use super::plan::Evaluation;
-use crate::contact::ContactRecord;
+use crate::contact::{ContactRecord, Keep};
 use crate::gateway::{Gateway, Scan, ScanQuery};
 use crate::ids::RuleName;
 use crate::ids::{BitSet, ContactIdSet, ListId};
@@ -66,7 +66,7 @@ pub async fn members(
     let (engine, rule_for_work) = (engine.clone(), rule.clone());
     let mut eval = Evaluation::default();
     let scan = gw.scan_with(
-        &ScanQuery { list_ids: vec![list.clone()], ..ScanQuery::default() },
+        &ScanQuery { list_ids: vec![list.clone()], keep: keep([(&**rule, &[][..])]), ..ScanQuery::default() },
         move |records: Vec<ContactRecord>| {
             let mut part = Evaluation::default();
             for mut record in records {
@@ -88,6 +88,17 @@ pub async fn members(
     );
     fold_pages(scan, cancel, |part| eval.merge(part)).await?;
     Ok(eval)
+}
+
+/// What a read judged by `rules` (each with the derived filter it counts) keeps of each contact:
+/// the fields they read, when every one is judged natively; else every field (`None`).
+fn keep<'a>(rules: impl IntoIterator<Item = (&'a Rule, &'a [FilterTerm])>) -> Option<Arc<Keep>> {
+    let mut names = Vec::new();
+    for (rule, derived) in rules {
+        names.extend(rule.reads()?);
+        names.extend(derived.iter().map(|t| t.top_field().to_owned()));
+    }
+    Some(Arc::new(Keep::new(names)))
 }
 
 /// Whether a record passes every term, as the server would judge it.
@@ -160,6 +171,7 @@ pub async fn candidates(
     today: Date,
 ) -> Result<Found, ReconcileError> {
     let n = targets.len();
+    let query = &ScanQuery { keep: keep(targets.iter().map(|t| (&*t.rule, &t.derived[..]))), ..query.clone() };
     let targets = Arc::new(targets);
     let mut out = Found {
         per_target: vec![Evaluation::default(); n],
@@ -230,15 +242,15 @@ pub async fn candidates(
                     // The lists of one partitioned rule share one `fn list` call per record.
                     let known = named.iter().find(|(p, _)| p == parent).map(|(_, listed)| listed.clone());
                     let listed = known.unwrap_or_else(|| {
-                        let listed = rule.list_of(&engine, record.fields.clone(), today);
+                        let listed = rule.list_of_record(&engine, &record, today);
                         named.push((parent.clone(), listed.clone()));
                         listed
                     });
                     listed.map(|l| l.as_deref() == Some(rule.list.as_str()))
                 } else if last && !rule.reads_in_place() {
-                    rule.call_matches(&engine, std::mem::take(&mut record.fields), today)
+                    rule.call_matches(&engine, record.take_full(), today)
                 } else {
-                    rule.call_matches_ref(&engine, &record.fields, today)
+                    rule.call_record(&engine, &record, today)
                 };
                 let part = &mut parts[i];
                 match verdict {

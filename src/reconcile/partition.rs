@@ -86,7 +86,7 @@ impl Reconciler {
             let mut named: BTreeMap<String, u64> = BTreeMap::new();
             for record in records.into_iter().filter(|r| work_rule.passes_filter(r)) {
                 // A contact `fn list` cannot judge names no list here; its list's run counts the error.
-                if let Ok(Some(list)) = work_rule.list_of(&engine, record.fields, today) {
+                if let Ok(Some(list)) = work_rule.list_of(&engine, record.into_full(), today) {
                     *named.entry(list).or_default() += 1;
                 }
             }

@@ -86,14 +86,21 @@ pub fn from_script(compact: &str) -> PushDown {
 /// writes it; an error when the rule defines other functions too (they might redefine
 /// `days_since` or `date`) or has no readable `matches`.
 pub fn matches_body(compact: &str) -> Result<(&str, &str), String> {
-    let Some(start) = compact.find("fn matches(") else { return Err("no matches function".into()) };
+    fn_body(compact, "matches")
+}
+
+/// The parameter and body of the rule's one function `name` (`matches`, or a partitioned rule's
+/// `list`), from the compacted script.
+pub fn fn_body<'a>(compact: &'a str, name: &str) -> Result<(&'a str, &'a str), String> {
+    let head = format!("fn {name}(");
+    let Some(start) = compact.find(&head) else { return Err(format!("no {name} function")) };
     if compact.matches("fn ").count() > 1 {
-        return Err("the rule defines functions besides matches".into());
+        return Err(format!("the rule defines functions besides {name}"));
     }
-    let after = &compact[start + "fn matches(".len()..];
-    let Some((param, rest)) = after.split_once(')') else { return Err("unreadable matches".into()) };
+    let after = &compact[start + head.len()..];
+    let Some((param, rest)) = after.split_once(')') else { return Err(format!("unreadable {name}")) };
     let Some(close) = rest.starts_with('{').then(|| matching(rest, 0)).flatten() else {
-        return Err("unreadable matches".into());
+        return Err(format!("unreadable {name}"));
     };
     Ok((param.trim(), &rest[1..close]))
 }

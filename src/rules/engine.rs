@@ -103,7 +103,7 @@ fn register_segments(engine: &mut Engine) {
             };
             let record = crate::contact::ContactRecord::from_fields(contact);
             let listed = match rule.filter_verdict(&record) {
-                Ok(true) => rule.list_of(ctx.engine(), record.fields, tag.today),
+                Ok(true) => rule.list_of(ctx.engine(), record.into_full(), tag.today),
                 Ok(false) => Ok(None),
                 Err(e) => Err(e),
             };

@@ -4,7 +4,7 @@
 use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope};
 
 use super::{Date, Rule};
-use crate::contact::ContactRecord;
+use crate::contact::{Contact, ContactRecord};
 
 /// Why a rule could not judge a contact.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +40,24 @@ pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".into())
+}
+
+/// An answer of `matches` (true or false) or of `fn list` (a list name, or none), as the shadow
+/// check's ERROR event writes it.
+trait Answer {
+    fn text(&self) -> String;
+}
+
+impl Answer for bool {
+    fn text(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl Answer for Option<String> {
+    fn text(&self) -> String {
+        self.clone().unwrap_or_else(|| "(no list)".into())
+    }
 }
 
 /// The values of the fields a rule mentions, taken from a record before `matches` consumes it:
@@ -122,53 +140,66 @@ impl Rule {
         if !self.filter_verdict(contact)? {
             return Ok(false);
         }
-        self.call_matches_ref(engine, &contact.fields, today)
+        self.matches_on(engine, contact.contact(), today)
     }
 
     /// `matches` on a contact that already passed `FILTER` (for one list of a partitioned rule:
     /// whether `fn list` names that list). Rhai takes arguments by value, so the caller hands over
     /// the contact: a clone, or the record itself for its last evaluation.
     pub fn call_matches(&self, engine: &Engine, fields: Dynamic, today: Date) -> Result<bool, EvalError> {
-        self.matches_on(engine, std::borrow::Cow::Owned(fields), today)
+        self.matches_on(engine, Contact::Owned(fields), today)
+    }
+
+    /// [`Rule::call_matches`] on a record the caller keeps: the native evaluator reads it in
+    /// place, and only a record left to Rhai is copied (a narrowed one parsed again, whole).
+    pub fn call_record(&self, engine: &Engine, record: &ContactRecord, today: Date) -> Result<bool, EvalError> {
+        self.matches_on(engine, record.contact(), today)
     }
 
     /// [`Rule::call_matches`] on a contact the caller keeps: the native evaluator reads it in
     /// place, and only a record left to Rhai is copied.
     pub fn call_matches_ref(&self, engine: &Engine, fields: &Dynamic, today: Date) -> Result<bool, EvalError> {
-        self.matches_on(engine, std::borrow::Cow::Borrowed(fields), today)
+        self.matches_on(engine, Contact::Borrowed(fields), today)
     }
 
-    fn matches_on(
-        &self,
-        engine: &Engine,
-        fields: std::borrow::Cow<'_, Dynamic>,
-        today: Date,
-    ) -> Result<bool, EvalError> {
+    fn matches_on(&self, engine: &Engine, contact: Contact<'_>, today: Date) -> Result<bool, EvalError> {
         if self.is_partitioned() {
-            let listed = self.list_of(engine, fields.into_owned(), today)?;
+            let listed = self.list_on(engine, contact, today)?;
             return Ok(listed.as_deref() == Some(self.list.as_str()));
         }
         if let Some(native) = self.native_now()
-            && let Ok(verdict) = native.judge(&fields, today.0)
+            && let Ok(verdict) = native.judge(contact.view(), today.0)
         {
-            if !native.shadow_due() {
-                return Ok(verdict);
-            }
-            // The shadow check: Rhai judges this one too, and its verdict wins.
-            let id = fields.read_lock::<rhai::Map>().and_then(|m| m.get("id").map(ToString::to_string));
-            let rhai = self.rhai_matches(engine, fields.into_owned(), today);
-            if rhai != Ok(verdict) && native.retire() {
-                tracing::error!(
-                    rule = %self.name,
-                    contact_id = id.unwrap_or_default(),
-                    native = verdict,
-                    rhai = %rhai.as_ref().map_or_else(|e| format!("error: {e}"), |v| v.to_string()),
-                    "native verdict differs"
-                );
-            }
-            return rhai;
+            return self.shadowed(native, contact, verdict, |f| self.rhai_matches(engine, f, today));
         }
-        self.rhai_matches(engine, fields.into_owned(), today)
+        self.rhai_matches(engine, contact.into_full(), today)
+    }
+
+    /// A native answer, except for the one record in [`super::native::SHADOW_EVERY`] that Rhai
+    /// judges too: then Rhai's answer wins, and a disagreement retires the native evaluator (the
+    /// run fails: see `ReconcileError::NativeDisagreed`) with one ERROR event.
+    fn shadowed<T: PartialEq + Answer>(
+        &self,
+        native: &super::native::Native,
+        contact: Contact<'_>,
+        answer: T,
+        rhai: impl FnOnce(Dynamic) -> Result<T, EvalError>,
+    ) -> Result<T, EvalError> {
+        if !native.shadow_due() {
+            return Ok(answer);
+        }
+        let id = contact.view().read_lock::<rhai::Map>().and_then(|m| m.get("id").map(ToString::to_string));
+        let rhai = rhai(contact.into_full());
+        if rhai.as_ref() != Ok(&answer) && native.retire() {
+            tracing::error!(
+                rule = %self.name,
+                contact_id = id.unwrap_or_default(),
+                native = %answer.text(),
+                rhai = %rhai.as_ref().map_or_else(|e| format!("error: {e}"), Answer::text),
+                "native verdict differs"
+            );
+        }
+        rhai
     }
 
     /// The native evaluator, when this rule is judged natively now.
@@ -178,7 +209,22 @@ impl Rule {
 
     /// Whether `matches` reads a record in place (natively), so handing it over saves no copy.
     pub fn reads_in_place(&self) -> bool {
-        !self.is_partitioned() && self.native_now().is_some()
+        self.native_now().is_some()
+    }
+
+    /// The contact's top-level fields judging this rule reads (its `FILTER`, its native `matches`
+    /// or `list`, the fields it mentions, which facts and findings read); `None` when it is not
+    /// judged natively or reads the whole contact, so its reads keep every field.
+    pub fn reads(&self) -> Option<Vec<String>> {
+        let mut names = self.native_now()?.top_fields()?;
+        for term in &self.filter {
+            names.push(term.top_field().to_owned());
+        }
+        for name in self.mentions.iter().filter(|m| *m != "customFields") {
+            names.push(name.clone());
+        }
+        names.push("customFields".into());
+        Some(names)
     }
 
     /// `matches` on a member's record, and when it says no, the facts the removal is recorded
@@ -192,9 +238,9 @@ impl Rule {
     ) -> (Result<bool, EvalError>, Facts) {
         if last && !self.reads_in_place() {
             let facts = self.facts(record);
-            return (self.call_matches(engine, std::mem::take(&mut record.fields), today), facts);
+            return (self.call_matches(engine, record.take_full(), today), facts);
         }
-        let verdict = self.call_matches_ref(engine, &record.fields, today);
+        let verdict = self.matches_on(engine, record.contact(), today);
         let facts = if verdict == Ok(false) { self.facts(record) } else { Facts::default() };
         (verdict, facts)
     }
@@ -222,6 +268,30 @@ impl Rule {
     /// What a partitioned rule's `fn list` says of a contact that passed `FILTER`: the name of
     /// its list, or `None` for no list.
     pub fn list_of(&self, engine: &Engine, fields: Dynamic, today: Date) -> Result<Option<String>, EvalError> {
+        self.list_on(engine, Contact::Owned(fields), today)
+    }
+
+    /// [`Rule::list_of`] on a record the caller keeps (read in place when judged natively).
+    pub fn list_of_record(
+        &self,
+        engine: &Engine,
+        record: &ContactRecord,
+        today: Date,
+    ) -> Result<Option<String>, EvalError> {
+        self.list_on(engine, record.contact(), today)
+    }
+
+    fn list_on(&self, engine: &Engine, contact: Contact<'_>, today: Date) -> Result<Option<String>, EvalError> {
+        if let Some(native) = self.native_now()
+            && let Ok(named) = native.list(contact.view(), today.0)
+        {
+            return self.shadowed(native, contact, named, |f| self.rhai_list(engine, f, today));
+        }
+        self.rhai_list(engine, contact.into_full(), today)
+    }
+
+    /// `fn list` through Rhai, whatever engine the rule runs on (the shadow check, the differential test).
+    pub fn rhai_list(&self, engine: &Engine, fields: Dynamic, today: Date) -> Result<Option<String>, EvalError> {
         let named = self.call(engine, "list", fields, today)?;
         if named.is_unit() {
             return Ok(None);

@@ -47,6 +47,14 @@ impl FilterTerm {
         }
     }
 
+    /// The contact's top-level field this term reads.
+    pub fn top_field(&self) -> &str {
+        match self {
+            Self::Standard { field, .. } => field,
+            Self::Custom { .. } | Self::Before { .. } => "customFields",
+        }
+    }
+
     /// `f` on the value of the field this term reads (`None` when the record lacks it), read in
     /// place: a verdict copies nothing.
     fn with_field<T>(&self, record: &Map, f: impl FnOnce(Option<&Dynamic>) -> T) -> Result<T, String> {

@@ -107,7 +107,7 @@ pub fn run(engine: &Engine, rule: &Rule) -> Result<TestReport, Diagnostic> {
         // What the rule says: a verdict, or for a rule with `fn list` the list it names.
         let actual: Result<Option<String>, _> = if rule.is_partitioned() {
             match rule.filter_verdict(&contact) {
-                Ok(true) => rule.list_of(engine, contact.fields.clone(), Date(today)),
+                Ok(true) => rule.list_of(engine, contact.full().into_owned(), Date(today)),
                 Ok(false) => Ok(None),
                 Err(e) => Err(e),
             }

@@ -1,10 +1,11 @@
-//! Native evaluation of `matches`: the shapes [`derive`](super::derive) reads, compiled once into
-//! a small tree and judged on the parsed record without a Rhai call.
+//! Native evaluation of `matches` (or of a partitioned rule's `fn list`): the shapes
+//! [`derive`](super::derive) reads, compiled once into a small tree and judged on the parsed record
+//! without a Rhai call.
 //!
 //! What compiles: a body of `let` statements, `if … { return false; }` guards and one final
 //! expression (or `return`), built from the contact's fields (`contact.a.b`, `….get("x")`),
-//! `let` names, constants, `??`, `==` `!=` `<` `<=` `>` `>=`, `!`, `&&`, `||`, and `days_since`,
-//! `days_until`, `date`, `today`. Anything else keeps the Rhai path, unchanged.
+//! `let` names, constants, `??`, `==` `!=` `<` `<=` `>` `>=`, `!`, `&&`, `||`, `+` on two texts,
+//! and `days_since`, `days_until`, `date`, `today`. Anything else keeps the Rhai path, unchanged.
 //!
 //! **The same verdict, error-ness included, by construction where it matters.** A record is judged
 //! natively only along paths whose Rhai meaning is plain: numbers with numbers (integers and
@@ -45,9 +46,19 @@ const MAX_LOCALS: usize = 8;
 /// One record in this many is judged by both engines in production (the shadow check).
 pub const SHADOW_EVERY: u64 = 1000;
 
-/// A compiled `matches`.
+/// Which function a [`Native`] stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Function {
+    /// `fn matches(contact)`: true or false.
+    Matches,
+    /// A partitioned rule's `fn list(contact)`: a list name, or `()` for no list.
+    List,
+}
+
+/// A compiled `matches` or `list`.
 #[derive(Debug)]
 pub struct Native {
+    pub function: Function,
     steps: Vec<Step>,
     result: Node,
     tz: Tz,
@@ -76,6 +87,8 @@ enum Node {
     Local(usize),
     Coalesce(Vec<Node>),
     Cmp(Op, Box<Node>, Box<Node>),
+    /// `+`, judged natively only on two texts (their concatenation).
+    Concat(Box<Node>, Box<Node>),
     Not(Box<Node>),
     And(Vec<Node>),
     Or(Vec<Node>),
@@ -140,7 +153,12 @@ impl Val {
 /// Compiles `matches` from the whole script as [`rhai::Engine::compact_script`] writes it, or
 /// says why it stays on Rhai.
 pub fn compile(rule: &str, compact: &str, tz: Tz) -> Result<Native, String> {
-    let (param, body) = super::derive::matches_body(compact)?;
+    let function = if compact.contains("fn list(") { Function::List } else { Function::Matches };
+    let name = match function {
+        Function::Matches => "matches",
+        Function::List => "list",
+    };
+    let (param, body) = super::derive::fn_body(compact, name)?;
     // The body alone, parsed for its shape only (never run): an engine with nothing registered
     // and no optimisation, so the tree is the text as written.
     let mut engine = rhai::Engine::new_raw();
@@ -148,7 +166,7 @@ pub fn compile(rule: &str, compact: &str, tz: Tz) -> Result<Native, String> {
     let ast = engine.compile(body).map_err(|e| format!("matches does not parse alone: {e}"))?;
     let mut compiler = Compiler { param, locals: Vec::new() };
     let statements = ast.statements();
-    let Some((last, before)) = statements.split_last() else { return Err("matches is empty".into()) };
+    let Some((last, before)) = statements.split_last() else { return Err(format!("{name} is empty")) };
     let mut steps = Vec::new();
     for statement in before {
         steps.push(compiler.step(statement)?);
@@ -157,10 +175,11 @@ pub fn compile(rule: &str, compact: &str, tz: Tz) -> Result<Native, String> {
         Stmt::Expr(e) => compiler.expr(e)?,
         Stmt::FnCall(call, _) => compiler.call(call)?,
         Stmt::Return(Some(e), ..) => compiler.expr(e)?,
-        _ => return Err("matches does not end with an expression".into()),
+        _ => return Err(format!("{name} does not end with an expression")),
     };
     let wrong = crate::fault::native_wrong(rule);
     Ok(Native {
+        function,
         steps,
         result,
         tz,
@@ -263,6 +282,7 @@ impl Compiler<'_> {
         Ok(match (call.name.as_str(), args.len(), op) {
             (_, _, Some(op)) if call.is_operator_call() => Node::Cmp(op, arg(0)?, arg(1)?),
             ("!", 1, _) if call.is_operator_call() => Node::Not(arg(0)?),
+            ("+", 2, _) if call.is_operator_call() => Node::Concat(arg(0)?, arg(1)?),
             ("days_since", 1, _) => Node::DaysSince(arg(0)?),
             ("days_until", 1, _) => Node::DaysUntil(arg(0)?),
             ("date", 1, _) => Node::Date(arg(0)?),
@@ -333,24 +353,77 @@ fn compare(op: Op, a: &Val, b: &Val) -> Result<Val, Defer> {
     }))
 }
 
+/// Where a native body ended: a guard returned `false`, or the final expression's value.
+enum End {
+    GuardFalse,
+    Value(Val),
+}
+
 impl Native {
     /// `matches` on `contact`, natively: the verdict, or [`Defer`] when Rhai must judge it.
     pub fn judge(&self, contact: &Dynamic, today: NaiveDate) -> Result<bool, Defer> {
+        if self.function != Function::Matches {
+            return Err(Defer);
+        }
+        match self.run(contact, today)? {
+            End::GuardFalse => Ok(self.wrong),
+            End::Value(Val::Bool(b)) => Ok(b != self.wrong),
+            End::Value(_) => Err(Defer),
+        }
+    }
+
+    /// `fn list` on `contact`, natively: the list's name (trimmed, as Rhai's path trims it), or
+    /// `None` for `()`; [`Defer`] for anything Rhai would refuse or judge otherwise.
+    pub fn list(&self, contact: &Dynamic, today: NaiveDate) -> Result<Option<String>, Defer> {
+        if self.function != Function::List {
+            return Err(Defer);
+        }
+        let named = match self.run(contact, today)? {
+            End::Value(Val::Unit) => None,
+            End::Value(Val::Str(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+            _ => return Err(Defer),
+        };
+        // The `native-wrong` test fault: a contact its list would hold is put in none.
+        Ok(named.filter(|_| !self.wrong))
+    }
+
+    /// The contact's top-level fields this body reads; `None` when it reads the contact itself.
+    pub fn top_fields(&self) -> Option<Vec<String>> {
+        fn visit(node: &Node, out: &mut Vec<String>) -> bool {
+            match node {
+                Node::Field(segs) => match segs.first() {
+                    Some(Seg::Prop(name) | Seg::Get(name)) => {
+                        out.push(name.to_string());
+                        true
+                    }
+                    None => false,
+                },
+                Node::Lit(_) | Node::Local(_) | Node::Today => true,
+                Node::Coalesce(parts) | Node::And(parts) | Node::Or(parts) => parts.iter().all(|p| visit(p, out)),
+                Node::Cmp(_, a, b) | Node::Concat(a, b) => visit(a, out) && visit(b, out),
+                Node::Not(a) | Node::DaysSince(a) | Node::DaysUntil(a) | Node::Date(a) => visit(a, out),
+            }
+        }
+        let mut out = Vec::new();
+        let steps = self.steps.iter().map(|s| match s {
+            Step::Let(_, node) | Step::Guard(node) => node,
+        });
+        steps.chain([&self.result]).all(|node| visit(node, &mut out)).then_some(out)
+    }
+
+    fn run(&self, contact: &Dynamic, today: NaiveDate) -> Result<End, Defer> {
         let mut locals: [Val; MAX_LOCALS] = Default::default();
         for step in &self.steps {
             match step {
                 Step::Let(slot, node) => locals[*slot] = self.value(node, contact, &locals, today)?,
                 Step::Guard(node) => match self.value(node, contact, &locals, today)? {
-                    Val::Bool(true) => return Ok(self.wrong),
+                    Val::Bool(true) => return Ok(End::GuardFalse),
                     Val::Bool(false) => {}
                     _ => return Err(Defer),
                 },
             }
         }
-        match self.value(&self.result, contact, &locals, today)? {
-            Val::Bool(b) => Ok(b != self.wrong),
-            _ => Err(Defer),
-        }
+        Ok(End::Value(self.value(&self.result, contact, &locals, today)?))
     }
 
     fn value(&self, node: &Node, contact: &Dynamic, locals: &[Val], today: NaiveDate) -> Result<Val, Defer> {
@@ -374,6 +447,10 @@ impl Native {
                 value(last)?
             }
             Node::Cmp(op, a, b) => compare(*op, &value(a)?, &value(b)?)?,
+            Node::Concat(a, b) => match (value(a)?, value(b)?) {
+                (Val::Str(x), Val::Str(y)) => Val::Str(format!("{x}{y}").into()),
+                _ => return Err(Defer),
+            },
             Node::Not(a) => Val::Bool(!truth(a)?),
             Node::And(parts) => {
                 for part in parts {

@@ -140,8 +140,11 @@ impl Rule {
             lacking |= !*present;
         }
         if lacking && seen.names.len() < NAMES_SAMPLED {
+            // Every field name, not only those a narrowed record kept: they are the suggestions.
+            let full = record.full();
+            let Some(map) = full.read_lock::<Map>() else { return };
             seen.names.extend(map.keys().map(|k| k.to_string()));
-            if let Some(c) = &custom {
+            if let Some(c) = map.get("customFields").and_then(|c| c.read_lock::<Map>()) {
                 seen.names.extend(c.keys().map(|k| k.to_string()));
             }
         }

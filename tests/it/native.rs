@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use segsync::contact::ContactRecord;
+use segsync::contact::{ContactRecord, Keep, parse_keeping};
 use segsync::rules::{Date, Rule};
 
 /// `matches` bodies the native evaluator compiles: the shipped and benchmark rules' shapes and
@@ -166,6 +166,15 @@ fn record() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
+/// `json` parsed as a read judged by `rule` alone parses it: only the fields the rule reads.
+fn narrowed(rule: &Rule, json: &serde_json::Value) -> ContactRecord {
+    let keep = Arc::new(Keep::new(rule.reads().expect("a native rule reads named fields")));
+    let record: ContactRecord =
+        parse_keeping(Some(&keep), || serde_json::from_str(&json.to_string())).expect("a contact");
+    assert!(record.is_narrowed());
+    record
+}
+
 /// How many cases the test runs: each one rule, in one zone, on one day, on one generated record.
 const CASES: u32 = 100_000;
 
@@ -185,9 +194,10 @@ fn native_verdicts_equal_rhai_on_generated_records() {
             let rule = &rules[rule];
             let today =
                 Date(chrono::NaiveDate::from_ymd_opt(2026, 12, 1).expect("date") + chrono::Duration::days(shift));
-            let record: ContactRecord = serde_json::from_value(json.clone()).expect("a contact");
-            let native = rule.native.as_ref().expect("native").judge(&record.fields, today.0);
-            let rhai = rule.rhai_matches(engine, record.fields, today);
+            // Natively on the record as a read of this rule narrows it; Rhai on every field.
+            let narrowed = narrowed(rule, &json);
+            let native = rule.native.as_ref().expect("native").judge(narrowed.contact().view(), today.0);
+            let rhai = rule.rhai_matches(engine, narrowed.into_full(), today);
             let mut counts = counts.borrow_mut();
             match (native, &rhai) {
                 (Ok(verdict), Ok(expected)) => {
@@ -214,6 +224,58 @@ fn native_verdicts_equal_rhai_on_generated_records() {
     assert!(deferred_err > deferred_ok, "native {native}, deferred {deferred_ok} (ok) + {deferred_err} (errors)");
 }
 
+/// `fn list` bodies the native evaluator compiles (a partitioned rule names each contact's list).
+const NATIVE_LISTS: [&str; 5] = [
+    "\"Region - \" + contact.region",
+    "contact.region",
+    "contact.customFields.get(\"preferredChannel\")",
+    "let channel = contact.customFields.get(\"preferredChannel\") ?? \"none\";\n    \"Channel \" + channel",
+    "if contact.region == () {\n        return false;\n    }\n    \"  \" + contact.region + \" \"",
+];
+
+// A partitioned rule's `fn list`, natively: the same list name (or none) as Rhai's on every
+// generated record, Rhai's errors never answered, and most cases answered natively.
+#[test]
+fn native_lists_equal_rhai_on_generated_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = segsync::rules::engine::build(chrono_tz::Europe::Rome);
+    let rules: Vec<Rule> = NATIVE_LISTS
+        .iter()
+        .enumerate()
+        .map(|(i, body)| {
+            let path = dir.path().join(format!("p{i}.rhai"));
+            std::fs::write(&path, format!("fn list(contact) {{\n    {body}\n}}\n")).expect("rule");
+            let rule = segsync::rules::load_file(&engine, &path).expect("loads");
+            assert!(rule.native.is_ok(), "{body} compiles natively: {:?}", rule.native);
+            rule
+        })
+        .collect();
+    let today = Date(chrono::NaiveDate::from_ymd_opt(2026, 12, 1).expect("date"));
+    let mut runner = TestRunner::new(Config { cases: 20_000, failure_persistence: None, ..Config::default() });
+    let counts = std::cell::RefCell::new([0u64; 2]);
+    runner
+        .run(&(record(), 0usize..rules.len()), |(json, rule)| {
+            let rule = &rules[rule];
+            let narrowed = narrowed(rule, &json);
+            let native = rule.native.as_ref().expect("native").list(narrowed.contact().view(), today.0);
+            let rhai = rule.rhai_list(&engine, narrowed.into_full(), today);
+            match (native, &rhai) {
+                (Ok(named), Ok(expected)) => {
+                    prop_assert_eq!(&named, expected, "{} on {}", rule.name, json);
+                    counts.borrow_mut()[0] += 1;
+                }
+                (Ok(named), Err(e)) => {
+                    prop_assert!(false, "{} answered {:?} where Rhai errs ({}) on {}", rule.name, named, e, json)
+                }
+                (Err(_), _) => counts.borrow_mut()[1] += 1,
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let [native, deferred] = *counts.borrow();
+    assert!(native * 10 > (native + deferred) * 6, "native {native}, deferred {deferred}");
+}
+
 // Rules outside the recognised shapes stay on Rhai and say why; `[rules] native = false` would run
 // every rule on Rhai (the escape hatch), which `engine_name` reports.
 #[test]
@@ -238,7 +300,7 @@ fn unrecognised_rules_keep_the_rhai_path() {
         let record: ContactRecord =
             serde_json::from_str(r#"{"id":"c1","region":"Veneto","customFields":{"totalSpent":20.0}}"#).expect("json");
         let today = Date(chrono::NaiveDate::from_ymd_opt(2026, 12, 1).expect("date"));
-        assert_eq!(rule.call_matches(&engine, record.fields.clone(), today), Ok(true), "{body}");
+        assert_eq!(rule.call_matches(&engine, record.full().into_owned(), today), Ok(true), "{body}");
     }
 }
 
