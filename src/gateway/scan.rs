@@ -8,7 +8,6 @@
 //! (a server that ignores the offset). A read that fails a check is an error, never a silent
 //! partial result, so nothing downstream can decide anything on it.
 
-use std::collections::HashSet;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
@@ -103,8 +102,10 @@ struct PageWire<T> {
 /// collision (about 1 in 10^7 per million-record read, new keys every read) only drops a
 /// duplicate-looking record from this one read, which can never remove anything.
 struct Seen {
+    /// SipHash, keyed per read: a record's 64-bit fingerprint.
     hasher: RandomState,
-    ids: std::sync::Mutex<HashSet<u64>>,
+    /// The fingerprints seen (already well mixed, so the set's own hash is the cheap one).
+    ids: std::sync::Mutex<hashbrown::HashSet<u64>>,
 }
 
 impl Seen {
@@ -255,7 +256,7 @@ impl Gateway {
         tx: &mpsc::Sender<Result<Page<R>, GatewayError>>,
     ) {
         let mut paging = self.paging(req.resource);
-        let seen = Arc::new(Seen { hasher: RandomState::new(), ids: std::sync::Mutex::new(HashSet::new()) });
+        let seen = Arc::new(Seen { hasher: RandomState::new(), ids: std::sync::Mutex::new(hashbrown::HashSet::new()) });
         let first = self.first_page(&req, &mut paging, &seen, work).await;
         let mut read = Read::new(req.op, u64::from(paging.page_size));
         let stop_at = req.sample.unwrap_or(u64::MAX);

@@ -85,7 +85,7 @@ impl FilterTerm {
 
     /// Adds one to `tally`'s count of the field's value on `record`, allocating only for a value
     /// not tallied yet (`value_of` text).
-    pub fn tally(&self, record: &Map, tally: &mut std::collections::HashMap<String, u64>) {
+    pub fn tally(&self, record: &Map, tally: &mut hashbrown::HashMap<String, u64>) {
         let counted = self.with_field(record, |v| {
             let text = v.and_then(|v| v.read_lock::<rhai::ImmutableString>());
             let count = text.and_then(|t| tally.get_mut(t.as_str()));

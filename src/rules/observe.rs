@@ -6,7 +6,10 @@
 //! The cost stays near nothing: a field is looked up only until one contact of the page has it, and
 //! a filter term's values are tallied only until one contact of the page passes it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Tallies are hashed with foldhash (hashbrown's default): one lookup per contact judged.
+type HashMap<K, V> = hashbrown::HashMap<K, V>;
 
 use rhai::Map;
 
