@@ -92,7 +92,7 @@ pub async fn members(
 
 /// What a read judged by `rules` (each with the derived filter it counts) keeps of each contact:
 /// the fields they read, when every one is judged natively; else every field (`None`).
-fn keep<'a>(rules: impl IntoIterator<Item = (&'a Rule, &'a [FilterTerm])>) -> Option<Arc<Keep>> {
+pub(super) fn keep<'a>(rules: impl IntoIterator<Item = (&'a Rule, &'a [FilterTerm])>) -> Option<Arc<Keep>> {
     let mut names = Vec::new();
     for (rule, derived) in rules {
         names.extend(rule.reads()?);

@@ -81,12 +81,14 @@ impl Reconciler {
             .and_then(|r| r.map_err(|e| e.to_string()))
             .map_err(|e| format!("its lists could not be recalled: {e}"))?;
         let (engine, work_rule) = (self.engine.clone(), rule.clone());
-        let query = ScanQuery { filters: rule.filter_query(), ..ScanQuery::default() };
+        // A native `fn list` reads only its fields: the records keep only those.
+        let keep = super::judge::keep([(&**rule, &[][..])]);
+        let query = ScanQuery { filters: rule.filter_query(), keep, ..ScanQuery::default() };
         let scan = self.gateway.metered(meter.clone()).scan_with(&query, move |records: Vec<ContactRecord>| {
             let mut named: BTreeMap<String, u64> = BTreeMap::new();
             for record in records.into_iter().filter(|r| work_rule.passes_filter(r)) {
                 // A contact `fn list` cannot judge names no list here; its list's run counts the error.
-                if let Ok(Some(list)) = work_rule.list_of(&engine, record.into_full(), today) {
+                if let Ok(Some(list)) = work_rule.list_of_record(&engine, &record, today) {
                     *named.entry(list).or_default() += 1;
                 }
             }
