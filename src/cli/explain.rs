@@ -79,12 +79,17 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, 
         say!("reads     {path} = {value}");
     }
     let by = match rule.native.as_ref() {
-        Ok(native) if rule.engine_name() == "native" => match native.judge(&contact.full(), today.0) {
-            Ok(_) => "native".to_owned(),
-            Err(_) => "rhai (the native evaluator leaves this record to Rhai: Rhai errs on it, or a value is of a \
-                       type it does not judge)"
-                .to_owned(),
-        },
+        // `matches`, or a partitioned rule's `fn list`: whichever the rule has answers natively.
+        Ok(native) if rule.engine_name() == "native" => {
+            let full = contact.full();
+            if native.judge(&full, today.0).is_ok() || native.list(&full, today.0).is_ok() {
+                "native".to_owned()
+            } else {
+                "rhai (the native evaluator leaves this record to Rhai: Rhai errs on it, or a value is of a type it \
+                 does not judge)"
+                    .to_owned()
+            }
+        }
         _ => rule.engine_name(),
     };
     say!("engine    {by}");

@@ -357,6 +357,43 @@ async fn the_shadow_check_catches_a_wrong_native_verdict_and_nothing_changes() {
     sandbox.shutdown().await;
 }
 
+// A partitioned rule's native `fn list` is shadow-checked as `matches` is: a wrong answer is one
+// ERROR and the run creates and fills nothing; `plan` and `explain` say the rule is judged natively;
+// a correct run fills one list per region with exactly that region's contacts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_fn_list_is_shadow_checked_and_explained() {
+    let sandbox = crate::support::start(crate::support::sandbox_config(2_000)).await;
+    let geo = "fn list(contact) {\n    \"Region - \" + contact.region\n}\n";
+    let (_dir, config) = crate::support::rules_folder(&sandbox.base_url(), &[("geo", geo)], "");
+    let region_lists = || lists(&sandbox).into_iter().filter(|(name, _)| name.starts_with("Region - ")).count();
+
+    let (code, out) = segsync_with(&["sync", "geo"], &config, &[("SEGSYNC_FAULT", "native-wrong:geo")]).await;
+    assert_eq!(code, 1, "{out}");
+    let differs = out.lines().filter(|l| l.contains("\"native verdict differs\"")).count();
+    assert_eq!(differs, 1, "one ERROR, not one per contact: {out}");
+    assert_eq!(region_lists(), 0, "no list was created or filled on answers judged before the catch");
+
+    let (code, out) = segsync_with(&["plan", "geo"], &config, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("judged by native"), "{out}");
+    let contact = crate::support::ids_where(&sandbox, |c| c.region.is_some()).remove(0);
+    let (code, out) = segsync_with(&["explain", "geo", &contact], &config, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().any(|l| l.starts_with("engine") && l.trim_end().ends_with("native")), "{out}");
+
+    let (code, out) = segsync_with(&["sync", "geo"], &config, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("native verdict differs"), "{out}");
+    let filled = lists(&sandbox);
+    assert!(region_lists() > 5, "{:?}", filled.keys());
+    for (name, members) in filled.iter().filter(|(name, _)| name.starts_with("Region - ")) {
+        let region = name.trim_start_matches("Region - ").to_owned();
+        let expected = crate::support::ids_where(&sandbox, |c| c.region.as_deref() == Some(region.as_str()));
+        assert_eq!(members, &expected, "{name} holds exactly that region's contacts");
+    }
+    sandbox.shutdown().await;
+}
+
 /// Every list on `sandbox` by name, with its members' ids (sorted).
 fn lists(sandbox: &segsync_sandbox::Sandbox) -> std::collections::BTreeMap<String, Vec<String>> {
     sandbox.with_store(|s| {
