@@ -344,7 +344,10 @@ async fn run(s: &Scenario) {
         Change::HandEdits => "after hand edits",
     };
     let mut edits = None;
-    for (index, pass) in ["first sync", second, "no change"].into_iter().enumerate() {
+    // `SEGSYNC_BENCH_PASSES=2` stops before the no-change pass: two callgrind runs, with and
+    // without it, count that pass's instructions alone.
+    let passes = std::env::var("SEGSYNC_BENCH_PASSES").ok().and_then(|n| n.parse().ok()).unwrap_or(3);
+    for (index, pass) in ["first sync", second, "no change"].into_iter().enumerate().take(passes) {
         if index == 1 {
             match s.change {
                 Change::Churn => {
