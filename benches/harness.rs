@@ -357,6 +357,13 @@ async fn run(s: &Scenario) {
                 Change::HandEdits => edits = Some(edit_by_hand(&sandbox.base_url).await),
             }
         }
+        // `SEGSYNC_BENCH_IDLE_SECS`: an idle gap before each later pass, as a daemon has between
+        // runs (tokio lets an idle blocking thread go after 10 s, and its allocator heap with it).
+        if index > 0
+            && let Some(idle) = std::env::var("SEGSYNC_BENCH_IDLE_SECS").ok().and_then(|n| n.parse().ok())
+        {
+            tokio::time::sleep(Duration::from_secs(idle)).await;
+        }
         // On a rate-limited plan each pass starts with a fresh minute window, so its wall time can be
         // compared with the least time the windows allow from nothing.
         if index > 0 && s.plan.limits().is_some() {
