@@ -9,6 +9,7 @@ use rhai::Engine;
 use tokio_util::sync::CancellationToken;
 
 use super::ReconcileError;
+use super::partition::{Named, Unfolding};
 use super::plan::Evaluation;
 use crate::contact::{ContactRecord, Keep};
 use crate::gateway::{Gateway, Scan, ScanQuery};
@@ -157,22 +158,29 @@ pub struct Found {
     pub cached: Vec<Option<CachedSeen>>,
     /// Per target: non-members passing its FILTER and derived filter (the size of its own read).
     pub in_filter: Vec<u64>,
+    /// Per unfolding partitioned rule: the lists its contacts name that it has no part for yet.
+    pub named: Vec<Named>,
     pub total: u64,
 }
 
 /// Reads `query` once and evaluates every target on each contact (converted once): members of a
-/// cached list as members, everyone else as a candidate.
+/// cached list as members, everyone else as a candidate. For each `unfolding` partitioned rule,
+/// counts the lists its contacts (those passing its FILTER) name that it has no part for.
 pub async fn candidates(
     cancel: &CancellationToken,
     gw: &Gateway,
     engine: &Arc<Engine>,
     query: &ScanQuery,
     targets: Vec<Target>,
+    unfolding: &[Unfolding],
     today: Date,
 ) -> Result<Found, ReconcileError> {
     let n = targets.len();
-    let query = &ScanQuery { keep: keep(targets.iter().map(|t| (&*t.rule, &t.derived[..]))), ..query.clone() };
+    let reading = targets.iter().map(|t| (&*t.rule, &t.derived[..]));
+    let keep = keep(reading.chain(unfolding.iter().map(|u| (&*u.parent, &[][..]))));
+    let query = &ScanQuery { keep, ..query.clone() };
     let targets = Arc::new(targets);
+    let unfolding = Arc::new(unfolding.to_vec());
     let mut out = Found {
         per_target: vec![Evaluation::default(); n],
         cached: targets
@@ -186,11 +194,13 @@ pub async fn candidates(
             })
             .collect(),
         in_filter: vec![0; n],
+        named: vec![Named::default(); unfolding.len()],
         total: 0,
     };
-    let (engine, work_targets) = (engine.clone(), targets.clone());
+    let (engine, work_targets, work_unfolding) = (engine.clone(), targets.clone(), unfolding.clone());
     let scan = gw.scan_with(query, move |records: Vec<ContactRecord>| {
         let targets = &work_targets;
+        let mut new_lists = vec![Named::default(); work_unfolding.len()];
         let mut parts = vec![Evaluation::default(); targets.len()];
         let mut cached: Vec<Option<PageSeen>> = targets.iter().map(|t| t.cached.then(PageSeen::default)).collect();
         let mut in_filter = vec![0u64; targets.len()];
@@ -227,6 +237,19 @@ pub async fn candidates(
             }
             // A rule read by Rhai copies the contact, except the last, which takes the record itself.
             named.clear();
+            // Which list each unfolding rule's `fn list` names (shared with its parts below).
+            for (u, new) in work_unfolding.iter().zip(&mut new_lists) {
+                if !u.parent.passes_filter(&record) {
+                    continue;
+                }
+                let listed = u.parent.list_of_record(&engine, &record, today);
+                if let Ok(Some(list)) = &listed
+                    && !u.known.contains(list)
+                {
+                    new.add(list, 1, u.max);
+                }
+                named.push((u.parent.name.clone(), listed));
+            }
             for (k, (i, member)) in due.iter().enumerate() {
                 let (i, last) = (*i, k + 1 == due.len());
                 let rule = &targets[i].rule;
@@ -263,9 +286,12 @@ pub async fn candidates(
                 }
             }
         }
-        (parts, cached, in_filter)
+        (parts, cached, in_filter, new_lists)
     });
-    out.total = fold_pages(scan, cancel, |(parts, cached, in_filter)| {
+    out.total = fold_pages(scan, cancel, |(parts, cached, in_filter, new_lists)| {
+        for ((all, new), u) in out.named.iter_mut().zip(new_lists).zip(unfolding.iter()) {
+            all.merge(new, u.max);
+        }
         for (i, (part, seen)) in parts.into_iter().zip(cached).enumerate() {
             out.per_target[i].merge(part);
             if let (Some(all), Some(seen)) = (out.cached[i].as_mut(), seen) {

@@ -12,6 +12,9 @@
 //!
 //! A rule that stops at any stage carries a `Stopped` to `commit` instead; one rule's failure never
 //! stops another's. No stage writes the state before `commit`.
+//!
+//! Stages 1–8 are one `round`. A pass has a second round only when a partitioned rule's contacts
+//! name lists it has no part for yet (`partition::unfold`, between `read` and `settle`).
 
 mod apply;
 mod bind;
@@ -404,48 +407,20 @@ impl Reconciler {
         suppressing_all
             .extend(suppressing.iter().filter(|r| !req.suppressors.iter().any(|s| s.name == r.name)).cloned());
         let suppressors = self.suppressors(&suppressing_all, today, &partition_meter).await;
-        let memory = self.recall(&rules).await;
-        let contacts = memory.contacts;
-        let jobs = self.jobs(&rules, memory.rules);
-        let (directory_meter, shared_meter) = (Arc::new(Meter::default()), Arc::new(Meter::default()));
-        let mut meters: Vec<Arc<Meter>> =
-            jobs.iter().map(|j| j.as_ref().map_or_else(|s| s.meter(), |j| j.meter.clone())).collect();
-        meters.extend([directory_meter.clone(), shared_meter.clone(), partition_meter]);
-        let (predicted, estimated) = cost::predict(&jobs, contacts, self.page(), today);
-        let reporter = progress::Reporter::start(
-            req.trigger,
-            rules.len(),
-            predicted.as_str(),
-            estimated,
-            estimated.and_then(|n| self.gateway.least_time(n)),
-            meters.clone(),
-            req.progress.clone(),
-        );
-
-        let directory = self.list_directory(&directory_meter).await;
-        let bound = join_all(jobs.into_iter().map(|job| self.bind(job, directory.as_deref()))).await;
-        let (read, members) = self.members(bound, directory.as_deref(), contacts, today).await;
-        let candidates = self.read(members, read, &shared_meter, today).await;
-        let judged = self.settle(candidates, today).await;
-        reporter.writing();
-        let shared_usage = shared_meter.usage();
-        let mut reports = join_all(judged.into_iter().map(|judged| async {
-            let run = (&req, read, &shared_usage, (started, started_at.as_str()));
-            let written = match judged {
-                Ok(judged) => {
-                    let mut suppression = suppress::for_rule(&suppressors, &judged.bound.job.rule);
-                    if let Some((name, why)) = req.broken_suppressors.first() {
-                        suppression.failed.get_or_insert_with(|| {
-                            format!("the suppression rule {name} does not load ({why}); nothing changed until it does")
-                        });
-                    }
-                    self.apply(self.plan(judged, &req, suppression).await, req.dry_run).await
-                }
-                Err(stopped) => Err(stopped),
-            };
-            self.commit(written, run).await
-        }))
-        .await;
+        let pass = Pass { req: &req, suppressors: &suppressors, today, started, started_at: &started_at };
+        let mut reporter = None;
+        let first = self.round(&pass, rules, &partitioned.unfolding, &partition_meter, &mut reporter).await;
+        let (mut reports, read, mut usage) = (first.reports, first.read, first.usage);
+        let mut refused = partitioned.refused;
+        refused.extend(first.refused);
+        // The lists unfolding rules' contacts named that they had no part for: a second round,
+        // so a contact moving to a new value joins its new list in the same pass.
+        if !first.unfolded.is_empty() {
+            let second = self.round(&pass, first.unfolded, &[], &partition_meter, &mut reporter).await;
+            reports.extend(second.reports);
+            usage.absorb(&second.usage);
+        }
+        usage.absorb(&partition_meter.usage());
         // A suppression rule the pass ran: what it selected.
         for s in suppressors.iter().filter(|s| suppressing.iter().any(|r| r.name == s.rule.name)) {
             let report = suppress::report(s);
@@ -453,7 +428,7 @@ impl Reconciler {
             reports.push(report);
         }
         // A partitioned rule's run, as its file: refused whole, or the summary of its lists.
-        for report in partitioned.refused {
+        for report in refused {
             self.record_alone(&report, req.trigger, &started_at, req.dry_run).await;
             reports.push(report);
         }
@@ -471,10 +446,6 @@ impl Reconciler {
             self.prune_history().await;
         }
         drop(reporter);
-        let mut usage = shared_usage;
-        for meter in meters.iter().filter(|m| !Arc::ptr_eq(m, &shared_meter)) {
-            usage.absorb(&meter.usage());
-        }
         let report = PassReport { rules: reports, read, usage, duration: started.elapsed() };
         tracing::info!(
             trigger = %req.trigger,
@@ -489,6 +460,74 @@ impl Reconciler {
             "pass finished"
         );
         report
+    }
+
+    /// One round of a pass over `rules`: recall, bind, members, read, settle, then plan, apply and
+    /// commit each rule. The first round starts the pass's progress reporter; a second follows it.
+    async fn round(
+        &self,
+        pass: &Pass<'_>,
+        rules: Vec<Arc<Rule>>,
+        unfolding: &[partition::Unfolding],
+        partition_meter: &Arc<Meter>,
+        reporter: &mut Option<progress::Reporter>,
+    ) -> Round {
+        let (req, today) = (pass.req, pass.today);
+        let memory = self.recall(&rules).await;
+        let contacts = memory.contacts;
+        let jobs = self.jobs(&rules, memory.rules);
+        let (directory_meter, shared_meter) = (Arc::new(Meter::default()), Arc::new(Meter::default()));
+        let mut meters: Vec<Arc<Meter>> =
+            jobs.iter().map(|j| j.as_ref().map_or_else(|s| s.meter(), |j| j.meter.clone())).collect();
+        meters.extend([directory_meter.clone(), shared_meter.clone()]);
+        match reporter {
+            Some(reporter) => reporter.follow(meters.clone()),
+            None => {
+                let (predicted, estimated) = cost::predict(&jobs, contacts, self.page(), today);
+                *reporter = Some(progress::Reporter::start(
+                    req.trigger,
+                    rules.len(),
+                    predicted.as_str(),
+                    estimated,
+                    estimated.and_then(|n| self.gateway.least_time(n)),
+                    meters.iter().chain([partition_meter]).cloned().collect(),
+                    req.progress.clone(),
+                ));
+            }
+        }
+
+        let directory = self.list_directory(&directory_meter).await;
+        let bound = join_all(jobs.into_iter().map(|job| self.bind(job, directory.as_deref()))).await;
+        let (read, members) = self.members(bound, directory.as_deref(), contacts, today).await;
+        let (candidates, named) = self.read(members, read, unfolding, &shared_meter, today).await;
+        let (candidates, unfolded, refused) = partition::unfold(candidates, unfolding, named, req);
+        let judged = self.settle(candidates, today).await;
+        if let Some(reporter) = reporter {
+            reporter.writing();
+        }
+        let shared_usage = shared_meter.usage();
+        let reports = join_all(judged.into_iter().map(|judged| async {
+            let run = (req, read, &shared_usage, (pass.started, pass.started_at));
+            let written = match judged {
+                Ok(judged) => {
+                    let mut suppression = suppress::for_rule(pass.suppressors, &judged.bound.job.rule);
+                    if let Some((name, why)) = req.broken_suppressors.first() {
+                        suppression.failed.get_or_insert_with(|| {
+                            format!("the suppression rule {name} does not load ({why}); nothing changed until it does")
+                        });
+                    }
+                    self.apply(self.plan(judged, req, suppression).await, req.dry_run).await
+                }
+                Err(stopped) => Err(stopped),
+            };
+            self.commit(written, run).await
+        }))
+        .await;
+        let mut usage = shared_usage;
+        for meter in meters.iter().filter(|m| !Arc::ptr_eq(m, &shared_meter)) {
+            usage.absorb(&meter.usage());
+        }
+        Round { reports, read, usage, unfolded, refused }
     }
 
     /// The page size a contacts read is expected to take (for planning).
@@ -516,6 +555,27 @@ impl Reconciler {
             })
             .collect()
     }
+}
+
+/// What every round of one pass shares.
+struct Pass<'a> {
+    req: &'a PassRequest,
+    suppressors: &'a [suppress::Suppressor],
+    today: Date,
+    started: Instant,
+    started_at: &'a str,
+}
+
+/// What one round of a pass did.
+struct Round {
+    reports: Vec<RuleReport>,
+    read: ReadKind,
+    /// Its requests (the shared read counted once).
+    usage: Usage,
+    /// The parts for lists unfolding rules' contacts named: the next round's rules.
+    unfolded: Vec<Arc<Rule>>,
+    /// Unfolding rules that changed nothing (too many lists, a failed read), reported whole.
+    refused: Vec<RuleReport>,
 }
 
 /// One rule's run as it goes through the stages: the rule, its request meter and metered

@@ -3,8 +3,8 @@
 //! every 10 s while it reads and writes, and the same figures for a caller's sink every second
 //! (the systemd status line, a terminal's progress bar).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::Trigger;
@@ -39,6 +39,7 @@ const WRITING: u8 = 1;
 /// Watches a pass's meters until stopped.
 pub(super) struct Reporter {
     stage: Arc<AtomicU8>,
+    meters: Arc<Mutex<Vec<Arc<Meter>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -68,6 +69,8 @@ impl Reporter {
         );
         let stage = Arc::new(AtomicU8::new(READING));
         let watched = stage.clone();
+        let meters = Arc::new(Mutex::new(meters));
+        let watched_meters = meters.clone();
         let task = tokio::spawn(async move {
             let started = Instant::now();
             let mut last_log = Instant::now();
@@ -75,7 +78,7 @@ impl Reporter {
             loop {
                 tick.tick().await;
                 let mut usage = Usage::default();
-                for meter in &meters {
+                for meter in watched_meters.lock().unwrap_or_else(|p| p.into_inner()).iter() {
                     usage.absorb(&meter.usage());
                 }
                 let done = usage.total_requests();
@@ -109,12 +112,18 @@ impl Reporter {
                 }
             }
         });
-        Self { stage, task }
+        Self { stage, meters, task }
     }
 
     /// The reads are done; writes follow.
     pub(super) fn writing(&self) {
         self.stage.store(WRITING, Ordering::Relaxed);
+    }
+
+    /// A second round of the pass reads again; its requests count on `more`.
+    pub(super) fn follow(&self, more: Vec<Arc<Meter>>) {
+        self.meters.lock().unwrap_or_else(|p| p.into_inner()).extend(more);
+        self.stage.store(READING, Ordering::Relaxed);
     }
 }
 

@@ -8,11 +8,15 @@ use futures_util::future::join_all;
 
 use super::judge::{self, CachedSeen, Found, Target};
 use super::members::Members;
+use super::partition::{Named, Unfolding};
 use super::{Evaluation, Flow, MemberSource, ReadKind, ReconcileError, Reconciler, Stopped};
 use crate::gateway::{Meter, ScanQuery};
 use crate::ids::ContactIdSet;
 use crate::rules::{Date, Observed, Rule};
 use crate::state::Estimate;
+
+/// Per unfolding rule: the lists its contacts name that it has no part for, or why the read failed.
+pub(super) type NamedLists = Vec<Result<Named, String>>;
 
 /// A list's members and the candidates its rule matched.
 pub(super) struct Candidates {
@@ -28,14 +32,17 @@ pub(super) struct Candidates {
 }
 
 impl Reconciler {
-    /// Reads and judges the candidates of every rule with its members.
+    /// Reads and judges the candidates of every rule with its members, and the lists each
+    /// `unfolding` rule's contacts name that it has no part for: counted on the shared scan, or by
+    /// a read of the rule's FILTER when each rule reads its own (`Err`: that read failed).
     pub(super) async fn read(
         &self,
         members: Vec<Flow<Members>>,
         read: ReadKind,
+        unfolding: &[Unfolding],
         shared: &Arc<Meter>,
         today: Date,
-    ) -> Vec<Flow<Candidates>> {
+    ) -> (Vec<Flow<Candidates>>, NamedLists) {
         let mut live: Vec<Members> = Vec::new();
         let mut slots: Vec<Option<Box<Stopped>>> = Vec::with_capacity(members.len());
         for m in members {
@@ -50,22 +57,35 @@ impl Reconciler {
         // Members are shared with the judging threads, then handed back (no copy of big sets).
         let sets: Vec<Arc<ContactIdSet>> =
             live.iter_mut().map(|m| Arc::new(std::mem::take(&mut m.eval.members))).collect();
-        let found: Vec<Result<Found, Arc<ReconcileError>>> = match read {
+        let (found, named): (Vec<Result<Found, Arc<ReconcileError>>>, NamedLists) = match read {
             ReadKind::SharedScan => {
                 let targets = live.iter().zip(&sets).map(|(m, set)| target(m, set, today)).collect();
                 let (gw, query) = (self.gateway.metered(shared.clone()), ScanQuery::default());
-                let scan = judge::candidates(&self.cancel, &gw, &self.engine, &query, targets, today);
+                let scan = judge::candidates(&self.cancel, &gw, &self.engine, &query, targets, unfolding, today);
                 match scan.await {
-                    Ok(found) => split(found),
+                    Ok(mut found) => {
+                        let named = std::mem::take(&mut found.named).into_iter().map(Ok).collect();
+                        (split(found), named)
+                    }
                     Err(e) => {
+                        let failed = unfolding.iter().map(|_| Err(format!("the read failed: {e}"))).collect();
                         let e = Arc::new(e);
-                        live.iter().map(|_| Err(e.clone())).collect()
+                        (live.iter().map(|_| Err(e.clone())).collect(), failed)
                     }
                 }
             }
             ReadKind::OwnRead => {
                 let reads = live.iter().zip(&sets).map(|(m, set)| self.own_read(m, set, today));
-                join_all(reads).await.into_iter().map(|r| r.map_err(Arc::new)).collect()
+                let found = join_all(reads).await.into_iter().map(|r| r.map_err(Arc::new)).collect();
+                let names = unfolding.iter().map(|u| self.named_lists(&u.parent, u.max, today, shared));
+                let named = join_all(names).await.into_iter().zip(unfolding).map(|(named, u)| {
+                    named.map(|mut named| {
+                        named.lists.retain(|list, _| !u.known.contains(list));
+                        named
+                    })
+                });
+                let named = named.collect();
+                (found, named)
             }
         };
         for (m, set) in live.iter_mut().zip(sets) {
@@ -78,7 +98,9 @@ impl Reconciler {
                 Err(Box::new(Stopped { bound: members.bound, eval: members.eval, error }))
             }
         });
-        slots.into_iter().map(|slot| slot.map_or_else(|| judged.next().expect("one per live rule"), Err)).collect()
+        let judged =
+            slots.into_iter().map(|slot| slot.map_or_else(|| judged.next().expect("one per live rule"), Err)).collect();
+        (judged, named)
     }
 
     /// A rule's own read: its FILTER plus `notListIds` (when its list exists).
@@ -91,7 +113,7 @@ impl Reconciler {
         };
         let targets = vec![target(m, set, today)];
         let mut found =
-            judge::candidates(&self.cancel, &bound.job.gateway, &self.engine, &query, targets, today).await?;
+            judge::candidates(&self.cancel, &bound.job.gateway, &self.engine, &query, targets, &[], today).await?;
         let rule = &bound.job.rule;
         if let Some(candidates) = found.per_target.first_mut()
             && needs_filter_sample(rule, &m.eval, &candidates.observed)
@@ -126,7 +148,13 @@ fn split(found: Found) -> Vec<Result<Found, Arc<ReconcileError>>> {
         .zip(found.in_filter)
         .zip(found.cached)
         .map(|((part, in_filter), cached)| {
-            Ok(Found { per_target: vec![part], cached: vec![cached], in_filter: vec![in_filter], total })
+            Ok(Found {
+                per_target: vec![part],
+                cached: vec![cached],
+                in_filter: vec![in_filter],
+                named: Vec::new(),
+                total,
+            })
         })
         .collect()
 }

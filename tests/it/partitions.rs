@@ -41,6 +41,29 @@ fn in_region(sandbox: &Sandbox, region: &str) -> Vec<String> {
     support::ids_where(sandbox, |c: &Contact| c.region.as_deref() == Some(region))
 }
 
+/// Each region's list, as it stands.
+fn region_lists(sandbox: &Sandbox, regions: &[&str]) -> Vec<Option<Vec<String>>> {
+    regions.iter().map(|r| members(sandbox, &format!("Geo - {r}"))).collect()
+}
+
+/// Each region's list holds exactly that region's contacts.
+fn assert_lists_follow_regions(sandbox: &Sandbox, regions: &[&str]) {
+    for region in regions {
+        assert_eq!(members(sandbox, &format!("Geo - {region}")), Some(in_region(sandbox, region)), "{region}");
+    }
+}
+
+/// 2,000 contacts without churn, the geo rule's first sync (checked): the sandbox, the folder,
+/// its config and what the sync printed.
+async fn first_sync() -> (Sandbox, tempfile::TempDir, PathBuf, String) {
+    let sandbox = support::start(SandboxConfig { churn_per_minute: 0, ..support::sandbox_config(2_000) }).await;
+    let (dir, config) = setup(&sandbox, &geo_rule(&REGIONS, ""));
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 0, "{out}");
+    assert_lists_follow_regions(&sandbox, &REGIONS);
+    (sandbox, dir, config, out)
+}
+
 fn move_to(sandbox: &Sandbox, id: &str, region: &str) {
     sandbox.with_store(|s| s.update(id, |c| c.region = Some(region.into()))).expect("update");
 }
@@ -50,13 +73,7 @@ fn move_to(sandbox: &Sandbox, id: &str, region: &str) {
 // contact returns any more keeps its list, emptied under the mass-removal guard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_rule_fills_one_list_per_value_and_contacts_move() {
-    let sandbox = support::start(SandboxConfig { churn_per_minute: 0, ..support::sandbox_config(2_000) }).await;
-    let (dir, config) = setup(&sandbox, &geo_rule(&REGIONS, ""));
-    let (code, out) = segsync(&["sync"], &config).await;
-    assert_eq!(code, 0, "{out}");
-    for region in REGIONS {
-        assert_eq!(members(&sandbox, &format!("Geo - {region}")), Some(in_region(&sandbox, region)), "{region}");
-    }
+    let (sandbox, dir, config, out) = first_sync().await;
     assert!(out.contains("geo:Geo - Veneto → \"Geo - Veneto\""), "every output names the list: {out}");
 
     // Two moves: Lombardia → Veneto, and Veneto → a region with no list.
@@ -65,9 +82,7 @@ async fn one_rule_fills_one_list_per_value_and_contacts_move() {
     move_to(&sandbox, &leaver, "Lazio");
     let (code, out) = segsync(&["sync"], &config).await;
     assert_eq!(code, 0, "{out}");
-    for region in REGIONS {
-        assert_eq!(members(&sandbox, &format!("Geo - {region}")), Some(in_region(&sandbox, region)), "{region}");
-    }
+    assert_lists_follow_regions(&sandbox, &REGIONS);
     assert!(members(&sandbox, "Geo - Veneto").expect("list").contains(&mover), "joined the new list");
     assert!(!members(&sandbox, "Geo - Lombardia").expect("list").contains(&mover), "left the old one");
 
@@ -122,5 +137,53 @@ async fn more_lists_than_allowed_change_nothing() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("fn list names \"Geo - Veneto\", which is the LIST of rule veneto"), "{out}");
     assert!(members(&sandbox, "Geo - Lombardia").is_none(), "nothing changed");
+    sandbox.shutdown().await;
+}
+
+// A rule that filled lists before learns new ones from the pass's own read: a no-change sync
+// reads the contacts once, not once more to find its lists. A slip found on that read (a `fn
+// list` naming a list per contact, or a list another rule fills) still changes nothing before
+// any list is touched: no member leaves, none joins, no list is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_lists_learn_new_ones_from_the_pass_read() {
+    let (sandbox, dir, config, _) = first_sync().await;
+    let filled = region_lists(&sandbox, &REGIONS);
+
+    // No change: one read of every contact (20 pages of 100 and the one that ends it).
+    let before = sandbox.stats();
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(sandbox.stats().since(&before).count("GET /contacts"), 21, "one read: {out}");
+
+    // A mover and a typo in the same pass: the typo is found on the read, and nothing moves.
+    let mover = in_region(&sandbox, "Lombardia")[0].clone();
+    move_to(&sandbox, &mover, "Veneto");
+    std::fs::write(dir.path().join("rules/geo.rhai"), "fn list(c) { c.id }\n").expect("edit");
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("lists, more than MAX_LISTS 50"), "{out}");
+    assert_eq!(region_lists(&sandbox, &REGIONS), filled, "no list changed");
+    assert_eq!(sandbox.with_store(|s| s.lists().len()), 3, "no list was created");
+
+    // A new value whose list another rule fills: refused whole, the mover still where it was.
+    std::fs::write(
+        dir.path().join("rules/geo.rhai"),
+        geo_rule(&["Lombardia", "Veneto", "Emilia-Romagna", "Lazio"], ""),
+    )
+    .expect("edit");
+    std::fs::write(dir.path().join("rules/lazio.rhai"), "const LIST = \"Geo - Lazio\";\nfn matches(c) { false }\n")
+        .expect("rule");
+    move_to(&sandbox, &in_region(&sandbox, "Veneto")[1].clone(), "Lazio");
+    let (code, out) = segsync(&["sync", "geo"], &config).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("fn list names \"Geo - Lazio\", which is the LIST of rule lazio"), "{out}");
+    assert_eq!(region_lists(&sandbox, &REGIONS), filled, "no list changed");
+
+    // Without the other rule, the new list is created and filled in the same sync, and the mover moves.
+    std::fs::remove_file(dir.path().join("rules/lazio.rhai")).expect("remove");
+    let (code, out) = segsync(&["sync"], &config).await;
+    assert_eq!(code, 0, "{out}");
+    assert_lists_follow_regions(&sandbox, &["Lombardia", "Veneto", "Emilia-Romagna", "Lazio"]);
+    assert!(members(&sandbox, "Geo - Veneto").expect("list").contains(&mover), "joined the new list");
     sandbox.shutdown().await;
 }
