@@ -15,7 +15,7 @@ use crate::contact::{ContactRecord, Keep};
 use crate::gateway::{Gateway, Scan, ScanQuery};
 use crate::ids::RuleName;
 use crate::ids::{BitSet, ContactIdSet, ListId};
-use crate::rules::{Date, EvalError, FilterTerm, Lists, Mode, Observed, Rule};
+use crate::rules::{Date, EvalError, Facts, FilterTerm, Lists, Mode, Observed, Rule};
 
 /// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
 /// threads as they were parsed). Returns the server's last reported total.
@@ -197,9 +197,16 @@ pub async fn candidates(
         named: vec![Named::default(); unfolding.len()],
         total: 0,
     };
+    // Targets (and unfolding rules) with one FILTER, such as a partitioned rule's lists, judge it
+    // once per record: `filter_group[k]` is the first of them, whose verdict the others reuse.
+    let filters: Vec<&[FilterTerm]> =
+        targets.iter().map(|t| &t.rule.filter[..]).chain(unfolding.iter().map(|u| &u.parent.filter[..])).collect();
+    let filter_group: Vec<usize> =
+        filters.iter().map(|f| filters.iter().position(|g| g == f).unwrap_or_default()).collect();
     let (engine, work_targets, work_unfolding) = (engine.clone(), targets.clone(), unfolding.clone());
     let scan = gw.scan_with(query, move |records: Vec<ContactRecord>| {
         let targets = &work_targets;
+        let mut filtered: Vec<Option<bool>> = vec![None; filter_group.len()];
         let mut new_lists = vec![Named::default(); work_unfolding.len()];
         let mut parts = vec![Evaluation::default(); targets.len()];
         let mut cached: Vec<Option<PageSeen>> = targets.iter().map(|t| t.cached.then(PageSeen::default)).collect();
@@ -207,13 +214,16 @@ pub async fn candidates(
         // (target, cached member index) for each `matches` call this record needs.
         let mut due: Vec<(usize, Option<u32>)> = Vec::with_capacity(targets.len());
         // What each partitioned rule's `fn list` said of this record, by rule.
-        let mut named: Vec<(RuleName, Result<Option<String>, EvalError>)> = Vec::new();
+        let mut named: Vec<(&RuleName, Result<Option<String>, EvalError>)> = Vec::new();
         for mut record in records {
             due.clear();
+            filtered.fill(None);
+            let mut passes_filter =
+                |k: usize, rule: &Rule| *filtered[filter_group[k]].get_or_insert_with(|| rule.passes_filter(&record));
             for (i, target) in targets.iter().enumerate() {
                 let Some(index) = target.members.index_of(record.id.as_str()) else {
                     parts[i].evaluated += 1;
-                    let in_filter_now = target.rule.passes_filter(&record);
+                    let in_filter_now = passes_filter(i, &target.rule);
                     target.rule.observe(&record, in_filter_now, &mut parts[i].observed);
                     if in_filter_now {
                         if target.derived.is_empty() || record.map().is_some_and(|m| passes(&target.derived, &m)) {
@@ -238,8 +248,8 @@ pub async fn candidates(
             // A rule read by Rhai copies the contact, except the last, which takes the record itself.
             named.clear();
             // Which list each unfolding rule's `fn list` names (shared with its parts below).
-            for (u, new) in work_unfolding.iter().zip(&mut new_lists) {
-                if !u.parent.passes_filter(&record) {
+            for (k, (u, new)) in work_unfolding.iter().zip(&mut new_lists).enumerate() {
+                if !passes_filter(targets.len() + k, &u.parent) {
                     continue;
                 }
                 let listed = u.parent.list_of_record(&engine, &record, today);
@@ -248,32 +258,44 @@ pub async fn candidates(
                 {
                     new.add(list, 1, u.max);
                 }
-                named.push((u.parent.name.clone(), listed));
+                named.push((&u.parent.name, listed));
             }
             for (k, (i, member)) in due.iter().enumerate() {
                 let (i, last) = (*i, k + 1 == due.len());
                 let rule = &targets[i].rule;
+                // The lists of one partitioned rule share one `fn list` call per record, whether
+                // the record is a member of the list or a candidate.
+                let listed = match &rule.lists {
+                    Lists::Partition { parent } => {
+                        let at = named.iter().position(|(p, _)| *p == parent).unwrap_or_else(|| {
+                            named.push((parent, rule.list_of_record(&engine, &record, today)));
+                            named.len() - 1
+                        });
+                        Some(match &named[at].1 {
+                            Ok(listed) => Ok(listed.as_deref() == Some(rule.list.as_str())),
+                            Err(e) => Err(e.clone()),
+                        })
+                    }
+                    _ => None,
+                };
                 if let (Some(index), Some(seen)) = (member, cached[i].as_mut()) {
-                    let (verdict, facts) = rule.judge_member(&engine, &mut record, last, today);
+                    let (verdict, facts) = match listed {
+                        Some(verdict) => {
+                            let facts = if verdict == Ok(false) { rule.facts(&record) } else { Facts::default() };
+                            (verdict, facts)
+                        }
+                        None => rule.judge_member(&engine, &mut record, last, today),
+                    };
                     if verdict == Ok(true) {
                         seen.matched.push(*index);
                     }
                     seen.eval.member_verdict(rule, &record.id, verdict, &facts);
                     continue;
                 }
-                let verdict = if let Lists::Partition { parent } = &rule.lists {
-                    // The lists of one partitioned rule share one `fn list` call per record.
-                    let known = named.iter().find(|(p, _)| p == parent).map(|(_, listed)| listed.clone());
-                    let listed = known.unwrap_or_else(|| {
-                        let listed = rule.list_of_record(&engine, &record, today);
-                        named.push((parent.clone(), listed.clone()));
-                        listed
-                    });
-                    listed.map(|l| l.as_deref() == Some(rule.list.as_str()))
-                } else if last && !rule.reads_in_place() {
-                    rule.call_matches(&engine, record.take_full(), today)
-                } else {
-                    rule.call_record(&engine, &record, today)
+                let verdict = match listed {
+                    Some(verdict) => verdict,
+                    None if last && !rule.reads_in_place() => rule.call_matches(&engine, record.take_full(), today),
+                    None => rule.call_record(&engine, &record, today),
                 };
                 let part = &mut parts[i];
                 match verdict {

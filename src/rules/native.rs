@@ -448,7 +448,12 @@ impl Native {
             }
             Node::Cmp(op, a, b) => compare(*op, &value(a)?, &value(b)?)?,
             Node::Concat(a, b) => match (value(a)?, value(b)?) {
-                (Val::Str(x), Val::Str(y)) => Val::Str(format!("{x}{y}").into()),
+                (Val::Str(x), Val::Str(y)) => {
+                    let mut joined = String::with_capacity(x.len() + y.len());
+                    joined.push_str(&x);
+                    joined.push_str(&y);
+                    Val::Str(joined.into())
+                }
                 _ => return Err(Defer),
             },
             Node::Not(a) => Val::Bool(!truth(a)?),
