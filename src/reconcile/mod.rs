@@ -399,7 +399,7 @@ impl Reconciler {
         // process), so no lesson is kept forever.
         self.gateway.reprobe_older_than(self.verify_members_every);
         let partition_meter = Arc::new(Meter::default());
-        let partitioned = self.partition(&req.rules, &req.loaded, today, &partition_meter).await;
+        let partitioned = self.partition(&req.rules, &req.loaded).await;
         // Suppression rules fill no list: each is judged once, for every list it applies to.
         let (suppressing, rules): (Vec<Arc<Rule>>, Vec<Arc<Rule>>) =
             partitioned.rules.into_iter().partition(|r| r.mode == crate::rules::Mode::Suppress);

@@ -1,8 +1,8 @@
 //! Stage 0, `partition`: a rule with `fn list(contact)` becomes, for the stages that follow, one
 //! ordinary rule per list, named `rule:LIST` (its own binding, cache, removal grace and runs). Its
-//! lists are those it filled before (the state's bindings) and those its contacts name now: on a
-//! first sync one read of its FILTER finds them; later, the pass's own read counts the names it has
-//! no part for ([`Unfolding`]), and [`unfold`] turns them into a second round's parts. So a contact
+//! lists are those it filled before (the state's bindings) and those its contacts name now: the
+//! pass's own read counts the names it has no part for ([`Unfolding`]), and [`unfold`] turns them
+//! into a second round's parts (on a first sync, every list). So a contact
 //! whose value changes leaves the old list and joins the new one in the same pass, and a list no
 //! contact names any more is still reconciled: emptied under the guards, never deleted. A rule
 //! that would fill more than its `MAX_LISTS` lists changes nothing, and says how many and which.
@@ -70,18 +70,12 @@ impl Named {
 }
 
 impl Reconciler {
-    /// Splits each partitioned rule of `rules` into its lists; the reads are counted on `meter`.
-    /// `loaded` are every rule the caller runs from (the daemon's or the folder's): a list another
-    /// of them fills by `LIST` is not taken over, whether or not that rule runs in this pass.
-    /// A rule that filled lists before runs those now and learns new ones from the pass's read
-    /// ([`Unfolding`]); one that never did reads its FILTER first to learn them.
-    pub(super) async fn partition(
-        &self,
-        rules: &[Arc<Rule>],
-        loaded: &[Arc<Rule>],
-        today: Date,
-        meter: &Arc<Meter>,
-    ) -> Partitioned {
+    /// Splits each partitioned rule of `rules` into the lists it filled before, which run now; the
+    /// lists its contacts name that it has none for yet are learnt from the pass's read
+    /// ([`Unfolding`]) and run in a second round. `loaded` are every rule the caller runs from (the
+    /// daemon's or the folder's): a list another of them fills by `LIST` is not taken over, whether
+    /// or not that rule runs in this pass.
+    pub(super) async fn partition(&self, rules: &[Arc<Rule>], loaded: &[Arc<Rule>]) -> Partitioned {
         let mut out = Partitioned { rules: Vec::new(), refused: Vec::new(), unfolding: Vec::new() };
         for rule in rules {
             let Lists::Partitioned { max } = rule.lists else {
@@ -89,20 +83,13 @@ impl Reconciler {
                 continue;
             };
             let max = max.unwrap_or(self.max_lists_per_rule);
-            let lists = match self.known_lists(rule).await {
-                Ok(known) if !known.is_empty() => {
-                    let lists = checked(max, rules, loaded, &known, &Named::default());
-                    if lists.is_ok() {
-                        out.unfolding.push(Unfolding { parent: rule.clone(), known, max });
-                    }
-                    lists
+            let lists = self.known_lists(rule).await.and_then(|known| {
+                let lists = checked(max, rules, loaded, &known, &Named::default());
+                if lists.is_ok() {
+                    out.unfolding.push(Unfolding { parent: rule.clone(), known, max });
                 }
-                Ok(known) => match self.named_lists(rule, max, today, meter).await {
-                    Ok(named) => checked(max, rules, loaded, &known, &named),
-                    Err(detail) => Err(detail),
-                },
-                Err(detail) => Err(detail),
-            };
+                lists
+            });
             match lists {
                 Ok(lists) => out.rules.extend(lists.iter().map(|list| Arc::new(rule.partition(list)))),
                 Err(detail) => out.refused.push(RuleReport::failed(rule.clone(), detail)),
@@ -146,9 +133,7 @@ impl Reconciler {
             named
         });
         let mut named = Named::default();
-        fold_pages(scan, &self.cancel, |page| named.merge(page, max))
-            .await
-            .map_err(|e| format!("reading its contacts to find its lists failed: {e}"))?;
+        fold_pages(scan, &self.cancel, |page| named.merge(page, max)).await.map_err(|e| e.to_string())?;
         Ok(named)
     }
 }

@@ -68,7 +68,7 @@ impl Reconciler {
                         (split(found), named)
                     }
                     Err(e) => {
-                        let failed = unfolding.iter().map(|_| Err(format!("the read failed: {e}"))).collect();
+                        let failed = unfolding.iter().map(|_| Err(e.to_string())).collect();
                         let e = Arc::new(e);
                         (live.iter().map(|_| Err(e.clone())).collect(), failed)
                     }
@@ -77,15 +77,7 @@ impl Reconciler {
             ReadKind::OwnRead => {
                 let reads = live.iter().zip(&sets).map(|(m, set)| self.own_read(m, set, today));
                 let found = join_all(reads).await.into_iter().map(|r| r.map_err(Arc::new)).collect();
-                let names = unfolding.iter().map(|u| self.named_lists(&u.parent, u.max, today, shared));
-                let named = join_all(names).await.into_iter().zip(unfolding).map(|(named, u)| {
-                    named.map(|mut named| {
-                        named.lists.retain(|list, _| !u.known.contains(list));
-                        named
-                    })
-                });
-                let named = named.collect();
-                (found, named)
+                (found, self.unfolding_names(unfolding, shared, today).await)
             }
         };
         for (m, set) in live.iter_mut().zip(sets) {
@@ -101,6 +93,32 @@ impl Reconciler {
         let judged =
             slots.into_iter().map(|slot| slot.map_or_else(|| judged.next().expect("one per live rule"), Err)).collect();
         (judged, named)
+    }
+
+    /// The lists `unfolding` rules' contacts name that they have no part for, when no shared scan
+    /// counted them: one unfiltered read for them all when one of them reads everyone anyway (no
+    /// FILTER), else a read of each one's FILTER.
+    async fn unfolding_names(&self, unfolding: &[Unfolding], shared: &Arc<Meter>, today: Date) -> NamedLists {
+        if unfolding.len() > 1 && unfolding.iter().any(|u| u.parent.filter.is_empty()) {
+            let (gw, query) = (self.gateway.metered(shared.clone()), ScanQuery::default());
+            return match judge::candidates(&self.cancel, &gw, &self.engine, &query, Vec::new(), unfolding, today).await
+            {
+                Ok(found) => found.named.into_iter().map(Ok).collect(),
+                Err(e) => unfolding.iter().map(|_| Err(e.to_string())).collect(),
+            };
+        }
+        let names = unfolding.iter().map(|u| self.named_lists(&u.parent, u.max, today, shared));
+        join_all(names)
+            .await
+            .into_iter()
+            .zip(unfolding)
+            .map(|(named, u)| {
+                named.map(|mut named| {
+                    named.lists.retain(|list, _| !u.known.contains(list));
+                    named
+                })
+            })
+            .collect()
     }
 
     /// A rule's own read: its FILTER plus `notListIds` (when its list exists).
