@@ -96,6 +96,8 @@ enum Node {
     DaysUntil(Box<Node>),
     Date(Box<Node>),
     Today,
+    /// A body's last statement `if c { a } else { b }`: `()` without `else`, as in Rhai.
+    If(Box<Node>, Box<Node>, Option<Box<Node>>),
 }
 
 #[derive(Debug)]
@@ -171,12 +173,7 @@ pub fn compile(rule: &str, compact: &str, tz: Tz) -> Result<Native, String> {
     for statement in before {
         steps.push(compiler.step(statement)?);
     }
-    let result = match last {
-        Stmt::Expr(e) => compiler.expr(e)?,
-        Stmt::FnCall(call, _) => compiler.call(call)?,
-        Stmt::Return(Some(e), ..) => compiler.expr(e)?,
-        _ => return Err(format!("{name} does not end with an expression")),
-    };
+    let result = compiler.tail(last).map_err(|()| format!("{name} does not end with an expression"))?;
     let wrong = crate::fault::native_wrong(rule);
     Ok(Native {
         function,
@@ -222,6 +219,28 @@ impl Compiler<'_> {
                 Ok(Step::Guard(self.expr(&flow.expr)?))
             }
             _ => Err("matches has a statement that is not a `let` or a guard".into()),
+        }
+    }
+
+    /// The body's last statement: an expression, a `return` of one, or an `if` whose branches are
+    /// each one such statement (`else if` included).
+    fn tail(&self, statement: &Stmt) -> Result<Node, ()> {
+        let one = |block: &[Stmt]| match block {
+            [statement] => self.tail(statement),
+            _ => Err(()),
+        };
+        match statement {
+            Stmt::Expr(e) | Stmt::Return(Some(e), ..) => self.expr(e).map_err(|_| ()),
+            Stmt::FnCall(call, _) => self.call(call).map_err(|_| ()),
+            Stmt::If(flow, _) => {
+                let condition = self.expr(&flow.expr).map_err(|_| ())?;
+                let otherwise = match flow.branch.statements() {
+                    [] => None,
+                    branch => Some(Box::new(one(branch)?)),
+                };
+                Ok(Node::If(Box::new(condition), Box::new(one(flow.body.statements())?), otherwise))
+            }
+            _ => Err(()),
         }
     }
 
@@ -402,6 +421,7 @@ impl Native {
                 Node::Coalesce(parts) | Node::And(parts) | Node::Or(parts) => parts.iter().all(|p| visit(p, out)),
                 Node::Cmp(_, a, b) | Node::Concat(a, b) => visit(a, out) && visit(b, out),
                 Node::Not(a) | Node::DaysSince(a) | Node::DaysUntil(a) | Node::Date(a) => visit(a, out),
+                Node::If(c, a, b) => visit(c, out) && visit(a, out) && b.as_deref().is_none_or(|b| visit(b, out)),
             }
         }
         let mut out = Vec::new();
@@ -480,6 +500,11 @@ impl Native {
                 _ => return Err(Defer),
             },
             Node::Today => Val::Date(today),
+            Node::If(condition, then, otherwise) => match (truth(condition)?, otherwise) {
+                (true, _) => value(then)?,
+                (false, Some(otherwise)) => value(otherwise)?,
+                (false, None) => Val::Unit,
+            },
         })
     }
 

@@ -225,12 +225,14 @@ fn native_verdicts_equal_rhai_on_generated_records() {
 }
 
 /// `fn list` bodies the native evaluator compiles (a partitioned rule names each contact's list).
-const NATIVE_LISTS: [&str; 5] = [
+const NATIVE_LISTS: [&str; 7] = [
     "\"Region - \" + contact.region",
     "contact.region",
     "contact.customFields.get(\"preferredChannel\")",
     "let channel = contact.customFields.get(\"preferredChannel\") ?? \"none\";\n    \"Channel \" + channel",
     "if contact.region == () {\n        return false;\n    }\n    \"  \" + contact.region + \" \"",
+    "if contact.customFields.totalSpent > 3000.0 { \"Spenders - \" + contact.region }",
+    "if contact.region == \"Veneto\" { \"North\" } else if contact.customFields.vip { \"VIP\" } else { () }",
 ];
 
 // A partitioned rule's `fn list`, natively: the same list name (or none) as Rhai's on every
