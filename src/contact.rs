@@ -68,8 +68,8 @@ pub fn parse_keeping<T>(keep: Option<&std::sync::Arc<Keep>>, parse: impl FnOnce(
 pub struct ContactRecord {
     pub id: ContactId,
     fields: Dynamic,
-    /// The record as read, when `fields` holds only the kept fields.
-    raw: Option<Box<serde_json::value::RawValue>>,
+    /// The record as read and what `fields` kept of it, when `fields` holds only the kept fields.
+    narrowed: Option<(Box<serde_json::value::RawValue>, std::sync::Arc<Keep>)>,
 }
 
 /// A contact as a rule's call receives it: `view` is what the native evaluator reads (a narrowed
@@ -98,6 +98,15 @@ impl Contact<'_> {
             Self::Record(r) => r.full().into_owned(),
         }
     }
+
+    /// What Rhai receives when its code reads at most `fields` (`None`: any field): a narrowed
+    /// record's kept fields when they include all of `fields`, else [`Contact::into_full`].
+    pub fn into_reading(self, fields: Option<&[String]>) -> Dynamic {
+        match self {
+            Self::Record(r) if r.keeps_all(fields) => r.fields.clone(),
+            other => other.into_full(),
+        }
+    }
 }
 
 impl ContactRecord {
@@ -110,19 +119,29 @@ impl ContactRecord {
     /// A record from fields a rule already holds (the contact it passes on to `segment`).
     pub fn from_fields(fields: Dynamic) -> Self {
         let id = fields.read_lock::<Map>().and_then(|m| m.get("id").map(ToString::to_string)).unwrap_or_default();
-        Self { id: ContactId::from(id), fields, raw: None }
+        Self { id: ContactId::from(id), fields, narrowed: None }
     }
 
     /// Whether only the kept fields were parsed.
     pub fn is_narrowed(&self) -> bool {
-        self.raw.is_some()
+        self.narrowed.is_some()
+    }
+
+    /// Whether `fields` (top-level names; `None`: any field) are all in this record: every record
+    /// read whole has them, a narrowed one when its read kept each.
+    pub fn keeps_all(&self, fields: Option<&[String]>) -> bool {
+        match (&self.narrowed, fields) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some((_, keep)), Some(fields)) => fields.iter().all(|f| keep.keeps(f)),
+        }
     }
 
     /// Every field of the contact (a narrowed record is parsed again from the record as read).
     pub fn full(&self) -> std::borrow::Cow<'_, Dynamic> {
-        match &self.raw {
+        match &self.narrowed {
             None => std::borrow::Cow::Borrowed(&self.fields),
-            Some(raw) => std::borrow::Cow::Owned(
+            Some((raw, _)) => std::borrow::Cow::Owned(
                 serde_json::from_str::<Dynamic>(raw.get()).unwrap_or_else(|_| self.fields.clone()),
             ),
         }
@@ -130,15 +149,18 @@ impl ContactRecord {
 
     /// Every field, taking the map rather than copying it when the record holds them all.
     pub fn take_full(&mut self) -> Dynamic {
-        match self.raw {
-            None => std::mem::take(&mut self.fields),
-            Some(_) => self.full().into_owned(),
-        }
+        self.take_reading(None)
+    }
+
+    /// [`Contact::into_reading`] for the record's last use: the map taken rather than copied
+    /// whenever it holds `fields`.
+    pub fn take_reading(&mut self, fields: Option<&[String]>) -> Dynamic {
+        if self.keeps_all(fields) { std::mem::take(&mut self.fields) } else { self.full().into_owned() }
     }
 
     /// The contact for a rule's call, read in place.
     pub fn contact(&self) -> Contact<'_> {
-        match self.raw {
+        match self.narrowed {
             None => Contact::Borrowed(&self.fields),
             Some(_) => Contact::Record(self),
         }
@@ -189,13 +211,13 @@ impl<'de> Deserialize<'de> for ContactRecord {
             let map = Dynamic::deserialize(d)?
                 .try_cast::<Map>()
                 .ok_or_else(|| D::Error::custom("a contact must be a JSON object"))?;
-            return Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), raw: None });
+            return Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), narrowed: None });
         };
         let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
         let map = serde_json::Deserializer::from_str(raw.get())
             .deserialize_map(Narrow(&keep))
             .map_err(|_| D::Error::custom("a contact must be a JSON object"))?;
-        Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), raw: Some(raw) })
+        Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), narrowed: Some((raw, keep)) })
     }
 }
 

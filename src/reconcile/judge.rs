@@ -294,7 +294,9 @@ pub async fn candidates(
                 }
                 let verdict = match listed {
                     Some(verdict) => verdict,
-                    None if last && !rule.reads_in_place() => rule.call_matches(&engine, record.take_full(), today),
+                    None if last && !rule.reads_in_place() => {
+                        rule.call_matches(&engine, rule.take_record(&mut record), today)
+                    }
                     None => rule.call_record(&engine, &record, today),
                 };
                 let part = &mut parts[i];

@@ -172,7 +172,7 @@ impl Rule {
         {
             return self.shadowed(native, contact, verdict, |f| self.rhai_matches(engine, f, today));
         }
-        self.rhai_matches(engine, contact.into_full(), today)
+        self.rhai_matches(engine, contact.into_reading(self.rhai_reads.as_deref()), today)
     }
 
     /// A native answer, except for the one record in [`super::native::SHADOW_EVERY`] that Rhai
@@ -212,11 +212,20 @@ impl Rule {
         self.native_now().is_some()
     }
 
-    /// The contact's top-level fields judging this rule reads (its `FILTER`, its native `matches`
-    /// or `list`, the fields it mentions, which facts and findings read); `None` when it is not
-    /// judged natively or reads the whole contact, so its reads keep every field.
+    /// A record's fields for this rule's Rhai call, at the record's last use: taken, not copied,
+    /// and only those the rule's Rhai code reads when the record kept just those.
+    pub fn take_record(&self, record: &mut ContactRecord) -> Dynamic {
+        record.take_reading(self.rhai_reads.as_deref())
+    }
+
+    /// The contact's top-level fields judging this rule reads (its `FILTER`, its `matches` or
+    /// `list` as it runs now, the fields it mentions, which facts and findings read); `None` when
+    /// it may read any field (see `fields::read_by`), so its reads keep every field.
     pub fn reads(&self) -> Option<Vec<String>> {
-        let mut names = self.native_now()?.top_fields()?;
+        let mut names = match self.native_now() {
+            Some(native) => native.top_fields()?,
+            None => self.rhai_reads.clone()?,
+        };
         for term in &self.filter {
             names.push(term.top_field().to_owned());
         }
@@ -238,7 +247,7 @@ impl Rule {
     ) -> (Result<bool, EvalError>, Facts) {
         if last && !self.reads_in_place() {
             let facts = self.facts(record);
-            return (self.call_matches(engine, record.take_full(), today), facts);
+            return (self.call_matches(engine, self.take_record(record), today), facts);
         }
         let verdict = self.matches_on(engine, record.contact(), today);
         let facts = if verdict == Ok(false) { self.facts(record) } else { Facts::default() };
@@ -287,7 +296,7 @@ impl Rule {
         {
             return self.shadowed(native, contact, named, |f| self.rhai_list(engine, f, today));
         }
-        self.rhai_list(engine, contact.into_full(), today)
+        self.rhai_list(engine, contact.into_reading(self.rhai_reads.as_deref()), today)
     }
 
     /// `fn list` through Rhai, whatever engine the rule runs on (the shadow check, the differential test).

@@ -273,6 +273,7 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
             (_, _, false) => Err("the rule calls segment()".into()),
             (Ok(c), true, true) => super::native::compile(stem, c, super::engine::zone(engine)).map(Arc::new),
         },
+        rhai_reads: super::fields::read_by(&ast),
         warnings,
         helpers: helpers.iter().map(|(_, h)| h.path.clone()).collect(),
         imports: !helpers.is_empty(),

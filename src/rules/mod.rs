@@ -7,6 +7,7 @@ mod calls;
 mod derive;
 pub mod engine;
 mod eval;
+mod fields;
 mod filter;
 pub mod fixtures;
 mod helpers;
@@ -111,6 +112,9 @@ pub struct Rule {
     pub segments: Arc<Segments>,
     /// `matches` compiled natively, or why it runs on Rhai.
     pub native: Result<Arc<native::Native>, String>,
+    /// The top-level contact fields the Rhai code of `matches` / `fn list` can read, when only
+    /// properties it names (`fields::read_by`); `None`: any field.
+    rhai_reads: Option<Vec<String>>,
     ast: rhai::AST,
 }
 

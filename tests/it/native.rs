@@ -168,7 +168,7 @@ fn record() -> impl Strategy<Value = serde_json::Value> {
 
 /// `json` parsed as a read judged by `rule` alone parses it: only the fields the rule reads.
 fn narrowed(rule: &Rule, json: &serde_json::Value) -> ContactRecord {
-    let keep = Arc::new(Keep::new(rule.reads().expect("a native rule reads named fields")));
+    let keep = Arc::new(Keep::new(rule.reads().expect("the rule reads named fields")));
     let record: ContactRecord =
         parse_keeping(Some(&keep), || serde_json::from_str(&json.to_string())).expect("a contact");
     assert!(record.is_narrowed());
@@ -276,6 +276,88 @@ fn native_lists_equal_rhai_on_generated_records() {
         .unwrap_or_else(|e| panic!("{e}"));
     let [native, deferred] = *counts.borrow();
     assert!(native * 10 > (native + deferred) * 6, "native {native}, deferred {deferred}");
+}
+
+/// Rhai bodies the native evaluator does not compile, each reading only properties it names, so a
+/// read judged by one of them keeps only those fields; two of them `fn list` bodies.
+const RHAI_NARROWED: [&str; 7] = [
+    "fn matches(contact) { contact.customFields.totalSpent * 1.0 > 3000.0 }",
+    "fn matches(contact) { contact.email.ends_with(\"@example.it\") }",
+    "fn matches(contact) { let n = contact.region.len(); n > 6 && contact?.city != () }",
+    "fn matches(contact) { contact.customFields.keys().len() > 3 }",
+    "fn matches(contact) { contact.region.to_upper() == \"LOMBARDIA\" || contact.city in [\"Roma\", \"Bari\"] }",
+    "fn list(contact) {\n    let spent = contact.customFields.totalSpent * 1.0;\n    \
+     if spent > 3000.0 { \"Spenders - \" + contact.region }\n}",
+    "fn list(contact) { if contact.email == () { () } else { contact.email.split(\"@\")[1] } }",
+];
+
+/// A generated record with the fields no rule above reads beside it, each sometimes absent.
+fn wide_record() -> impl Strategy<Value = serde_json::Value> {
+    let text = |values: Vec<&'static str>| prop::option::weighted(0.8, prop::sample::select(values));
+    (
+        record(),
+        text(vec!["ada@example.it", "bo@mail.com", "no-at-sign"]),
+        text(vec!["Roma", "Bari", "Milano"]),
+        text(vec!["Ada", "Bo"]),
+    )
+        .prop_map(|(mut json, email, city, first)| {
+            for (name, value) in [("email", email), ("city", city), ("firstName", first)] {
+                if let Some(v) = value {
+                    json[name] = v.into();
+                }
+            }
+            json
+        })
+}
+
+// Rhai on a record narrowed to the fields its code names judges exactly as Rhai on every field,
+// errors included (a property absent from the record is absent from both), and the records are
+// really narrowed: fields the rule does not read are gone from what Rhai receives.
+#[test]
+fn rhai_on_narrowed_records_equals_rhai_on_whole_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = segsync::rules::engine::build(chrono_tz::Europe::Rome);
+    let rules: Vec<Rule> = RHAI_NARROWED
+        .iter()
+        .enumerate()
+        .map(|(i, body)| {
+            let path = dir.path().join(format!("n{i}.rhai"));
+            let list = if body.starts_with("fn list") { String::new() } else { format!("const LIST = \"N{i}\";\n") };
+            std::fs::write(&path, format!("{list}{body}\n")).expect("rule");
+            let rule = segsync::rules::load_file(&engine, &path).expect("loads");
+            assert!(rule.native.is_err(), "{body} is left to Rhai");
+            assert!(rule.reads().is_some(), "{body} reads named fields only");
+            rule
+        })
+        .collect();
+    let today = Date(chrono::NaiveDate::from_ymd_opt(2026, 12, 1).expect("date"));
+    let mut runner = TestRunner::new(Config { cases: 20_000, failure_persistence: None, ..Config::default() });
+    let (narrower, errors) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    runner
+        .run(&(wide_record(), 0usize..rules.len()), |(json, rule)| {
+            let rule = &rules[rule];
+            let narrowed = narrowed(rule, &json);
+            let whole: ContactRecord = serde_json::from_str(&json.to_string()).expect("a contact");
+            let kept = narrowed.map().map_or(0, |m| m.len());
+            let all = whole.map().map_or(0, |m| m.len());
+            narrower.set(narrower.get() + u64::from(kept < all));
+            if rule.is_partitioned() {
+                let got = rule.list_of_record(&engine, &narrowed, today);
+                let expected = rule.rhai_list(&engine, whole.into_full(), today);
+                errors.set(errors.get() + u64::from(expected.is_err()));
+                prop_assert_eq!(got, expected, "{} on {}", rule.name, json);
+            } else {
+                let got = rule.call_record(&engine, &narrowed, today);
+                let expected = rule.rhai_matches(&engine, whole.into_full(), today);
+                errors.set(errors.get() + u64::from(expected.is_err()));
+                prop_assert_eq!(got, expected, "{} on {}", rule.name, json);
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Most records lost a field to narrowing, and the comparison covered Rhai's errors too.
+    assert!(narrower.get() > 15_000, "narrowed {} of 20,000", narrower.get());
+    assert!(errors.get() > 1_000 && errors.get() < 19_000, "errors {} of 20,000", errors.get());
 }
 
 // Rules outside the recognised shapes stay on Rhai and say why; `[rules] native = false` would run
