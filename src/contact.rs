@@ -122,6 +122,11 @@ impl ContactRecord {
         Self { id: ContactId::from(id), fields, narrowed: None }
     }
 
+    /// Whether the fields are an object map (every record read is; [`ContactRecord::map`] is `Some`).
+    pub fn is_map(&self) -> bool {
+        self.fields.is_map()
+    }
+
     /// Whether only the kept fields were parsed.
     pub fn is_narrowed(&self) -> bool {
         self.narrowed.is_some()

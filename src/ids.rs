@@ -116,7 +116,20 @@ pub struct ContactIdSet {
     /// `ends[i]` is where id `i` ends in `text` (it starts where `i - 1` ends).
     ends: Vec<u32>,
     table: hashbrown::HashTable<u32>,
-    hasher: hashbrown::DefaultHashBuilder,
+}
+
+/// An id's hash, the same in every [`ContactIdSet`]: a contact read is hashed once and looked up
+/// in each list's members (100 lists: 100 lookups, one hash).
+#[derive(Debug, Clone, Copy)]
+pub struct IdHash(u64);
+
+/// One hasher for every set, seeded at random once per process (foldhash, hashbrown's default).
+static ID_HASHER: std::sync::LazyLock<hashbrown::DefaultHashBuilder> = std::sync::LazyLock::new(Default::default);
+
+impl IdHash {
+    pub fn of(id: &str) -> Self {
+        Self(std::hash::BuildHasher::hash_one(&*ID_HASHER, id))
+    }
 }
 
 impl fmt::Debug for ContactIdSet {
@@ -143,14 +156,13 @@ impl ContactIdSet {
             text: String::with_capacity(bytes),
             ends: Vec::with_capacity(ids),
             table: hashbrown::HashTable::with_capacity(ids),
-            hasher: hashbrown::DefaultHashBuilder::default(),
         }
     }
 
     /// Gives back the room it does not use.
     pub fn shrink_to_fit(&mut self) {
-        let (text, ends, hasher) = (&self.text, &self.ends, &self.hasher);
-        self.table.shrink_to_fit(|&i| std::hash::BuildHasher::hash_one(hasher, id_at(text, ends, i)));
+        let (text, ends) = (&self.text, &self.ends);
+        self.table.shrink_to_fit(|&i| IdHash::of(id_at(text, ends, i)).0);
         self.text.shrink_to_fit();
         self.ends.shrink_to_fit();
     }
@@ -173,8 +185,12 @@ impl ContactIdSet {
 
     /// Where `id` sits in insertion order (0-based), if it is in the set.
     pub fn index_of(&self, id: &str) -> Option<u32> {
-        let hash = std::hash::BuildHasher::hash_one(&self.hasher, id);
-        self.table.find(hash, |&i| self.get(i) == id).copied()
+        self.index_of_hashed(id, IdHash::of(id))
+    }
+
+    /// [`ContactIdSet::index_of`] with the id's hash already known.
+    pub fn index_of_hashed(&self, id: &str, hash: IdHash) -> Option<u32> {
+        self.table.find(hash.0, |&i| self.get(i) == id).copied()
     }
 
     /// The id at `index` (insertion order).
@@ -188,16 +204,15 @@ impl ContactIdSet {
     /// When the ids' text passes 4 GiB (hundreds of millions of ids, far beyond
     /// [`crate::gateway::MAX_RECORDS_PER_READ`]).
     pub fn insert(&mut self, id: &str) -> bool {
-        let hasher = self.hasher.clone();
-        let hash = std::hash::BuildHasher::hash_one(&hasher, id);
-        if self.contains(id) {
+        let hash = IdHash::of(id);
+        if self.index_of_hashed(id, hash).is_some() {
             return false;
         }
         let index = u32::try_from(self.ends.len()).expect("fewer than 4 billion ids");
         self.text.push_str(id);
         self.ends.push(u32::try_from(self.text.len()).expect("ids' text under 4 GiB"));
         let (text, ends) = (&self.text, &self.ends);
-        self.table.insert_unique(hash, index, |&i| std::hash::BuildHasher::hash_one(&hasher, id_at(text, ends, i)));
+        self.table.insert_unique(hash.0, index, |&i| IdHash::of(id_at(text, ends, i)).0);
         true
     }
 

@@ -14,7 +14,7 @@ use super::plan::Evaluation;
 use crate::contact::{ContactRecord, Keep};
 use crate::gateway::{Gateway, Scan, ScanQuery};
 use crate::ids::RuleName;
-use crate::ids::{BitSet, ContactIdSet, ListId};
+use crate::ids::{BitSet, ContactIdSet, IdHash, ListId};
 use crate::rules::{Date, EvalError, Facts, FilterTerm, Lists, Mode, Observed, Rule};
 
 /// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
@@ -203,6 +203,20 @@ pub async fn candidates(
         targets.iter().map(|t| &t.rule.filter[..]).chain(unfolding.iter().map(|u| &u.parent.filter[..])).collect();
     let filter_group: Vec<usize> =
         filters.iter().map(|f| filters.iter().position(|g| g == f).unwrap_or_default()).collect();
+    // Each partitioned rule whose `fn list` the read calls has a slot: the unfolding rules' first
+    // (in their order), then the parents of the other parts. `parent_slot[i]`: target `i`'s.
+    let mut parents: Vec<&RuleName> = unfolding.iter().map(|u| &u.parent.name).collect();
+    let parent_slot: Vec<Option<usize>> = targets
+        .iter()
+        .map(|t| match &t.rule.lists {
+            Lists::Partition { parent } => Some(parents.iter().position(|p| *p == parent).unwrap_or_else(|| {
+                parents.push(parent);
+                parents.len() - 1
+            })),
+            _ => None,
+        })
+        .collect();
+    let slots = parents.len();
     let (engine, work_targets, work_unfolding) = (engine.clone(), targets.clone(), unfolding.clone());
     let scan = gw.scan_with(query, move |records: Vec<ContactRecord>| {
         let targets = &work_targets;
@@ -213,15 +227,16 @@ pub async fn candidates(
         let mut in_filter = vec![0u64; targets.len()];
         // (target, cached member index) for each `matches` call this record needs.
         let mut due: Vec<(usize, Option<u32>)> = Vec::with_capacity(targets.len());
-        // What each partitioned rule's `fn list` said of this record, by rule.
-        let mut named: Vec<(&RuleName, Result<Option<String>, EvalError>)> = Vec::new();
+        // What each partitioned rule's `fn list` said of this record, by slot.
+        let mut named: Vec<Option<Result<Option<String>, EvalError>>> = vec![None; slots];
         for mut record in records {
             due.clear();
             filtered.fill(None);
+            let hash = IdHash::of(record.id.as_str());
             let mut passes_filter =
                 |k: usize, rule: &Rule| *filtered[filter_group[k]].get_or_insert_with(|| rule.passes_filter(&record));
             for (i, target) in targets.iter().enumerate() {
-                let Some(index) = target.members.index_of(record.id.as_str()) else {
+                let Some(index) = target.members.index_of_hashed(record.id.as_str(), hash) else {
                     parts[i].evaluated += 1;
                     let in_filter_now = passes_filter(i, &target.rule);
                     target.rule.observe(&record, in_filter_now, &mut parts[i].observed);
@@ -246,7 +261,7 @@ pub async fn candidates(
                 }
             }
             // A rule read by Rhai copies the contact, except the last, which takes the record itself.
-            named.clear();
+            named.fill(None);
             // Which list each unfolding rule's `fn list` names (shared with its parts below).
             for (k, (u, new)) in work_unfolding.iter().zip(&mut new_lists).enumerate() {
                 if !passes_filter(targets.len() + k, &u.parent) {
@@ -258,26 +273,19 @@ pub async fn candidates(
                 {
                     new.add(list, 1, u.max);
                 }
-                named.push((&u.parent.name, listed));
+                named[k] = Some(listed);
             }
             for (k, (i, member)) in due.iter().enumerate() {
                 let (i, last) = (*i, k + 1 == due.len());
                 let rule = &targets[i].rule;
                 // The lists of one partitioned rule share one `fn list` call per record, whether
                 // the record is a member of the list or a candidate.
-                let listed = match &rule.lists {
-                    Lists::Partition { parent } => {
-                        let at = named.iter().position(|(p, _)| *p == parent).unwrap_or_else(|| {
-                            named.push((parent, rule.list_of_record(&engine, &record, today)));
-                            named.len() - 1
-                        });
-                        Some(match &named[at].1 {
-                            Ok(listed) => Ok(listed.as_deref() == Some(rule.list.as_str())),
-                            Err(e) => Err(e.clone()),
-                        })
+                let listed = parent_slot[i].map(|slot| {
+                    match named[slot].get_or_insert_with(|| rule.list_of_record(&engine, &record, today)) {
+                        Ok(listed) => Ok(listed.as_deref() == Some(rule.list.as_str())),
+                        Err(e) => Err(e.clone()),
                     }
-                    _ => None,
-                };
+                });
                 if let (Some(index), Some(seen)) = (member, cached[i].as_mut()) {
                     let (verdict, facts) = match listed {
                         Some(verdict) => {
