@@ -17,6 +17,9 @@ use crate::ids::RuleName;
 use crate::ids::{BitSet, ContactIdSet, IdHash, ListId};
 use crate::rules::{Date, EvalError, Facts, FilterTerm, Lists, Mode, Observed, Rule};
 
+/// Sibling groups' list names are hashed with foldhash (hashbrown's default), as findings' tallies.
+type HashMap<K, V> = hashbrown::HashMap<K, V>;
+
 /// Folds a scan's page results in page order (the pages were judged on the gateway's blocking
 /// threads as they were parsed). Returns the server's last reported total.
 pub(super) async fn fold_pages<R>(
@@ -53,6 +56,78 @@ fn member_filter(rule: &Rule, record: &ContactRecord, part: &mut Evaluation) -> 
             false
         }
     }
+}
+
+/// A cached member's record in a candidate read: seen, and in mirror mode judged (due a verdict
+/// when it passes FILTER). A member judged on its member record, or an add_only member: nothing.
+fn member_seen(
+    target: &Target,
+    record: &ContactRecord,
+    (i, index): (usize, u32),
+    seen: Option<&mut PageSeen>,
+    due: &mut Vec<(usize, Option<u32>)>,
+) {
+    let Some(seen) = seen else { return };
+    seen.seen.push(index);
+    if target.rule.mode == Mode::Mirror {
+        seen.eval.evaluated += 1;
+        let judged = member_filter(&target.rule, record, &mut seen.eval);
+        target.rule.observe(record, judged, &mut seen.eval.observed);
+        if judged {
+            due.push((i, Some(index)));
+        }
+    }
+}
+
+/// The lists of one partitioned rule in a candidate read (its parts, sharing one `FILTER`, one
+/// `fn list` and the fields they mention), judged as a group: a contact that is not a member of a
+/// list is that list's candidate, and `fn list` names at most one list, so a record costs the group
+/// one `FILTER` verdict, one finding and one `fn list` call, plus a membership lookup per list.
+struct Siblings {
+    /// The partitioned rule's slot (`named`).
+    slot: usize,
+    /// The parts, by target index.
+    targets: Vec<usize>,
+    /// Each part's list name, to its target index.
+    by_list: HashMap<String, usize>,
+}
+
+impl Siblings {
+    /// The groups of `targets`: parts of one partitioned rule (`parent_slot`) without a derived
+    /// filter (which is per target), whose `FILTER` and mentioned fields are their rule's.
+    fn of(targets: &[Target], parent_slot: &[Option<usize>]) -> Vec<Siblings> {
+        let mut groups: Vec<Siblings> = Vec::new();
+        for (i, target) in targets.iter().enumerate() {
+            let Some(slot) = parent_slot[i].filter(|_| target.derived.is_empty()) else { continue };
+            let same = |g: &Siblings| {
+                let first = &targets[g.targets[0]].rule;
+                g.slot == slot && first.filter == target.rule.filter && first.mentions == target.rule.mentions
+            };
+            match groups.iter_mut().find(|g| same(g)) {
+                Some(g) if !g.by_list.contains_key(&target.rule.list) => {
+                    g.targets.push(i);
+                    g.by_list.insert(target.rule.list.clone(), i);
+                }
+                Some(_) => {}
+                None => groups.push(Siblings {
+                    slot,
+                    targets: vec![i],
+                    by_list: HashMap::from([(target.rule.list.clone(), i)]),
+                }),
+            }
+        }
+        groups
+    }
+}
+
+/// One page's record of a sibling group's candidates: every record read, counted once.
+#[derive(Default, Clone)]
+struct GroupPage {
+    records: u64,
+    /// Records passing the group's `FILTER`.
+    in_filter: u64,
+    /// Findings on every record read (each list's members' share is taken off per list).
+    observed: Observed,
 }
 
 /// Reads a list's members and judges each on its own current record.
@@ -217,6 +292,9 @@ pub async fn candidates(
         })
         .collect();
     let slots = parents.len();
+    let siblings = Siblings::of(&targets, &parent_slot);
+    // The targets judged one by one: every one not in a sibling group.
+    let single: Vec<usize> = (0..n).filter(|i| !siblings.iter().any(|s| s.targets.contains(i))).collect();
     let (engine, work_targets, work_unfolding) = (engine.clone(), targets.clone(), unfolding.clone());
     let scan = gw.scan_with(query, move |records: Vec<ContactRecord>| {
         let targets = &work_targets;
@@ -229,13 +307,19 @@ pub async fn candidates(
         let mut due: Vec<(usize, Option<u32>)> = Vec::with_capacity(targets.len());
         // What each partitioned rule's `fn list` said of this record, by slot.
         let mut named: Vec<Option<Result<Option<String>, EvalError>>> = vec![None; slots];
+        let mut groups = vec![GroupPage::default(); siblings.len()];
+        // Per target: the page's records it holds as members, and of those, how many pass FILTER.
+        let mut hits = vec![(0u64, 0u64); targets.len()];
+        // The targets of one group this record is a member of.
+        let mut members_here: Vec<usize> = Vec::new();
         for mut record in records {
             due.clear();
             filtered.fill(None);
             let hash = IdHash::of(record.id.as_str());
             let mut passes_filter =
                 |k: usize, rule: &Rule| *filtered[filter_group[k]].get_or_insert_with(|| rule.passes_filter(&record));
-            for (i, target) in targets.iter().enumerate() {
+            for &i in &single {
+                let target = &targets[i];
                 let Some(index) = target.members.index_of_hashed(record.id.as_str(), hash) else {
                     parts[i].evaluated += 1;
                     let in_filter_now = passes_filter(i, &target.rule);
@@ -248,17 +332,7 @@ pub async fn candidates(
                     }
                     continue;
                 };
-                // A member judged on its member record, or an add_only member: nothing to judge.
-                let Some(seen) = cached[i].as_mut() else { continue };
-                seen.seen.push(index);
-                if target.rule.mode == Mode::Mirror {
-                    seen.eval.evaluated += 1;
-                    let judged = member_filter(&target.rule, &record, &mut seen.eval);
-                    target.rule.observe(&record, judged, &mut seen.eval.observed);
-                    if judged {
-                        due.push((i, Some(index)));
-                    }
-                }
+                member_seen(target, &record, (i, index), cached[i].as_mut(), &mut due);
             }
             // A rule read by Rhai copies the contact, except the last, which takes the record itself.
             named.fill(None);
@@ -274,6 +348,43 @@ pub async fn candidates(
                     new.add(list, 1, u.max);
                 }
                 named[k] = Some(listed);
+            }
+            // Each sibling group: its members as above, and its candidates as one, since `fn list`
+            // names at most one of its lists.
+            for (group, page) in siblings.iter().zip(&mut groups) {
+                let first = &targets[group.targets[0]].rule;
+                let in_filter_now = passes_filter(group.targets[0], first);
+                page.records += 1;
+                page.in_filter += u64::from(in_filter_now);
+                first.observe(&record, in_filter_now, &mut page.observed);
+                members_here.clear();
+                for &i in &group.targets {
+                    if let Some(index) = targets[i].members.index_of_hashed(record.id.as_str(), hash) {
+                        members_here.push(i);
+                        hits[i].0 += 1;
+                        hits[i].1 += u64::from(in_filter_now);
+                        member_seen(&targets[i], &record, (i, index), cached[i].as_mut(), &mut due);
+                    }
+                }
+                if !in_filter_now {
+                    continue;
+                }
+                match named[group.slot].get_or_insert_with(|| first.list_of_record(&engine, &record, today)) {
+                    Ok(Some(list)) => {
+                        if let Some(&i) = group.by_list.get(list.as_str())
+                            && !members_here.contains(&i)
+                        {
+                            parts[i].matched += 1;
+                            parts[i].candidates_matching.push(record.id.clone());
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        for &i in group.targets.iter().filter(|i| !members_here.contains(i)) {
+                            parts[i].error(&record.id, e.clone());
+                        }
+                    }
+                }
             }
             for (k, (i, member)) in due.iter().enumerate() {
                 let (i, last) = (*i, k + 1 == due.len());
@@ -316,6 +427,17 @@ pub async fn candidates(
                     Ok(false) => {}
                     Err(e) => part.error(&record.id, e),
                 }
+            }
+        }
+        // A group's candidates are the page's records but each list's members.
+        for (group, page) in siblings.iter().zip(groups) {
+            for &i in &group.targets {
+                let (records, passing) = hits[i];
+                parts[i].evaluated += page.records - records;
+                in_filter[i] += page.in_filter - passing;
+                let mut observed = page.observed.clone();
+                observed.discount(&targets[i].rule, records, passing);
+                parts[i].observed.merge(observed);
             }
         }
         (parts, cached, in_filter, new_lists)

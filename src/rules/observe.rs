@@ -75,6 +75,16 @@ impl Observed {
         }
     }
 
+    /// Takes off the counts of `records` contacts observed for `rule` (`judged` of them reaching
+    /// `matches`) that were observed elsewhere too: a sibling group observes every record once
+    /// for all its lists, and each list's members count as members, not candidates.
+    pub fn discount(&mut self, rule: &Rule, records: u64, judged: u64) {
+        if !rule.filter.is_empty() {
+            self.filtered = self.filtered.saturating_sub(records);
+        }
+        self.judged = self.judged.saturating_sub(judged);
+    }
+
     /// Contacts the FILTER was checked on.
     pub fn filtered(&self) -> u64 {
         self.filtered

@@ -187,3 +187,132 @@ async fn known_lists_learn_new_ones_from_the_pass_read() {
     assert!(members(&sandbox, "Geo - Veneto").expect("list").contains(&mover), "joined the new list");
     sandbox.shutdown().await;
 }
+
+/// `segsync sync` on `config` with JSON logs: each `rule run` event's counts, by list name.
+async fn sync_runs(config: &Path) -> std::collections::BTreeMap<String, Vec<(String, serde_json::Value)>> {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_segsync"));
+    cmd.args(["sync", "--log-format", "json", "--config"])
+        .arg(config)
+        .env(support::KEY_VAR, support::KEY)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null());
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("runs")).await.expect("join");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    // The findings as `sync` prints them under each list: how many contacts were judged.
+    let mut judged = std::collections::BTreeMap::new();
+    let mut list = String::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some((_, name)) = line.split_once("→ \"Geo - ") {
+            list = name.split('"').next().unwrap_or_default().to_lowercase().replace('-', "");
+        } else if let Some((_, count)) = line.split_once("is absent on all ") {
+            judged.insert(list.clone(), count.to_owned());
+        }
+    }
+    const COUNTS: [&str; 12] = [
+        "read_plan",
+        "members_from",
+        "scanned",
+        "matched",
+        "members_before",
+        "added",
+        "removed",
+        "to_add",
+        "to_remove",
+        "eval_errors",
+        "absent_fields",
+        "filter_matched_none",
+    ];
+    let mut runs = std::collections::BTreeMap::new();
+    for event in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        let (Some("rule run"), Some(rule)) = (event["message"].as_str(), event["rule"].as_str()) else { continue };
+        if rule == "geo" {
+            continue; // the partitioned rule's summary of its lists
+        }
+        // `geo:Geo - Emilia-Romagna` (a partition) and `emiliaromagna` (an ordinary rule) fill one list.
+        let list = rule.rsplit_once(':').map_or(rule, |(_, list)| list.trim_start_matches("Geo - "));
+        let list = list.to_lowercase().replace('-', "");
+        let mut counts: Vec<(String, serde_json::Value)> =
+            COUNTS.iter().map(|k| ((*k).to_owned(), event[*k].clone())).collect();
+        counts.push(("absent_on".to_owned(), judged.get(&list).cloned().into()));
+        runs.insert(list, counts);
+    }
+    runs
+}
+
+// The lists of a partitioned rule are judged as a group on the shared read (one finding and one
+// `fn list` call per record for all of them, each list's members taken off its candidates). Every
+// count a run reports, its findings included, and every list equal what ordinary rules (one per
+// list, judged one by one) give on the same data: a first sync, a sync after a move, a hand edit
+// and a contact the rules cannot judge, and a sync with no change, whose lists come from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_rules_lists_count_as_ordinary_rules_do() {
+    // Every list reads `tier`, which no contact has: a finding counting the contacts judged.
+    let tier = "let tier = contact.customFields.get(\"tier\");\n    ";
+    let partitioned =
+        vec![("geo".to_owned(), geo_rule(&REGIONS, "").replace("let region", &format!("{tier}let region")))];
+    let ordinary: Vec<(String, String)> = REGIONS
+        .iter()
+        .map(|r| {
+            let file = r.to_lowercase().replace('-', "");
+            let body = format!(
+                "const LIST = \"Geo - {r}\";\nfn matches(contact) {{\n    {tier}\
+                 let region = contact.region;\n    region in {REGIONS:?} && region == {r:?}\n}}\n"
+            );
+            (file, body)
+        })
+        .collect();
+    let mut sides = Vec::new();
+    for rules in [&partitioned, &ordinary] {
+        let sandbox = support::start(SandboxConfig { churn_per_minute: 0, ..support::sandbox_config(2_000) }).await;
+        let files: Vec<(&str, &str)> = rules.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
+        let (dir, config) = support::rules_folder(&sandbox.base_url(), &files, "");
+        sides.push((sandbox, dir, config));
+    }
+    let mut first = Vec::new();
+    for (_, _, config) in &sides {
+        first.push(sync_runs(config).await);
+    }
+    assert_eq!(first[0].len(), 3, "{:?}", first[0]);
+    assert_eq!(first[0], first[1], "first sync");
+
+    let sms = |s: &Sandbox, region: &str| {
+        support::ids_where(s, |c: &Contact| {
+            c.region.as_deref() == Some(region)
+                && c.custom_fields.get("preferredChannel").and_then(|v| v.as_str()) == Some("SMS")
+        })
+    };
+    let mut second = Vec::new();
+    for (sandbox, _, config) in &sides {
+        let (lombardia, veneto) = (sms(sandbox, "Lombardia"), sms(sandbox, "Veneto"));
+        move_to(sandbox, &lombardia[0], "Veneto");
+        sandbox.with_store(|s| s.update(&lombardia[1], |c| c.region = None)).expect("no region");
+        let list = sandbox.with_store(|s| s.lists().iter().find(|l| l.name == "Geo - Lombardia").map(|l| l.id.clone()));
+        let list = list.expect("Lombardia's list");
+        sandbox.with_store(|s| s.add_members(&list, &[veneto[0].clone()])).expect("hand edit");
+        second.push(sync_runs(config).await);
+    }
+    assert_eq!(second[0], second[1], "after the changes");
+    let lombardia = &second[0]["lombardia"];
+    let count = |k: &str| lombardia.iter().find(|(name, _)| name == k).map(|(_, v)| v.clone());
+    assert_eq!(count("eval_errors"), Some(1.into()), "no region: {lombardia:?}");
+    assert_eq!(count("removed"), Some(2.into()), "the mover and the hand-added contact: {lombardia:?}");
+    assert_eq!(count("absent_fields"), Some("tier".into()), "{lombardia:?}");
+    assert_eq!(count("absent_on"), Some("2,000 contacts".into()), "each contact once, member or not: {lombardia:?}");
+
+    let mut third = Vec::new();
+    for (_, _, config) in &sides {
+        third.push(sync_runs(config).await);
+    }
+    assert_eq!(third[0], third[1], "no change");
+    for runs in third[0].values() {
+        assert!(runs.contains(&("members_from".to_owned(), "cache".into())), "judged on the shared read: {runs:?}");
+    }
+    for region in REGIONS {
+        let name = format!("Geo - {region}");
+        assert_eq!(members(&sides[0].0, &name), members(&sides[1].0, &name), "{region}");
+    }
+    for (sandbox, _, _) in sides {
+        sandbox.shutdown().await;
+    }
+}
