@@ -130,6 +130,11 @@ impl IdHash {
     pub fn of(id: &str) -> Self {
         Self(std::hash::BuildHasher::hash_one(&*ID_HASHER, id))
     }
+
+    /// The hash itself, for a table of ids kept elsewhere.
+    pub fn get(self) -> u64 {
+        self.0
+    }
 }
 
 impl fmt::Debug for ContactIdSet {

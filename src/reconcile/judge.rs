@@ -90,6 +90,10 @@ struct Siblings {
     targets: Vec<usize>,
     /// Each part's list name, to its target index.
     by_list: HashMap<String, usize>,
+    /// Every part's members in one table, by id hash: the position in `targets` of a part the id
+    /// may be a member of (one lookup a record instead of one per list; each hit is confirmed in
+    /// that part's own set). Two bytes an entry, since `MAX_LISTS_CEILING` is below `u16::MAX`.
+    members: hashbrown::HashTable<u16>,
 }
 
 impl Siblings {
@@ -113,10 +117,37 @@ impl Siblings {
                     slot,
                     targets: vec![i],
                     by_list: HashMap::from([(target.rule.list.clone(), i)]),
+                    members: hashbrown::HashTable::new(),
                 }),
             }
         }
+        // Parts beyond two bytes of positions are judged one by one.
+        groups.retain(|g| u16::try_from(g.targets.len()).is_ok());
+        for group in &mut groups {
+            let sets: Vec<&ContactIdSet> = group.targets.iter().map(|&i| &*targets[i].members).collect();
+            group.members = hashbrown::HashTable::with_capacity(sets.iter().map(|s| s.len()).sum());
+            for (position, set) in (0u16..).zip(&sets) {
+                for id in set.iter() {
+                    group.members.insert_unique(IdHash::of(id).get(), position, |_| {
+                        unreachable!("the table was made for every member, so it never grows")
+                    });
+                }
+            }
+        }
         groups
+    }
+
+    /// The parts `id` is a member of, each with its index in that part's set, into `out`.
+    fn member_of(&self, targets: &[Target], id: &str, hash: IdHash, out: &mut Vec<(usize, u32)>) {
+        out.clear();
+        for &position in self.members.iter_hash(hash.get()) {
+            let i = self.targets[usize::from(position)];
+            if out.iter().all(|(seen, _)| *seen != i)
+                && let Some(index) = targets[i].members.index_of_hashed(id, hash)
+            {
+                out.push((i, index));
+            }
+        }
     }
 }
 
@@ -310,8 +341,8 @@ pub async fn candidates(
         let mut groups = vec![GroupPage::default(); siblings.len()];
         // Per target: the page's records it holds as members, and of those, how many pass FILTER.
         let mut hits = vec![(0u64, 0u64); targets.len()];
-        // The targets of one group this record is a member of.
-        let mut members_here: Vec<usize> = Vec::new();
+        // The targets of one group this record is a member of, with its index in each.
+        let mut members_here: Vec<(usize, u32)> = Vec::new();
         for mut record in records {
             due.clear();
             filtered.fill(None);
@@ -357,14 +388,11 @@ pub async fn candidates(
                 page.records += 1;
                 page.in_filter += u64::from(in_filter_now);
                 first.observe(&record, in_filter_now, &mut page.observed);
-                members_here.clear();
-                for &i in &group.targets {
-                    if let Some(index) = targets[i].members.index_of_hashed(record.id.as_str(), hash) {
-                        members_here.push(i);
-                        hits[i].0 += 1;
-                        hits[i].1 += u64::from(in_filter_now);
-                        member_seen(&targets[i], &record, (i, index), cached[i].as_mut(), &mut due);
-                    }
+                group.member_of(targets, record.id.as_str(), hash, &mut members_here);
+                for &(i, index) in &members_here {
+                    hits[i].0 += 1;
+                    hits[i].1 += u64::from(in_filter_now);
+                    member_seen(&targets[i], &record, (i, index), cached[i].as_mut(), &mut due);
                 }
                 if !in_filter_now {
                     continue;
@@ -372,7 +400,7 @@ pub async fn candidates(
                 match named[group.slot].get_or_insert_with(|| first.list_of_record(&engine, &record, today)) {
                     Ok(Some(list)) => {
                         if let Some(&i) = group.by_list.get(list.as_str())
-                            && !members_here.contains(&i)
+                            && members_here.iter().all(|(m, _)| *m != i)
                         {
                             parts[i].matched += 1;
                             parts[i].candidates_matching.push(record.id.clone());
@@ -380,7 +408,7 @@ pub async fn candidates(
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        for &i in group.targets.iter().filter(|i| !members_here.contains(i)) {
+                        for &i in group.targets.iter().filter(|&&i| members_here.iter().all(|(m, _)| *m != i)) {
                             parts[i].error(&record.id, e.clone());
                         }
                     }
