@@ -9,10 +9,10 @@ macro_rules! string_id {
         $(#[$doc])*
         #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
         #[serde(transparent)]
-        pub struct $name(Box<str>);
+        pub struct $name(compact_str::CompactString);
 
         impl $name {
-            pub fn new(id: impl Into<Box<str>>) -> Self {
+            pub fn new(id: impl Into<compact_str::CompactString>) -> Self {
                 Self(id.into())
             }
 
