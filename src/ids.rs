@@ -250,6 +250,57 @@ impl<'a> FromIterator<&'a str> for ContactIdSet {
     }
 }
 
+/// Several [`ContactIdSet`]s' ids in one hash table: which of the sets hold an id, in one lookup
+/// instead of one per set. An entry is four bytes, the set's position and the id's index in that
+/// set packed together; each hit is confirmed against that set's own text, so the answer is the
+/// sets' own answer, never a hash's guess.
+pub struct SetsTable {
+    table: hashbrown::HashTable<u32>,
+    /// How many low bits of an entry hold the index.
+    index_bits: u32,
+}
+
+impl SetsTable {
+    /// A table of `sets` (positions in the order given), or `None` when a position and an index
+    /// do not fit in four bytes together (then look the sets up one by one).
+    pub fn new(sets: &[&ContactIdSet]) -> Option<Self> {
+        let position_bits = usize::BITS - sets.len().saturating_sub(1).leading_zeros();
+        let index_bits = 32u32.checked_sub(position_bits)?;
+        if sets.iter().any(|s| (s.len() as u64) > 1u64 << index_bits) {
+            return None;
+        }
+        let mut table = hashbrown::HashTable::with_capacity(sets.iter().map(|s| s.len()).sum());
+        for (position, set) in (0u64..).zip(sets) {
+            for (index, id) in (0u64..).zip(set.iter()) {
+                let entry = u32::try_from(position << index_bits | index).ok()?;
+                table.insert_unique(IdHash::of(id).get(), entry, |_| {
+                    unreachable!("the table was made for every id, so it never grows")
+                });
+            }
+        }
+        Some(Self { table, index_bits })
+    }
+
+    /// Every set holding `id` (its `hash`), as (position, index in that set), into `out`.
+    /// `set_at(position)` is the set given at that position.
+    pub fn holders<'a>(
+        &self,
+        set_at: impl Fn(usize) -> &'a ContactIdSet,
+        id: &str,
+        hash: IdHash,
+        out: &mut Vec<(usize, u32)>,
+    ) {
+        out.clear();
+        let mask = (1u64 << self.index_bits) - 1;
+        for &entry in self.table.iter_hash(hash.get()) {
+            let (position, index) = ((u64::from(entry) >> self.index_bits) as usize, (u64::from(entry) & mask) as u32);
+            if set_at(position).at(index) == Some(id) {
+                out.push((position, index));
+            }
+        }
+    }
+}
+
 /// A fixed set of small numbers (indexes into a [`ContactIdSet`]): one bit each.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BitSet(Vec<u64>);
@@ -307,6 +358,42 @@ mod tests {
         assert!(!many.contains("cnt-10000"));
         let reversed: ContactIdSet = many.iter().collect::<Vec<_>>().into_iter().rev().collect();
         assert_eq!(reversed, many, "equality ignores order");
+    }
+
+    // One lookup names every set holding an id, with its index there; ids that only share a
+    // prefix or nothing are in none; too many sets for the packing is refused.
+    #[test]
+    fn sets_table_names_every_holder() {
+        let a: ContactIdSet = ["cnt-1", "cnt-2", "cnt-3"].into_iter().collect();
+        let b: ContactIdSet = ["cnt-3", "cnt-1"].into_iter().collect();
+        let c: ContactIdSet =
+            (0..5_000).map(|i| format!("x-{i}")).collect::<Vec<_>>().iter().map(String::as_str).collect();
+        let sets = [&a, &b, &c];
+        let table = SetsTable::new(&sets).expect("fits");
+        let mut out = Vec::new();
+        let mut holders = |id: &str| {
+            table.holders(|p| sets[p], id, IdHash::of(id), &mut out);
+            let mut found = out.clone();
+            found.sort_unstable();
+            found
+        };
+        assert_eq!(holders("cnt-1"), [(0, 0), (1, 1)]);
+        assert_eq!(holders("cnt-3"), [(0, 2), (1, 0)]);
+        assert_eq!(holders("cnt-2"), [(0, 1)]);
+        assert_eq!(holders("x-4999"), [(2, 4999)]);
+        assert_eq!(holders("cnt-"), []);
+        assert_eq!(holders("cnt-11"), []);
+        assert!((0..5_000).all(|i| holders(&format!("x-{i}")) == [(2, i)]));
+        // 2^20 + 1 sets take 21 bits of position, leaving 11 (2,048 ids) for the index.
+        let empty = ContactIdSet::new();
+        let mut crowded = vec![&empty; 1 << 20];
+        let fits: ContactIdSet =
+            (0..2_048).map(|i| i.to_string()).collect::<Vec<_>>().iter().map(String::as_str).collect();
+        crowded.push(&fits);
+        assert!(SetsTable::new(&crowded).is_some());
+        crowded.pop();
+        crowded.push(&c);
+        assert!(SetsTable::new(&crowded).is_none(), "5,000 ids need 13 bits, 11 are left");
     }
 
     // Bits set, read, counted and merged; out of range is ignored.

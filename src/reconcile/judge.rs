@@ -14,7 +14,7 @@ use super::plan::Evaluation;
 use crate::contact::{ContactRecord, Keep};
 use crate::gateway::{Gateway, Scan, ScanQuery};
 use crate::ids::RuleName;
-use crate::ids::{BitSet, ContactIdSet, IdHash, ListId};
+use crate::ids::{BitSet, ContactIdSet, IdHash, ListId, SetsTable};
 use crate::rules::{Date, EvalError, Facts, FilterTerm, Lists, Mode, Observed, Rule};
 
 /// Sibling groups' list names are hashed with foldhash (hashbrown's default), as findings' tallies.
@@ -90,63 +90,46 @@ struct Siblings {
     targets: Vec<usize>,
     /// Each part's list name, to its target index.
     by_list: HashMap<String, usize>,
-    /// Every part's members in one table, by id hash: the position in `targets` of a part the id
-    /// may be a member of (one lookup a record instead of one per list; each hit is confirmed in
-    /// that part's own set). Two bytes an entry, since `MAX_LISTS_CEILING` is below `u16::MAX`.
-    members: hashbrown::HashTable<u16>,
+    /// Every part's members in one table (positions in `targets`): one lookup a record instead of
+    /// one per list.
+    members: SetsTable,
 }
 
 impl Siblings {
     /// The groups of `targets`: parts of one partitioned rule (`parent_slot`) without a derived
     /// filter (which is per target), whose `FILTER` and mentioned fields are their rule's.
     fn of(targets: &[Target], parent_slot: &[Option<usize>]) -> Vec<Siblings> {
-        let mut groups: Vec<Siblings> = Vec::new();
+        let mut groups: Vec<(usize, Vec<usize>, HashMap<String, usize>)> = Vec::new();
         for (i, target) in targets.iter().enumerate() {
             let Some(slot) = parent_slot[i].filter(|_| target.derived.is_empty()) else { continue };
-            let same = |g: &Siblings| {
-                let first = &targets[g.targets[0]].rule;
-                g.slot == slot && first.filter == target.rule.filter && first.mentions == target.rule.mentions
+            let same = |(s, parts, _): &(usize, Vec<usize>, HashMap<String, usize>)| {
+                let first = &targets[parts[0]].rule;
+                *s == slot && first.filter == target.rule.filter && first.mentions == target.rule.mentions
             };
             match groups.iter_mut().find(|g| same(g)) {
-                Some(g) if !g.by_list.contains_key(&target.rule.list) => {
-                    g.targets.push(i);
-                    g.by_list.insert(target.rule.list.clone(), i);
+                Some((_, parts, by_list)) if !by_list.contains_key(&target.rule.list) => {
+                    parts.push(i);
+                    by_list.insert(target.rule.list.clone(), i);
                 }
                 Some(_) => {}
-                None => groups.push(Siblings {
-                    slot,
-                    targets: vec![i],
-                    by_list: HashMap::from([(target.rule.list.clone(), i)]),
-                    members: hashbrown::HashTable::new(),
-                }),
+                None => groups.push((slot, vec![i], HashMap::from([(target.rule.list.clone(), i)]))),
             }
         }
-        // Parts beyond two bytes of positions are judged one by one.
-        groups.retain(|g| u16::try_from(g.targets.len()).is_ok());
-        for group in &mut groups {
-            let sets: Vec<&ContactIdSet> = group.targets.iter().map(|&i| &*targets[i].members).collect();
-            group.members = hashbrown::HashTable::with_capacity(sets.iter().map(|s| s.len()).sum());
-            for (position, set) in (0u16..).zip(&sets) {
-                for id in set.iter() {
-                    group.members.insert_unique(IdHash::of(id).get(), position, |_| {
-                        unreachable!("the table was made for every member, so it never grows")
-                    });
-                }
-            }
-        }
+        // Parts beyond what a table entry can name are judged one by one.
         groups
+            .into_iter()
+            .filter_map(|(slot, parts, by_list)| {
+                let members = SetsTable::new(&parts.iter().map(|&i| &*targets[i].members).collect::<Vec<_>>())?;
+                Some(Siblings { slot, targets: parts, by_list, members })
+            })
+            .collect()
     }
 
     /// The parts `id` is a member of, each with its index in that part's set, into `out`.
     fn member_of(&self, targets: &[Target], id: &str, hash: IdHash, out: &mut Vec<(usize, u32)>) {
-        out.clear();
-        for &position in self.members.iter_hash(hash.get()) {
-            let i = self.targets[usize::from(position)];
-            if out.iter().all(|(seen, _)| *seen != i)
-                && let Some(index) = targets[i].members.index_of_hashed(id, hash)
-            {
-                out.push((i, index));
-            }
+        self.members.holders(|p| &targets[self.targets[p]].members, id, hash, out);
+        for (i, _) in out.iter_mut() {
+            *i = self.targets[*i];
         }
     }
 }
@@ -326,6 +309,8 @@ pub async fn candidates(
     let siblings = Siblings::of(&targets, &parent_slot);
     // The targets judged one by one: every one not in a sibling group.
     let single: Vec<usize> = (0..n).filter(|i| !siblings.iter().any(|s| s.targets.contains(i))).collect();
+    // Their members in one table too (positions in `single`), unless too many to pack.
+    let single_members = SetsTable::new(&single.iter().map(|&i| &*targets[i].members).collect::<Vec<_>>());
     let (engine, work_targets, work_unfolding) = (engine.clone(), targets.clone(), unfolding.clone());
     let scan = gw.scan_with(query, move |records: Vec<ContactRecord>| {
         let targets = &work_targets;
@@ -349,9 +334,16 @@ pub async fn candidates(
             let hash = IdHash::of(record.id.as_str());
             let mut passes_filter =
                 |k: usize, rule: &Rule| *filtered[filter_group[k]].get_or_insert_with(|| rule.passes_filter(&record));
-            for &i in &single {
+            if let Some(table) = &single_members {
+                table.holders(|p| &targets[single[p]].members, record.id.as_str(), hash, &mut members_here);
+            }
+            for (p, &i) in single.iter().enumerate() {
                 let target = &targets[i];
-                let Some(index) = target.members.index_of_hashed(record.id.as_str(), hash) else {
+                let member = match &single_members {
+                    Some(_) => members_here.iter().find(|(q, _)| *q == p).map(|&(_, index)| index),
+                    None => target.members.index_of_hashed(record.id.as_str(), hash),
+                };
+                let Some(index) = member else {
                     parts[i].evaluated += 1;
                     let in_filter_now = passes_filter(i, &target.rule);
                     target.rule.observe(&record, in_filter_now, &mut parts[i].observed);
