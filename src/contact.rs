@@ -2,15 +2,26 @@
 //! gateway needs of any record type (its id). Neither the gateway nor the rules own this: it is
 //! the one shape both speak.
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use rhai::{Dynamic, Map};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 
 use crate::ids::ContactId;
 
 /// A record the client can de-duplicate: anything deserializable that knows its contact id.
 pub trait Record: DeserializeOwned + Send + 'static {
     fn contact_id(&self) -> Option<ContactId>;
+
+    /// The record from its text `raw`, a slice of `page`, keeping `keep`'s fields (`None`: every
+    /// field). Records that cannot narrow parse it whole.
+    fn from_raw(raw: &RawValue, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<Self> {
+        let _ = (page, keep);
+        serde_json::from_str(raw.get())
+    }
 }
 
 impl Record for serde_json::Value {
@@ -44,21 +55,6 @@ impl Keep {
     }
 }
 
-thread_local! {
-    /// What the contacts parsed on this thread keep: set by [`parse_keeping`] around one page's parse.
-    static KEEP: std::cell::RefCell<Option<std::sync::Arc<Keep>>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Runs `parse` (one page's deserialization) with the contacts it parses keeping only `keep`'s
-/// fields (`None`: every field). Serde gives a `Deserialize` no context, so the read's choice
-/// travels beside it on the parsing thread, for exactly this call.
-pub fn parse_keeping<T>(keep: Option<&std::sync::Arc<Keep>>, parse: impl FnOnce() -> T) -> T {
-    let before = KEEP.with(|k| k.replace(keep.cloned()));
-    let parsed = parse();
-    KEEP.with(|k| k.replace(before));
-    parsed
-}
-
 /// A contact parsed straight from JSON into a Rhai object map: parsed and converted in one step,
 /// `customFields` nested. Either every field is in the map (unknown ones too), or (a narrowed
 /// record, from a read whose rules are all judged natively) only the fields the read keeps, with
@@ -68,8 +64,9 @@ pub fn parse_keeping<T>(keep: Option<&std::sync::Arc<Keep>>, parse: impl FnOnce(
 pub struct ContactRecord {
     pub id: ContactId,
     fields: Dynamic,
-    /// The record as read and what `fields` kept of it, when `fields` holds only the kept fields.
-    narrowed: Option<(Box<serde_json::value::RawValue>, std::sync::Arc<Keep>)>,
+    /// The record as read (a slice of its page) and what `fields` kept of it, when `fields` holds
+    /// only the kept fields.
+    narrowed: Option<(Bytes, Arc<Keep>)>,
 }
 
 /// A contact as a rule's call receives it: `view` is what the native evaluator reads (a narrowed
@@ -146,9 +143,9 @@ impl ContactRecord {
     pub fn full(&self) -> std::borrow::Cow<'_, Dynamic> {
         match &self.narrowed {
             None => std::borrow::Cow::Borrowed(&self.fields),
-            Some((raw, _)) => std::borrow::Cow::Owned(
-                serde_json::from_str::<Dynamic>(raw.get()).unwrap_or_else(|_| self.fields.clone()),
-            ),
+            Some((raw, _)) => {
+                std::borrow::Cow::Owned(serde_json::from_slice::<Dynamic>(raw).unwrap_or_else(|_| self.fields.clone()))
+            }
         }
     }
 
@@ -211,24 +208,31 @@ fn id_of<E: serde::de::Error>(map: &Map) -> Result<ContactId, E> {
 impl<'de> Deserialize<'de> for ContactRecord {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
-        let keep = KEEP.with(|k| k.borrow().clone());
-        let Some(keep) = keep else {
-            let map = Dynamic::deserialize(d)?
-                .try_cast::<Map>()
-                .ok_or_else(|| D::Error::custom("a contact must be a JSON object"))?;
-            return Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), narrowed: None });
-        };
-        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
-        let map = serde_json::Deserializer::from_str(raw.get())
-            .deserialize_map(Narrow(&keep))
-            .map_err(|_| D::Error::custom("a contact must be a JSON object"))?;
-        Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), narrowed: Some((raw, keep)) })
+        let map = Dynamic::deserialize(d)?
+            .try_cast::<Map>()
+            .ok_or_else(|| D::Error::custom("a contact must be a JSON object"))?;
+        Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), narrowed: None })
     }
 }
 
 impl Record for ContactRecord {
     fn contact_id(&self) -> Option<ContactId> {
         Some(self.id.clone())
+    }
+
+    /// A narrowed record holds the kept fields, parsed, and its text as a slice of the page (shared,
+    /// not copied; a text from elsewhere is copied).
+    fn from_raw(raw: &RawValue, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<Self> {
+        use serde::de::Error;
+        let Some(keep) = keep else { return serde_json::from_str(raw.get()) };
+        let map = serde_json::Deserializer::from_str(raw.get())
+            .deserialize_map(Narrow(keep))
+            .map_err(|_| serde_json::Error::custom("a contact must be a JSON object"))?;
+        let text = raw.get().as_bytes();
+        let (whole, part) = (page.as_ptr_range(), text.as_ptr_range());
+        let within = whole.start <= part.start && part.end <= whole.end;
+        let raw = if within { page.slice_ref(text) } else { Bytes::copy_from_slice(text) };
+        Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), narrowed: Some((raw, keep.clone())) })
     }
 }
 
@@ -251,21 +255,29 @@ mod tests {
     #[test]
     fn a_narrowed_record_keeps_its_fields_and_gives_them_all() {
         let json = r#"{"id":"c1","firstName":"Anna","region":"Veneto","customFields":{"totalSpent":6800,"d":"2026-01-01"},"email":null}"#;
-        let keep = std::sync::Arc::new(Keep::new(["region".to_owned(), "customFields".to_owned()]));
-        let narrow: ContactRecord = parse_keeping(Some(&keep), || serde_json::from_str(json)).expect("parses");
+        let keep = Arc::new(Keep::new(["region".to_owned(), "customFields".to_owned()]));
+        let page = Bytes::from(json);
+        let raw: &RawValue = serde_json::from_slice(&page).expect("json");
+        let narrow = ContactRecord::from_raw(raw, &page, Some(&keep)).expect("parses");
         let whole: ContactRecord = serde_json::from_str(json).expect("parses");
         assert!(narrow.is_narrowed() && !whole.is_narrowed());
+        // The record's text is the page's own bytes, not a copy.
+        let text = narrow.narrowed.as_ref().map(|(raw, _)| raw.as_ptr_range()).expect("narrowed");
+        assert_eq!(text, page.as_ptr_range());
         let keys = |r: &ContactRecord| r.map().expect("map").keys().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(keys(&narrow), ["customFields", "id", "region"]);
         assert_eq!(keys(&whole).len(), 5);
         assert_eq!(narrow.full().to_string(), whole.full().to_string());
         assert_eq!(narrow.contact().into_full().to_string(), whole.fields.to_string());
         assert_eq!(narrow.id.as_str(), "c1");
-        // The keeping ends with the parse.
-        let after: ContactRecord = serde_json::from_str(json).expect("parses");
-        assert!(!after.is_narrowed());
+        // Without a `Keep`, every field.
+        assert!(!ContactRecord::from_raw(raw, &page, None).expect("parses").is_narrowed());
         // Not an object, or no id: refused as before.
-        let refused = |text: &str| parse_keeping(Some(&keep), || serde_json::from_str::<ContactRecord>(text)).is_err();
+        let refused = |text: &'static str| {
+            let page = Bytes::from(text);
+            let raw: &RawValue = serde_json::from_slice(&page).expect("json");
+            ContactRecord::from_raw(raw, &page, Some(&keep)).is_err()
+        };
         assert!(refused("[1]") && refused(r#"{"region":"Veneto"}"#));
     }
 }

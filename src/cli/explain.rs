@@ -7,6 +7,7 @@ use super::check::unselectable;
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::contact::ContactRecord;
+use crate::gateway::Records;
 use crate::ids::ContactId;
 use crate::rules;
 
@@ -160,8 +161,8 @@ async fn in_list_now(
     let Some(found) = gateway.find_lists(list).await?.into_iter().find(|l| l.name == list) else { return Ok(None) };
     let target = contact.to_owned();
     let query = crate::gateway::ScanQuery { list_ids: vec![found.id.clone()], ..Default::default() };
-    let mut scan =
-        gateway.scan_with(&query, move |records: Vec<ContactRecord>| records.iter().any(|r| r.id.as_str() == target));
+    let mut scan = gateway
+        .scan_with(&query, move |records: &mut Records<'_, ContactRecord>| records.any(|r| r.id.as_str() == target));
     while let Some(page) = scan.next().await {
         if page?.records {
             return Ok(Some((found.id, true)));

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::connection::Connection;
 use crate::contact::ContactRecord;
-use crate::gateway::ScanQuery;
+use crate::gateway::{Records, ScanQuery};
 use crate::rules::{ABSENT_MIN_JUDGED, Date, Finding, Observed, Rule, thousands};
 
 /// One rule on the sample.
@@ -64,9 +64,10 @@ pub(super) async fn preview(
     let (engine, work_rules) = (Arc::new(engine), Arc::new(rules.clone()));
     let mut scan = connection.gateway.scan_with(
         &ScanQuery { sample: Some(n), ..ScanQuery::default() },
-        move |records: Vec<ContactRecord>| {
+        move |records: &mut Records<'_, ContactRecord>| {
             let mut tallies = vec![Tally::default(); work_rules.len()];
-            for record in &records {
+            for record in records.by_ref() {
+                let record = &record;
                 for (rule, tally) in work_rules.iter().zip(&mut tallies) {
                     let passes = rule.passes_filter(record);
                     rule.observe(record, passes, &mut tally.observed);
@@ -83,7 +84,7 @@ pub(super) async fn preview(
                     }
                 }
             }
-            (records.len() as u64, tallies)
+            (records.fresh() as u64, tallies)
         },
     );
     let mut contacts = 0;

@@ -35,7 +35,7 @@ pub use error::{GatewayError, Operation};
 pub use meter::{Meter, PROCESS, StatusClass, Usage};
 pub use pacer::Pacer;
 pub use rate_plan::{RateLimits, RatePlan};
-pub use scan::{Keyed, MAX_RECORDS_PER_READ, Page, Scan, churn_margin};
+pub use scan::{Keyed, MAX_RECORDS_PER_READ, Page, Records, Scan, churn_margin};
 
 use crate::contact::Record;
 use crate::ids::{ContactId, ListId};
@@ -520,7 +520,7 @@ impl Gateway {
 
     /// Streams every contact matching `query`, page by page, each contact once.
     pub fn scan<T: Record>(&self, query: &ScanQuery) -> Scan<Vec<T>> {
-        self.scan_with(query, |records: Vec<T>| records)
+        self.scan_with(query, |records: &mut Records<'_, T>| records.collect())
     }
 
     /// Reads every member of `list` (full records), page by page.
@@ -534,7 +534,7 @@ impl Gateway {
     pub fn scan_with<T: Record, R: Send + 'static>(
         &self,
         query: &ScanQuery,
-        work: impl Fn(Vec<T>) -> R + Send + Sync + 'static,
+        work: impl Fn(&mut Records<'_, T>) -> R + Send + Sync + 'static,
     ) -> Scan<R> {
         let op = if query.list_ids.is_empty() { Operation::ScanContacts } else { Operation::ReadMembers };
         let mut filters = query.filters.clone();
@@ -570,7 +570,7 @@ impl Gateway {
                 sample: None,
                 keep: None,
             },
-            |lists: Vec<ListInfo>| lists,
+            |lists: &mut Records<'_, ListInfo>| lists.collect::<Vec<_>>(),
         );
         let mut all = Vec::new();
         while let Some(page) = self.unless_cancelled(Operation::FindList, scan.next()).await? {

@@ -11,34 +11,104 @@
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
+use bytes::Bytes;
+use compact_str::CompactString;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use reqwest::Method;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::{Gateway, GatewayError, ListInfo, Operation, Pagination, Paging, Resource, SEED_PAGE_SIZE};
-use crate::contact::Record;
+use crate::contact::{Keep, Record};
 
 /// More records than this in one read is not an account, it is a broken or hostile server: the
 /// read fails at once instead of holding ever more ids (16 bytes each) in memory.
 pub const MAX_RECORDS_PER_READ: u64 = 50_000_000;
 
-/// A record a paged read can de-duplicate: anything deserializable with an id.
-pub trait Keyed: DeserializeOwned + Send + 'static {
-    fn key(&self) -> Option<String>;
+/// A record a paged read can de-duplicate: anything parsed from its text with an id.
+pub trait Keyed: Send + 'static + Sized {
+    /// The record's id, as text.
+    fn key(&self) -> Option<CompactString>;
+
+    /// The record from its text `raw`, a slice of `page`, keeping `keep`'s fields.
+    fn parse(raw: &RawValue, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<Self>;
 }
 
 impl<T: Record> Keyed for T {
-    fn key(&self) -> Option<String> {
-        self.contact_id().map(|id| id.as_str().to_owned())
+    fn key(&self) -> Option<CompactString> {
+        self.contact_id().map(|id| id.as_str().into())
+    }
+
+    fn parse(raw: &RawValue, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<Self> {
+        T::from_raw(raw, page, keep)
     }
 }
 
 impl Keyed for ListInfo {
-    fn key(&self) -> Option<String> {
-        Some(self.id.as_str().to_owned())
+    fn key(&self) -> Option<CompactString> {
+        Some(self.id.as_str().into())
+    }
+
+    fn parse(raw: &RawValue, _: &Bytes, _: Option<&Arc<Keep>>) -> serde_json::Result<Self> {
+        serde_json::from_str(raw.get())
+    }
+}
+
+/// One page's records, each parsed when the page work asks for it (so it is judged while still
+/// in cache, and a page's records are never all held at once), and each checked against the
+/// read's ids first: a record an earlier page returned is skipped. A record that does not parse,
+/// or has no id, ends the page; the page is then the read's error, whatever the work made of the
+/// records before it.
+pub struct Records<'a, T> {
+    raw: std::slice::Iter<'a, &'a RawValue>,
+    page: &'a Bytes,
+    keep: Option<&'a Arc<Keep>>,
+    seen: &'a Seen,
+    op: Operation,
+    offset: u64,
+    fresh: usize,
+    error: Option<GatewayError>,
+    record: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> Records<'_, T> {
+    /// The records handed out so far (all of the page's new ones, once the iteration ended).
+    pub fn fresh(&self) -> usize {
+        self.fresh
+    }
+}
+
+impl<T: Keyed> Iterator for Records<'_, T> {
+    type Item = T;
+
+    fn next(&mut self) -> Option<T> {
+        if self.error.is_some() {
+            return None;
+        }
+        for raw in self.raw.by_ref() {
+            let record = match T::parse(raw, self.page, self.keep) {
+                Ok(record) => record,
+                Err(e) => {
+                    self.error = Some(GatewayError::Decode {
+                        op: self.op,
+                        message: format!("a record at offset {}: {e}", self.offset),
+                    });
+                    return None;
+                }
+            };
+            let Some(id) = record.key() else {
+                let message = format!("a record at offset {} has no id", self.offset);
+                self.error = Some(GatewayError::Decode { op: self.op, message });
+                return None;
+            };
+            if self.seen.first_time(&id) {
+                self.fresh += 1;
+                return Some(record);
+            }
+        }
+        None
     }
 }
 
@@ -81,6 +151,9 @@ pub(super) struct Request {
     pub keep: Option<Arc<crate::contact::Keep>>,
 }
 
+/// A read's page work: what it makes of one page's records.
+type Work<T, R> = dyn Fn(&mut Records<'_, T>) -> R + Send + Sync;
+
 /// The churn a live account explains between the pages of one read: 1 % of the total, plus 2.
 /// More than that and the read is not trusted.
 pub fn churn_margin(total: u64) -> u64 {
@@ -90,9 +163,9 @@ pub fn churn_margin(total: u64) -> u64 {
 /// The `contacts` (or `lists`) of one page, the announced total, and the page size the server
 /// says it used (a server may serve less than asked).
 #[derive(Deserialize)]
-struct PageWire<T> {
-    #[serde(alias = "lists")]
-    contacts: Vec<T>,
+struct PageWire<'a> {
+    #[serde(alias = "lists", borrow)]
+    contacts: Vec<&'a RawValue>,
     total: u64,
     #[serde(default)]
     limit: Option<u64>,
@@ -109,29 +182,10 @@ struct Seen {
 }
 
 impl Seen {
-    /// Keeps the records not seen before; a full later page with nothing new means `offset` is ignored.
-    fn fresh<T: Keyed>(
-        &self,
-        op: Operation,
-        offset: u64,
-        pagination: Pagination,
-        records: Vec<T>,
-    ) -> Result<Vec<T>, GatewayError> {
-        let before = records.len();
-        let mut fresh = Vec::with_capacity(before);
-        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        for r in records {
-            let Some(id) = r.key() else {
-                return Err(GatewayError::Decode { op, message: format!("a record at offset {offset} has no id") });
-            };
-            if ids.insert(self.hasher.hash_one(id.as_str())) {
-                fresh.push(r);
-            }
-        }
-        if offset > 0 && before > 0 && fresh.is_empty() {
-            return Err(GatewayError::PagingIgnored { op, offset, pagination });
-        }
-        Ok(fresh)
+    /// Whether `id` is new to this read (and from now on, seen).
+    fn first_time(&self, id: &str) -> bool {
+        let hash = self.hasher.hash_one(id);
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).insert(hash)
     }
 }
 
@@ -151,12 +205,12 @@ impl Gateway {
     pub(super) fn paged<T: Keyed, R: Send + 'static>(
         &self,
         req: Request,
-        work: impl Fn(Vec<T>) -> R + Send + Sync + 'static,
+        work: impl Fn(&mut Records<'_, T>) -> R + Send + Sync + 'static,
     ) -> Scan<R> {
         let (tx, rx) = mpsc::channel(self.inner.concurrency + 1);
         let this = self.clone();
         let task = tokio::spawn(async move {
-            let work: Arc<dyn Fn(Vec<T>) -> R + Send + Sync> = Arc::new(work);
+            let work: Arc<Work<T, R>> = Arc::new(work);
             this.produce(req, &work, &tx).await;
             // The page work (and what it holds, e.g. member sets shared with the caller) goes
             // before the channel closes, so a caller that saw the end holds the only references.
@@ -173,7 +227,7 @@ impl Gateway {
         offset: u64,
         paging: Paging,
         seen: &Arc<Seen>,
-        work: &Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
+        work: &Arc<Work<T, R>>,
     ) -> Result<Fetched<R>, GatewayError> {
         let op = req.op;
         let mut query: Vec<(&str, String)> = req.filters.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
@@ -186,19 +240,38 @@ impl Gateway {
         let bytes = self.call(op, Method::GET, self.url(req.path), &query, None, true).await?;
         let (seen, work, meter, keep) = (seen.clone(), work.clone(), self.meter.clone(), req.keep.clone());
         tokio::task::spawn_blocking(move || {
-            let wire: PageWire<T> = crate::contact::parse_keeping(keep.as_ref(), || serde_json::from_slice(&bytes))
-                .map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
+            let wire: PageWire<'_> =
+                serde_json::from_slice(&bytes).map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
             let raw = wire.contacts.len();
             meter.records(op, raw as u64);
             super::PROCESS.records(op, raw as u64);
-            let fresh = seen.fresh(op, offset, paging.pagination, wire.contacts)?;
-            let n = fresh.len();
+            let mut records = Records {
+                raw: wire.contacts.iter(),
+                page: &bytes,
+                keep: keep.as_ref(),
+                seen: &seen,
+                op,
+                offset,
+                fresh: 0,
+                error: None,
+                record: std::marker::PhantomData,
+            };
+            let worked = work(&mut records);
+            // Whatever the work left unread is still checked and counted.
+            records.by_ref().for_each(drop);
+            if let Some(e) = records.error {
+                return Err(e);
+            }
+            // A full later page with nothing new means `offset` (or `page`) is ignored.
+            if offset > 0 && raw > 0 && records.fresh == 0 {
+                return Err(GatewayError::PagingIgnored { op, offset, pagination: paging.pagination });
+            }
             Ok(Fetched {
                 offset,
                 raw,
                 served_limit: wire.limit,
-                fresh: n,
-                page: Page { records: work(fresh), total: wire.total },
+                fresh: records.fresh,
+                page: Page { records: worked, total: wire.total },
             })
         })
         .await
@@ -217,7 +290,7 @@ impl Gateway {
         req: &Request,
         paging: &mut Paging,
         seen: &Arc<Seen>,
-        work: &Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
+        work: &Arc<Work<T, R>>,
     ) -> Result<Fetched<R>, GatewayError> {
         let mut reason = None;
         loop {
@@ -252,7 +325,7 @@ impl Gateway {
     async fn produce<T: Keyed, R: Send + 'static>(
         &self,
         req: Request,
-        work: &Arc<dyn Fn(Vec<T>) -> R + Send + Sync>,
+        work: &Arc<Work<T, R>>,
         tx: &mpsc::Sender<Result<Page<R>, GatewayError>>,
     ) {
         let mut paging = self.paging(req.resource);

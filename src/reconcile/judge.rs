@@ -12,7 +12,7 @@ use super::ReconcileError;
 use super::partition::{Named, Unfolding};
 use super::plan::Evaluation;
 use crate::contact::{ContactRecord, Keep};
-use crate::gateway::{Gateway, Scan, ScanQuery};
+use crate::gateway::{Gateway, Records, Scan, ScanQuery};
 use crate::ids::RuleName;
 use crate::ids::{BitSet, ContactIdSet, IdHash, ListId, SetsTable};
 use crate::rules::{Date, EvalError, Facts, FilterTerm, Lists, Mode, Observed, Rule};
@@ -157,7 +157,7 @@ pub async fn members(
     let mut eval = Evaluation::default();
     let scan = gw.scan_with(
         &ScanQuery { list_ids: vec![list.clone()], keep: keep([(&**rule, &[][..])]), ..ScanQuery::default() },
-        move |records: Vec<ContactRecord>| {
+        move |records: &mut Records<'_, ContactRecord>| {
             let mut part = Evaluation::default();
             for mut record in records {
                 part.members.insert(record.id.as_str());
@@ -312,7 +312,7 @@ pub async fn candidates(
     // Their members in one table too (positions in `single`), unless too many to pack.
     let single_members = SetsTable::new(&single.iter().map(|&i| &*targets[i].members).collect::<Vec<_>>());
     let (engine, work_targets, work_unfolding) = (engine.clone(), targets.clone(), unfolding.clone());
-    let scan = gw.scan_with(query, move |records: Vec<ContactRecord>| {
+    let scan = gw.scan_with(query, move |records: &mut Records<'_, ContactRecord>| {
         let targets = &work_targets;
         let mut filtered: Vec<Option<bool>> = vec![None; filter_group.len()];
         let mut new_lists = vec![Named::default(); work_unfolding.len()];
@@ -486,14 +486,16 @@ pub async fn filter_sample(
 ) -> Result<Observed, ReconcileError> {
     let page = u64::from(gw.paging(crate::gateway::Resource::Contacts).page_size);
     let work_rule = rule.clone();
-    let scan =
-        gw.scan_with(&ScanQuery { sample: Some(page), ..ScanQuery::default() }, move |records: Vec<ContactRecord>| {
+    let scan = gw.scan_with(
+        &ScanQuery { sample: Some(page), ..ScanQuery::default() },
+        move |records: &mut Records<'_, ContactRecord>| {
             let mut seen = Observed::default();
-            for record in &records {
-                work_rule.observe(record, false, &mut seen);
+            for record in records {
+                work_rule.observe(&record, false, &mut seen);
             }
             seen
-        });
+        },
+    );
     let mut seen = Observed::default();
     fold_pages(scan, cancel, |part| seen.merge(part)).await?;
     Ok(seen)

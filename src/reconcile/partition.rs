@@ -14,7 +14,7 @@ use super::judge::fold_pages;
 use super::read::Candidates;
 use super::{Flow, PassRequest, Reconciler, RuleReport};
 use crate::contact::ContactRecord;
-use crate::gateway::{Meter, ScanQuery};
+use crate::gateway::{Meter, Records, ScanQuery};
 use crate::rules::{Date, Lists, Rule, thousands};
 
 /// List names kept per rule beyond its `MAX_LISTS` while counting: enough to say "more than".
@@ -122,16 +122,17 @@ impl Reconciler {
         // A native `fn list` reads only its fields: the records keep only those.
         let keep = super::judge::keep([(&**rule, &[][..])]);
         let query = ScanQuery { filters: rule.filter_query(), keep, ..ScanQuery::default() };
-        let scan = self.gateway.metered(meter.clone()).scan_with(&query, move |records: Vec<ContactRecord>| {
-            let mut named = Named::default();
-            for record in records.into_iter().filter(|r| work_rule.passes_filter(r)) {
-                // A contact `fn list` cannot judge names no list here; its list's run counts the error.
-                if let Ok(Some(list)) = work_rule.list_of_record(&engine, &record, today) {
-                    named.add(&list, 1, max);
+        let scan =
+            self.gateway.metered(meter.clone()).scan_with(&query, move |records: &mut Records<'_, ContactRecord>| {
+                let mut named = Named::default();
+                for record in records.into_iter().filter(|r| work_rule.passes_filter(r)) {
+                    // A contact `fn list` cannot judge names no list here; its list's run counts the error.
+                    if let Ok(Some(list)) = work_rule.list_of_record(&engine, &record, today) {
+                        named.add(&list, 1, max);
+                    }
                 }
-            }
-            named
-        });
+                named
+            });
         let mut named = Named::default();
         fold_pages(scan, &self.cancel, |page| named.merge(page, max)).await.map_err(|e| e.to_string())?;
         Ok(named)

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::judge::fold_pages;
 use super::{Reconciler, RuleReport};
 use crate::contact::ContactRecord;
-use crate::gateway::{Meter, ScanQuery};
+use crate::gateway::{Meter, Records, ScanQuery};
 use crate::ids::ContactId;
 use crate::outcome::Outcome;
 use crate::rules::{Date, Rule};
@@ -67,22 +67,24 @@ impl Reconciler {
     async fn judge_suppression(&self, rule: &Arc<Rule>, today: Date, meter: &Arc<Meter>) -> Result<Suppressed, String> {
         let (engine, work_rule) = (self.engine.clone(), rule.clone());
         let query = ScanQuery { filters: rule.filter_query(), ..ScanQuery::default() };
-        let scan = self.gateway.metered(meter.clone()).scan_with(&query, move |records: Vec<ContactRecord>| {
-            let mut part = Suppressed { scanned: records.len() as u64, ..Suppressed::default() };
-            for record in records {
-                match work_rule.evaluate(&engine, &record, today) {
-                    Ok(true) => {
-                        part.ids.insert(record.id);
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        part.first_error.get_or_insert_with(|| format!("contact {}: {e}", record.id));
-                        part.unjudged.insert(record.id);
+        let scan =
+            self.gateway.metered(meter.clone()).scan_with(&query, move |records: &mut Records<'_, ContactRecord>| {
+                let mut part = Suppressed::default();
+                for record in records.by_ref() {
+                    match work_rule.evaluate(&engine, &record, today) {
+                        Ok(true) => {
+                            part.ids.insert(record.id);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            part.first_error.get_or_insert_with(|| format!("contact {}: {e}", record.id));
+                            part.unjudged.insert(record.id);
+                        }
                     }
                 }
-            }
-            part
-        });
+                part.scanned = records.fresh() as u64;
+                part
+            });
         let mut all = Suppressed::default();
         fold_pages(scan, &self.cancel, |part| {
             all.scanned += part.scanned;
