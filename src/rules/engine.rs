@@ -34,6 +34,11 @@ pub fn build(tz: Tz) -> Engine {
     engine.set_max_functions(256);
     engine.set_strict_variables(true);
     engine.set_fail_on_invalid_map_property(true);
+    // No strings interner: it sits behind one lock for the whole engine, taken for writing by every
+    // `let` of a text (`let last = contact.customFields.get("lastPurchaseDate")`), so the threads
+    // judging pages queued on it and Rhai rules ran on one core. It only saves memory on strings
+    // that live long, and a rule's strings live for one call.
+    engine.set_max_strings_interned(0);
     // Registered operators must win over the built-in "different types compare false".
     engine.set_fast_operators(false);
     engine.disable_symbol("eval");
@@ -319,6 +324,13 @@ mod tests {
         let err = eval("today() - 9223372036854775807", "2026-11-28").expect_err("overflow");
         assert!(err.contains("outside the calendar"), "{err}");
         assert_eq!(eval("(today() + 3).day", "2026-11-28").expect("ok").as_int(), Ok(1));
+    }
+
+    // The threads judging pages share one engine: nothing in it may be a lock that calls take.
+    // Rhai's strings interner is one (written on every `let` of a text), so it is off.
+    #[test]
+    fn the_engine_has_no_lock_every_call_takes() {
+        assert_eq!(build(chrono_tz::UTC).max_strings_interned(), 0);
     }
 
     // The sandbox holds: loops are bounded, strings are bounded, eval and import do not exist.
