@@ -66,11 +66,12 @@ pub fn zone(engine: &Engine) -> Tz {
 }
 
 /// What one call of a rule carries as its tag: the run's frozen date, and the rules this one may
-/// name with `segment(…)`.
+/// name with `segment(…)` (`None` when it names none: then a call shares no reference count with
+/// the other threads calling the same rule).
 #[derive(Clone)]
 pub(super) struct CallTag {
     pub today: Date,
-    pub segments: std::sync::Arc<super::Segments>,
+    pub segments: Option<std::sync::Arc<super::Segments>>,
 }
 
 /// Today's date as the evaluation sees it: frozen per run and passed as the call's tag.
@@ -90,7 +91,7 @@ fn register_segments(engine: &mut Engine) {
         |ctx: NativeCallContext, name: ImmutableString, contact: Dynamic| -> Fallible<bool> {
             let tag = ctx.tag().and_then(|t| t.read_lock::<CallTag>().map(|c| c.clone()));
             let Some(tag) = tag else { return Err(format!("segment({name:?}): not available here").into()) };
-            let Some(rule) = tag.segments.get(name.as_str()) else {
+            let Some(rule) = tag.segments.as_ref().and_then(|s| s.get(name.as_str())) else {
                 return Err(format!("segment({name:?}): no such rule is loaded").into());
             };
             let record = crate::contact::ContactRecord::from_fields(contact);
@@ -103,7 +104,7 @@ fn register_segments(engine: &mut Engine) {
         |ctx: NativeCallContext, name: ImmutableString, contact: Dynamic| -> Fallible<Dynamic> {
             let tag = ctx.tag().and_then(|t| t.read_lock::<CallTag>().map(|c| c.clone()));
             let Some(tag) = tag else { return Err(format!("segment_list({name:?}): not available here").into()) };
-            let Some(rule) = tag.segments.get(name.as_str()) else {
+            let Some(rule) = tag.segments.as_ref().and_then(|s| s.get(name.as_str())) else {
                 return Err(format!("segment_list({name:?}): no such rule is loaded").into());
             };
             let record = crate::contact::ContactRecord::from_fields(contact);

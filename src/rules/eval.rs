@@ -321,7 +321,8 @@ impl Rule {
     /// Calls the rule's function `name` on a contact, with the run's frozen today and the rules
     /// `segment` may name as the call's tag.
     fn call(&self, engine: &Engine, name: &str, fields: Dynamic, today: Date) -> Result<Dynamic, EvalError> {
-        let tag = super::engine::CallTag { today, segments: self.segments.clone() };
+        let segments = (!self.segments.is_empty()).then(|| self.segments.clone());
+        let tag = super::engine::CallTag { today, segments };
         let options = CallFnOptions::new().eval_ast(self.imports).rewind_scope(true).with_tag(Dynamic::from(tag));
         // A panic inside the engine or a helper is this contact's evaluation error, never the
         // end of the thread that judges a whole page for every rule.
