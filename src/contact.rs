@@ -11,6 +11,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::ids::ContactId;
+use crate::slots::{Fields, Layout, Leaf, Lookup, Path, Slots};
 
 /// A record the client can de-duplicate: anything deserializable that knows its contact id.
 pub trait Record: DeserializeOwned + Send + 'static {
@@ -37,9 +38,13 @@ impl Record for serde_json::Value {
 /// The top-level fields a read keeps of each contact: those its rules read (`FILTER`, a natively
 /// judged `matches` or `list`, the fields they mention), plus `id`. Only a read whose every rule is
 /// judged natively narrows its records (`Rule::reads`); any other keeps every field.
+///
+/// A read whose rules are all judged natively, and that knows every path they read, also has a
+/// [`Layout`]: its records are read into slots, not maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Keep {
     names: Vec<String>,
+    layout: Option<Layout>,
 }
 
 impl Keep {
@@ -47,7 +52,19 @@ impl Keep {
         let mut names: Vec<String> = names.into_iter().chain(["id".to_owned()]).collect();
         names.sort_unstable();
         names.dedup();
-        Self { names }
+        Self { names, layout: None }
+    }
+
+    /// Records read into slots, one for each of `paths` (which must include every path judging
+    /// reads; a path missing from them is answered by parsing the record again, correct but slow).
+    pub fn with_layout(mut self, paths: impl IntoIterator<Item = Path>) -> Self {
+        self.layout = Some(Layout::new(paths));
+        self
+    }
+
+    /// Whether records are read into slots.
+    pub fn has_layout(&self) -> bool {
+        self.layout.is_some()
     }
 
     pub fn keeps(&self, name: &str) -> bool {
@@ -60,16 +77,25 @@ impl Keep {
 /// record, from a read whose rules are all judged natively) only the fields the read keeps, with
 /// the record as read beside them: whatever hands a contact to Rhai ([`ContactRecord::contact`],
 /// [`ContactRecord::full`]) gives every field, parsed again from that text when narrowed.
+///
+/// A record of a read with a [`Layout`] holds no map at all: its fields are slots.
 #[derive(Debug, Clone)]
 pub struct ContactRecord {
     pub id: ContactId,
-    fields: Dynamic,
+    fields: Held,
     /// The record as read (a slice of its page) and what `fields` kept of it, when `fields` holds
     /// only the kept fields.
     narrowed: Option<(Bytes, Arc<Keep>)>,
 }
 
-/// A contact as a rule's call receives it: `view` is what the native evaluator reads (a narrowed
+#[derive(Debug, Clone)]
+enum Held {
+    Map(Dynamic),
+    /// Only in a narrowed record whose `Keep` has a layout.
+    Slots(Slots),
+}
+
+/// A contact as a rule's call receives it: the native evaluator reads its [`Fields`] (a narrowed
 /// record's kept fields, which are every field it reads); [`Contact::into_full`] is what Rhai
 /// receives (every field, always).
 pub enum Contact<'a> {
@@ -78,12 +104,39 @@ pub enum Contact<'a> {
     Record(&'a ContactRecord),
 }
 
-impl Contact<'_> {
-    pub fn view(&self) -> &Dynamic {
+impl Fields for Contact<'_> {
+    fn lookup(&self, path: &Path) -> Lookup<'_> {
         match self {
-            Self::Owned(d) => d,
-            Self::Borrowed(d) => d,
-            Self::Record(r) => &r.fields,
+            Self::Owned(d) => d.lookup(path),
+            Self::Borrowed(d) => d.lookup(path),
+            Self::Record(r) => r.lookup(path),
+        }
+    }
+
+    fn whole(&self) -> Leaf<'_> {
+        match self {
+            Self::Owned(d) => d.whole(),
+            Self::Borrowed(d) => d.whole(),
+            Self::Record(r) => r.whole(),
+        }
+    }
+
+    fn dynamic_at(&self, names: &[String]) -> Option<Dynamic> {
+        match self {
+            Self::Owned(d) => d.dynamic_at(names),
+            Self::Borrowed(d) => d.dynamic_at(names),
+            Self::Record(r) => r.dynamic_at(names),
+        }
+    }
+}
+
+impl Contact<'_> {
+    /// The contact's id as text (for messages).
+    pub fn id_text(&self) -> Option<String> {
+        match self {
+            Self::Owned(d) => d.dynamic_at(&["id".to_owned()]).map(|id| id.to_string()),
+            Self::Borrowed(d) => d.dynamic_at(&["id".to_owned()]).map(|id| id.to_string()),
+            Self::Record(r) => Some(r.id.to_string()),
         }
     }
 
@@ -100,28 +153,25 @@ impl Contact<'_> {
     /// record's kept fields when they include all of `fields`, else [`Contact::into_full`].
     pub fn into_reading(self, fields: Option<&[String]>) -> Dynamic {
         match self {
-            Self::Record(r) if r.keeps_all(fields) => r.fields.clone(),
+            Self::Record(r @ ContactRecord { fields: Held::Map(d), .. }) if r.keeps_all(fields) => d.clone(),
             other => other.into_full(),
         }
     }
 }
 
 impl ContactRecord {
-    /// The fields as parsed: every field, or a narrowed record's kept fields. For code that reads
-    /// only fields a read keeps (`FILTER`, facts, the fields a rule mentions).
-    pub fn map(&self) -> Option<impl std::ops::Deref<Target = Map> + '_> {
-        self.fields.read_lock::<Map>()
-    }
-
     /// A record from fields a rule already holds (the contact it passes on to `segment`).
     pub fn from_fields(fields: Dynamic) -> Self {
-        let id = fields.read_lock::<Map>().and_then(|m| m.get("id").map(ToString::to_string)).unwrap_or_default();
-        Self { id: ContactId::from(id), fields, narrowed: None }
+        let id = fields.dynamic_at(&["id".to_owned()]).map(|id| id.to_string()).unwrap_or_default();
+        Self { id: ContactId::from(id), fields: Held::Map(fields), narrowed: None }
     }
 
-    /// Whether the fields are an object map (every record read is; [`ContactRecord::map`] is `Some`).
+    /// Whether the fields are an object map (every record read is).
     pub fn is_map(&self) -> bool {
-        self.fields.is_map()
+        match &self.fields {
+            Held::Map(d) => d.is_map(),
+            Held::Slots(_) => true,
+        }
     }
 
     /// Whether only the kept fields were parsed.
@@ -129,23 +179,42 @@ impl ContactRecord {
         self.narrowed.is_some()
     }
 
-    /// Whether `fields` (top-level names; `None`: any field) are all in this record: every record
-    /// read whole has them, a narrowed one when its read kept each.
+    /// How many top-level fields the record holds parsed in its map (none when read into slots).
+    pub fn parsed_fields(&self) -> usize {
+        match &self.fields {
+            Held::Map(d) => d.read_lock::<Map>().map_or(0, |m| m.len()),
+            Held::Slots(_) => 0,
+        }
+    }
+
+    /// Whether the record was read into slots (see [`Keep::with_layout`]).
+    pub fn is_slotted(&self) -> bool {
+        matches!(self.fields, Held::Slots(_))
+    }
+
+    /// Whether `fields` (top-level names; `None`: any field) are all in this record's map: every
+    /// record read whole has them, a narrowed one when its read kept each; one read into slots has
+    /// no map.
     pub fn keeps_all(&self, fields: Option<&[String]>) -> bool {
-        match (&self.narrowed, fields) {
-            (None, _) => true,
-            (Some(_), None) => false,
-            (Some((_, keep)), Some(fields)) => fields.iter().all(|f| keep.keeps(f)),
+        match (&self.fields, &self.narrowed, fields) {
+            (Held::Slots(_), ..) => false,
+            (_, None, _) => true,
+            (_, Some(_), None) => false,
+            (_, Some((_, keep)), Some(fields)) => fields.iter().all(|f| keep.keeps(f)),
         }
     }
 
     /// Every field of the contact (a narrowed record is parsed again from the record as read).
     pub fn full(&self) -> std::borrow::Cow<'_, Dynamic> {
-        match &self.narrowed {
-            None => std::borrow::Cow::Borrowed(&self.fields),
-            Some((raw, _)) => {
-                std::borrow::Cow::Owned(serde_json::from_slice::<Dynamic>(raw).unwrap_or_else(|_| self.fields.clone()))
+        match (&self.narrowed, &self.fields) {
+            (None, Held::Map(d)) => std::borrow::Cow::Borrowed(d),
+            (Some((raw, _)), held) => {
+                std::borrow::Cow::Owned(serde_json::from_slice::<Dynamic>(raw).unwrap_or_else(|_| match held {
+                    Held::Map(d) => d.clone(),
+                    Held::Slots(_) => Dynamic::from_map(Map::new()),
+                }))
             }
+            (None, Held::Slots(_)) => std::borrow::Cow::Owned(Dynamic::from_map(Map::new())),
         }
     }
 
@@ -157,20 +226,54 @@ impl ContactRecord {
     /// [`Contact::into_reading`] for the record's last use: the map taken rather than copied
     /// whenever it holds `fields`.
     pub fn take_reading(&mut self, fields: Option<&[String]>) -> Dynamic {
-        if self.keeps_all(fields) { std::mem::take(&mut self.fields) } else { self.full().into_owned() }
+        if self.keeps_all(fields)
+            && let Held::Map(d) = &mut self.fields
+        {
+            return std::mem::take(d);
+        }
+        self.full().into_owned()
     }
 
     /// The contact for a rule's call, read in place.
     pub fn contact(&self) -> Contact<'_> {
-        match self.narrowed {
-            None => Contact::Borrowed(&self.fields),
-            Some(_) => Contact::Record(self),
+        match (&self.narrowed, &self.fields) {
+            (None, Held::Map(d)) => Contact::Borrowed(d),
+            _ => Contact::Record(self),
         }
     }
 
     /// Every field, owned.
     pub fn into_full(mut self) -> Dynamic {
         self.take_full()
+    }
+}
+
+impl Fields for ContactRecord {
+    fn lookup(&self, path: &Path) -> Lookup<'_> {
+        match (&self.fields, &self.narrowed) {
+            (Held::Map(d), _) => d.lookup(path),
+            (Held::Slots(slots), Some((_, keep))) => {
+                let answered = keep.layout.as_ref().and_then(|layout| slots.lookup(layout, path));
+                // A path the read did not lay out: from the record parsed again (never in a pass,
+                // whose layout holds every path its rules read).
+                answered.unwrap_or_else(|| crate::slots::walk(&self.full(), path.names(), 0))
+            }
+            (Held::Slots(_), None) => Lookup::NotMap,
+        }
+    }
+
+    fn whole(&self) -> Leaf<'_> {
+        match &self.fields {
+            Held::Map(d) => d.whole(),
+            Held::Slots(_) => Leaf::Other,
+        }
+    }
+
+    fn dynamic_at(&self, names: &[String]) -> Option<Dynamic> {
+        match &self.fields {
+            Held::Map(d) if self.keeps_all(names.get(..1)) => d.dynamic_at(names),
+            _ => self.full().dynamic_at(names),
+        }
     }
 }
 
@@ -197,11 +300,13 @@ impl<'de> serde::de::Visitor<'de> for Narrow<'_> {
     }
 }
 
+const NO_ID: &str = "a contact without an id (string or integer)";
+
 fn id_of<E: serde::de::Error>(map: &Map) -> Result<ContactId, E> {
     match map.get("id") {
         Some(v) if v.is_string() => Ok(ContactId::from(v.clone().into_string().unwrap_or_default())),
         Some(v) if v.is_int() => Ok(ContactId::from(v.to_string())),
-        _ => Err(E::custom("a contact without an id (string or integer)")),
+        _ => Err(E::custom(NO_ID)),
     }
 }
 
@@ -211,7 +316,7 @@ impl<'de> Deserialize<'de> for ContactRecord {
         let map = Dynamic::deserialize(d)?
             .try_cast::<Map>()
             .ok_or_else(|| D::Error::custom("a contact must be a JSON object"))?;
-        Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), narrowed: None })
+        Ok(Self { id: id_of(&map)?, fields: Held::Map(Dynamic::from_map(map)), narrowed: None })
     }
 }
 
@@ -225,14 +330,23 @@ impl Record for ContactRecord {
     fn from_raw(raw: &RawValue, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<Self> {
         use serde::de::Error;
         let Some(keep) = keep else { return serde_json::from_str(raw.get()) };
-        let map = serde_json::Deserializer::from_str(raw.get())
-            .deserialize_map(Narrow(keep))
-            .map_err(|_| serde_json::Error::custom("a contact must be a JSON object"))?;
         let text = raw.get().as_bytes();
         let (whole, part) = (page.as_ptr_range(), text.as_ptr_range());
         let within = whole.start <= part.start && part.end <= whole.end;
-        let raw = if within { page.slice_ref(text) } else { Bytes::copy_from_slice(text) };
-        Ok(Self { id: id_of(&map)?, fields: Dynamic::from_map(map), narrowed: Some((raw, keep.clone())) })
+        let shared = || if within { page.slice_ref(text) } else { Bytes::copy_from_slice(text) };
+        let not_an_object = |_| serde_json::Error::custom("a contact must be a JSON object");
+        if let Some(layout) = &keep.layout {
+            let slots = layout.read(raw.get()).map_err(not_an_object)?;
+            let id = layout.id_text(&slots).map(|id| ContactId::from(id.as_ref()));
+            let id = id.ok_or_else(|| serde_json::Error::custom(NO_ID))?;
+            return Ok(Self { id, fields: Held::Slots(slots), narrowed: Some((shared(), keep.clone())) });
+        }
+        let map = serde_json::Deserializer::from_str(raw.get()).deserialize_map(Narrow(keep)).map_err(not_an_object)?;
+        Ok(Self {
+            id: id_of(&map)?,
+            fields: Held::Map(Dynamic::from_map(map)),
+            narrowed: Some((shared(), keep.clone())),
+        })
     }
 }
 
@@ -264,11 +378,14 @@ mod tests {
         // The record's text is the page's own bytes, not a copy.
         let text = narrow.narrowed.as_ref().map(|(raw, _)| raw.as_ptr_range()).expect("narrowed");
         assert_eq!(text, page.as_ptr_range());
-        let keys = |r: &ContactRecord| r.map().expect("map").keys().map(ToString::to_string).collect::<Vec<_>>();
+        let keys = |r: &ContactRecord| match &r.fields {
+            Held::Map(d) => d.read_lock::<Map>().expect("map").keys().map(ToString::to_string).collect::<Vec<_>>(),
+            Held::Slots(_) => Vec::new(),
+        };
         assert_eq!(keys(&narrow), ["customFields", "id", "region"]);
         assert_eq!(keys(&whole).len(), 5);
         assert_eq!(narrow.full().to_string(), whole.full().to_string());
-        assert_eq!(narrow.contact().into_full().to_string(), whole.fields.to_string());
+        assert_eq!(narrow.contact().into_full().to_string(), whole.full().to_string());
         assert_eq!(narrow.id.as_str(), "c1");
         // Without a `Keep`, every field.
         assert!(!ContactRecord::from_raw(raw, &page, None).expect("parses").is_narrowed());
@@ -279,5 +396,35 @@ mod tests {
             ContactRecord::from_raw(raw, &page, Some(&keep)).is_err()
         };
         assert!(refused("[1]") && refused(r#"{"region":"Veneto"}"#));
+    }
+
+    // A read with a layout reads records into slots: the paths it laid out answer from them, any
+    // other path and every field Rhai needs from the record as read.
+    #[test]
+    fn a_slotted_record_answers_its_paths_and_gives_every_field() {
+        let json = r#"{"id":42,"region":"Veneto","customFields":{"totalSpent":6800.5,"d":"2026-01-01"},"email":null}"#;
+        let paths = [Path::new(&["region"]), Path::new(&["customFields", "totalSpent"])];
+        let keep = Arc::new(Keep::new(["region".to_owned(), "customFields".to_owned()]).with_layout(paths.clone()));
+        let page = Bytes::from(json);
+        let raw: &RawValue = serde_json::from_slice(&page).expect("json");
+        let record = ContactRecord::from_raw(raw, &page, Some(&keep)).expect("parses");
+        let whole: ContactRecord = serde_json::from_str(json).expect("parses");
+        assert!(record.is_slotted() && record.is_narrowed() && !record.keeps_all(Some(&["region".to_owned()])));
+        assert_eq!(record.id.as_str(), "42");
+        assert!(matches!(record.lookup(&paths[0]), Lookup::Value(Leaf::Str(t)) if t.as_str() == "Veneto"));
+        assert!(matches!(record.lookup(&paths[1]), Lookup::Value(Leaf::Float(f)) if f == 6800.5));
+        // Not laid out: answered from the record as read.
+        let d = Path::new(&["customFields", "d"]);
+        assert!(matches!(record.lookup(&d), Lookup::Value(Leaf::Str(t)) if t.as_str() == "2026-01-01"));
+        assert!(matches!(record.lookup(&Path::new(&["email"])), Lookup::Value(Leaf::Unit)));
+        assert!(matches!(record.lookup(&Path::new(&["city"])), Lookup::Absent(0)));
+        assert_eq!(record.contact().into_full().to_string(), whole.full().to_string());
+        assert_eq!(record.dynamic_at(&["region".to_owned()]).map(|v| v.to_string()).as_deref(), Some("Veneto"));
+        // No id, or not an object: refused as before.
+        for text in [r#"{"region":"Veneto"}"#, r#"{"id":1.5}"#, "[1]"] {
+            let page = Bytes::from(text);
+            let raw: &RawValue = serde_json::from_slice(&page).expect("json");
+            assert!(ContactRecord::from_raw(raw, &page, Some(&keep)).is_err(), "{text}");
+        }
     }
 }

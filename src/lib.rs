@@ -9,6 +9,8 @@ pub mod duration; // "24h", "7d": durations as people write them
 
 pub mod contact; // the contact record both the gateway and the rules speak
 
+pub mod slots; // field paths, and a record read into one value per path its rules read
+
 pub mod rules; // Rhai rule files: load, validate, evaluate, test; knows nothing of HTTP
 
 pub mod gateway; // the partner-gateway client: paged reads, rate budget, retries, writes

@@ -63,7 +63,7 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, 
     say!("list      {}", rule.list);
     say!("contact   {}", contact.id);
     say!("today     {} ({})", today.0, config.time_zone);
-    let map = contact.map().map(|m| m.clone()).unwrap_or_default();
+    let map = contact.full().read_lock::<rhai::Map>().map(|m| m.clone()).unwrap_or_default();
     for term in &rule.filter {
         let (key, value) = term.query_pair();
         let verdict = match term.judge(&map) {
@@ -83,7 +83,7 @@ pub(super) async fn explain(config: &Config, rule_name: &str, contact_id: &str, 
         // `matches`, or a partitioned rule's `fn list`: whichever the rule has answers natively.
         Ok(native) if rule.engine_name() == "native" => {
             let full = contact.full();
-            if native.judge(&full, today.0).is_ok() || native.list(&full, today.0).is_ok() {
+            if native.judge(&*full, today.0).is_ok() || native.list(&*full, today.0).is_ok() {
                 "native".to_owned()
             } else {
                 "rhai (the native evaluator leaves this record to Rhai: Rhai errs on it, or a value is of a type it \

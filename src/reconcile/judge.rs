@@ -181,18 +181,31 @@ pub async fn members(
 }
 
 /// What a read judged by `rules` (each with the derived filter it counts) keeps of each contact:
-/// the fields they read, when every one is judged natively; else every field (`None`).
+/// the fields they read, when every one is judged natively or reads only named fields; else every
+/// field (`None`). When every one is judged natively, its records are read into slots of the paths
+/// they read ([`Keep::with_layout`]), not maps.
 pub(super) fn keep<'a>(rules: impl IntoIterator<Item = (&'a Rule, &'a [FilterTerm])>) -> Option<Arc<Keep>> {
     let mut names = Vec::new();
+    let mut paths = Some(Vec::new());
     for (rule, derived) in rules {
         names.extend(rule.reads()?);
         names.extend(derived.iter().map(|t| t.top_field().to_owned()));
+        if let (Some(all), Some(read)) = (&mut paths, rule.read_paths()) {
+            all.extend(read);
+            all.extend(derived.iter().map(|t| t.path().clone()));
+        } else {
+            paths = None;
+        }
     }
-    Some(Arc::new(Keep::new(names)))
+    let keep = Keep::new(names);
+    Some(Arc::new(match paths {
+        Some(paths) => keep.with_layout(paths),
+        None => keep,
+    }))
 }
 
 /// Whether a record passes every term, as the server would judge it.
-fn passes(terms: &[FilterTerm], record: &rhai::Map) -> bool {
+fn passes(terms: &[FilterTerm], record: &ContactRecord) -> bool {
     terms.iter().all(|t| t.judge(record) == Ok(true))
 }
 
@@ -348,7 +361,7 @@ pub async fn candidates(
                     let in_filter_now = passes_filter(i, &target.rule);
                     target.rule.observe(&record, in_filter_now, &mut parts[i].observed);
                     if in_filter_now {
-                        if target.derived.is_empty() || record.map().is_some_and(|m| passes(&target.derived, &m)) {
+                        if target.derived.is_empty() || passes(&target.derived, &record) {
                             in_filter[i] += 1;
                         }
                         due.push((i, None));

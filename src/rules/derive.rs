@@ -57,7 +57,7 @@ impl PushDown {
         let before = |field: &str, day: Option<NaiveDate>| {
             // The margin of the module's note; a bound off the calendar derives nothing.
             day.and_then(|d| d.checked_add_days(Days::new(DATE_MARGIN_DAYS)))
-                .map(|d| FilterTerm::Before { field: field.into(), date: d.format("%Y-%m-%d").to_string() })
+                .map(|d| FilterTerm::before(field, &d.format("%Y-%m-%d").to_string()))
         };
         let shift = |days: i64| chrono::TimeDelta::try_days(days).and_then(|delta| today.0.checked_add_signed(delta));
         terms
@@ -292,10 +292,10 @@ fn term(param: &str, part: &str, aliases: &[(String, String)]) -> Option<Derived
     if let Some(field) = accessor.strip_prefix(param).and_then(|a| a.strip_prefix('.'))
         && STANDARD_FIELDS.contains(&field)
     {
-        return Some(Derived::Equals(FilterTerm::Standard { field: field.into(), value: value.into() }));
+        return Some(Derived::Equals(FilterTerm::standard(field, value)));
     }
     let field = custom_field(param, accessor, &[])?;
-    Some(Derived::Equals(FilterTerm::Custom { field, value: value.into() }))
+    Some(Derived::Equals(FilterTerm::custom(&field, value)))
 }
 
 #[cfg(test)]
@@ -354,10 +354,7 @@ mod tests {
         let script = "const LIST = \"x\"; // a comment\nfn matches(contact) {\n  contact.region == \"Veneto\"  \n}\n";
         assert_eq!(
             from_script(&compact(script)),
-            PushDown::Terms(vec![Derived::Equals(FilterTerm::Standard {
-                field: "region".into(),
-                value: "Veneto".into()
-            })])
+            PushDown::Terms(vec![Derived::Equals(FilterTerm::standard("region", "Veneto"))])
         );
         let own = "fn days_since(d) { 1000 }\nfn matches(c) { days_since(c.customFields.x) > 90 }";
         assert!(matches!(from_script(&compact(own)), PushDown::None(why) if why.contains("functions")));

@@ -68,7 +68,8 @@ pub struct Facts(Vec<Option<Dynamic>>);
 impl Rule {
     /// The fields this rule mentions, read off `contact` (top level, else in `customFields`).
     pub fn facts(&self, contact: &ContactRecord) -> Facts {
-        let Some(map) = contact.map() else { return Facts::default() };
+        let full = contact.full();
+        let Some(map) = full.read_lock::<rhai::Map>() else { return Facts::default() };
         let custom = map.get("customFields").and_then(|c| c.read_lock::<rhai::Map>());
         Facts(
             self.mentions
@@ -98,9 +99,11 @@ impl Rule {
 
     /// Why `contact` fails `FILTER`: the first term it fails, with the value it has.
     pub fn filter_failure(&self, contact: &ContactRecord) -> String {
-        let Some(map) = contact.map() else { return "FILTER: the contact is not an object".into() };
+        if !contact.is_map() {
+            return "FILTER: the contact is not an object".into();
+        }
         for term in &self.filter {
-            if term.judge(&map) == Ok(false) {
+            if term.judge(contact) == Ok(false) {
                 let (key, value) = term.query_pair();
                 return format!("FILTER {key} = {value:?} fails");
             }
@@ -115,11 +118,11 @@ impl Rule {
         if self.filter.is_empty() {
             return Ok(true);
         }
-        let Some(map) = contact.map() else {
+        if !contact.is_map() {
             return Err(EvalError { message: "the contact is not an object".into(), line: 0, col: 0 });
-        };
+        }
         for term in &self.filter {
-            match term.judge(&map) {
+            match term.judge(contact) {
                 Ok(true) => {}
                 Ok(false) => return Ok(false),
                 Err(message) => return Err(EvalError { message, line: 0, col: 0 }),
@@ -168,7 +171,7 @@ impl Rule {
             return Ok(listed.as_deref() == Some(self.list.as_str()));
         }
         if let Some(native) = self.native_now()
-            && let Ok(verdict) = native.judge(contact.view(), today.0)
+            && let Ok(verdict) = native.judge(&contact, today.0)
         {
             return self.shadowed(native, contact, verdict, |f| self.rhai_matches(engine, f, today));
         }
@@ -188,7 +191,7 @@ impl Rule {
         if !native.shadow_due() {
             return Ok(answer);
         }
-        let id = contact.view().read_lock::<rhai::Map>().and_then(|m| m.get("id").map(ToString::to_string));
+        let id = contact.id_text();
         let rhai = rhai(contact.into_full());
         if rhai.as_ref() != Ok(&answer) && native.retire() {
             tracing::error!(
@@ -234,6 +237,16 @@ impl Rule {
         }
         names.push("customFields".into());
         Some(names)
+    }
+
+    /// Every path judging this rule reads (its `FILTER`, its native `matches` or `list`, the
+    /// fields it mentions), when it is judged natively now and reads only named paths; `None`
+    /// otherwise (its reads then keep maps: see [`Rule::reads`]).
+    pub fn read_paths(&self) -> Option<Vec<crate::slots::Path>> {
+        let mut paths = self.native_now()?.paths()?;
+        paths.extend(self.filter.iter().map(|t| t.path().clone()));
+        paths.extend(self.mention_paths.iter().flatten().cloned());
+        Some(paths)
     }
 
     /// `matches` on a member's record, and when it says no, the facts the removal is recorded
@@ -292,7 +305,7 @@ impl Rule {
 
     fn list_on(&self, engine: &Engine, contact: Contact<'_>, today: Date) -> Result<Option<String>, EvalError> {
         if let Some(native) = self.native_now()
-            && let Ok(named) = native.list(contact.view(), today.0)
+            && let Ok(named) = native.list(&contact, today.0)
         {
             return self.shadowed(native, contact, named, |f| self.rhai_list(engine, f, today));
         }

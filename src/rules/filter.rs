@@ -1,7 +1,9 @@
 //! A rule's `FILTER`: the contract's server-side filters, and the same test done client-side so
 //! a member that no longer passes the filter is judged exactly as the server would have judged it.
 
-use rhai::{Dynamic, Map};
+use rhai::Dynamic;
+
+use crate::slots::{Fields, Leaf, Lookup, Path};
 
 /// The standard fields the contract lets `GET /contacts` filter on.
 pub const STANDARD_FIELDS: [&str; 6] = ["region", "city", "firstName", "lastName", "email", "phoneNumber"];
@@ -9,18 +11,37 @@ pub const STANDARD_FIELDS: [&str; 6] = ["region", "city", "firstName", "lastName
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FilterTerm {
     /// `region=Lombardia`: exact match on a standard field.
-    Standard { field: String, value: String },
+    Standard { field: String, value: String, path: Path },
     /// `customFields.<name>=<value>`: exact match on a custom field.
-    Custom { field: String, value: String },
+    Custom { field: String, value: String, path: Path },
     /// `customFields.<name>.before=<YYYY-MM-DD>`: a date strictly before.
-    Before { field: String, date: String },
+    Before { field: String, date: String, path: Path },
 }
 
 impl FilterTerm {
+    pub fn standard(field: &str, value: &str) -> Self {
+        Self::Standard { field: field.into(), value: value.into(), path: Path::new(&[field]) }
+    }
+
+    pub fn custom(field: &str, value: &str) -> Self {
+        Self::Custom { field: field.into(), value: value.into(), path: Path::new(&["customFields", field]) }
+    }
+
+    pub fn before(field: &str, date: &str) -> Self {
+        Self::Before { field: field.into(), date: date.into(), path: Path::new(&["customFields", field]) }
+    }
+
+    /// The path of the field this term reads.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Standard { path, .. } | Self::Custom { path, .. } | Self::Before { path, .. } => path,
+        }
+    }
+
     /// Reads one `FILTER` entry; the error names the key or value that the API would refuse.
     pub fn parse(key: &str, value: &str) -> Result<Self, String> {
         if STANDARD_FIELDS.contains(&key) {
-            return Ok(Self::Standard { field: key.into(), value: value.into() });
+            return Ok(Self::standard(key, value));
         }
         let Some(custom) = key.strip_prefix("customFields.").filter(|c| !c.is_empty()) else {
             return Err(format!(
@@ -33,17 +54,17 @@ impl FilterTerm {
                 if chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d").is_err() {
                     return Err(format!("FILTER {key:?} needs a date YYYY-MM-DD, got {value:?}"));
                 }
-                Ok(Self::Before { field: field.into(), date: value.into() })
+                Ok(Self::before(field, value))
             }
-            None => Ok(Self::Custom { field: custom.into(), value: value.into() }),
+            None => Ok(Self::custom(custom, value)),
         }
     }
 
     pub fn query_pair(&self) -> (String, String) {
         match self {
-            Self::Standard { field, value } => (field.clone(), value.clone()),
-            Self::Custom { field, value } => (format!("customFields.{field}"), value.clone()),
-            Self::Before { field, date } => (format!("customFields.{field}.before"), date.clone()),
+            Self::Standard { field, value, .. } => (field.clone(), value.clone()),
+            Self::Custom { field, value, .. } => (format!("customFields.{field}"), value.clone()),
+            Self::Before { field, date, .. } => (format!("customFields.{field}.before"), date.clone()),
         }
     }
 
@@ -55,73 +76,62 @@ impl FilterTerm {
         }
     }
 
-    /// `f` on the value of the field this term reads (`None` when the record lacks it), read in
-    /// place: a verdict copies nothing.
-    fn with_field<T>(&self, record: &Map, f: impl FnOnce(Option<&Dynamic>) -> T) -> Result<T, String> {
-        Ok(match self {
-            Self::Standard { field, .. } => f(record.get(field.as_str())),
-            Self::Custom { field, .. } | Self::Before { field, .. } => match record.get("customFields") {
-                None => f(None),
-                Some(c) => match c.read_lock::<Map>() {
-                    Some(m) => f(m.get(field.as_str())),
-                    None => {
-                        return Err(format!("FILTER {}: customFields is {}, not a map", self.query_pair().0, kind(c)));
-                    }
-                },
-            },
-        })
-    }
-
     /// The field's value on `record` as people read it: the text itself, a number, `(absent)`.
-    pub fn value_of(&self, record: &Map) -> String {
-        self.with_field(record, |v| match v {
-            Some(v) if v.is_string() => v.clone().into_string().unwrap_or_default(),
-            Some(v) if v.is_unit() => "(null)".into(),
-            Some(v) => v.to_string(),
-            None => "(absent)".into(),
-        })
-        .unwrap_or_else(|_| "(customFields not a map)".into())
+    pub fn value_of(&self, record: &(impl Fields + ?Sized)) -> String {
+        match record.lookup(self.path()) {
+            Lookup::Absent(_) => "(absent)".into(),
+            Lookup::NotMap => "(customFields not a map)".into(),
+            Lookup::Value(Leaf::Str(text)) => text.as_str().to_owned(),
+            Lookup::Value(Leaf::Unit) => "(null)".into(),
+            Lookup::Value(_) => record.dynamic_at(self.path().names()).map(|v| v.to_string()).unwrap_or_default(),
+        }
     }
 
     /// Adds one to `tally`'s count of the field's value on `record`, allocating only for a value
     /// not tallied yet (`value_of` text).
-    pub fn tally(&self, record: &Map, tally: &mut hashbrown::HashMap<String, u64>) {
-        let counted = self.with_field(record, |v| {
-            let text = v.and_then(|v| v.read_lock::<rhai::ImmutableString>());
-            let count = text.and_then(|t| tally.get_mut(t.as_str()));
-            count.map(|n| *n += 1).is_some()
-        });
-        if counted != Ok(true) {
-            *tally.entry(self.value_of(record)).or_default() += 1;
+    pub fn tally(&self, record: &(impl Fields + ?Sized), tally: &mut hashbrown::HashMap<String, u64>) {
+        if let Lookup::Value(Leaf::Str(text)) = record.lookup(self.path())
+            && let Some(n) = tally.get_mut(text.as_str())
+        {
+            *n += 1;
+            return;
         }
+        *tally.entry(self.value_of(record)).or_default() += 1;
     }
 
     /// The server's semantics, applied to a record: strings exactly, numbers numerically, dates
     /// by day. A record that lacks the field, holds null there, or holds a value of another kind
     /// cannot be judged: that is an error (the contact is kept as it is), never "does not match".
-    pub fn judge(&self, record: &Map) -> Result<bool, String> {
-        self.with_field(record, |value| self.judge_value(value))?
-    }
-
-    fn judge_value(&self, value: Option<&Dynamic>) -> Result<bool, String> {
+    /// The field is read in place: a verdict copies nothing (a message quoting a value may).
+    pub fn judge(&self, record: &(impl Fields + ?Sized)) -> Result<bool, String> {
         // The key is for messages only: built when one is needed, never on the way to a verdict.
         let key = || self.query_pair().0;
-        let Some(value) = value else {
-            return Err(format!("FILTER {}: the record has no such field", key()));
+        let quoted = |names: &[String]| record.dynamic_at(names).map_or_else(|| "nothing".into(), |v| kind(&v));
+        let value = match record.lookup(self.path()) {
+            Lookup::Absent(_) => return Err(format!("FILTER {}: the record has no such field", key())),
+            Lookup::NotMap => {
+                let above = &self.path().names()[..1];
+                return Err(format!("FILTER {}: customFields is {}, not a map", key(), quoted(above)));
+            }
+            Lookup::Value(Leaf::Unit) => return Err(format!("FILTER {}: the field is null", key())),
+            Lookup::Value(value) => value,
         };
-        if value.is_unit() {
-            return Err(format!("FILTER {}: the field is null", key()));
-        }
-        let mismatch =
-            || format!("FILTER {}: the field holds {}, which this filter cannot compare", key(), kind(value));
+        let mismatch = || {
+            format!(
+                "FILTER {}: the field holds {}, which this filter cannot compare",
+                key(),
+                quoted(self.path().names())
+            )
+        };
         match self {
-            Self::Standard { value: want, .. } => match value.read_lock::<rhai::ImmutableString>() {
-                Some(s) => Ok(s.as_str() == want),
-                None => Err(mismatch()),
+            Self::Standard { value: want, .. } => match value {
+                Leaf::Str(s) => Ok(s.as_str() == want),
+                _ => Err(mismatch()),
             },
-            Self::Custom { value: want, .. } => text_equals(value, want).ok_or_else(mismatch),
+            Self::Custom { value: want, .. } => text_equals(&value, want).ok_or_else(mismatch),
             Self::Before { date, .. } => {
-                let Some(text) = value.read_lock::<rhai::ImmutableString>() else { return Err(mismatch()) };
+                let Leaf::Str(text) = value else { return Err(mismatch()) };
+                let text = text.as_str();
                 let day = text.get(..10).filter(|d| {
                     super::engine::iso_day(d).is_some() || chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").is_ok()
                 });
@@ -140,35 +150,29 @@ fn kind(v: &Dynamic) -> String {
 
 /// Exact equality with the filter's text: strings as text, numbers numerically, booleans as
 /// `true`/`false`; `None` when the two are not of comparable kinds.
-fn text_equals(v: &Dynamic, want: &str) -> Option<bool> {
-    if let Some(s) = v.read_lock::<rhai::ImmutableString>() {
-        return Some(s.as_str() == want);
-    }
-    if let Ok(i) = v.as_int() {
-        return want.parse::<f64>().ok().map(|w| w == i as f64);
-    }
-    if let Ok(f) = v.as_float() {
-        return want.parse::<f64>().ok().map(|w| w == f);
-    }
-    if let Ok(b) = v.as_bool() {
-        return match want {
-            "true" => Some(b),
-            "false" => Some(!b),
+fn text_equals(v: &Leaf<'_>, want: &str) -> Option<bool> {
+    match v {
+        Leaf::Str(s) => Some(s.as_str() == want),
+        Leaf::Int(i) => want.parse::<f64>().ok().map(|w| w == *i as f64),
+        Leaf::Float(f) => want.parse::<f64>().ok().map(|w| w == *f),
+        Leaf::Bool(b) => match want {
+            "true" => Some(*b),
+            "false" => Some(!*b),
             _ => None,
-        };
+        },
+        Leaf::Unit | Leaf::Date(_) | Leaf::Other => None,
     }
-    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn record(json: &str) -> Map {
-        serde_json::from_str::<rhai::Dynamic>(json).expect("json").try_cast::<Map>().expect("map")
+    fn record(json: &str) -> rhai::Map {
+        serde_json::from_str::<rhai::Dynamic>(json).expect("json").try_cast::<rhai::Map>().expect("map")
     }
 
-    fn passes(term: &FilterTerm, r: &Map) -> bool {
+    fn passes(term: &FilterTerm, r: &rhai::Map) -> bool {
         term.judge(r).expect("judgeable")
     }
 

@@ -250,8 +250,12 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
     }
     let compact = engine.compact_script(&source).map_err(|e| format!("not compacted: {e}"));
     // `today().year` reads a property of a date, not a contact's field.
-    let (mentions, mentioned_at) =
+    let (mentions, mentioned_at): (Vec<String>, _) =
         mentions_at(&source).into_iter().filter(|(m, _)| !super::calls::is_getter(&known, m)).unzip();
+    let mention_paths = mentions
+        .iter()
+        .map(|m| [crate::slots::Path::new(&[m.as_str()]), crate::slots::Path::new(&["customFields", m.as_str()])])
+        .collect();
     Ok(Rule {
         name: RuleName::from(stem),
         path: path.into(),
@@ -263,6 +267,7 @@ fn read_rule(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
         mode,
         hash: content_hash(&source, &helpers),
         mentions,
+        mention_paths,
         mentioned_at,
         filter_at: const_position(&source, "FILTER"),
         remove_after,

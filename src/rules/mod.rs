@@ -89,6 +89,8 @@ pub struct Rule {
     pub hash: String,
     /// Words the `matches` function reads as properties (for `explain`).
     pub mentions: Vec<String>,
+    /// Where each of `mentions` is read from: top level, or in `customFields`.
+    pub mention_paths: Vec<[crate::slots::Path; 2]>,
     /// Where each of `mentions` is first read (line, column), for findings about it.
     pub mentioned_at: Vec<(usize, usize)>,
     /// Where `FILTER` is declared (line, column).

@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 
 use chrono::NaiveDate;
 use chrono_tz::Tz;
-use rhai::{Dynamic, Expr, FnCallExpr, ImmutableString, Map, Stmt};
+use rhai::{Expr, FnCallExpr, ImmutableString, Stmt};
+
+use crate::slots::{Fields, Leaf, Lookup, Path, Text};
 
 /// `[rules] native`: whether recognised rules are judged natively in this process (set from the
 /// config at start and on reload; `false` runs every rule on Rhai, the escape hatch).
@@ -81,9 +83,9 @@ enum Step {
 
 #[derive(Debug)]
 enum Node {
-    Lit(Val),
-    /// A chain of properties and `get`s from the contact.
-    Field(Vec<Seg>),
+    Lit(Val<'static>),
+    /// A chain of properties and `get`s from the contact, and its path (`None`: the contact itself).
+    Field(Vec<Seg>, Option<Path>),
     Local(usize),
     Coalesce(Vec<Node>),
     Cmp(Op, Box<Node>, Box<Node>),
@@ -118,39 +120,9 @@ enum Op {
     Ge,
 }
 
-/// A value as the native predicate sees it.
-#[derive(Debug, Clone, Default)]
-enum Val {
-    #[default]
-    Unit,
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    Str(ImmutableString),
-    Date(NaiveDate),
-    /// A map, an array, anything else: never judged natively.
-    Other,
-}
-
-impl Val {
-    fn of(d: &Dynamic) -> Val {
-        if d.is_unit() {
-            Val::Unit
-        } else if let Ok(b) = d.as_bool() {
-            Val::Bool(b)
-        } else if let Ok(i) = d.as_int() {
-            Val::Int(i)
-        } else if let Ok(f) = d.as_float() {
-            Val::Float(f)
-        } else if d.is_string() {
-            d.clone().into_immutable_string().map_or(Val::Other, Val::Str)
-        } else if let Some(date) = d.read_lock::<super::Date>() {
-            Val::Date(date.0)
-        } else {
-            Val::Other
-        }
-    }
-}
+/// A value as the native predicate sees it: text borrowed from the record or the rule where it
+/// can be; a map, an array, anything else is `Other`, never judged natively.
+type Val<'a> = Leaf<'a>;
 
 /// Compiles `matches` from the whole script as [`rhai::Engine::compact_script`] writes it, or
 /// says why it stays on Rhai.
@@ -249,7 +221,7 @@ impl Compiler<'_> {
             Expr::BoolConstant(b, _) => Node::Lit(Val::Bool(*b)),
             Expr::IntegerConstant(i, _) => Node::Lit(Val::Int(*i)),
             Expr::FloatConstant(f, _) => Node::Lit(Val::Float(**f)),
-            Expr::StringConstant(s, _) => Node::Lit(Val::Str(s.clone())),
+            Expr::StringConstant(s, _) => Node::Lit(Val::Str(Text::Shared(s.clone()))),
             Expr::Unit(_) => Node::Lit(Val::Unit),
             Expr::Variable(var, ..) => {
                 let name = var.1.as_str();
@@ -257,7 +229,7 @@ impl Compiler<'_> {
                     return Err(format!("a qualified name {name}"));
                 }
                 if name == self.param {
-                    Node::Field(Vec::new())
+                    Node::Field(Vec::new(), None)
                 } else {
                     let slot = self.locals.iter().rposition(|l| l == name).ok_or(format!("an unknown name {name}"))?;
                     Node::Local(slot)
@@ -273,7 +245,9 @@ impl Compiler<'_> {
                 }
                 let mut segs = Vec::new();
                 segments(&chain.rhs, &mut segs)?;
-                Node::Field(segs)
+                let names: Vec<&str> = segs.iter().map(Seg::name).collect();
+                let path = Path::new(&names);
+                Node::Field(segs, Some(path))
             }
             Expr::FnCall(call, _) => self.call(call)?,
             Expr::And(parts, _) => Node::And(parts.iter().map(|p| self.expr(p)).collect::<Result<_, _>>()?),
@@ -328,23 +302,29 @@ fn segments(e: &Expr, out: &mut Vec<Seg>) -> Result<(), String> {
     Ok(())
 }
 
-/// The value at `segs` under `d`. A missing property, or a property of something that is not a
-/// map, is a Rhai error: deferred.
-fn walk(d: &Dynamic, segs: &[Seg]) -> Result<Val, Defer> {
-    let Some((first, rest)) = segs.split_first() else { return Ok(Val::of(d)) };
-    let map = d.read_lock::<Map>().ok_or(Defer)?;
-    match first {
-        Seg::Prop(key) => walk(map.get(key.as_str()).ok_or(Defer)?, rest),
-        Seg::Get(key) => match map.get(key.as_str()) {
-            Some(v) => walk(v, rest),
-            None => walk(&Dynamic::UNIT, rest),
-        },
+impl Seg {
+    fn name(&self) -> &str {
+        match self {
+            Seg::Prop(name) | Seg::Get(name) => name.as_str(),
+        }
+    }
+}
+
+/// The value at `path` (`segs`) of `contact`. A missing property, or a property of something that
+/// is not a map, is a Rhai error: deferred. A missing key that `get` reads last is `()`; one that
+/// something is read from after it is `()` read from: an error, deferred.
+fn field<'a>(contact: &'a (impl Fields + ?Sized), segs: &[Seg], path: Option<&Path>) -> Result<Val<'a>, Defer> {
+    let Some(path) = path else { return Ok(contact.whole()) };
+    match contact.lookup(path) {
+        Lookup::Value(leaf) => Ok(leaf),
+        Lookup::Absent(at) if at + 1 == segs.len() && matches!(segs[at], Seg::Get(_)) => Ok(Val::Unit),
+        Lookup::Absent(_) | Lookup::NotMap => Err(Defer),
     }
 }
 
 /// A comparison, where its Rhai meaning is plain; otherwise deferred.
-fn compare(op: Op, a: &Val, b: &Val) -> Result<Val, Defer> {
-    use Val::*;
+fn compare(op: Op, a: &Val<'_>, b: &Val<'_>) -> Result<bool, Defer> {
+    use Leaf::*;
     let order = match (a, b) {
         (Int(x), Int(y)) => x.partial_cmp(y),
         (Float(x), Float(y)) => x.partial_cmp(y),
@@ -355,32 +335,32 @@ fn compare(op: Op, a: &Val, b: &Val) -> Result<Val, Defer> {
         (Bool(x), Bool(y)) => Some(x.cmp(y)),
         _ => None,
     };
-    let equal_or_defer = |a: &Val, b: &Val| match (a, b, order) {
+    let equal_or_defer = |a: &Val<'_>, b: &Val<'_>| match (a, b, order) {
         (_, _, Some(o)) => Ok(o == Ordering::Equal),
         (Unit, Unit, _) => Ok(true),
         // Values of two different simple types are never equal in Rhai.
         (Other, _, _) | (_, Other, _) => Err(Defer),
         _ => Ok(false),
     };
-    Ok(Bool(match op {
+    Ok(match op {
         Op::Eq => equal_or_defer(a, b)?,
         Op::Ne => !equal_or_defer(a, b)?,
         Op::Lt => order.ok_or(Defer)? == Ordering::Less,
         Op::Le => order.ok_or(Defer)? != Ordering::Greater,
         Op::Gt => order.ok_or(Defer)? == Ordering::Greater,
         Op::Ge => order.ok_or(Defer)? != Ordering::Less,
-    }))
+    })
 }
 
 /// Where a native body ended: a guard returned `false`, or the final expression's value.
-enum End {
+enum End<'a> {
     GuardFalse,
-    Value(Val),
+    Value(Val<'a>),
 }
 
 impl Native {
     /// `matches` on `contact`, natively: the verdict, or [`Defer`] when Rhai must judge it.
-    pub fn judge(&self, contact: &Dynamic, today: NaiveDate) -> Result<bool, Defer> {
+    pub fn judge(&self, contact: &(impl Fields + ?Sized), today: NaiveDate) -> Result<bool, Defer> {
         if self.function != Function::Matches {
             return Err(Defer);
         }
@@ -393,13 +373,13 @@ impl Native {
 
     /// `fn list` on `contact`, natively: the list's name (trimmed, as Rhai's path trims it), or
     /// `None` for `()`; [`Defer`] for anything Rhai would refuse or judge otherwise.
-    pub fn list(&self, contact: &Dynamic, today: NaiveDate) -> Result<Option<String>, Defer> {
+    pub fn list(&self, contact: &(impl Fields + ?Sized), today: NaiveDate) -> Result<Option<String>, Defer> {
         if self.function != Function::List {
             return Err(Defer);
         }
         let named = match self.run(contact, today)? {
             End::Value(Val::Unit) => None,
-            End::Value(Val::Str(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+            End::Value(Val::Str(s)) if !s.as_str().trim().is_empty() => Some(s.as_str().trim().to_owned()),
             _ => return Err(Defer),
         };
         // The `native-wrong` test fault: a contact its list would hold is put in none.
@@ -408,15 +388,18 @@ impl Native {
 
     /// The contact's top-level fields this body reads; `None` when it reads the contact itself.
     pub fn top_fields(&self) -> Option<Vec<String>> {
-        fn visit(node: &Node, out: &mut Vec<String>) -> bool {
+        Some(self.paths()?.iter().filter_map(|p| p.names().first().cloned()).collect())
+    }
+
+    /// The paths this body reads; `None` when it reads the contact itself.
+    pub fn paths(&self) -> Option<Vec<Path>> {
+        fn visit(node: &Node, out: &mut Vec<Path>) -> bool {
             match node {
-                Node::Field(segs) => match segs.first() {
-                    Some(Seg::Prop(name) | Seg::Get(name)) => {
-                        out.push(name.to_string());
-                        true
-                    }
-                    None => false,
-                },
+                Node::Field(_, Some(path)) => {
+                    out.push(path.clone());
+                    true
+                }
+                Node::Field(_, None) => false,
                 Node::Lit(_) | Node::Local(_) | Node::Today => true,
                 Node::Coalesce(parts) | Node::And(parts) | Node::Or(parts) => parts.iter().all(|p| visit(p, out)),
                 Node::Cmp(_, a, b) | Node::Concat(a, b) => visit(a, out) && visit(b, out),
@@ -431,8 +414,8 @@ impl Native {
         steps.chain([&self.result]).all(|node| visit(node, &mut out)).then_some(out)
     }
 
-    fn run(&self, contact: &Dynamic, today: NaiveDate) -> Result<End, Defer> {
-        let mut locals: [Val; MAX_LOCALS] = Default::default();
+    fn run<'a>(&'a self, contact: &'a (impl Fields + ?Sized), today: NaiveDate) -> Result<End<'a>, Defer> {
+        let mut locals: [Val<'a>; MAX_LOCALS] = Default::default();
         for step in &self.steps {
             match step {
                 Step::Let(slot, node) => locals[*slot] = self.value(node, contact, &locals, today)?,
@@ -446,15 +429,21 @@ impl Native {
         Ok(End::Value(self.value(&self.result, contact, &locals, today)?))
     }
 
-    fn value(&self, node: &Node, contact: &Dynamic, locals: &[Val], today: NaiveDate) -> Result<Val, Defer> {
-        let value = |n: &Node| self.value(n, contact, locals, today);
-        let truth = |n: &Node| match value(n)? {
+    fn value<'a>(
+        &'a self,
+        node: &'a Node,
+        contact: &'a (impl Fields + ?Sized),
+        locals: &[Val<'a>],
+        today: NaiveDate,
+    ) -> Result<Val<'a>, Defer> {
+        let value = |n: &'a Node| self.value(n, contact, locals, today);
+        let truth = |n: &'a Node| match value(n)? {
             Val::Bool(b) => Ok(b),
             _ => Err(Defer),
         };
         Ok(match node {
-            Node::Lit(v) => v.clone(),
-            Node::Field(segs) => walk(contact, segs)?,
+            Node::Lit(v) => v.borrowed(),
+            Node::Field(segs, path) => field(contact, segs, path.as_ref())?,
             Node::Local(slot) => locals[*slot].clone(),
             Node::Coalesce(parts) => {
                 let (last, first) = parts.split_last().ok_or(Defer)?;
@@ -466,13 +455,14 @@ impl Native {
                 }
                 value(last)?
             }
-            Node::Cmp(op, a, b) => compare(*op, &value(a)?, &value(b)?)?,
+            Node::Cmp(op, a, b) => Val::Bool(compare(*op, &value(a)?, &value(b)?)?),
             Node::Concat(a, b) => match (value(a)?, value(b)?) {
                 (Val::Str(x), Val::Str(y)) => {
+                    let (x, y) = (x.as_str(), y.as_str());
                     let mut joined = String::with_capacity(x.len() + y.len());
-                    joined.push_str(&x);
-                    joined.push_str(&y);
-                    Val::Str(joined.into())
+                    joined.push_str(x);
+                    joined.push_str(y);
+                    Val::Str(Text::Shared(joined.into()))
                 }
                 _ => return Err(Defer),
             },
@@ -496,7 +486,7 @@ impl Native {
             Node::DaysSince(a) => Val::Int((today - self.date(value(a)?)?).num_days()),
             Node::DaysUntil(a) => Val::Int((self.date(value(a)?)? - today).num_days()),
             Node::Date(a) => match value(a)? {
-                Val::Str(s) => Val::Date(super::engine::parse_date(&s, self.tz).map_err(|_| Defer)?),
+                Val::Str(s) => Val::Date(super::engine::parse_date(s.as_str(), self.tz).map_err(|_| Defer)?),
                 _ => return Err(Defer),
             },
             Node::Today => Val::Date(today),
@@ -509,10 +499,10 @@ impl Native {
     }
 
     /// What `days_since`/`days_until` read: a date, or text that parses as one.
-    fn date(&self, v: Val) -> Result<NaiveDate, Defer> {
+    fn date(&self, v: Val<'_>) -> Result<NaiveDate, Defer> {
         match v {
             Val::Date(d) => Ok(d),
-            Val::Str(s) => super::engine::parse_date(&s, self.tz).map_err(|_| Defer),
+            Val::Str(s) => super::engine::parse_date(s.as_str(), self.tz).map_err(|_| Defer),
             _ => Err(Defer),
         }
     }

@@ -15,6 +15,7 @@ use rhai::Map;
 
 use super::Rule;
 use crate::contact::ContactRecord;
+use crate::slots::{Fields, Lookup};
 
 /// Field names kept from contacts lacking a field, to suggest the one meant: a bounded sample.
 const NAMES_SAMPLED: usize = 256;
@@ -134,16 +135,18 @@ impl Rule {
             seen.judged += u64::from(judged);
             return;
         }
-        let Some(map) = record.map() else { return };
+        if !record.is_map() {
+            return;
+        }
         if !self.filter.is_empty() {
             seen.filtered += 1;
             seen.terms.resize_with(self.filter.len(), TermSeen::default);
             for (term, t) in self.filter.iter().zip(&mut seen.terms).filter(|(_, t)| !t.matched) {
-                if term.judge(&map) == Ok(true) {
+                if term.judge(record) == Ok(true) {
                     t.matched = true;
                     t.values = HashMap::new();
                 } else if t.values.len() < VALUES_TALLIED {
-                    term.tally(&map, &mut t.values);
+                    term.tally(record, &mut t.values);
                 }
             }
         }
@@ -156,11 +159,9 @@ impl Rule {
             seen.settled = seen.terms.len() == self.filter.len() && seen.terms.iter().all(|t| t.matched);
             return;
         }
-        let custom = map.get("customFields").and_then(|c| c.read_lock::<Map>());
         let mut lacking = false;
-        for (field, present) in self.mentions.iter().zip(&mut seen.present).filter(|(_, p)| !**p) {
-            *present =
-                map.contains_key(field.as_str()) || custom.as_ref().is_some_and(|c| c.contains_key(field.as_str()));
+        for (paths, present) in self.mention_paths.iter().zip(&mut seen.present).filter(|(_, p)| !**p) {
+            *present = paths.iter().any(|path| matches!(record.lookup(path), Lookup::Value(_)));
             lacking |= !*present;
         }
         if lacking && seen.names.len() < NAMES_SAMPLED {

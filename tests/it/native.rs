@@ -131,7 +131,7 @@ fn record() -> impl Strategy<Value = serde_json::Value> {
     let region = prop::option::weighted(
         0.9,
         prop_oneof![
-            6 => prop::sample::select(vec!["Lombardia", "Veneto", "Abruzzo", "Sicilia", "M", "lombardia"])
+            6 => prop::sample::select(vec!["Lombardia", "Veneto", "Abruzzo", "Sicilia", "M", "lombardia", "Emilia\tRomagna"])
                 .prop_map(serde_json::Value::from),
             1 => field_value(),
         ],
@@ -166,14 +166,21 @@ fn record() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
-/// `json` parsed as a read judged by `rule` alone parses it: only the fields the rule reads.
-fn narrowed(rule: &Rule, json: &serde_json::Value) -> ContactRecord {
-    let keep = Arc::new(Keep::new(rule.reads().expect("the rule reads named fields")));
+/// `json` parsed as a read judged by `rule` alone parses it: only the fields the rule reads, in a
+/// map (`slotted`: false, as a read that also holds rules Rhai judges), or in slots (as a read
+/// whose rules are all judged natively).
+fn narrowed_as(rule: &Rule, json: &serde_json::Value, slotted: bool) -> ContactRecord {
+    let keep = Keep::new(rule.reads().expect("the rule reads named fields"));
+    let keep = Arc::new(if slotted { keep.with_layout(rule.read_paths().expect("native paths")) } else { keep });
     let page = bytes::Bytes::from(json.to_string());
     let raw: &serde_json::value::RawValue = serde_json::from_slice(&page).expect("json");
     let record = ContactRecord::from_raw(raw, &page, Some(&keep)).expect("a contact");
-    assert!(record.is_narrowed());
+    assert!(record.is_narrowed() && record.is_slotted() == slotted);
     record
+}
+
+fn narrowed(rule: &Rule, json: &serde_json::Value) -> ContactRecord {
+    narrowed_as(rule, json, true)
 }
 
 /// How many cases the test runs: each one rule, in one zone, on one day, on one generated record.
@@ -195,9 +202,12 @@ fn native_verdicts_equal_rhai_on_generated_records() {
             let rule = &rules[rule];
             let today =
                 Date(chrono::NaiveDate::from_ymd_opt(2026, 12, 1).expect("date") + chrono::Duration::days(shift));
-            // Natively on the record as a read of this rule narrows it; Rhai on every field.
+            // Natively on the record as a read of this rule narrows it (slots, and a map: the same
+            // answer); Rhai on every field.
             let narrowed = narrowed(rule, &json);
-            let native = rule.native.as_ref().expect("native").judge(narrowed.contact().view(), today.0);
+            let native = rule.native.as_ref().expect("native").judge(&narrowed.contact(), today.0);
+            let in_map = narrowed_as(rule, &json, false);
+            prop_assert_eq!(native, rule.native.as_ref().expect("native").judge(&in_map.contact(), today.0));
             let rhai = rule.rhai_matches(engine, narrowed.into_full(), today);
             let mut counts = counts.borrow_mut();
             match (native, &rhai) {
@@ -260,7 +270,9 @@ fn native_lists_equal_rhai_on_generated_records() {
         .run(&(record(), 0usize..rules.len()), |(json, rule)| {
             let rule = &rules[rule];
             let narrowed = narrowed(rule, &json);
-            let native = rule.native.as_ref().expect("native").list(narrowed.contact().view(), today.0);
+            let native = rule.native.as_ref().expect("native").list(&narrowed.contact(), today.0);
+            let in_map = narrowed_as(rule, &json, false);
+            prop_assert_eq!(&native, &rule.native.as_ref().expect("native").list(&in_map.contact(), today.0));
             let rhai = rule.rhai_list(&engine, narrowed.into_full(), today);
             match (native, &rhai) {
                 (Ok(named), Ok(expected)) => {
@@ -337,10 +349,9 @@ fn rhai_on_narrowed_records_equals_rhai_on_whole_ones() {
     runner
         .run(&(wide_record(), 0usize..rules.len()), |(json, rule)| {
             let rule = &rules[rule];
-            let narrowed = narrowed(rule, &json);
+            let narrowed = narrowed_as(rule, &json, false);
             let whole: ContactRecord = serde_json::from_str(&json.to_string()).expect("a contact");
-            let kept = narrowed.map().map_or(0, |m| m.len());
-            let all = whole.map().map_or(0, |m| m.len());
+            let (kept, all) = (narrowed.parsed_fields(), whole.parsed_fields());
             narrower.set(narrower.get() + u64::from(kept < all));
             if rule.is_partitioned() {
                 let got = rule.list_of_record(&engine, &narrowed, today);
@@ -359,6 +370,54 @@ fn rhai_on_narrowed_records_equals_rhai_on_whole_ones() {
     // Most records lost a field to narrowing, and the comparison covered Rhai's errors too.
     assert!(narrower.get() > 15_000, "narrowed {} of 20,000", narrower.get());
     assert!(errors.get() > 1_000 && errors.get() < 19_000, "errors {} of 20,000", errors.get());
+}
+
+// `FILTER` on a record read into slots judges exactly as on the whole record: the same verdict,
+// the same error message (absent, null, another type, `customFields` not a map, not a date), and
+// the same value shown for it.
+#[test]
+fn filters_judge_slotted_records_as_whole_ones() {
+    use segsync::rules::FilterTerm;
+    let terms: Vec<FilterTerm> = [
+        ("region", "Lombardia"),
+        ("email", "a@b.it"),
+        ("customFields.totalSpent", "2000"),
+        ("customFields.vip", "true"),
+        ("customFields.preferredChannel", "SMS"),
+        ("customFields.lastPurchaseDate.before", "2026-06-01"),
+        ("customFields.renewalDate.before", "2026-12-01"),
+    ]
+    .iter()
+    .map(|(k, v)| FilterTerm::parse(k, v).expect("a filter"))
+    .collect();
+    let keep = Arc::new(
+        Keep::new(terms.iter().map(|t| t.top_field().to_owned())).with_layout(terms.iter().map(|t| t.path().clone())),
+    );
+    let mut runner = TestRunner::new(Config { cases: 20_000, failure_persistence: None, ..Config::default() });
+    let outcomes = std::cell::RefCell::new(std::collections::BTreeSet::new());
+    runner
+        .run(&(record(), 0usize..terms.len()), |(json, term)| {
+            let term = &terms[term];
+            let page = bytes::Bytes::from(json.to_string());
+            let raw: &serde_json::value::RawValue = serde_json::from_slice(&page).expect("json");
+            let slotted = ContactRecord::from_raw(raw, &page, Some(&keep)).expect("a contact");
+            prop_assert!(slotted.is_slotted());
+            let whole: ContactRecord = serde_json::from_str(&json.to_string()).expect("a contact");
+            let verdict = term.judge(&slotted);
+            prop_assert_eq!(&verdict, &term.judge(&whole), "{:?} on {}", term, json);
+            prop_assert_eq!(term.value_of(&slotted), term.value_of(&whole), "{:?} on {}", term, json);
+            outcomes.borrow_mut().insert(match verdict {
+                Ok(v) => v.to_string(),
+                Err(e) => e.split(": ").nth(1).unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" "),
+            });
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Both verdicts and every kind of error were compared.
+    let outcomes = outcomes.into_inner();
+    for seen in ["true", "false", "the record has", "the field is", "the field holds", "customFields is the"] {
+        assert!(outcomes.contains(seen), "{seen:?} never came up: {outcomes:?}");
+    }
 }
 
 // Rules outside the recognised shapes stay on Rhai and say why; `[rules] native = false` would run
