@@ -174,18 +174,29 @@ struct PageWire<'a> {
 /// The ids a read has returned, as 64-bit keyed hashes: a 1M-contact read costs 16 MB, not 60. A
 /// collision (about 1 in 10^7 per million-record read, new keys every read) only drops a
 /// duplicate-looking record from this one read, which can never remove anything.
+///
+/// The set is split by the fingerprint's top bits into [`SEEN_SHARDS`] sets, each behind its own
+/// lock: every page thread checks every record it parses, and one lock for all was one cache line
+/// they all wrote, once a record.
 struct Seen {
     /// SipHash, keyed per read: a record's 64-bit fingerprint.
     hasher: RandomState,
-    /// The fingerprints seen (already well mixed, so the set's own hash is the cheap one).
-    ids: std::sync::Mutex<hashbrown::HashSet<u64>>,
+    /// The fingerprints seen (already well mixed, so the set's own hash is the cheap one), by shard.
+    shards: Box<[std::sync::Mutex<hashbrown::HashSet<u64>>]>,
 }
 
+const SEEN_SHARDS: usize = 64;
+
 impl Seen {
+    fn new() -> Self {
+        Self { hasher: RandomState::new(), shards: (0..SEEN_SHARDS).map(|_| Default::default()).collect() }
+    }
+
     /// Whether `id` is new to this read (and from now on, seen).
     fn first_time(&self, id: &str) -> bool {
         let hash = self.hasher.hash_one(id);
-        self.ids.lock().unwrap_or_else(|p| p.into_inner()).insert(hash)
+        let shard = &self.shards[(hash >> (64 - SEEN_SHARDS.trailing_zeros())) as usize];
+        shard.lock().unwrap_or_else(|p| p.into_inner()).insert(hash)
     }
 }
 
@@ -242,6 +253,9 @@ impl Gateway {
         tokio::task::spawn_blocking(move || {
             let wire: PageWire<'_> =
                 serde_json::from_slice(&bytes).map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
+            // The page's own copy: each record holds one, and a count every page thread shared
+            // would be one cache line they all wrote, once a record.
+            let keep = keep.map(|k| Arc::new(crate::contact::Keep::clone(&k)));
             let raw = wire.contacts.len();
             meter.records(op, raw as u64);
             super::PROCESS.records(op, raw as u64);
@@ -329,7 +343,7 @@ impl Gateway {
         tx: &mpsc::Sender<Result<Page<R>, GatewayError>>,
     ) {
         let mut paging = self.paging(req.resource);
-        let seen = Arc::new(Seen { hasher: RandomState::new(), ids: std::sync::Mutex::new(hashbrown::HashSet::new()) });
+        let seen = Arc::new(Seen::new());
         let first = self.first_page(&req, &mut paging, &seen, work).await;
         let mut read = Read::new(req.op, u64::from(paging.page_size));
         let stop_at = req.sample.unwrap_or(u64::MAX);
