@@ -110,6 +110,19 @@ impl Leaf<'static> {
 }
 
 impl Leaf<'_> {
+    /// The value as Rhai holds it (`Other`, which has no value here, is `()`).
+    pub fn to_dynamic(&self) -> Dynamic {
+        match self {
+            Self::Unit | Self::Other => Dynamic::UNIT,
+            Self::Bool(b) => Dynamic::from_bool(*b),
+            Self::Int(i) => Dynamic::from_int(*i),
+            Self::Float(f) => Dynamic::from_float(*f),
+            Self::Str(Text::Shared(s)) => Dynamic::from(s.clone()),
+            Self::Str(Text::Ref(s)) => Dynamic::from(ImmutableString::from(*s)),
+            Self::Date(d) => Dynamic::from(crate::rules::Date(*d)),
+        }
+    }
+
     /// The value, its text borrowed from `self` (a rule's literal is never reference-counted on
     /// the way to a verdict).
     pub fn borrowed(&self) -> Leaf<'_> {

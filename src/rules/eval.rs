@@ -5,6 +5,7 @@ use rhai::{CallFnOptions, Dynamic, Engine, EvalAltResult, Scope};
 
 use super::{Date, Rule};
 use crate::contact::{Contact, ContactRecord};
+use crate::slots::{Fields, Leaf, Lookup};
 
 /// Why a rule could not judge a contact.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,14 +69,20 @@ pub struct Facts(Vec<Option<Dynamic>>);
 impl Rule {
     /// The fields this rule mentions, read off `contact` (top level, else in `customFields`).
     pub fn facts(&self, contact: &ContactRecord) -> Facts {
-        let full = contact.full();
-        let Some(map) = full.read_lock::<rhai::Map>() else { return Facts::default() };
-        let custom = map.get("customFields").and_then(|c| c.read_lock::<rhai::Map>());
+        if !contact.is_map() {
+            return Facts::default();
+        }
+        let fact = |path: &crate::slots::Path| match contact.lookup(path) {
+            Lookup::Value(Leaf::Other) => contact.dynamic_at(path.names()),
+            Lookup::Value(leaf) => Some(leaf.to_dynamic()),
+            Lookup::Absent(_) | Lookup::NotMap => None,
+        };
         Facts(
             self.mentions
                 .iter()
-                .filter(|w| *w != "customFields")
-                .map(|w| map.get(w.as_str()).or_else(|| custom.as_ref().and_then(|c| c.get(w.as_str()))).cloned())
+                .zip(&self.mention_paths)
+                .filter(|(w, _)| *w != "customFields")
+                .map(|(_, [top, custom])| fact(top).or_else(|| fact(custom)))
                 .collect(),
         )
     }

@@ -208,6 +208,11 @@ fn native_verdicts_equal_rhai_on_generated_records() {
             let native = rule.native.as_ref().expect("native").judge(&narrowed.contact(), today.0);
             let in_map = narrowed_as(rule, &json, false);
             prop_assert_eq!(native, rule.native.as_ref().expect("native").judge(&in_map.contact(), today.0));
+            // The facts a removal is recorded with read the same from slots, a map and the whole record.
+            let whole: ContactRecord = serde_json::from_str(&json.to_string()).expect("a contact");
+            let facts = rule.describe(&rule.facts(&whole));
+            prop_assert_eq!(&rule.describe(&rule.facts(&narrowed)), &facts, "{}", json);
+            prop_assert_eq!(&rule.describe(&rule.facts(&in_map)), &facts, "{}", json);
             let rhai = rule.rhai_matches(engine, narrowed.into_full(), today);
             let mut counts = counts.borrow_mut();
             match (native, &rhai) {
