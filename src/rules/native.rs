@@ -18,7 +18,7 @@
 //! [`Native::shadow_due`]) compares both engines, and a disagreement turns the rule back to Rhai.
 
 use std::cmp::Ordering;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 
 use chrono::NaiveDate;
 use chrono_tz::Tz;
@@ -64,8 +64,9 @@ pub struct Native {
     steps: Vec<Step>,
     result: Node,
     tz: Tz,
-    /// Records judged natively so far (the shadow check samples on it).
-    judged: AtomicU64,
+    /// Records judged natively so far by each thread (the shadow check samples on it): a count
+    /// every page thread shared was one cache line they all wrote, once a record.
+    judged: thread_local::ThreadLocal<std::cell::Cell<u64>>,
     /// A shadow check found a disagreement: from then on this rule runs on Rhai.
     retired: AtomicBool,
     /// When it was retired.
@@ -152,7 +153,7 @@ pub fn compile(rule: &str, compact: &str, tz: Tz) -> Result<Native, String> {
         steps,
         result,
         tz,
-        judged: AtomicU64::new(0),
+        judged: thread_local::ThreadLocal::new(),
         retired: AtomicBool::new(false),
         retired_at: Default::default(),
         wrong,
@@ -507,10 +508,13 @@ impl Native {
         }
     }
 
-    /// Whether this natively judged record is also to be judged by Rhai (one in [`SHADOW_EVERY`],
-    /// the first one included).
+    /// Whether this natively judged record is also to be judged by Rhai (one in [`SHADOW_EVERY`]
+    /// of those each thread judges for this rule, each thread's first included).
     pub fn shadow_due(&self) -> bool {
-        self.judged.fetch_add(1, AtomicOrdering::Relaxed).is_multiple_of(SHADOW_EVERY)
+        let judged = self.judged.get_or_default();
+        let n = judged.get();
+        judged.set(n + 1);
+        n.is_multiple_of(SHADOW_EVERY)
     }
 
     /// Whether the rule still runs natively (no shadow check has disagreed).
