@@ -174,29 +174,25 @@ struct PageWire<'a> {
 /// The ids a read has returned, as 64-bit keyed hashes: a 1M-contact read costs 16 MB, not 60. A
 /// collision (about 1 in 10^7 per million-record read, new keys every read) only drops a
 /// duplicate-looking record from this one read, which can never remove anything.
-///
-/// The set is split by the fingerprint's top bits into [`SEEN_SHARDS`] sets, each behind its own
-/// lock: every page thread checks every record it parses, and one lock for all was one cache line
-/// they all wrote, once a record.
 struct Seen {
     /// SipHash, keyed per read: a record's 64-bit fingerprint.
     hasher: RandomState,
-    /// The fingerprints seen (already well mixed, so the set's own hash is the cheap one), by shard.
-    shards: Box<[std::sync::Mutex<hashbrown::HashSet<u64>>]>,
+    /// The fingerprints seen (already well mixed, so the set's own hash is the cheap one). One set,
+    /// not shards: a million fingerprints make one allocation above mimalloc's large-object size,
+    /// returned to the system when the read ends; 64 shards held ~20 MB more between passes (and
+    /// the lock was not the cost: the set's cache misses are, shards or not).
+    ids: std::sync::Mutex<hashbrown::HashSet<u64>>,
 }
-
-const SEEN_SHARDS: usize = 64;
 
 impl Seen {
     fn new() -> Self {
-        Self { hasher: RandomState::new(), shards: (0..SEEN_SHARDS).map(|_| Default::default()).collect() }
+        Self { hasher: RandomState::new(), ids: Default::default() }
     }
 
     /// Whether `id` is new to this read (and from now on, seen).
     fn first_time(&self, id: &str) -> bool {
         let hash = self.hasher.hash_one(id);
-        let shard = &self.shards[(hash >> (64 - SEEN_SHARDS.trailing_zeros())) as usize];
-        shard.lock().unwrap_or_else(|p| p.into_inner()).insert(hash)
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).insert(hash)
     }
 }
 
