@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::connection::Connection;
 use crate::contact::ContactRecord;
 use crate::gateway::{Records, ScanQuery};
-use crate::rules::{ABSENT_MIN_JUDGED, Date, Finding, Observed, Rule, thousands};
+use crate::rules::{ABSENT_MIN_JUDGED, Date, Finding, Learned, Observed, Rule, thousands};
 
 /// One rule on the sample.
 #[derive(Debug, Default, Clone)]
@@ -62,15 +62,16 @@ pub(super) async fn preview(
     let connection = Connection::open(config, None).await?;
     let today = Date(chrono::Utc::now().with_timezone(&config.time_zone).date_naive());
     let (engine, work_rules) = (Arc::new(engine), Arc::new(rules.clone()));
+    let learned: Vec<Learned> = rules.iter().map(|r| Learned::of(r)).collect();
     let mut scan = connection.gateway.scan_with(
         &ScanQuery { sample: Some(n), ..ScanQuery::default() },
         move |records: &mut Records<'_, ContactRecord>| {
             let mut tallies = vec![Tally::default(); work_rules.len()];
             for record in records.by_ref() {
                 let record = &record;
-                for (rule, tally) in work_rules.iter().zip(&mut tallies) {
+                for ((rule, tally), learned) in work_rules.iter().zip(&mut tallies).zip(&learned) {
                     let passes = rule.passes_filter(record);
-                    rule.observe(record, passes, &mut tally.observed);
+                    rule.observe(record, passes, &mut tally.observed, learned);
                     if !passes {
                         continue;
                     }

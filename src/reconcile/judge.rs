@@ -15,7 +15,7 @@ use crate::contact::{ContactRecord, Keep};
 use crate::gateway::{Gateway, Records, Scan, ScanQuery};
 use crate::ids::RuleName;
 use crate::ids::{BitSet, ContactIdSet, IdHash, ListId, SetsTable};
-use crate::rules::{Date, EvalError, Facts, FilterTerm, Lists, Mode, Observed, Rule};
+use crate::rules::{Date, EvalError, Facts, FilterTerm, Learned, Lists, Mode, Observed, Rule};
 
 /// Sibling groups' list names are hashed with foldhash (hashbrown's default), as findings' tallies.
 type HashMap<K, V> = hashbrown::HashMap<K, V>;
@@ -65,6 +65,7 @@ fn member_seen(
     record: &ContactRecord,
     (i, index): (usize, u32),
     seen: Option<&mut PageSeen>,
+    learned: &Learned,
     due: &mut Vec<(usize, Option<u32>)>,
 ) {
     let Some(seen) = seen else { return };
@@ -72,7 +73,7 @@ fn member_seen(
     if target.rule.mode == Mode::Mirror {
         seen.eval.evaluated += 1;
         let judged = member_filter(&target.rule, record, &mut seen.eval);
-        target.rule.observe(record, judged, &mut seen.eval.observed);
+        target.rule.observe(record, judged, &mut seen.eval.observed, learned);
         if judged {
             due.push((i, Some(index)));
         }
@@ -93,6 +94,8 @@ struct Siblings {
     /// Every part's members in one table (positions in `targets`): one lookup a record instead of
     /// one per list.
     members: SetsTable,
+    /// What the read learned of the group's rule, from every record (the group's findings).
+    learned: Learned,
 }
 
 impl Siblings {
@@ -120,7 +123,8 @@ impl Siblings {
             .into_iter()
             .filter_map(|(slot, parts, by_list)| {
                 let members = SetsTable::new(&parts.iter().map(|&i| &*targets[i].members).collect::<Vec<_>>())?;
-                Some(Siblings { slot, targets: parts, by_list, members })
+                let learned = Learned::of(&targets[parts[0]].rule);
+                Some(Siblings { slot, targets: parts, by_list, members, learned })
             })
             .collect()
     }
@@ -154,6 +158,7 @@ pub async fn members(
     today: Date,
 ) -> Result<Evaluation, ReconcileError> {
     let (engine, rule_for_work) = (engine.clone(), rule.clone());
+    let learned = Learned::of(rule);
     let mut eval = Evaluation::default();
     let scan = gw.scan_with(
         &ScanQuery { list_ids: vec![list.clone()], keep: keep([(&**rule, &[][..])]), ..ScanQuery::default() },
@@ -165,7 +170,7 @@ pub async fn members(
                 if rule_for_work.mode == Mode::Mirror {
                     part.evaluated += 1;
                     let judged = member_filter(&rule_for_work, &record, &mut part);
-                    rule_for_work.observe(&record, judged, &mut part.observed);
+                    rule_for_work.observe(&record, judged, &mut part.observed, &learned);
                     if judged {
                         // The member's last use: Rhai may take the record instead of a copy.
                         let (verdict, facts) = rule_for_work.judge_member(&engine, &mut record, true, today);
@@ -324,6 +329,9 @@ pub async fn candidates(
     let single: Vec<usize> = (0..n).filter(|i| !siblings.iter().any(|s| s.targets.contains(i))).collect();
     // Their members in one table too (positions in `single`), unless too many to pack.
     let single_members = SetsTable::new(&single.iter().map(|&i| &*targets[i].members).collect::<Vec<_>>());
+    // What the read learned of each target's rule: from its candidates, and from its cached members
+    // (two streams of findings, merged apart).
+    let learned: Vec<[Learned; 2]> = targets.iter().map(|t| [Learned::of(&t.rule), Learned::of(&t.rule)]).collect();
     let (engine, work_targets, work_unfolding) = (engine.clone(), targets.clone(), unfolding.clone());
     let scan = gw.scan_with(query, move |records: &mut Records<'_, ContactRecord>| {
         let targets = &work_targets;
@@ -359,7 +367,7 @@ pub async fn candidates(
                 let Some(index) = member else {
                     parts[i].evaluated += 1;
                     let in_filter_now = passes_filter(i, &target.rule);
-                    target.rule.observe(&record, in_filter_now, &mut parts[i].observed);
+                    target.rule.observe(&record, in_filter_now, &mut parts[i].observed, &learned[i][0]);
                     if in_filter_now {
                         if target.derived.is_empty() || passes(&target.derived, &record) {
                             in_filter[i] += 1;
@@ -368,7 +376,7 @@ pub async fn candidates(
                     }
                     continue;
                 };
-                member_seen(target, &record, (i, index), cached[i].as_mut(), &mut due);
+                member_seen(target, &record, (i, index), cached[i].as_mut(), &learned[i][1], &mut due);
             }
             // A rule read by Rhai copies the contact, except the last, which takes the record itself.
             named.fill(None);
@@ -392,12 +400,12 @@ pub async fn candidates(
                 let in_filter_now = passes_filter(group.targets[0], first);
                 page.records += 1;
                 page.in_filter += u64::from(in_filter_now);
-                first.observe(&record, in_filter_now, &mut page.observed);
+                first.observe(&record, in_filter_now, &mut page.observed, &group.learned);
                 group.member_of(targets, record.id.as_str(), hash, &mut members_here);
                 for &(i, index) in &members_here {
                     hits[i].0 += 1;
                     hits[i].1 += u64::from(in_filter_now);
-                    member_seen(&targets[i], &record, (i, index), cached[i].as_mut(), &mut due);
+                    member_seen(&targets[i], &record, (i, index), cached[i].as_mut(), &learned[i][1], &mut due);
                 }
                 if !in_filter_now {
                     continue;
@@ -498,13 +506,13 @@ pub async fn filter_sample(
     rule: &Arc<Rule>,
 ) -> Result<Observed, ReconcileError> {
     let page = u64::from(gw.paging(crate::gateway::Resource::Contacts).page_size);
-    let work_rule = rule.clone();
+    let (work_rule, learned) = (rule.clone(), Learned::of(rule));
     let scan = gw.scan_with(
         &ScanQuery { sample: Some(page), ..ScanQuery::default() },
         move |records: &mut Records<'_, ContactRecord>| {
             let mut seen = Observed::default();
             for record in records {
-                work_rule.observe(&record, false, &mut seen);
+                work_rule.observe(&record, false, &mut seen, &learned);
             }
             seen
         },

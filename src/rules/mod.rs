@@ -28,7 +28,7 @@ pub use eval::{EvalError, Facts};
 pub use filter::FilterTerm;
 pub use helpers::{LIB, lib_dir};
 pub use load::{MAX_LISTS_CEILING, broken_suppressions, load_dir, load_file, load_tested, nothing_to_run};
-pub use observe::{ABSENT_MIN_JUDGED, Finding, Observed, thousands};
+pub use observe::{ABSENT_MIN_JUDGED, Finding, Learned, Observed, thousands};
 pub use segments::{SegmentRef, Segments};
 pub use select::{Loaded, Unselectable};
 

@@ -3,10 +3,12 @@
 //! holds (`"Emilia Romagna"` for `"Emilia-Romagna"`). Both select nobody without any error, so
 //! without this they would pass as "ok" on every run.
 //!
-//! The cost stays near nothing: a field is looked up only until one contact of the page has it, and
-//! a filter term's values are tallied only until one contact of the page passes it.
+//! The cost stays near nothing: a field is looked up only until one contact of the read has it, and
+//! a filter term's values are tallied only until one contact of the read passes it (pages judged
+//! in parallel tell each other through [`Learned`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Tallies are hashed with foldhash (hashbrown's default): one lookup per contact judged.
 type HashMap<K, V> = hashbrown::HashMap<K, V>;
@@ -97,6 +99,40 @@ impl Observed {
     }
 }
 
+/// What one read has learned of a rule so far, shared by the pages it judges in parallel: the
+/// `FILTER` terms some contact passed and the fields some judged contact had. A page takes up what
+/// another page learned instead of learning it again (a term judged and its values tallied on
+/// every contact until that page's own first match: most of what observing cost).
+///
+/// The findings come out the same: a flag is set only by a page that saw the match (or the field),
+/// and the read's pages are all merged, so the merged flag is set either way; a term no page
+/// passed, or a field no page saw, is never learned, so its tally and the names sampled for it
+/// are those of every page as before. One `Learned` serves one stream of `Observed` that merges
+/// into one result (a target's candidates, its cached members, a sibling group), never two.
+#[derive(Debug, Default)]
+pub struct Learned {
+    terms: Vec<AtomicBool>,
+    present: Vec<AtomicBool>,
+}
+
+impl Learned {
+    /// Nothing learned yet of `rule`. (`Learned::default()` shares nothing: each page learns alone.)
+    pub fn of(rule: &Rule) -> Self {
+        let flags = |n: usize| (0..n).map(|_| AtomicBool::new(false)).collect();
+        Self { terms: flags(rule.filter.len()), present: flags(rule.mentions.len()) }
+    }
+
+    fn knows(flags: &[AtomicBool], i: usize) -> bool {
+        flags.get(i).is_some_and(|f| f.load(Ordering::Relaxed))
+    }
+
+    fn learn(flags: &[AtomicBool], i: usize) {
+        if let Some(f) = flags.get(i) {
+            f.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 fn merge_flags(into: &mut Vec<bool>, from: &[bool]) {
     if into.len() < from.len() {
         into.resize(from.len(), false);
@@ -128,7 +164,7 @@ impl std::fmt::Display for Finding {
 impl Rule {
     /// Notes what `record` shows for this rule. `judged`: the record reaches `matches` (it passed
     /// the FILTER), so the fields `matches` reads are looked for on it.
-    pub fn observe(&self, record: &ContactRecord, judged: bool, seen: &mut Observed) {
+    pub fn observe(&self, record: &ContactRecord, judged: bool, seen: &mut Observed, learned: &Learned) {
         if seen.settled && record.is_map() {
             // What the steps below would do once nothing is left to learn (100 lists, 100 calls a contact).
             seen.filtered += u64::from(!self.filter.is_empty());
@@ -141,10 +177,14 @@ impl Rule {
         if !self.filter.is_empty() {
             seen.filtered += 1;
             seen.terms.resize_with(self.filter.len(), TermSeen::default);
-            for (term, t) in self.filter.iter().zip(&mut seen.terms).filter(|(_, t)| !t.matched) {
-                if term.judge(record) == Ok(true) {
+            for (k, (term, t)) in self.filter.iter().zip(&mut seen.terms).enumerate().filter(|(_, (_, t))| !t.matched) {
+                let by_another = Learned::knows(&learned.terms, k);
+                if by_another || term.judge(record) == Ok(true) {
                     t.matched = true;
                     t.values = HashMap::new();
+                    if !by_another {
+                        Learned::learn(&learned.terms, k);
+                    }
                 } else if t.values.len() < VALUES_TALLIED {
                     term.tally(record, &mut t.values);
                 }
@@ -160,8 +200,14 @@ impl Rule {
             return;
         }
         let mut lacking = false;
-        for (paths, present) in self.mention_paths.iter().zip(&mut seen.present).filter(|(_, p)| !**p) {
-            *present = paths.iter().any(|path| matches!(record.lookup(path), Lookup::Value(_)));
+        for (j, (paths, present)) in
+            self.mention_paths.iter().zip(&mut seen.present).enumerate().filter(|(_, (_, p))| !**p)
+        {
+            let by_another = Learned::knows(&learned.present, j);
+            *present = by_another || paths.iter().any(|path| matches!(record.lookup(path), Lookup::Value(_)));
+            if *present && !by_another {
+                Learned::learn(&learned.present, j);
+            }
             lacking |= !*present;
         }
         if lacking && seen.names.len() < NAMES_SAMPLED {
@@ -281,7 +327,7 @@ mod tests {
         for i in 0..150 {
             let record = contact(i, r#""region":"Veneto","customFields":{"totalSpent":10.0}"#);
             let mut page = Observed::default();
-            r.observe(&record, true, &mut page);
+            r.observe(&record, true, &mut page, &Learned::default());
             seen.merge(page);
         }
         let found = r.findings(&seen, ABSENT_MIN_JUDGED);
@@ -290,7 +336,12 @@ mod tests {
         assert_eq!((found[0].line, found[0].col), (2, 33), "where the field is read");
         assert_eq!(found[0].message, "totalSpend is absent on all 150 contacts; seen: totalSpent");
         assert!(r.findings(&seen, 151).is_empty(), "below the minimum nothing is claimed");
-        r.observe(&contact(999, r#""region":"Veneto","customFields":{"totalSpend":1.0}"#), true, &mut seen);
+        r.observe(
+            &contact(999, r#""region":"Veneto","customFields":{"totalSpend":1.0}"#),
+            true,
+            &mut seen,
+            &Learned::default(),
+        );
         assert!(r.findings(&seen, ABSENT_MIN_JUDGED).is_empty(), "one contact has it");
     }
 
@@ -311,15 +362,78 @@ mod tests {
         for i in 0..200 {
             let record = contact(i, records[i % records.len()]);
             let judged = r.passes_filter(&record);
-            r.observe(&record, judged, &mut fast);
+            r.observe(&record, judged, &mut fast, &Learned::default());
             full.settled = false;
-            r.observe(&record, judged, &mut full);
+            r.observe(&record, judged, &mut full, &Learned::default());
         }
         assert!(fast.settled, "the first contact leaves nothing to learn");
         assert_eq!((fast.judged, fast.filtered), (full.judged, full.filtered));
         assert_eq!((fast.judged, fast.filtered), (150, 200));
         assert_eq!(fast.present, full.present);
         assert_eq!(r.findings(&fast, 1), r.findings(&full, 1));
+    }
+
+    // Pages sharing what the read learned give the findings and counts of pages learning alone,
+    // and stop judging and tallying a term once any page passed it.
+    #[test]
+    fn pages_sharing_what_they_learned_find_what_pages_alone_find() {
+        let r = rule(
+            "const LIST = \"L\";\nconst FILTER = #{ region: \"Veneto\", \"customFields.channel\": \"SMS\" };\n\
+             fn matches(c) { (c.customFields.get(\"totalSpent\") ?? 0.0) > 1.0 && (c.customFields.get(\"tier\") ?? \"\") == \"gold\" }\n",
+        );
+        // Page 3 holds the one contact in Veneto, page 5 the only ones with `totalSpent`; `tier`
+        // is never there (`tire` is), and no contact's channel is SMS.
+        let page_of = |p: usize| -> Vec<ContactRecord> {
+            (0..30)
+                .map(|i| {
+                    let region = if p == 3 && i == 10 { "Veneto" } else { ["Lazio", "Lombardia"][i % 2] };
+                    let spent = if p == 5 { r#""totalSpent":9.0,"# } else { "" };
+                    let channel = ["EMAIL", "WHATSAPP"][(i / 2) % 2];
+                    contact(
+                        p * 100 + i,
+                        &format!(
+                            r#""region":"{region}","customFields":{{{spent}"channel":"{channel}","tire":"gold"}}"#
+                        ),
+                    )
+                })
+                .collect()
+        };
+        let observe_all = |learned: &Learned| -> (Observed, Vec<Observed>) {
+            let mut all = Observed::default();
+            let mut pages = Vec::new();
+            for p in 0..10 {
+                let mut page = Observed::default();
+                for record in page_of(p) {
+                    r.observe(&record, true, &mut page, learned);
+                }
+                pages.push(page.clone());
+                all.merge(page);
+            }
+            (all, pages)
+        };
+        let (shared, shared_pages) = observe_all(&Learned::of(&r));
+        let (alone, alone_pages) = observe_all(&Learned::default());
+        assert_eq!((shared.judged, shared.filtered), (alone.judged, alone.filtered));
+        assert_eq!(shared.present, alone.present);
+        assert_eq!(r.mentions, ["customFields", "totalSpent", "tier"]);
+        assert_eq!(shared.present, [true, true, false], "totalSpent seen on page 5 only, tier nowhere");
+        let found = r.findings(&shared, ABSENT_MIN_JUDGED);
+        assert_eq!(found, r.findings(&alone, ABSENT_MIN_JUDGED));
+        let messages: Vec<&str> = found.iter().map(|f| f.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                "tier is absent on all 300 contacts; seen: tire",
+                "FILTER customFields.channel = \"SMS\" matched none of 300 contacts read; most common: EMAIL (160), WHATSAPP (140)",
+            ]
+        );
+        // After page 3, a page sharing knows Veneto was passed: it tallies no regions, while a
+        // page alone tallies them all over again. The channel, never passed, is tallied by both.
+        // (Terms in key order: the channel, then the region.)
+        assert!(shared_pages[9].terms[1].values.is_empty() && shared_pages[9].terms[1].matched);
+        assert_eq!(alone_pages[9].terms[1].values.len(), 2);
+        assert!(!alone_pages[9].terms[1].matched);
+        assert_eq!(shared_pages[9].terms[0].values.len(), 2);
     }
 
     // A FILTER value nobody holds is a finding with the field's most common values; once one
@@ -332,7 +446,7 @@ mod tests {
             ["Lombardia", "Lombardia", "Lombardia", "Veneto", "Veneto", "Emilia-Romagna"].iter().enumerate()
         {
             let mut page = Observed::default();
-            r.observe(&contact(i, &format!(r#""region":"{region}""#)), false, &mut page);
+            r.observe(&contact(i, &format!(r#""region":"{region}""#)), false, &mut page, &Learned::default());
             seen.merge(page);
         }
         let found = r.findings(&seen, ABSENT_MIN_JUDGED);
@@ -342,7 +456,7 @@ mod tests {
             "FILTER region = \"Emilia Romagna\" matched none of 6 contacts read; did you mean \"Emilia-Romagna\" (1)? \
              most common: Lombardia (3), Veneto (2), Emilia-Romagna (1)"
         );
-        r.observe(&contact(9, r#""region":"Emilia Romagna""#), true, &mut seen);
+        r.observe(&contact(9, r#""region":"Emilia Romagna""#), true, &mut seen, &Learned::default());
         assert!(r.findings(&seen, ABSENT_MIN_JUDGED).is_empty());
         assert_eq!(thousands(20_000), "20,000");
         assert_eq!(thousands(999), "999");
