@@ -54,14 +54,16 @@ impl State {
                 )
                 .optional()?
                 .unwrap_or((0, 0));
+            // In the primary key's order: ascending ids go in without a hash table, which the
+            // pass builds only if it looks one up outside its members table.
             let mut stmt = c.prepare_cached(
                 "SELECT m.contact FROM cached_member m JOIN cached_list l ON l.id = m.list
-                 WHERE l.account = ?1 AND l.list_id = ?2",
+                 WHERE l.account = ?1 AND l.list_id = ?2 ORDER BY m.contact",
             )?;
             let mut rows = stmt.query(params![account.as_str(), list.as_str()])?;
-            let mut set = ContactIdSet::with_capacity(ids.max(0) as usize, bytes.max(0) as usize);
+            let mut set = ContactIdSet::with_capacity_ascending(ids.max(0) as usize, bytes.max(0) as usize);
             while let Some(row) = rows.next()? {
-                set.insert(row.get_ref(0)?.as_str()?);
+                set.push_ascending(row.get_ref(0)?.as_str()?);
             }
             Ok(set)
         })
