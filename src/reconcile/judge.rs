@@ -329,9 +329,10 @@ pub async fn candidates(
     let single: Vec<usize> = (0..n).filter(|i| !siblings.iter().any(|s| s.targets.contains(i))).collect();
     // Their members in one table too (positions in `single`), unless too many to pack.
     let single_members = SetsTable::new(&single.iter().map(|&i| &*targets[i].members).collect::<Vec<_>>());
-    // What the read learned of each target's rule: from its candidates, and from its cached members
-    // (two streams of findings, merged apart).
-    let learned: Vec<[Learned; 2]> = targets.iter().map(|t| [Learned::of(&t.rule), Learned::of(&t.rule)]).collect();
+    // What the read learned of each target's rule, from its candidates and its cached members alike
+    // (their findings merge into one): a FILTER term every member passes is not tallied on every
+    // candidate of a pass that changes nothing, where no candidate passes it.
+    let learned: Vec<Learned> = targets.iter().map(|t| Learned::of(&t.rule)).collect();
     let (engine, work_targets, work_unfolding) = (engine.clone(), targets.clone(), unfolding.clone());
     let scan = gw.scan_with(query, move |records: &mut Records<'_, ContactRecord>| {
         let targets = &work_targets;
@@ -367,7 +368,7 @@ pub async fn candidates(
                 let Some(index) = member else {
                     parts[i].evaluated += 1;
                     let in_filter_now = passes_filter(i, &target.rule);
-                    target.rule.observe(&record, in_filter_now, &mut parts[i].observed, &learned[i][0]);
+                    target.rule.observe(&record, in_filter_now, &mut parts[i].observed, &learned[i]);
                     if in_filter_now {
                         if target.derived.is_empty() || passes(&target.derived, &record) {
                             in_filter[i] += 1;
@@ -376,7 +377,7 @@ pub async fn candidates(
                     }
                     continue;
                 };
-                member_seen(target, &record, (i, index), cached[i].as_mut(), &learned[i][1], &mut due);
+                member_seen(target, &record, (i, index), cached[i].as_mut(), &learned[i], &mut due);
             }
             // A rule read by Rhai copies the contact, except the last, which takes the record itself.
             named.fill(None);
@@ -405,7 +406,7 @@ pub async fn candidates(
                 for &(i, index) in &members_here {
                     hits[i].0 += 1;
                     hits[i].1 += u64::from(in_filter_now);
-                    member_seen(&targets[i], &record, (i, index), cached[i].as_mut(), &learned[i][1], &mut due);
+                    member_seen(&targets[i], &record, (i, index), cached[i].as_mut(), &learned[i], &mut due);
                 }
                 if !in_filter_now {
                     continue;

@@ -105,10 +105,12 @@ impl Observed {
 /// every contact until that page's own first match: most of what observing cost).
 ///
 /// The findings come out the same: a flag is set only by a page that saw the match (or the field),
-/// and the read's pages are all merged, so the merged flag is set either way; a term no page
-/// passed, or a field no page saw, is never learned, so its tally and the names sampled for it
-/// are those of every page as before. One `Learned` serves one stream of `Observed` that merges
-/// into one result (a target's candidates, its cached members, a sibling group), never two.
+/// and the pages sharing a `Learned` all merge into one result, so the merged flag is set either
+/// way; a term no page passed, or a field no page saw, is never learned, so its tally and the
+/// names sampled for it are those of every page as before. One `Learned` serves the `Observed`
+/// that merge into one rule's result: a target's candidates and its cached members, or a sibling
+/// group. (When a cached list's count disagrees, its members are read again and their scan
+/// observations dropped; a flag one of them set stands, true of a contact this read returned.)
 #[derive(Debug, Default)]
 pub struct Learned {
     terms: Vec<AtomicBool>,
