@@ -15,9 +15,10 @@
 //! A no-change pass with a trusted cache is bounded by ⌈contacts/page⌉ + ⌈lists/page⌉.
 //!
 //! CPU is also given as a multiple of a baseline measured in the same run: parsing the same page
-//! bytes into `serde_json::Value` on one thread, per record, timed right after each pass (on a
-//! rate-limited plan, once after the last). On an unlimited plan the no-change pass runs three
-//! times (`SEGSYNC_BENCH_REPEAT`), and a line gives the least and median of its ratios.
+//! bytes into `serde_json::Value` on one thread, per record, timed in five rounds right before and
+//! five right after each pass (on a rate-limited plan, once after the last). On an unlimited plan
+//! the no-change pass runs three times (`SEGSYNC_BENCH_REPEAT`), and a line gives the least and
+//! median of its ratios, and all its runs' CPU against all their baselines' rounds.
 
 // A benchmark reports by printing.
 #![allow(clippy::print_stdout)]
@@ -166,9 +167,9 @@ struct Row {
     /// Contact records the pass read (scanned and member records).
     records: u64,
     members_from: String,
-    /// The baseline measured right after this pass (µs per record): each pass is compared with
-    /// the machine as it was then, not minutes earlier.
-    baseline: Option<f64>,
+    /// The baseline measured right before and after this pass: each pass is compared with the
+    /// machine as it was then, not minutes earlier.
+    baseline: Option<Baseline>,
 }
 
 fn lower_bound(report: &PassReport, contacts: u64, lists: u64, page: u64, first: bool) -> (u64, String) {
@@ -270,21 +271,40 @@ async fn baseline_pages(base_url: &str, page: u64, pagination: Pagination) -> Ve
     bodies
 }
 
-/// The baseline CPU cost of a record: parsing `bodies` into `serde_json::Value` on one thread
-/// (the best of five rounds). Returns µs per record.
-fn baseline_us_per_record(bodies: &[bytes::Bytes]) -> f64 {
-    // The best of five rounds: a round that another process slowed says nothing about parsing.
-    (0..5)
-        .map(|_| {
-            let mut records = 0u64;
-            let started = Instant::now();
+/// Timed rounds of the baseline: records parsed and the seconds they took.
+#[derive(Clone, Copy, Default)]
+struct Baseline {
+    records: u64,
+    secs: f64,
+}
+
+impl Baseline {
+    /// Five rounds of parsing `bodies` into `serde_json::Value` on one thread.
+    ///
+    /// All five count, not the best: this machine's speed moves by up to 2× within seconds (one
+    /// round of these pages took 2.1 to 5.2 µs a record over one minute, nothing else running),
+    /// and a pass's CPU is its mean over its seconds, so the baseline must be a mean too, not its
+    /// luckiest moment. Rounds before and after a pass bracket it in time.
+    fn rounds(bodies: &[bytes::Bytes]) -> Self {
+        let started = Instant::now();
+        let mut records = 0u64;
+        for _ in 0..5 {
             for body in bodies {
                 let v: serde_json::Value = serde_json::from_slice(body).expect("json");
                 records += v["contacts"].as_array().map_or(0, |c| c.len() as u64);
             }
-            started.elapsed().as_secs_f64() * 1e6 / records as f64
-        })
-        .fold(f64::INFINITY, f64::min)
+        }
+        Self { records, secs: started.elapsed().as_secs_f64() }
+    }
+
+    fn and(self, other: Self) -> Self {
+        Self { records: self.records + other.records, secs: self.secs + other.secs }
+    }
+
+    /// µs a record.
+    fn us(self) -> f64 {
+        self.secs * 1e6 / self.records as f64
+    }
 }
 
 async fn total_contacts(base_url: &str) -> u64 {
@@ -391,6 +411,7 @@ async fn run(s: &Scenario) {
             tokio::time::sleep(Duration::from_secs(61)).await;
         }
         let contacts = total_contacts(&sandbox.base_url).await;
+        let before = baseline_bodies.as_deref().map(Baseline::rounds);
         let start_mb = support::rss_now_mb();
         support::reset_peak();
         let cpu = support::cpu_time();
@@ -403,6 +424,8 @@ async fn run(s: &Scenario) {
         let report = reconciler.run_pass(request).await;
         let wall = started.elapsed();
         let cpu = support::cpu_time() - cpu;
+        // Read now: the baseline's rounds after the pass are not the pass's memory.
+        let peak_mb = support::peak_mb();
         for r in report.rules.iter().filter(|r| r.detail.is_some()) {
             println!("  note: {} {}: {}", r.rule.name, r.outcome, r.detail.as_deref().unwrap_or_default());
         }
@@ -418,7 +441,8 @@ async fn run(s: &Scenario) {
             baseline_bodies =
                 Some(baseline_pages(&sandbox.base_url, u64::from(paging.page_size), paging.pagination).await);
         }
-        let baseline = baseline_bodies.as_deref().map(baseline_us_per_record);
+        let after = baseline_bodies.as_deref().map(Baseline::rounds);
+        let baseline = after.map(|a| before.map_or(a, |b| b.and(a)));
         rows.push(Row {
             pass,
             baseline,
@@ -428,7 +452,7 @@ async fn run(s: &Scenario) {
             bound_parts,
             wall,
             cpu,
-            peak_mb: support::peak_mb(),
+            peak_mb,
             start_mb,
             evaluations: report.rules.iter().map(|r| r.scanned).sum(),
             records: report.usage.records,
@@ -451,10 +475,11 @@ async fn run(s: &Scenario) {
     }
     let paging = gateway.paging(Resource::Contacts);
     // On a rate-limited plan the last pass's baseline is every pass's.
-    let last = rows.last().and_then(|r| r.baseline).unwrap_or(f64::NAN);
-    let baselines: Vec<String> = rows.iter().map(|r| format!("{:.2}", r.baseline.unwrap_or(last))).collect();
+    let last = rows.last().and_then(|r| r.baseline.map(Baseline::us)).unwrap_or(f64::NAN);
+    let baseline_of = |r: &Row| r.baseline.map_or(last, Baseline::us);
+    let baselines: Vec<String> = rows.iter().map(|r| format!("{:.2}", baseline_of(r))).collect();
     println!(
-        "pages of {} by `{}`; baseline (serde_json::Value, one thread, measured after each pass) {} µs/record",
+        "pages of {} by `{}`; baseline (serde_json::Value, one thread, five rounds before and five after each pass) {} µs/record",
         paging.page_size,
         paging.pagination.as_str(),
         baselines.join(" / ")
@@ -464,7 +489,7 @@ async fn run(s: &Scenario) {
         "| pass | requests | lower bound (reads+lists+writes) | ratio | members from | wall s | CPU s | CPU µs/record | × baseline | MB at start | peak MB | evaluations/s |"
     );
     println!("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
-    let ratio = |r: &Row| r.cpu.as_secs_f64() * 1e6 / r.records.max(1) as f64 / r.baseline.unwrap_or(last);
+    let ratio = |r: &Row| r.cpu.as_secs_f64() * 1e6 / r.records.max(1) as f64 / baseline_of(r);
     for r in &rows {
         let per_record = r.cpu.as_secs_f64() * 1e6 / r.records.max(1) as f64;
         println!(
@@ -487,21 +512,22 @@ async fn run(s: &Scenario) {
     let mut unchanged: Vec<f64> = rows.iter().skip(2).map(ratio).collect();
     if unchanged.len() > 1 {
         unchanged.sort_by(f64::total_cmp);
-        // The baseline itself moves between runs of seconds (1.9 and 3.3 µs alternate on a shared
-        // machine), so the passes are also given against the run's fastest baseline: an upper bound.
-        let fastest = rows.iter().filter_map(|r| r.baseline).fold(f64::INFINITY, f64::min);
-        let mut against_fastest: Vec<f64> =
-            rows.iter().skip(2).map(|r| ratio(r) * r.baseline.unwrap_or(last) / fastest).collect();
-        against_fastest.sort_by(f64::total_cmp);
+        // All the no-change runs' CPU against all their baselines' rounds: the machine's mean speed
+        // over the same minutes, where one run's ratio is one draw of its moods.
+        let runs = &rows[2..];
+        let records: u64 = runs.iter().map(|r| r.records).sum();
+        let cpu: f64 = runs.iter().map(|r| r.cpu.as_secs_f64()).sum();
+        let pooled = runs.iter().filter_map(|r| r.baseline).fold(Baseline::default(), Baseline::and);
         println!(
             "\nno change, CPU × baseline over {} runs: least {:.2}, median {:.2}, most {:.2}; \
-             against the run's fastest baseline ({fastest:.2} µs): least {:.2}, median {:.2}",
+             all runs together {:.2} ({:.2} µs a record against {:.2})",
             unchanged.len(),
             unchanged[0],
             unchanged[unchanged.len() / 2],
             unchanged[unchanged.len() - 1],
-            against_fastest[0],
-            against_fastest[against_fastest.len() / 2],
+            cpu * 1e6 / records.max(1) as f64 / pooled.us(),
+            cpu * 1e6 / records.max(1) as f64,
+            pooled.us(),
         );
     }
     for r in &rows {
