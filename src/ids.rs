@@ -326,6 +326,12 @@ impl SetsTable {
         Some(Self { table, index_bits })
     }
 
+    /// An entry's set position and index in that set.
+    fn unpack(&self, entry: u32) -> (usize, u32) {
+        let mask = (1u64 << self.index_bits) - 1;
+        ((u64::from(entry) >> self.index_bits) as usize, (u64::from(entry) & mask) as u32)
+    }
+
     /// Every set holding `id` (its `hash`), as (position, index in that set), into `out`.
     /// `set_at(position)` is the set given at that position.
     pub fn holders<'a>(
@@ -336,12 +342,41 @@ impl SetsTable {
         out: &mut Vec<(usize, u32)>,
     ) {
         out.clear();
-        let mask = (1u64 << self.index_bits) - 1;
         for &entry in self.table.iter_hash(hash.get()) {
-            let (position, index) = ((u64::from(entry) >> self.index_bits) as usize, (u64::from(entry) & mask) as u32);
+            let (position, index) = self.unpack(entry);
             if set_at(position).at(index) == Some(id) {
                 out.push((position, index));
             }
+        }
+    }
+
+    /// [`SetsTable::holders`] of several ids at once: every holder of `ids[k]` appended to `out`
+    /// (cleared first), and `ends[k]` (cleared first) the end of its holders in `out`. The lookups
+    /// run in two loops, every id's candidate entries and then each candidate confirmed against
+    /// its set's text, so the processor overlaps the ids' cache misses (the table and the texts
+    /// are larger than any cache) instead of waiting for each in turn.
+    pub fn holders_of_each<'a>(
+        &self,
+        set_at: impl Fn(usize) -> &'a ContactIdSet,
+        ids: &[(&str, IdHash)],
+        out: &mut Vec<(usize, u32)>,
+        ends: &mut Vec<usize>,
+    ) {
+        let mut candidates: Vec<(usize, u32)> = Vec::with_capacity(ids.len() + ids.len() / 2);
+        for (k, (_, hash)) in ids.iter().enumerate() {
+            candidates.extend(self.table.iter_hash(hash.get()).map(|&entry| (k, entry)));
+        }
+        out.clear();
+        ends.clear();
+        let mut next = candidates.iter().peekable();
+        for (k, (id, _)) in ids.iter().enumerate() {
+            while let Some(&(_, entry)) = next.next_if(|(of, _)| *of == k) {
+                let (position, index) = self.unpack(entry);
+                if set_at(position).at(index) == Some(*id) {
+                    out.push((position, index));
+                }
+            }
+            ends.push(out.len());
         }
     }
 }
@@ -456,6 +491,24 @@ mod tests {
         assert_eq!(holders("cnt-"), []);
         assert_eq!(holders("cnt-11"), []);
         assert!((0..5_000).all(|i| holders(&format!("x-{i}")) == [(2, i)]));
+        // Looked up together, each id has the holders it has alone, in the same order: ids held by
+        // several sets, by none, and twice in one batch.
+        let batch: Vec<String> = ["cnt-1", "nobody", "cnt-3", "cnt-1", "cnt-2", ""]
+            .into_iter()
+            .map(str::to_owned)
+            .chain((0..5_000).step_by(7).map(|i| format!("x-{i}")))
+            .collect();
+        let ids: Vec<(&str, IdHash)> = batch.iter().map(|id| (id.as_str(), IdHash::of(id))).collect();
+        let (mut all, mut ends) = (vec![(9, 9)], vec![9]);
+        table.holders_of_each(|p| sets[p], &ids, &mut all, &mut ends);
+        assert_eq!(ends.len(), ids.len());
+        let mut start = 0;
+        for ((id, hash), &end) in ids.iter().zip(&ends) {
+            table.holders(|p| sets[p], id, *hash, &mut out);
+            assert_eq!(all[start..end], out[..], "{id}");
+            start = end;
+        }
+        assert_eq!((all.len(), start), (2 + 2 + 2 + 1 + 715, all.len()), "nothing else, nothing left over");
         // 2^20 + 1 sets take 21 bits of position, leaving 11 (2,048 ids) for the index.
         let empty = ContactIdSet::new();
         let mut crowded = vec![&empty; 1 << 20];

@@ -35,7 +35,7 @@ pub use error::{GatewayError, Operation};
 pub use meter::{Meter, PROCESS, StatusClass, Usage};
 pub use pacer::Pacer;
 pub use rate_plan::{RateLimits, RatePlan};
-pub use scan::{Keyed, MAX_RECORDS_PER_READ, Page, Records, Scan, churn_margin};
+pub use scan::{Keyed, MAX_RECORDS_PER_READ, Page, RECORD_BATCH, Records, Scan, churn_margin};
 
 use crate::contact::Record;
 use crate::ids::{ContactId, ListId};

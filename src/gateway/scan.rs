@@ -56,11 +56,11 @@ impl Keyed for ListInfo {
     }
 }
 
-/// One page's records, each parsed when the page work asks for it (so it is judged while still
-/// in cache, and a page's records are never all held at once), and each checked against the
-/// read's ids first: a record an earlier page returned is skipped. A record that does not parse,
-/// or has no id, ends the page; the page is then the read's error, whatever the work made of the
-/// records before it.
+/// One page's records, parsed a few at a time as the page work asks for them (so each is judged
+/// while still in cache, and a page's records are never all held at once), and checked against
+/// the read's ids first: a record an earlier page returned is skipped. A record that does not
+/// parse, or has no id, ends the page; the page is then the read's error, whatever the work made
+/// of the records before it.
 pub struct Records<'a, T> {
     raw: std::slice::Iter<'a, &'a RawValue>,
     page: &'a Bytes,
@@ -70,8 +70,15 @@ pub struct Records<'a, T> {
     offset: u64,
     fresh: usize,
     error: Option<GatewayError>,
-    record: std::marker::PhantomData<fn() -> T>,
+    /// Parsed and new to the read, not yet handed out (in page order).
+    ready: std::collections::VecDeque<T>,
 }
+
+/// How many records are parsed before their ids go through [`Seen`] together: one lock for the
+/// lot, and their lookups in one loop, whose cache misses the processor overlaps (a lookup each
+/// between parses waited for each miss in turn; the ids' set is larger than any cache). Page
+/// work that looks records up in large tables of its own takes them as many at a time.
+pub const RECORD_BATCH: usize = 32;
 
 impl<T> Records<'_, T> {
     /// The records handed out so far (all of the page's new ones, once the iteration ended).
@@ -84,10 +91,26 @@ impl<T: Keyed> Iterator for Records<'_, T> {
     type Item = T;
 
     fn next(&mut self) -> Option<T> {
-        if self.error.is_some() {
-            return None;
+        loop {
+            if let Some(record) = self.ready.pop_front() {
+                self.fresh += 1;
+                return Some(record);
+            }
+            if self.error.is_some() || self.raw.len() == 0 {
+                return None;
+            }
+            self.parse_batch();
         }
-        for raw in self.raw.by_ref() {
+    }
+}
+
+impl<T: Keyed> Records<'_, T> {
+    /// Parses up to [`RECORD_BATCH`] records, or up to the first that does not parse or has no id (the
+    /// page's error, handed out after the records before it), and keeps those new to the read.
+    fn parse_batch(&mut self) {
+        let mut parsed = Vec::with_capacity(RECORD_BATCH.min(self.raw.len()));
+        let mut ids = Vec::with_capacity(parsed.capacity());
+        for raw in self.raw.by_ref().take(RECORD_BATCH) {
             let record = match T::parse(raw, self.page, self.keep) {
                 Ok(record) => record,
                 Err(e) => {
@@ -95,20 +118,19 @@ impl<T: Keyed> Iterator for Records<'_, T> {
                         op: self.op,
                         message: format!("a record at offset {}: {e}", self.offset),
                     });
-                    return None;
+                    break;
                 }
             };
             let Some(id) = record.key() else {
                 let message = format!("a record at offset {} has no id", self.offset);
                 self.error = Some(GatewayError::Decode { op: self.op, message });
-                return None;
+                break;
             };
-            if self.seen.first_time(&id) {
-                self.fresh += 1;
-                return Some(record);
-            }
+            parsed.push(record);
+            ids.push(id);
         }
-        None
+        let new = self.seen.first_times(&ids);
+        self.ready.extend(parsed.into_iter().zip(new).filter_map(|(record, new)| new.then_some(record)));
     }
 }
 
@@ -189,10 +211,12 @@ impl Seen {
         Self { hasher: RandomState::new(), ids: Default::default() }
     }
 
-    /// Whether `id` is new to this read (and from now on, seen).
-    fn first_time(&self, id: &str) -> bool {
-        let hash = self.hasher.hash_one(id);
-        self.ids.lock().unwrap_or_else(|p| p.into_inner()).insert(hash)
+    /// Whether each of `ids` is new to this read (and from now on, seen): an id twice in `ids`
+    /// is new the first time only.
+    fn first_times(&self, ids: &[CompactString]) -> Vec<bool> {
+        let hashes: Vec<u64> = ids.iter().map(|id| self.hasher.hash_one(id.as_str())).collect();
+        let mut set = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        hashes.into_iter().map(|hash| set.insert(hash)).collect()
     }
 }
 
@@ -264,7 +288,7 @@ impl Gateway {
                 offset,
                 fresh: 0,
                 error: None,
-                record: std::marker::PhantomData,
+                ready: Default::default(),
             };
             let worked = work(&mut records);
             // Whatever the work left unread is still checked and counted.

@@ -12,7 +12,7 @@ use super::ReconcileError;
 use super::partition::{Named, Unfolding};
 use super::plan::Evaluation;
 use crate::contact::{ContactRecord, Keep};
-use crate::gateway::{Gateway, Records, Scan, ScanQuery};
+use crate::gateway::{Gateway, RECORD_BATCH, Records, Scan, ScanQuery};
 use crate::ids::RuleName;
 use crate::ids::{BitSet, ContactIdSet, IdHash, ListId, SetsTable};
 use crate::rules::{Date, EvalError, Facts, FilterTerm, Learned, Lists, Mode, Observed, Rule};
@@ -350,124 +350,144 @@ pub async fn candidates(
         let mut hits = vec![(0u64, 0u64); targets.len()];
         // The targets of one group this record is a member of, with its index in each.
         let mut members_here: Vec<(usize, u32)> = Vec::new();
-        for mut record in records {
-            due.clear();
-            filtered.fill(None);
-            let hash = IdHash::of(record.id.as_str());
-            let mut passes_filter =
-                |k: usize, rule: &Rule| *filtered[filter_group[k]].get_or_insert_with(|| rule.passes_filter(&record));
+        // A batch of records, their ids' hashes, and the single targets each is a member of (the
+        // `at`th one's: `single_held[single_ends[at - 1]..single_ends[at]]`, by position in
+        // `single`), looked up for the batch at once, so the lookups' cache misses overlap.
+        let mut batch: Vec<ContactRecord> = Vec::with_capacity(RECORD_BATCH);
+        let (mut single_held, mut single_ends) = (Vec::new(), Vec::new());
+        loop {
+            batch.extend(records.by_ref().take(RECORD_BATCH));
+            if batch.is_empty() {
+                break;
+            }
+            let hashes: Vec<IdHash> = batch.iter().map(|r| IdHash::of(r.id.as_str())).collect();
             if let Some(table) = &single_members {
-                table.holders(|p| &targets[single[p]].members, record.id.as_str(), hash, &mut members_here);
+                let ids: Vec<(&str, IdHash)> =
+                    batch.iter().map(|r| r.id.as_str()).zip(hashes.iter().copied()).collect();
+                table.holders_of_each(|p| &targets[single[p]].members, &ids, &mut single_held, &mut single_ends);
             }
-            for (p, &i) in single.iter().enumerate() {
-                let target = &targets[i];
-                let member = match &single_members {
-                    Some(_) => members_here.iter().find(|(q, _)| *q == p).map(|&(_, index)| index),
-                    None => target.members.index_of_hashed(record.id.as_str(), hash),
+            for (at, mut record) in batch.drain(..).enumerate() {
+                due.clear();
+                filtered.fill(None);
+                let hash = hashes[at];
+                let mut passes_filter = |k: usize, rule: &Rule| {
+                    *filtered[filter_group[k]].get_or_insert_with(|| rule.passes_filter(&record))
                 };
-                let Some(index) = member else {
-                    parts[i].evaluated += 1;
-                    let in_filter_now = passes_filter(i, &target.rule);
-                    target.rule.observe(&record, in_filter_now, &mut parts[i].observed, &learned[i]);
-                    if in_filter_now {
-                        if target.derived.is_empty() || passes(&target.derived, &record) {
-                            in_filter[i] += 1;
-                        }
-                        due.push((i, None));
-                    }
-                    continue;
+                let single_here = match at {
+                    _ if single_members.is_none() => &[][..],
+                    0 => &single_held[..single_ends[0]],
+                    _ => &single_held[single_ends[at - 1]..single_ends[at]],
                 };
-                member_seen(target, &record, (i, index), cached[i].as_mut(), &learned[i], &mut due);
-            }
-            // A rule read by Rhai copies the contact, except the last, which takes the record itself.
-            named.fill(None);
-            // Which list each unfolding rule's `fn list` names (shared with its parts below).
-            for (k, (u, new)) in work_unfolding.iter().zip(&mut new_lists).enumerate() {
-                if !passes_filter(targets.len() + k, &u.parent) {
-                    continue;
-                }
-                let listed = u.parent.list_of_record(&engine, &record, today);
-                if let Ok(Some(list)) = &listed
-                    && !u.known.contains(list)
-                {
-                    new.add(list, 1, u.max);
-                }
-                named[k] = Some(listed);
-            }
-            // Each sibling group: its members as above, and its candidates as one, since `fn list`
-            // names at most one of its lists.
-            for (group, page) in siblings.iter().zip(&mut groups) {
-                let first = &targets[group.targets[0]].rule;
-                let in_filter_now = passes_filter(group.targets[0], first);
-                page.records += 1;
-                page.in_filter += u64::from(in_filter_now);
-                first.observe(&record, in_filter_now, &mut page.observed, &group.learned);
-                group.member_of(targets, record.id.as_str(), hash, &mut members_here);
-                for &(i, index) in &members_here {
-                    hits[i].0 += 1;
-                    hits[i].1 += u64::from(in_filter_now);
-                    member_seen(&targets[i], &record, (i, index), cached[i].as_mut(), &learned[i], &mut due);
-                }
-                if !in_filter_now {
-                    continue;
-                }
-                match named[group.slot].get_or_insert_with(|| first.list_of_record(&engine, &record, today)) {
-                    Ok(Some(list)) => {
-                        if let Some(&i) = group.by_list.get(list.as_str())
-                            && members_here.iter().all(|(m, _)| *m != i)
-                        {
-                            parts[i].matched += 1;
-                            parts[i].candidates_matching.push(record.id.clone());
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        for &i in group.targets.iter().filter(|&&i| members_here.iter().all(|(m, _)| *m != i)) {
-                            parts[i].error(&record.id, e.clone());
-                        }
-                    }
-                }
-            }
-            for (k, (i, member)) in due.iter().enumerate() {
-                let (i, last) = (*i, k + 1 == due.len());
-                let rule = &targets[i].rule;
-                // The lists of one partitioned rule share one `fn list` call per record, whether
-                // the record is a member of the list or a candidate.
-                let listed = parent_slot[i].map(|slot| {
-                    match named[slot].get_or_insert_with(|| rule.list_of_record(&engine, &record, today)) {
-                        Ok(listed) => Ok(listed.as_deref() == Some(rule.list.as_str())),
-                        Err(e) => Err(e.clone()),
-                    }
-                });
-                if let (Some(index), Some(seen)) = (member, cached[i].as_mut()) {
-                    let (verdict, facts) = match listed {
-                        Some(verdict) => {
-                            let facts = if verdict == Ok(false) { rule.facts(&record) } else { Facts::default() };
-                            (verdict, facts)
-                        }
-                        None => rule.judge_member(&engine, &mut record, last, today),
+                for (p, &i) in single.iter().enumerate() {
+                    let target = &targets[i];
+                    let member = match &single_members {
+                        Some(_) => single_here.iter().find(|(q, _)| *q == p).map(|&(_, index)| index),
+                        None => target.members.index_of_hashed(record.id.as_str(), hash),
                     };
-                    if verdict == Ok(true) {
-                        seen.matched.push(*index);
-                    }
-                    seen.eval.member_verdict(rule, &record.id, verdict, &facts);
-                    continue;
+                    let Some(index) = member else {
+                        parts[i].evaluated += 1;
+                        let in_filter_now = passes_filter(i, &target.rule);
+                        target.rule.observe(&record, in_filter_now, &mut parts[i].observed, &learned[i]);
+                        if in_filter_now {
+                            if target.derived.is_empty() || passes(&target.derived, &record) {
+                                in_filter[i] += 1;
+                            }
+                            due.push((i, None));
+                        }
+                        continue;
+                    };
+                    member_seen(target, &record, (i, index), cached[i].as_mut(), &learned[i], &mut due);
                 }
-                let verdict = match listed {
-                    Some(verdict) => verdict,
-                    None if last && !rule.reads_in_place() => {
-                        rule.call_matches(&engine, rule.take_record(&mut record), today)
+                // A rule read by Rhai copies the contact, except the last, which takes the record itself.
+                named.fill(None);
+                // Which list each unfolding rule's `fn list` names (shared with its parts below).
+                for (k, (u, new)) in work_unfolding.iter().zip(&mut new_lists).enumerate() {
+                    if !passes_filter(targets.len() + k, &u.parent) {
+                        continue;
                     }
-                    None => rule.call_record(&engine, &record, today),
-                };
-                let part = &mut parts[i];
-                match verdict {
-                    Ok(true) => {
-                        part.matched += 1;
-                        part.candidates_matching.push(record.id.clone());
+                    let listed = u.parent.list_of_record(&engine, &record, today);
+                    if let Ok(Some(list)) = &listed
+                        && !u.known.contains(list)
+                    {
+                        new.add(list, 1, u.max);
                     }
-                    Ok(false) => {}
-                    Err(e) => part.error(&record.id, e),
+                    named[k] = Some(listed);
+                }
+                // Each sibling group: its members as above, and its candidates as one, since `fn list`
+                // names at most one of its lists.
+                for (group, page) in siblings.iter().zip(&mut groups) {
+                    let first = &targets[group.targets[0]].rule;
+                    let in_filter_now = passes_filter(group.targets[0], first);
+                    page.records += 1;
+                    page.in_filter += u64::from(in_filter_now);
+                    first.observe(&record, in_filter_now, &mut page.observed, &group.learned);
+                    group.member_of(targets, record.id.as_str(), hash, &mut members_here);
+                    for &(i, index) in &members_here {
+                        hits[i].0 += 1;
+                        hits[i].1 += u64::from(in_filter_now);
+                        member_seen(&targets[i], &record, (i, index), cached[i].as_mut(), &learned[i], &mut due);
+                    }
+                    if !in_filter_now {
+                        continue;
+                    }
+                    match named[group.slot].get_or_insert_with(|| first.list_of_record(&engine, &record, today)) {
+                        Ok(Some(list)) => {
+                            if let Some(&i) = group.by_list.get(list.as_str())
+                                && members_here.iter().all(|(m, _)| *m != i)
+                            {
+                                parts[i].matched += 1;
+                                parts[i].candidates_matching.push(record.id.clone());
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            for &i in group.targets.iter().filter(|&&i| members_here.iter().all(|(m, _)| *m != i)) {
+                                parts[i].error(&record.id, e.clone());
+                            }
+                        }
+                    }
+                }
+                for (k, (i, member)) in due.iter().enumerate() {
+                    let (i, last) = (*i, k + 1 == due.len());
+                    let rule = &targets[i].rule;
+                    // The lists of one partitioned rule share one `fn list` call per record, whether
+                    // the record is a member of the list or a candidate.
+                    let listed = parent_slot[i].map(|slot| {
+                        match named[slot].get_or_insert_with(|| rule.list_of_record(&engine, &record, today)) {
+                            Ok(listed) => Ok(listed.as_deref() == Some(rule.list.as_str())),
+                            Err(e) => Err(e.clone()),
+                        }
+                    });
+                    if let (Some(index), Some(seen)) = (member, cached[i].as_mut()) {
+                        let (verdict, facts) = match listed {
+                            Some(verdict) => {
+                                let facts = if verdict == Ok(false) { rule.facts(&record) } else { Facts::default() };
+                                (verdict, facts)
+                            }
+                            None => rule.judge_member(&engine, &mut record, last, today),
+                        };
+                        if verdict == Ok(true) {
+                            seen.matched.push(*index);
+                        }
+                        seen.eval.member_verdict(rule, &record.id, verdict, &facts);
+                        continue;
+                    }
+                    let verdict = match listed {
+                        Some(verdict) => verdict,
+                        None if last && !rule.reads_in_place() => {
+                            rule.call_matches(&engine, rule.take_record(&mut record), today)
+                        }
+                        None => rule.call_record(&engine, &record, today),
+                    };
+                    let part = &mut parts[i];
+                    match verdict {
+                        Ok(true) => {
+                            part.matched += 1;
+                            part.candidates_matching.push(record.id.clone());
+                        }
+                        Ok(false) => {}
+                        Err(e) => part.error(&record.id, e),
+                    }
                 }
             }
         }

@@ -783,3 +783,54 @@ async fn a_list_renamed_by_hand_is_left_alone() {
     }
     sandbox.shutdown().await;
 }
+
+// 22. Records repeated within a page (past the client's batches of 32) and across pages (one
+//     contact on every page) are read once: a first sync and a pass on the cache through such a
+//     server fill each list with exactly its rule's contacts. A record without an id deep in a
+//     page fails the read, and no list changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_records_are_read_once() {
+    let site = Site::new(&[("geo", GEO), ("vip", VIP)]);
+    let sandbox = support::start(support::sandbox_config(3000)).await;
+    let repeated = sandbox.with_store(|s| {
+        let id = s.contact_ids().find(|id| s.get(id).and_then(|c| c.region.as_deref()) == Some("Lombardia"));
+        serde_json::to_value(s.get(id.expect("a Lombardia contact")).expect("contact")).expect("json")
+    });
+    let behaviour = Behaviour::default().edit(move |req, body| {
+        let contacts = body.get_mut("contacts").and_then(Value::as_array_mut);
+        if let Some(contacts) = contacts.filter(|c| !c.is_empty() && req.is_contact_scan()) {
+            let again: Vec<Value> = contacts.iter().take(40).cloned().collect();
+            contacts.extend(again);
+            contacts.insert(contacts.len() / 2, repeated.clone());
+        }
+    });
+    let hostile = Hostile::start(&sandbox.base_url(), behaviour).await;
+    let config = site.config("hostile.toml", &hostile.base_url, "");
+    for pass in ["first sync", "on the cache"] {
+        let ran = run(&["sync"], &config).await;
+        assert_eq!(ran.code, 0, "{pass}: {}", ran.out);
+        let runs = summaries(&ran.out);
+        assert_eq!(runs.len(), 2, "{pass}: a summary a rule: {}", ran.out);
+        for run in runs {
+            assert_eq!((run["outcome"].as_str(), run["eval_errors"].as_u64()), (Some("ok"), Some(0)), "{pass}: {run}");
+        }
+        let after = lists(&sandbox);
+        for name in ["Geo - Lombardia", "VIP"] {
+            assert_eq!(members_of(&after, name), expected_members(&sandbox, name), "{pass}: {name}");
+        }
+    }
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_without_an_id_fails_the_read() {
+    let behaviour = Behaviour::default().edit(|req, body| {
+        if req.is_contact_scan()
+            && req.offset() == 100
+            && let Some(record) = body["contacts"].get_mut(90).and_then(Value::as_object_mut)
+        {
+            record.remove("id");
+        }
+    });
+    fails_without_loss(behaviour, 3000, "a record at offset 100: a contact without an id").await;
+}
