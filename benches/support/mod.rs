@@ -78,13 +78,18 @@ fn status_kb(path: &str, field: &str) -> u64 {
 
 /// This process's user + system CPU time.
 pub fn cpu_time() -> Duration {
+    let (user, system) = cpu_times();
+    user + system
+}
+
+/// This process's CPU time so far: (user, system).
+pub fn cpu_times() -> (Duration, Duration) {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the command name (which may contain spaces) start at ')'.
     let fields: Vec<&str> =
         stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let ticks: u64 = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    let ticks = |at: usize| Duration::from_millis(fields.get(at).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 10);
+    (ticks(11), ticks(12))
 }
 
 /// Peak resident memory of this process since the last [`reset_peak`], in MB.

@@ -428,7 +428,10 @@ impl Gateway {
         if response.content_length().is_some_and(|n| n > limit) {
             return Err(GatewayError::TooLarge { op, limit });
         }
-        let mut bytes = BytesMut::new();
+        // Room for the announced body at once (not a copy per doubling); no more than 4 MiB on
+        // a header's word alone.
+        let announced = response.content_length().unwrap_or(0).min(4 << 20);
+        let mut bytes = BytesMut::with_capacity(announced as usize);
         while let Some(chunk) = response.chunk().await.map_err(|e| transport(op, &e))? {
             if (bytes.len() + chunk.len()) as u64 > limit {
                 return Err(GatewayError::TooLarge { op, limit });

@@ -259,6 +259,7 @@ impl Gateway {
         paging: Paging,
         seen: &Arc<Seen>,
         work: &Arc<Work<T, R>>,
+        workers: &PageWorkers,
     ) -> Result<Fetched<R>, GatewayError> {
         let op = req.op;
         let mut query: Vec<(&str, String)> = req.filters.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
@@ -270,46 +271,21 @@ impl Gateway {
         }
         let bytes = self.call(op, Method::GET, self.url(req.path), &query, None, true).await?;
         let (seen, work, meter, keep) = (seen.clone(), work.clone(), self.meter.clone(), req.keep.clone());
-        tokio::task::spawn_blocking(move || {
-            let wire: PageWire<'_> =
-                serde_json::from_slice(&bytes).map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
+        let (done, worked) = tokio::sync::oneshot::channel();
+        workers.submit(Box::new(move || {
             // The page's own copy: each record holds one, and a count every page thread shared
             // would be one cache line they all wrote, once a record.
             let keep = keep.map(|k| Arc::new(crate::contact::Keep::clone(&k)));
-            let raw = wire.contacts.len();
-            meter.records(op, raw as u64);
-            super::PROCESS.records(op, raw as u64);
-            let mut records = Records {
-                raw: wire.contacts.iter(),
-                page: &bytes,
-                keep: keep.as_ref(),
-                seen: &seen,
-                op,
-                offset,
-                fresh: 0,
-                error: None,
-                ready: Default::default(),
-            };
-            let worked = work(&mut records);
-            // Whatever the work left unread is still checked and counted.
-            records.by_ref().for_each(drop);
-            if let Some(e) = records.error {
-                return Err(e);
-            }
-            // A full later page with nothing new means `offset` (or `page`) is ignored.
-            if offset > 0 && raw > 0 && records.fresh == 0 {
-                return Err(GatewayError::PagingIgnored { op, offset, pagination: paging.pagination });
-            }
-            Ok(Fetched {
-                offset,
-                raw,
-                served_limit: wire.limit,
-                fresh: records.fresh,
-                page: Page { records: worked, total: wire.total },
-            })
-        })
-        .await
-        .map_err(|e| GatewayError::Decode { op, message: e.to_string() })?
+            let worked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                work_page(&bytes, op, offset, paging, &seen, keep.as_ref(), &*work, &meter)
+            }));
+            let _ = done.send(worked.unwrap_or_else(|panic| {
+                let message = format!("the page at offset {offset} panicked: {}", crate::fault::panic_message(&*panic));
+                Err(GatewayError::Decode { op, message })
+            }));
+        }));
+        // No answer: the read is being dropped (its workers stop), so no one waits for this one.
+        worked.await.unwrap_or_else(|_| Err(GatewayError::Decode { op, message: "the read stopped".into() }))
     }
 
     /// The first page of a read, alone: it probes the server and settles the page size.
@@ -325,10 +301,11 @@ impl Gateway {
         paging: &mut Paging,
         seen: &Arc<Seen>,
         work: &Arc<Work<T, R>>,
+        workers: &PageWorkers,
     ) -> Result<Fetched<R>, GatewayError> {
         let mut reason = None;
         loop {
-            match self.fetch_page(req, 0, *paging, seen, work).await {
+            match self.fetch_page(req, 0, *paging, seen, work, workers).await {
                 Err(GatewayError::Api { status: 400, message, .. })
                     if paging.page_size > SEED_PAGE_SIZE && super::error::names_limit_parameter(&message) =>
                 {
@@ -364,7 +341,8 @@ impl Gateway {
     ) {
         let mut paging = self.paging(req.resource);
         let seen = Arc::new(Seen::new());
-        let first = self.first_page(&req, &mut paging, &seen, work).await;
+        let workers = PageWorkers::new(self.inner.concurrency);
+        let first = self.first_page(&req, &mut paging, &seen, work, &workers).await;
         let mut read = Read::new(req.op, u64::from(paging.page_size));
         let stop_at = req.sample.unwrap_or(u64::MAX);
         let mut in_flight = FuturesOrdered::new();
@@ -388,6 +366,7 @@ impl Gateway {
                     paging,
                     &seen,
                     work,
+                    &workers,
                 )));
                 next_offset += read.limit;
             }
@@ -427,6 +406,155 @@ impl Gateway {
         if let Err(e) = read.finish(stop_at) {
             let _ = tx.send(Err(e)).await;
         }
+    }
+}
+
+/// Parses one fetched page, de-duplicates its records against the read's and puts them through
+/// `work`: the part of a page's handling that runs on a page worker.
+#[allow(clippy::too_many_arguments)]
+fn work_page<T: Keyed, R>(
+    bytes: &Bytes,
+    op: Operation,
+    offset: u64,
+    paging: Paging,
+    seen: &Seen,
+    keep: Option<&Arc<Keep>>,
+    work: &Work<T, R>,
+    meter: &super::Meter,
+) -> Result<Fetched<R>, GatewayError> {
+    let wire: PageWire<'_> =
+        serde_json::from_slice(bytes).map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
+    let raw = wire.contacts.len();
+    meter.records(op, raw as u64);
+    super::PROCESS.records(op, raw as u64);
+    let mut records = Records {
+        raw: wire.contacts.iter(),
+        page: bytes,
+        keep,
+        seen,
+        op,
+        offset,
+        fresh: 0,
+        error: None,
+        ready: Default::default(),
+    };
+    let worked = work(&mut records);
+    // Whatever the work left unread is still checked and counted.
+    records.by_ref().for_each(drop);
+    if let Some(e) = records.error {
+        return Err(e);
+    }
+    // A full later page with nothing new means `offset` (or `page`) is ignored.
+    if offset > 0 && raw > 0 && records.fresh == 0 {
+        return Err(GatewayError::PagingIgnored { op, offset, pagination: paging.pagination });
+    }
+    Ok(Fetched {
+        offset,
+        raw,
+        served_limit: wire.limit,
+        fresh: records.fresh,
+        page: Page { records: worked, total: wire.total },
+    })
+}
+
+/// A page's parse and work, queued for a page worker.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that parse and work one read's pages: at most one per core (and per page in
+/// flight). Pages are CPU work: more threads than cores would only take turns on them, each
+/// switch refilling caches, and a page handed to whichever of the runtime's blocking threads was
+/// free ran on a cold cache and allocator heap. A worker takes queued pages one after another,
+/// waits [`PageWorkers::LINGER`] for the next, and then goes back to the runtime's blocking pool:
+/// a read that waits on its consumer holds no thread that another read or the state needs.
+struct PageWorkers {
+    shared: Arc<Shared>,
+    most: usize,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: std::sync::Mutex<Queue>,
+    more: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: std::collections::VecDeque<Job>,
+    running: usize,
+    /// Workers waiting for a job.
+    idle: usize,
+    /// The read is gone: queued pages are dropped, not worked.
+    closed: bool,
+}
+
+impl PageWorkers {
+    /// How long a worker waits for the read's next page before it lets its thread go: longer
+    /// than a page's round trip, far shorter than anything a thread's absence could hold up.
+    const LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
+    fn new(in_flight: usize) -> Self {
+        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from));
+        Self { shared: Default::default(), most: in_flight.min(cores).max(1) }
+    }
+
+    fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Queue> {
+        shared.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `job` for a waiting worker, or a new one if fewer than the most are running.
+    fn submit(&self, job: Job) {
+        let mut queue = Self::lock(&self.shared);
+        queue.jobs.push_back(job);
+        // Each waiting worker takes one of the queued jobs.
+        if queue.jobs.len() <= queue.idle {
+            drop(queue);
+            self.shared.more.notify_one();
+        } else if queue.running < self.most {
+            queue.running += 1;
+            drop(queue);
+            let shared = self.shared.clone();
+            tokio::task::spawn_blocking(move || Self::work(&shared));
+        }
+    }
+
+    /// A worker: works queued pages until none comes for [`Self::LINGER`] (a job catches its own
+    /// panics).
+    fn work(shared: &Shared) {
+        loop {
+            let job = {
+                let mut queue = Self::lock(shared);
+                if queue.jobs.is_empty() && !queue.closed {
+                    queue.idle += 1;
+                    queue = shared
+                        .more
+                        .wait_timeout_while(queue, Self::LINGER, |q| q.jobs.is_empty() && !q.closed)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                    queue.idle -= 1;
+                }
+                match queue.jobs.pop_front() {
+                    Some(job) if !queue.closed => job,
+                    _ => {
+                        queue.running -= 1;
+                        return;
+                    }
+                }
+            };
+            job();
+        }
+    }
+}
+
+impl Drop for PageWorkers {
+    fn drop(&mut self) {
+        let mut queue = Self::lock(&self.shared);
+        queue.closed = true;
+        // Dropped outside the lock: their results have no reader.
+        let jobs = std::mem::take(&mut queue.jobs);
+        drop(queue);
+        self.shared.more.notify_all();
+        drop(jobs);
     }
 }
 

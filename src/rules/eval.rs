@@ -34,15 +34,6 @@ impl From<Box<EvalAltResult>> for EvalError {
     }
 }
 
-/// The message a panic carried, if it was text.
-pub(crate) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
-}
-
 /// An answer of `matches` (true or false) or of `fn list` (a list name, or none), as the shadow
 /// check's ERROR event writes it.
 trait Answer {
@@ -349,7 +340,11 @@ impl Rule {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             engine.call_fn_with_options::<Dynamic>(options, &mut Scope::new(), &self.ast, name, (fields,))
         }))
-        .map_err(|panic| EvalError { message: format!("the rule panicked: {}", panic_text(&panic)), line: 0, col: 0 })?
+        .map_err(|panic| EvalError {
+            message: format!("the rule panicked: {}", crate::fault::panic_message(&*panic)),
+            line: 0,
+            col: 0,
+        })?
         .map_err(EvalError::from)
     }
 }

@@ -180,7 +180,7 @@ fn is_hidden(p: &Path) -> bool {
 /// the file's top level calls) is that file's error only.
 pub fn load_file(engine: &Engine, path: &Path) -> Result<Rule, Vec<Diagnostic>> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_rule(engine, path))).unwrap_or_else(|panic| {
-        let message = format!("loading the rule panicked: {}", super::eval::panic_text(&panic));
+        let message = format!("loading the rule panicked: {}", crate::fault::panic_message(&*panic));
         Err(vec![Diagnostic { rule: None, file: path.into(), line: 0, col: 0, message }])
     })
 }

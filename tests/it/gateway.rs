@@ -51,6 +51,76 @@ async fn full_scan_returns_each_contact_once() {
     sandbox.shutdown().await;
 }
 
+// A read whose consumer stops taking pages holds no thread: with one blocking thread in all, its
+// page worker lets that thread go, a second read runs to its end, and the first read then ends
+// complete. (A worker that waited on its read for good would hold the only thread for ever.)
+#[test]
+fn a_stalled_read_holds_no_thread_another_read_needs() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let sandbox = start(support::sandbox_config(3_000)).await;
+        let gw = gateway(&sandbox, RatePlan::Unlimited);
+        let mut stalled = gw.scan::<Value>(&ScanQuery::default());
+        let first = stalled.next().await.expect("a first page").expect("read");
+        let other = tokio::time::timeout(Duration::from_secs(60), scan_all(&gw, &ScanQuery::default()))
+            .await
+            .expect("the second read ends while the first waits on its consumer")
+            .expect("read");
+        assert_eq!(other.0.iter().collect::<HashSet<_>>().len(), 3_000);
+        let mut ids: HashSet<String> = first.records.iter().map(|c| c["id"].as_str().expect("id").to_owned()).collect();
+        while let Some(page) = stalled.next().await {
+            ids.extend(page.expect("read").records.iter().map(|c| c["id"].as_str().expect("id").to_owned()));
+        }
+        assert_eq!(ids.len(), 3_000, "the stalled read, taken up again, is complete");
+        sandbox.shutdown().await;
+    });
+}
+
+// Page work that panics fails its read, naming the page and the panic; the pages before it
+// arrive, nothing after it does, and the next read on the same client is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_page_work_fails_the_read() {
+    let sandbox = start(support::sandbox_config(3_000)).await;
+    let gw = gateway(&sandbox, RatePlan::Unlimited);
+    // The read's order, from a whole read.
+    let mut scan = gw.scan_with(&ScanQuery::default(), |records: &mut segsync::gateway::Records<'_, Value>| {
+        records.map(|c| c["id"].as_str().expect("id").to_owned()).collect::<Vec<_>>()
+    });
+    let mut order = Vec::new();
+    while let Some(page) = scan.next().await {
+        order.extend(page.expect("a whole read").records);
+    }
+    assert_eq!(order.len(), 3_000);
+    // The same read, whose work panics on the page holding the 1,501st record.
+    let fifteenth = order[1_500].clone();
+    let poison = fifteenth.clone();
+    let mut scan = gw.scan_with(&ScanQuery::default(), move |records: &mut segsync::gateway::Records<'_, Value>| {
+        let ids: Vec<String> = records.map(|c| c["id"].as_str().expect("id").to_owned()).collect();
+        if ids.contains(&poison) {
+            panic!("page work broke on {poison}");
+        }
+        ids.len()
+    });
+    let mut delivered = 0;
+    let error = loop {
+        match scan.next().await.expect("the read ends in an error, not quietly") {
+            Ok(page) => delivered += page.records,
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(error.contains("panicked") && error.contains(&format!("page work broke on {fifteenth}")), "{error}");
+    assert_eq!(delivered, 1_500, "the pages before the broken one arrive: {error}");
+    assert!(scan.next().await.is_none(), "nothing after the error");
+    let (ids, _) = scan_all(&gw, &ScanQuery::default()).await.expect("the next read");
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 3_000);
+    sandbox.shutdown().await;
+}
+
 // Lists: find by exact name, create without duplicates, add in batches, remove in bulk, read members.
 #[tokio::test]
 async fn list_operations_round_trip() {

@@ -552,7 +552,7 @@ fn lists(sandbox: &segsync_sandbox::Sandbox) -> std::collections::BTreeMap<Strin
 }
 
 // The shipped rules synced three ways on three copies of the same data: natively on all cores (4
-// pages judged at once), natively one page at a time, and through Rhai alone. Every list holds
+// pages in flight, judged by a worker per core), natively one page at a time, and through Rhai alone. Every list holds
 // exactly the same contacts each time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_and_parallel_judging_give_the_lists_rhai_gives_on_one_thread() {
