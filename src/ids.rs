@@ -258,6 +258,20 @@ impl ContactIdSet {
         self.insert(id)
     }
 
+    /// Makes room for a next id of `len` bytes, and when the text has to grow, for `left` more
+    /// ids as long: a load that knows its count sizes ids of one length in one allocation from the
+    /// first, without reading them twice, and never doubles (which holds the old and the new copy
+    /// at once). With no count left it grows as a `String` does.
+    pub fn reserve_like(&mut self, len: usize, left: usize) {
+        if self.text.capacity() - self.text.len() >= len {
+            return;
+        }
+        match left {
+            0 => self.text.reserve(len),
+            _ => self.text.reserve_exact(len * left),
+        }
+    }
+
     /// Appends `id`'s text; returns its index.
     fn push(&mut self, id: &str) -> u32 {
         let index = u32::try_from(self.ends.len()).expect("fewer than 4 billion ids");
@@ -465,6 +479,31 @@ mod tests {
         assert!(mixed.push_ascending("d"));
         assert_eq!(mixed.iter().collect::<Vec<_>>(), ["b", "c", "a", "d"]);
         assert_eq!(mixed, ["a", "b", "c", "d"].into_iter().collect());
+    }
+
+    // A load that knows its count sizes ids of one length in one allocation, exactly; ids longer
+    // than the first, or more than counted, still all go in.
+    #[test]
+    fn a_counted_load_is_sized_from_its_first_id() {
+        let fill = |ids: &[String], count: usize| {
+            let mut set = ContactIdSet::with_capacity_ascending(count, 0);
+            let mut left = count;
+            let mut grew = 0;
+            for id in ids {
+                let before = set.text.capacity();
+                set.reserve_like(id.len(), left);
+                grew += usize::from(set.text.capacity() != before);
+                set.push_ascending(id);
+                left = left.saturating_sub(1);
+            }
+            (set, grew)
+        };
+        let uniform: Vec<String> = (0..3_000).map(|i| format!("cnt-{i:05}")).collect();
+        let (set, grew) = fill(&uniform, uniform.len());
+        assert_eq!((grew, set.text.capacity(), set.len()), (1, 9 * 3_000, 3_000));
+        let mixed: Vec<String> = ["a", "bb", "ccc", "dddd"].iter().map(|s| s.repeat(3)).collect();
+        let (set, _) = fill(&mixed, 1);
+        assert_eq!(set.iter().collect::<Vec<_>>(), mixed.iter().map(String::as_str).collect::<Vec<_>>());
     }
 
     // One lookup names every set holding an id, with its index there; ids that only share a

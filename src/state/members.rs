@@ -45,15 +45,16 @@ impl State {
     pub fn cached_members(&self, account: &Account, list: &ListId) -> Result<ContactIdSet, StateError> {
         self.with(|c| {
             // Sized up front: a million ids loaded by doubling would hold two copies at the end.
-            let (ids, bytes): (i64, i64) = c
+            // The count is the one every cache write keeps (`apply_in`); the bytes follow from the
+            // first id's length (`reserve_like`): ids of an account are about one length.
+            let count: i64 = c
                 .query_row(
-                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(m.contact)), 0) FROM cached_member m
-                     JOIN cached_list l ON l.id = m.list WHERE l.account = ?1 AND l.list_id = ?2",
+                    "SELECT members FROM cached_list WHERE account = ?1 AND list_id = ?2",
                     params![account.as_str(), list.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    |r| r.get(0),
                 )
                 .optional()?
-                .unwrap_or((0, 0));
+                .unwrap_or(0);
             // In the primary key's order: ascending ids go in without a hash table, which the
             // pass builds only if it looks one up outside its members table.
             let mut stmt = c.prepare_cached(
@@ -61,9 +62,13 @@ impl State {
                  WHERE l.account = ?1 AND l.list_id = ?2 ORDER BY m.contact",
             )?;
             let mut rows = stmt.query(params![account.as_str(), list.as_str()])?;
-            let mut set = ContactIdSet::with_capacity_ascending(ids.max(0) as usize, bytes.max(0) as usize);
+            let mut left = count.max(0) as usize;
+            let mut set = ContactIdSet::with_capacity_ascending(left, 0);
             while let Some(row) = rows.next()? {
-                set.push_ascending(row.get_ref(0)?.as_str()?);
+                let id = row.get_ref(0)?.as_str()?;
+                set.reserve_like(id.len(), left);
+                set.push_ascending(id);
+                left = left.saturating_sub(1);
             }
             Ok(set)
         })
