@@ -83,3 +83,36 @@ fn units_wire_the_product() {
         }
     }
 }
+
+// The allocator setting the units give the daemon is one mimalloc reads, with the value they set:
+// the binary started with each unit's `Environment=` lines (as systemd would give them) reports
+// `purge_delay` 0 in mimalloc's own option listing, where without them it reports its default.
+#[test]
+fn units_set_the_allocator_the_binary_reads() {
+    let purge_delay = |env: &[(String, String)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_segsync"))
+            .arg("--version")
+            .env_remove("MIMALLOC_PURGE_DELAY")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("MIMALLOC_VERBOSE", "1")
+            .output()
+            .expect("segsync --version");
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        let line = text.lines().find(|l| l.contains("option 'purge_delay'")).map(str::to_owned);
+        line.unwrap_or_else(|| panic!("mimalloc listed no purge_delay: {text}"))
+    };
+    assert!(!purge_delay(&[]).contains(": 0"), "mimalloc's own default is not 0");
+    for unit in ["segsync.service", "segsync@.service"] {
+        let text = std::fs::read_to_string(Path::new("systemd").join(unit)).expect("unit");
+        let env: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("Environment="))
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        assert!(env.iter().any(|(k, _)| k == "MIMALLOC_PURGE_DELAY"), "{unit}: {env:?}");
+        let line = purge_delay(&env);
+        assert!(line.trim_end().ends_with(": 0"), "{unit}: {line}");
+    }
+}
