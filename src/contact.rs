@@ -17,11 +17,37 @@ use crate::slots::{Fields, Layout, Leaf, Lookup, Path, Slots};
 pub trait Record: DeserializeOwned + Send + 'static {
     fn contact_id(&self) -> Option<ContactId>;
 
-    /// The record from its text `raw`, a slice of `page`, keeping `keep`'s fields (`None`: every
-    /// field). Records that cannot narrow parse it whole.
-    fn from_raw(raw: &RawValue, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<Self> {
+    /// The record at the start of `text` (a slice of `page` that runs on to the page's end),
+    /// keeping `keep`'s fields (`None`: every field), and the bytes it took. Records that cannot
+    /// narrow parse it whole.
+    fn parse_at(text: &str, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<(Self, usize)> {
         let _ = (page, keep);
-        serde_json::from_str(raw.get())
+        parse_one(text, |de| Self::deserialize(de))
+    }
+
+    /// The record that is the whole of `raw`, a slice of `page` (see [`Record::parse_at`]).
+    fn from_raw(raw: &RawValue, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<Self> {
+        whole(raw.get(), |text| Self::parse_at(text, page, keep))
+    }
+}
+
+/// One JSON value at the start of `text`, read by `read`, and the bytes it took: what follows it
+/// is left to the caller (a page's records are parsed where they lie, in one pass over the page).
+pub fn parse_one<'a, T>(
+    text: &'a str,
+    read: impl FnOnce(&mut serde_json::Deserializer<serde_json::de::StrRead<'a>>) -> serde_json::Result<T>,
+) -> serde_json::Result<(T, usize)> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = read(&mut de)?;
+    Ok((value, de.into_iter::<serde::de::IgnoredAny>().byte_offset()))
+}
+
+/// What `read` makes of the start of `text`, which must be all of it (whitespace aside).
+pub fn whole<T>(text: &str, read: impl FnOnce(&str) -> serde_json::Result<(T, usize)>) -> serde_json::Result<T> {
+    let (value, used) = read(text)?;
+    match text[used..].trim_start() {
+        "" => Ok(value),
+        _ => Err(serde::de::Error::custom(format!("trailing characters after byte {used}"))),
     }
 }
 
@@ -175,6 +201,12 @@ impl ContactRecord {
     }
 
     /// Whether only the kept fields were parsed.
+    /// The record's text as read, when narrowed (a slice of its page).
+    #[cfg(test)]
+    pub fn text(&self) -> Option<&[u8]> {
+        self.narrowed.as_ref().map(|(raw, _)| &raw[..])
+    }
+
     pub fn is_narrowed(&self) -> bool {
         self.narrowed.is_some()
     }
@@ -327,26 +359,34 @@ impl Record for ContactRecord {
 
     /// A narrowed record holds the kept fields, parsed, and its text as a slice of the page (shared,
     /// not copied; a text from elsewhere is copied).
-    fn from_raw(raw: &RawValue, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<Self> {
+    fn parse_at(text: &str, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<(Self, usize)> {
         use serde::de::Error;
-        let Some(keep) = keep else { return serde_json::from_str(raw.get()) };
-        let text = raw.get().as_bytes();
-        let (whole, part) = (page.as_ptr_range(), text.as_ptr_range());
-        let within = whole.start <= part.start && part.end <= whole.end;
-        let shared = || if within { page.slice_ref(text) } else { Bytes::copy_from_slice(text) };
-        let not_an_object = |_| serde_json::Error::custom("a contact must be a JSON object");
+        let Some(keep) = keep else { return parse_one(text, |de| Self::deserialize(de)) };
+        // The record's own text, once parsed: a slice of the page, shared (text from elsewhere is copied).
+        let shared = |used: usize| {
+            let text = &text.as_bytes()[..used];
+            let (whole, part) = (page.as_ptr_range(), text.as_ptr_range());
+            let within = whole.start <= part.start && part.end <= whole.end;
+            if within { page.slice_ref(text) } else { Bytes::copy_from_slice(text) }
+        };
+        // Broken JSON keeps its own message; well-formed JSON that is not an object gets this one.
+        let not_an_object = |e: serde_json::Error| match e.classify() {
+            serde_json::error::Category::Data => serde_json::Error::custom("a contact must be a JSON object"),
+            _ => e,
+        };
         if let Some(layout) = &keep.layout {
-            let slots = layout.read(raw.get()).map_err(not_an_object)?;
+            let (slots, used) = layout.read_at(text).map_err(not_an_object)?;
             let id = layout.id_text(&slots).map(|id| ContactId::from(id.as_ref()));
             let id = id.ok_or_else(|| serde_json::Error::custom(NO_ID))?;
-            return Ok(Self { id, fields: Held::Slots(slots), narrowed: Some((shared(), keep.clone())) });
+            return Ok((Self { id, fields: Held::Slots(slots), narrowed: Some((shared(used), keep.clone())) }, used));
         }
-        let map = serde_json::Deserializer::from_str(raw.get()).deserialize_map(Narrow(keep)).map_err(not_an_object)?;
-        Ok(Self {
+        let (map, used) = parse_one(text, |de| de.deserialize_map(Narrow(keep))).map_err(not_an_object)?;
+        let record = Self {
             id: id_of(&map)?,
             fields: Held::Map(Dynamic::from_map(map)),
-            narrowed: Some((shared(), keep.clone())),
-        })
+            narrowed: Some((shared(used), keep.clone())),
+        };
+        Ok((record, used))
     }
 }
 

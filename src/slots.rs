@@ -305,13 +305,17 @@ impl Layout {
 
     /// Reads the contact `text` (a JSON object) into its slots.
     pub fn read(&self, text: &str) -> serde_json::Result<Slots> {
+        crate::contact::whole(text, |text| self.read_at(text))
+    }
+
+    /// The record at the start of `text` into slots, and the bytes it took (what follows is the
+    /// caller's: the rest of a page).
+    pub fn read_at(&self, text: &str) -> serde_json::Result<(Slots, usize)> {
         let mut values = vec![Slot::Absent(0); self.root.below.end];
-        serde_json::Deserializer::from_str(text).deserialize_map(Fill {
-            node: &self.root,
-            values: &mut values,
-            depth: 0,
+        let ((), used) = crate::contact::parse_one(text, |de| {
+            de.deserialize_map(Fill { node: &self.root, values: &mut values, depth: 0 })
         })?;
-        Ok(Slots(values))
+        Ok((Slots(values), used))
     }
 
     /// The record's id from its slots: text, or an integer written as text.

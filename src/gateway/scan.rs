@@ -17,7 +17,6 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use reqwest::Method;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::{Gateway, GatewayError, ListInfo, Operation, Pagination, Paging, Resource, SEED_PAGE_SIZE};
@@ -32,8 +31,9 @@ pub trait Keyed: Send + 'static + Sized {
     /// The record's id, as text.
     fn key(&self) -> Option<CompactString>;
 
-    /// The record from its text `raw`, a slice of `page`, keeping `keep`'s fields.
-    fn parse(raw: &RawValue, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<Self>;
+    /// The record at the start of `text` (a slice of `page` running on to the page's end),
+    /// keeping `keep`'s fields, and the bytes it took.
+    fn parse(text: &str, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<(Self, usize)>;
 }
 
 impl<T: Record> Keyed for T {
@@ -41,8 +41,8 @@ impl<T: Record> Keyed for T {
         self.contact_id().map(|id| id.as_str().into())
     }
 
-    fn parse(raw: &RawValue, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<Self> {
-        T::from_raw(raw, page, keep)
+    fn parse(text: &str, page: &Bytes, keep: Option<&Arc<Keep>>) -> serde_json::Result<(Self, usize)> {
+        T::parse_at(text, page, keep)
     }
 }
 
@@ -51,18 +51,26 @@ impl Keyed for ListInfo {
         Some(self.id.as_str().into())
     }
 
-    fn parse(raw: &RawValue, _: &Bytes, _: Option<&Arc<Keep>>) -> serde_json::Result<Self> {
-        serde_json::from_str(raw.get())
+    fn parse(text: &str, _: &Bytes, _: Option<&Arc<Keep>>) -> serde_json::Result<(Self, usize)> {
+        crate::contact::parse_one(text, |de| Self::deserialize(de))
     }
 }
 
 /// One page's records, parsed a few at a time as the page work asks for them (so each is judged
 /// while still in cache, and a page's records are never all held at once), and checked against
-/// the read's ids first: a record an earlier page returned is skipped. A record that does not
-/// parse, or has no id, ends the page; the page is then the read's error, whatever the work made
-/// of the records before it.
+/// the read's ids first: a record an earlier page returned is skipped. Each is parsed where it
+/// lies in the page, in the one pass over the page's text that also finds where it ends (see
+/// [`Envelope`]). A record that does not parse, or has no id, or is not followed by `,` or `]`,
+/// ends the page; the page is then the read's error, whatever the work made of the records
+/// before it.
 pub struct Records<'a, T> {
-    raw: std::slice::Iter<'a, &'a RawValue>,
+    /// The page's text, and where its next record (or the array's `]`) starts.
+    text: &'a str,
+    at: usize,
+    /// The array's `]` was reached (or the page failed).
+    done: bool,
+    /// Records parsed (new or not).
+    raw: usize,
     page: &'a Bytes,
     keep: Option<&'a Arc<Keep>>,
     seen: &'a Seen,
@@ -96,7 +104,7 @@ impl<T: Keyed> Iterator for Records<'_, T> {
                 self.fresh += 1;
                 return Some(record);
             }
-            if self.error.is_some() || self.raw.len() == 0 {
+            if self.error.is_some() || self.done {
                 return None;
             }
             self.parse_batch();
@@ -108,29 +116,47 @@ impl<T: Keyed> Records<'_, T> {
     /// Parses up to [`RECORD_BATCH`] records, or up to the first that does not parse or has no id (the
     /// page's error, handed out after the records before it), and keeps those new to the read.
     fn parse_batch(&mut self) {
-        let mut parsed = Vec::with_capacity(RECORD_BATCH.min(self.raw.len()));
-        let mut ids = Vec::with_capacity(parsed.capacity());
-        for raw in self.raw.by_ref().take(RECORD_BATCH) {
-            let record = match T::parse(raw, self.page, self.keep) {
-                Ok(record) => record,
+        let mut parsed = Vec::with_capacity(RECORD_BATCH);
+        let mut ids = Vec::with_capacity(RECORD_BATCH);
+        while parsed.len() < RECORD_BATCH && !self.done {
+            let record = match T::parse(&self.text[self.at..], self.page, self.keep) {
+                Ok((record, used)) => {
+                    self.raw += 1;
+                    self.at += used;
+                    record
+                }
                 Err(e) => {
-                    self.error = Some(GatewayError::Decode {
-                        op: self.op,
-                        message: format!("a record at offset {}: {e}", self.offset),
-                    });
+                    let e = Envelope::at_page(&e, self.text, self.at);
+                    self.fail(format!("a record at offset {}: {e}", self.offset));
                     break;
                 }
             };
             let Some(id) = record.key() else {
-                let message = format!("a record at offset {} has no id", self.offset);
-                self.error = Some(GatewayError::Decode { op: self.op, message });
+                self.fail(format!("a record at offset {} has no id", self.offset));
                 break;
             };
+            // The record ends the array (`]`) or another follows (`,`).
+            let mut cursor = Envelope { text: self.text, at: self.at };
+            match cursor.after_element() {
+                Ok(more) => {
+                    self.at = cursor.at;
+                    self.done = !more;
+                }
+                Err(message) => {
+                    self.fail(format!("the page's records at offset {}: {message}", self.offset));
+                    break;
+                }
+            }
             parsed.push(record);
             ids.push(id);
         }
         let new = self.seen.first_times(&ids);
         self.ready.extend(parsed.into_iter().zip(new).filter_map(|(record, new)| new.then_some(record)));
+    }
+
+    fn fail(&mut self, message: String) {
+        self.error = Some(GatewayError::Decode { op: self.op, message });
+        self.done = true;
     }
 }
 
@@ -182,15 +208,138 @@ pub fn churn_margin(total: u64) -> u64 {
     total / 100 + 2
 }
 
-/// The `contacts` (or `lists`) of one page, the announced total, and the page size the server
-/// says it used (a server may serve less than asked).
-#[derive(Deserialize)]
-struct PageWire<'a> {
-    #[serde(alias = "lists", borrow)]
-    contacts: Vec<&'a RawValue>,
-    total: u64,
-    #[serde(default)]
+/// A page's envelope, `{"contacts": [...], "total": N, "limit": L, ...}` in any order (`lists`
+/// for the list directory), walked by hand: the records are parsed where they lie, by
+/// [`Records`], so the page's text is read once, not first whole (to find where each record
+/// ends) and then record by record. Everything else in it is read by `serde_json`, and it is held
+/// to what a derived `Deserialize` would ask: an object, the array once, `total` once, nothing
+/// after the closing brace.
+struct Envelope<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+/// What a page's envelope says besides its records.
+#[derive(Default)]
+struct Told {
+    total: Option<u64>,
+    /// The page size the server says it used (a server may serve less than asked).
     limit: Option<u64>,
+    /// The records' array was there (it may be read only once).
+    records: bool,
+}
+
+impl<'a> Envelope<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let rest = &self.text.as_bytes()[self.at..];
+        self.at += rest.iter().take_while(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t')).count();
+        self.text.as_bytes().get(self.at).copied()
+    }
+
+    fn expect(&mut self, want: u8, what: &str) -> Result<(), String> {
+        match self.byte() {
+            Some(b) if b == want => {
+                self.at += 1;
+                Ok(())
+            }
+            Some(b) => Err(format!("expected {what}, found `{}` at byte {}", char::from(b), self.at)),
+            None => Err(format!("expected {what}, found the end of the page")),
+        }
+    }
+
+    fn value<T: Deserialize<'a>>(&mut self) -> Result<T, String> {
+        let parsed = crate::contact::parse_one(&self.text[self.at..], |de| T::deserialize(de));
+        let (value, used) = parsed.map_err(|e| Self::at_page(&e, self.text, self.at))?;
+        self.at += used;
+        Ok(value)
+    }
+
+    /// The envelope's fields up to the records' array (its first record, or its `]`, is next:
+    /// `true`), or to its end (`false`: no array after `told.records`).
+    fn fields(&mut self, told: &mut Told) -> Result<bool, String> {
+        if self.at == 0 {
+            self.expect(b'{', "a JSON object")?;
+            if self.byte() == Some(b'}') {
+                self.at += 1;
+                return self.end();
+            }
+        } else if !self.next_field()? {
+            return self.end();
+        }
+        loop {
+            let key: std::borrow::Cow<'a, str> = self.value()?;
+            self.expect(b':', "`:`")?;
+            match &*key {
+                "contacts" | "lists" if told.records => return Err(format!("duplicate field `{key}`")),
+                "contacts" | "lists" => {
+                    told.records = true;
+                    self.expect(b'[', &format!("an array of records in `{key}`"))?;
+                    if self.byte() == Some(b']') {
+                        self.at += 1;
+                    } else {
+                        return Ok(true);
+                    }
+                }
+                "total" if told.total.is_some() => return Err("duplicate field `total`".into()),
+                "total" => told.total = Some(self.value()?),
+                "limit" if told.limit.is_some() => return Err("duplicate field `limit`".into()),
+                "limit" => told.limit = self.value()?,
+                _ => {
+                    self.value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            if !self.next_field()? {
+                return self.end();
+            }
+        }
+    }
+
+    /// After a field's value: `,` (another field follows: `true`) or `}` (the object ends).
+    fn next_field(&mut self) -> Result<bool, String> {
+        self.separator(b'}', "`,` or `}`")
+    }
+
+    /// After an array element: `,` (another follows: `true`) or `]` (the array ends).
+    fn after_element(&mut self) -> Result<bool, String> {
+        self.separator(b']', "`,` or `]` after a record")
+    }
+
+    /// `,` before another member (`true`), or `close` (`false`); nothing else, no trailing comma.
+    fn separator(&mut self, close: u8, what: &str) -> Result<bool, String> {
+        if self.byte() == Some(b',') {
+            self.at += 1;
+            return match self.byte() {
+                Some(b) if b == close => Err(format!("a trailing comma at byte {}", self.at)),
+                _ => Ok(true),
+            };
+        }
+        self.expect(close, what).map(|()| false)
+    }
+
+    /// The object closed: nothing but whitespace may follow.
+    fn end(&mut self) -> Result<bool, String> {
+        match self.byte() {
+            None => Ok(false),
+            Some(_) => Err(format!("trailing characters at byte {}", self.at)),
+        }
+    }
+
+    /// `e`, from a parse that began at byte `start` of `text`, with its position in the page.
+    fn at_page(e: &serde_json::Error, text: &str, start: usize) -> String {
+        let message = e.to_string();
+        if e.line() == 0 {
+            return message;
+        }
+        let suffix = format!(" at line {} column {}", e.line(), e.column());
+        let code = message.strip_suffix(&suffix).unwrap_or(&message);
+        let before = &text[..start];
+        let line = before.matches('\n').count() + e.line();
+        let column = match e.line() {
+            1 => before.len() - before.rfind('\n').map_or(0, |n| n + 1) + e.column(),
+            _ => e.column(),
+        };
+        format!("{code} at line {line} column {column}")
+    }
 }
 
 /// The ids a read has returned, as 64-bit keyed hashes: a 1M-contact read costs 16 MB, not 60. A
@@ -422,13 +571,16 @@ fn work_page<T: Keyed, R>(
     work: &Work<T, R>,
     meter: &super::Meter,
 ) -> Result<Fetched<R>, GatewayError> {
-    let wire: PageWire<'_> =
-        serde_json::from_slice(bytes).map_err(|e| GatewayError::Decode { op, message: e.to_string() })?;
-    let raw = wire.contacts.len();
-    meter.records(op, raw as u64);
-    super::PROCESS.records(op, raw as u64);
+    let decode = |message: String| GatewayError::Decode { op, message };
+    let text = std::str::from_utf8(bytes).map_err(|e| decode(format!("the page is not UTF-8: {e}")))?;
+    let mut told = Told::default();
+    let mut envelope = Envelope { text, at: 0 };
+    let has_records = envelope.fields(&mut told).map_err(decode)?;
     let mut records = Records {
-        raw: wire.contacts.iter(),
+        text,
+        at: envelope.at,
+        done: !has_records,
+        raw: 0,
         page: bytes,
         keep,
         seen,
@@ -441,20 +593,26 @@ fn work_page<T: Keyed, R>(
     let worked = work(&mut records);
     // Whatever the work left unread is still checked and counted.
     records.by_ref().for_each(drop);
+    let raw = records.raw;
+    meter.records(op, raw as u64);
+    super::PROCESS.records(op, raw as u64);
     if let Some(e) = records.error {
         return Err(e);
+    }
+    // The envelope's fields after the records.
+    if has_records {
+        envelope.at = records.at;
+        envelope.fields(&mut told).map_err(decode)?;
+    }
+    let Some(total) = told.total else { return Err(decode("missing field `total`".into())) };
+    if !told.records {
+        return Err(decode("missing field `contacts`".into()));
     }
     // A full later page with nothing new means `offset` (or `page`) is ignored.
     if offset > 0 && raw > 0 && records.fresh == 0 {
         return Err(GatewayError::PagingIgnored { op, offset, pagination: paging.pagination });
     }
-    Ok(Fetched {
-        offset,
-        raw,
-        served_limit: wire.limit,
-        fresh: records.fresh,
-        page: Page { records: worked, total: wire.total },
-    })
+    Ok(Fetched { offset, raw, served_limit: told.limit, fresh: records.fresh, page: Page { records: worked, total } })
 }
 
 /// A page's parse and work, queued for a page worker.
@@ -666,6 +824,91 @@ mod tests {
         let mut short = Read::new(Operation::ScanContacts, 100);
         short.accept(fetched(0, 96, 100)).expect("ok");
         assert!(short.finish(u64::MAX).is_err(), "4 missing of 100 is not churn");
+    }
+
+    /// `text` as one page at offset 100 through `work_page`: each new record's id and raw text,
+    /// and the page's total and echoed limit; or the page's error.
+    #[allow(clippy::type_complexity)]
+    fn walk(text: &str) -> Result<(Vec<(String, String)>, usize, u64, Option<u64>), String> {
+        use crate::contact::ContactRecord;
+        let page = Bytes::copy_from_slice(text.as_bytes());
+        let keep = Some(Arc::new(Keep::new(["region".to_owned()])));
+        let work: &Work<ContactRecord, Vec<(String, String)>> = &|records| {
+            records
+                .map(|r| (r.id.as_str().to_owned(), String::from_utf8_lossy(r.text().expect("narrowed")).into()))
+                .collect()
+        };
+        let paging = Paging { page_size: 100, pagination: Pagination::Offset };
+        let meter = super::super::Meter::default();
+        let fetched = work_page(&page, Operation::ScanContacts, 100, paging, &Seen::new(), keep.as_ref(), work, &meter)
+            .map_err(|e| e.to_string())?;
+        Ok((fetched.page.records, fetched.raw, fetched.page.total, fetched.served_limit))
+    }
+
+    // A page's fields come in any order, with fields segsync does not know (holding brackets,
+    // braces and quotes in strings) skipped whole; each record is parsed where it lies and keeps
+    // its exact text, escapes and all.
+    #[test]
+    fn a_page_is_read_in_one_pass_whatever_its_order() {
+        let records = r#"[ {"id":"a","region":"Ve\"ne]to"} ,
+            {"id":"b","x":{"y":["]","}",{"z":"\\"}]}}, {"id":"a"} ]"#;
+        let pages = [
+            format!(r#"{{"contacts":{records},"total":3,"limit":100}}"#),
+            format!(r#" {{ "total" : 3 , "note":"}}],{{\"" , "limit":100, "contacts" : {records} }} "#),
+            format!(
+                "{{\n\"limit\": 100,\n\"extra\": [1, {{\"a\": [2]}}],\n\"contacts\": {records},\n\"total\": 3\n}}\n"
+            ),
+        ];
+        for text in &pages {
+            let (got, raw, total, limit) = walk(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+            // `a` twice: counted raw, handed out once.
+            assert_eq!((raw, total, limit), (3, 3, Some(100)), "{text}");
+            let ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+            assert_eq!(ids, ["a", "b"], "{text}");
+            assert_eq!(got[0].1, r#"{"id":"a","region":"Ve\"ne]to"}"#);
+            assert_eq!(got[1].1, r#"{"id":"b","x":{"y":["]","}",{"z":"\\"}]}}"#);
+        }
+        // An empty page, its array first or last.
+        assert_eq!(walk(r#"{"contacts":[],"total":0}"#).expect("empty").1, 0);
+        assert_eq!(walk(r#"{"total":0,"limit":null,"lists":[ ]}"#).expect("empty").1, 0);
+    }
+
+    // Whatever is wrong with a page's text fails the page, with what and where: a derived
+    // `Deserialize` of the envelope would refuse each of these too.
+    #[test]
+    fn a_broken_page_fails_with_what_and_where() {
+        let cases = [
+            (r#"{"contacts":[{"id":"a"}]}"#, "missing field `total`"),
+            (r#"{"total":1}"#, "missing field `contacts`"),
+            (r#"{"contacts":[{"id":"a"}],"total":1,"contacts":[]}"#, "duplicate field `contacts`"),
+            (r#"{"lists":[],"total":1,"contacts":[]}"#, "duplicate field `contacts`"),
+            (r#"{"total":1,"total":1,"contacts":[]}"#, "duplicate field `total`"),
+            (r#"{"contacts":[{"id":"a"}],"total":1} x"#, "trailing characters at byte 36"),
+            (r#"{"contacts":[{"id":"a"},],"total":1}"#, "a trailing comma at byte 24"),
+            (r#"{"contacts":[{"id":"a"} {"id":"b"}],"total":2}"#, "expected `,` or `]` after a record, found `{`"),
+            (r#"{"contacts":{"id":"a"},"total":1}"#, "expected an array of records in `contacts`, found `{`"),
+            (r#"{"contacts":[{"id":"a"}],"total":-1}"#, "expected u64"),
+            (r#"{"contacts":[{"id":"a"}],"total":1"#, "expected `,` or `}`, found the end of the page"),
+            (r#"[{"id":"a"}]"#, "expected a JSON object, found `[`"),
+            (r#"{"contacts":[{"id":"a"},{"id":"b","region":"#, "a record at offset 100: EOF while parsing a value"),
+            (r#"{"contacts":[5],"total":1}"#, "a record at offset 100: a contact must be a JSON object"),
+            (r#"{"contacts":[{"region":"x"}],"total":1}"#, "a record at offset 100: a contact without an id"),
+        ];
+        for (text, want) in cases {
+            let err = walk(text).map(|(got, ..)| got).expect_err(text);
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        // A broken record on the page's third line is placed on the page, not in the record.
+        let text = "{\"total\": 2,\n\"contacts\": [{\"id\": \"a\"},\n  {\"id\": \"b\", \"region\": tru}]}";
+        let err = walk(text).map(|(got, ..)| got).expect_err("broken");
+        assert!(err.contains("expected ident at line 3 column"), "{err}");
+        // Not UTF-8.
+        let page = Bytes::from_static(b"{\"contacts\":[{\"id\":\"\xff\"}],\"total\":1}");
+        let work: &Work<crate::contact::ContactRecord, usize> = &|records| records.count();
+        let paging = Paging { page_size: 100, pagination: Pagination::Offset };
+        let meter = super::super::Meter::default();
+        let err = work_page(&page, Operation::ScanContacts, 0, paging, &Seen::new(), None, work, &meter).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("the page is not UTF-8")));
     }
 
     // A total that moves more than churn explains, or an absurd one, fails at once.
