@@ -321,7 +321,7 @@ impl<'de> serde::de::Visitor<'de> for Narrow<'_> {
 
     fn visit_map<M: serde::de::MapAccess<'de>>(self, mut entries: M) -> Result<Map, M::Error> {
         let mut map = Map::new();
-        while let Some(key) = entries.next_key::<std::borrow::Cow<'de, str>>()? {
+        while let Some(crate::slots::Key(key)) = entries.next_key::<crate::slots::Key<'de>>()? {
             if self.0.keeps(&key) {
                 map.insert(key.as_ref().into(), entries.next_value::<Dynamic>()?);
             } else {

@@ -364,6 +364,32 @@ impl Slots {
 }
 
 /// Fills `node`'s slots from the value being read; `depth`: the index of the names below `node`.
+/// A map's key, borrowed from the text when it has no escapes (serde's own `Cow<str>` always
+/// copies: an allocation for every key of every record).
+pub(crate) struct Key<'de>(pub std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> Visitor<'de> for Text {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(v.into()))
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(v.to_owned().into()))
+            }
+        }
+        d.deserialize_str(Text)
+    }
+}
+
 struct Fill<'l, 'v> {
     node: &'l Node,
     values: &'v mut [Slot],
@@ -445,7 +471,7 @@ impl<'de> Visitor<'de> for Fill<'_, '_> {
             values[s] = Slot::Other;
         }
         values[node.below.clone()].fill(Slot::Absent(depth));
-        while let Some(key) = entries.next_key::<std::borrow::Cow<'de, str>>()? {
+        while let Some(Key(key)) = entries.next_key::<Key<'de>>()? {
             match node.child(&key) {
                 Some(child) => entries.next_value_seed(Fill { node: child, values: &mut *values, depth: depth + 1 })?,
                 None => {
@@ -463,6 +489,17 @@ mod tests {
 
     fn path(s: &str) -> Path {
         Path::new(&s.split('.').collect::<Vec<_>>())
+    }
+
+    // A key without escapes is borrowed from the text (no allocation a key, a record); one with
+    // escapes is unescaped into its own text.
+    #[test]
+    fn keys_are_borrowed_unless_escaped() {
+        let Key(plain) = serde_json::from_str::<Key<'_>>(r#""region""#).expect("key");
+        let Key(escaped) = serde_json::from_str::<Key<'_>>(r#""re\u0067ion""#).expect("key");
+        assert!(matches!(plain, std::borrow::Cow::Borrowed("region")), "{plain:?}");
+        assert!(matches!(&escaped, std::borrow::Cow::Owned(s) if s == "region"), "{escaped:?}");
+        assert!(serde_json::from_str::<Key<'_>>("1").is_err());
     }
 
     // Slots answer every path as the parsed map does: values, absent names (at the right depth),

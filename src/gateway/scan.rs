@@ -267,7 +267,7 @@ impl<'a> Envelope<'a> {
             return self.end();
         }
         loop {
-            let key: std::borrow::Cow<'a, str> = self.value()?;
+            let crate::slots::Key(key) = self.value()?;
             self.expect(b':', "`:`")?;
             match &*key {
                 "contacts" | "lists" if told.records => return Err(format!("duplicate field `{key}`")),
